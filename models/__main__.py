@@ -1,0 +1,41 @@
+"""``python -m models``: print the zoo with params and MACs of teacher, student and fused student."""
+from __future__ import annotations
+
+import argparse
+
+from reparam import fuse_model
+
+from . import complexity, create_model, list_models
+from .errors import cli_errors
+
+
+def zoo_table(num_classes: int = 10, expansion: int = 1, lora_rank: int = 8) -> str:
+    """A markdown table of every registered model at 32x32 input."""
+    rows = ["| model | teacher params | teacher MACs | student params | student MACs "
+            "| student+LoRA params | fused params | fused MACs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in list_models():
+        teacher = complexity(create_model(name, num_classes=num_classes, expansion=expansion))
+        student = complexity(create_model(name, num_classes=num_classes, expansion=0))
+        lora = create_model(name, num_classes=num_classes, expansion=0, lora_rank=lora_rank)
+        fused = complexity(fuse_model(lora))
+        rows.append(f"| {name} | {teacher['params']:,} | {teacher['macs'] / 1e6:.1f}M | {student['params']:,} "
+                    f"| {student['macs'] / 1e6:.1f}M | {complexity(lora)['params']:,} | {fused['params']:,} "
+                    f"| {fused['macs'] / 1e6:.1f}M |")
+    return "\n".join(rows)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--expansion", type=int, default=1, help="teacher's branch (b) width factor")
+    p.add_argument("--lora-rank", type=int, default=8)
+    args = p.parse_args(argv)
+    print(f"Zoo at 32x32 input, {args.num_classes} classes, teacher expansion {args.expansion}, "
+          f"LoRA rank {args.lora_rank}; MACs counted with torch.utils.flop_counter.")
+    print(zoo_table(args.num_classes, args.expansion, args.lora_rank))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""One exception type for every expected user error, and the CLI wrapper that prints it as one line."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+class ReduceNetError(Exception):
+    """An expected error caused by the user's input; its message says what to do."""
+
+
+class UnknownModelError(ReduceNetError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(ReduceNetError, ValueError):
+    """An invalid model argument (width, expansion, rank, ...)."""
+
+
+class ReparamError(ReduceNetError, ValueError):
+    """A module that cannot be fused into a plain conv (non-linear branch, LambdaReLU with lambda < 1)."""
+
+
+class CheckpointError(ReduceNetError, ValueError):
+    """A missing, corrupt or mismatched checkpoint."""
+
+
+class DataError(ReduceNetError, ValueError):
+    """Missing, empty or malformed data."""
+
+
+def cli_errors(main: F) -> F:
+    """Decorate a CLI ``main`` so that a :class:`ReduceNetError` prints ``error: ...`` and exits with 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ReduceNetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,191 @@
+"""Small reusable layers shared by every family: ConvBN, the LoRA side branch and LambdaReLU.
+
+A ``ConvBN`` is the unit of fusion. In training form it is ``BN(conv(x))``, where ``conv`` is a plain
+``nn.Conv2d`` or a :class:`LoRAConv2d` (a conv plus a linear low-rank side branch). ``reparameterize()``
+turns it, in place, into its inference form: one ``nn.Conv2d`` with bias and ``bn = nn.Identity()``. The
+inference form can also be built directly with ``inference_mode=True``, so fused weights load strictly.
+``forward`` is the same in both forms and compares no flags.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from reparam import transforms as T
+
+from .errors import ConfigError, ReparamError
+
+
+class LambdaReLU(nn.Module):
+    """VanillaNet's annealed activation ``y = (1 - lam) * ReLU(x) + lam * x``.
+
+    ``lam`` is a buffer, so it is saved with the weights and copied into EMA models. It starts at 1, where
+    the layer is exactly the identity; a training schedule may set it lower and anneal it back to 1.
+    """
+
+    lam: Tensor
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("lam", torch.tensor(float(lam)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.lerp(F.relu(x), x, self.lam.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam.item():.4g}"
+
+
+class LoRABranch(nn.Module):
+    """Linear low-rank side branch: ``Conv kxk(in -> r, stride) -> LambdaReLU -> Conv1x1(r -> out)``.
+
+    ``up`` starts at zero, so adding the branch leaves the network's function unchanged.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, rank: int, kernel_size: int = 3, stride: int = 1) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(in_chs, rank, kernel_size, stride, kernel_size // 2, bias=False)
+        self.act = LambdaReLU()
+        self.up = nn.Conv2d(rank, out_chs, 1, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.act(self.down(x)))
+
+    def fused_kernel(self) -> tuple[Tensor, Tensor]:
+        """The equivalent single conv ``(kernel [out, in, k, k], bias [out])``; needs ``lam == 1``."""
+        if self.act.lam.item() != 1.0:
+            raise ReparamError(f"LambdaReLU has lam={self.act.lam.item():.4g} < 1 and is not linear yet; "
+                               "finish the lambda schedule (lam must reach 1) before fusing")
+        return T.merge_kxk_1x1(self.down.weight, None, self.up.weight, None)
+
+
+class LoRAConv2d(nn.Module):
+    """A conv plus a :class:`LoRABranch` on the same input: ``conv(x) + lora(x)``."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.dilation != (1, 1):
+            raise ConfigError(f"LoRA needs a dense, undilated conv, got groups={conv.groups}; "
+                              "leave depthwise convs out of lora_targets")
+        self.conv = conv
+        self.lora = LoRABranch(conv.in_channels, conv.out_channels, rank, conv.kernel_size[0], conv.stride[0])
+        self.lora.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + self.lora(x)
+
+    def fused_kernel(self) -> tuple[Tensor, Tensor]:
+        return T.sum_kernels((self.conv.weight, self.conv.bias), self.lora.fused_kernel())
+
+
+def conv_kernel(conv: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(kernel, bias)`` of a linear conv module: a plain ``nn.Conv2d`` or anything with ``fused_kernel()``."""
+    if isinstance(conv, nn.Conv2d):
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
+        return conv.weight, bias
+    return conv.fused_kernel()
+
+
+class ConvBN(nn.Module):
+    """``Conv2d(k, stride, padding=k//2, no bias) -> BatchNorm2d``; one biased conv in inference form.
+
+    Shapes: ``[N, in_chs, H, W] -> [N, out_chs, H / stride, W / stride]``.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        inference_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv: nn.Module = nn.Conv2d(
+            in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=inference_mode
+        )
+        self.bn: nn.Module = nn.Identity() if inference_mode else nn.BatchNorm2d(out_chs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+    @property
+    def base_conv(self) -> nn.Conv2d:
+        """The main conv, also when a LoRA branch wraps it."""
+        return self.conv.conv if isinstance(self.conv, LoRAConv2d) else self.conv  # type: ignore[return-value]
+
+    def add_lora(self, rank: int) -> None:
+        """Wrap the conv with a zero-initialised LoRA branch of ``rank`` (training form only)."""
+        if not isinstance(self.bn, nn.BatchNorm2d) or isinstance(self.conv, LoRAConv2d):
+            raise ConfigError("LoRA can only be added once, to a ConvBN in training form")
+        self.conv = LoRAConv2d(self.conv, rank)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fuse LoRA branch and BatchNorm into one biased conv, in place (timm's protocol)."""
+        if isinstance(self.bn, nn.Identity) and isinstance(self.conv, nn.Conv2d):
+            return  # already in inference form
+        kernel, bias = conv_kernel(self.conv)
+        bn = self.bn
+        if isinstance(bn, nn.BatchNorm2d):
+            kernel, bias = T.fold_bn(kernel, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        base = self.base_conv
+        fused = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                          groups=base.groups, bias=True).to(device=kernel.device, dtype=kernel.dtype)
+        fused.weight.copy_(kernel)
+        fused.bias.copy_(bias)
+        self.conv, self.bn = fused, nn.Identity()
+
+
+class ConvBNAct(ConvBN):
+    """:class:`ConvBN` followed by an activation, which fusion keeps: ``act(BN(conv(x)))``."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 3, stride: int = 1, groups: int = 1,
+                 act_layer: type[nn.Module] = nn.ReLU, inference_mode: bool = False) -> None:
+        super().__init__(in_chs, out_chs, kernel_size, stride, groups, inference_mode)
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
+    """Give every :class:`ConvBN` whose name matches a glob in ``targets`` a LoRA branch of ``rank``.
+
+    Args:
+        model: any model built from :class:`ConvBN` layers, in training form.
+        rank: LoRA rank r >= 1.
+        targets: ``fnmatch`` patterns over module names (``*`` also matches dots), e.g. ``"layer*.conv1"``.
+
+    Returns:
+        The names of the convs that got a branch.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"lora_rank must be a whole number >= 1 (0 for none), got {rank!r}")
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, ConvBN) and any(fnmatch.fnmatchcase(n, t) for t in targets)]
+    if not names:
+        raise ConfigError(f"lora_targets {list(targets)} match no conv of this model; "
+                          "use glob patterns over module names such as 'layer*.conv1'")
+    modules = dict(model.named_modules())
+    for n in names:
+        conv = modules[n].base_conv
+        if conv.groups != 1:
+            raise ConfigError(f"lora_targets matches the grouped (depthwise) conv {n!r}; LoRA needs dense convs")
+        modules[n].add_lora(rank)
+    return names
+
+
+def set_lambda(model: nn.Module, lam: float) -> int:
+    """Set ``lam`` of every :class:`LambdaReLU` in ``model``; returns how many were set."""
+    acts = [m for m in model.modules() if isinstance(m, LambdaReLU)]
+    for m in acts:
+        m.lam.fill_(lam)
+    return len(acts)

@@ -1,0 +1,53 @@
+"""Model surgery: derive the student from a trained teacher."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError
+from .layers import add_lora
+from .registry import model_from_config
+
+
+def student_from_teacher(
+    teacher: nn.Module, lora_rank: int = 0, lora_targets: Sequence[str] | None = None
+) -> nn.Module:
+    """Build the student of a ReduceNet-style teacher, inheriting every shared tensor.
+
+    The student is the teacher's config with ``expansion=0``: branch (b) of every block is dropped and
+    everything else (stem, branch (a), final convs, BatchNorms with running statistics, shortcuts,
+    classifier) is copied. LoRA branches, if any, are added afterwards and start at zero, so the student
+    computes exactly the teacher-without-branch-(b) function.
+
+    Args:
+        teacher: a registered model built with ``expansion >= 1``.
+        lora_rank: rank of the LoRA branches to add; 0 for none.
+        lora_targets: globs over conv names; the family's default when None.
+
+    Returns:
+        The student, on the teacher's device and dtype, in the teacher's train/eval mode.
+    """
+    config = getattr(teacher, "config", None)
+    if not config or "expansion" not in config:
+        raise ConfigError("student_from_teacher needs a model built by models.create_model (it has no .config)")
+    if not config["expansion"]:
+        raise ConfigError(f"this {config['model']} is already a student (expansion=0): "
+                          "pass a teacher trained with expansion >= 1")
+    student = model_from_config(config, expansion=0, lora_rank=0)
+    teacher_state = teacher.state_dict()
+    student_state = student.state_dict()
+    missing = [k for k in student_state if k not in teacher_state or teacher_state[k].shape != student_state[k].shape]
+    if missing:  # cannot happen for the registered families; guards new ones
+        raise ConfigError(f"the teacher lacks the student's tensors {missing[:3]}...; is its family registered?")
+    with torch.no_grad():
+        student.load_state_dict({k: teacher_state[k] for k in student_state}, strict=True)
+    param = next(teacher.parameters())
+    student.to(device=param.device, dtype=param.dtype)
+    if lora_rank:
+        targets = list(lora_targets) if lora_targets else config["lora_targets"]
+        add_lora(student, lora_rank, targets)
+        student.config.update(lora_rank=lora_rank, lora_targets=targets)
+    student.train(teacher.training)
+    return student

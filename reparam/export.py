@@ -1,0 +1,117 @@
+"""Deployment export: fused safetensors + config, TorchScript and ONNX, each verified before it is written.
+
+Every artefact is first written into a temporary folder beside ``out_dir`` and checked against the unfused
+model on random input; only when all checks pass are the files moved into ``out_dir``. A failed check
+leaves ``out_dir`` as it was.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models.checkpoint import save_checkpoint
+from models.errors import ReparamError
+
+from .fusion import fuse_model, max_abs_diff
+
+
+@dataclass
+class ExportReport:
+    """Files written and the max |deploy - unfused| logit difference of each on the same random input."""
+
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    max_diff: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.out_dir}"]
+        for k, p in self.files.items():
+            d = self.max_diff.get(k)
+            lines.append(f"  {k:12s} {p.name:28s}" + (f" max|diff| {d:.2e}" if d is not None else ""))
+        return "\n".join(lines)
+
+
+def _check(kind: str, diff: float, atol: float) -> float:
+    if not diff <= atol:  # also catches NaN
+        raise ReparamError(f"{kind} export differs from the unfused model by {diff:.3g} > {atol:g}; "
+                           "nothing was written")
+    return diff
+
+
+def export_deploy(
+    model: nn.Module,
+    out_dir: str | Path,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    onnx: bool = True,
+    torchscript: bool = True,
+    atol: float = 1e-4,
+    metadata: dict | None = None,
+) -> ExportReport:
+    """Fuse ``model`` and write ``model.safetensors``/``model.json``, ``model.ts`` and ``model.onnx``.
+
+    Args:
+        model: the trained (unfused) student; any model :func:`fuse_model` accepts.
+        out_dir: destination folder (created; existing files of the same names are replaced).
+        input_size: ``(C, H, W)`` of the random check input.
+        onnx: also write ONNX (checked with onnxruntime when it is installed).
+        torchscript: also write a traced TorchScript file.
+        atol: the largest logit difference accepted, in float32.
+        metadata: stored in the checkpoint's JSON.
+    """
+    model = model.float().cpu().eval()
+    fused = fuse_model(model)
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = ExportReport(out_dir)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp_dir:
+        tmp = Path(tmp_dir)
+        report.max_diff["fused"] = _check("fused", max_abs_diff(model, fused, x), atol)
+        staged = {"safetensors": save_checkpoint(fused, tmp / "model.safetensors", metadata)}
+        staged["config"] = tmp / "model.json"
+        if torchscript:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+                traced = torch.jit.trace(fused, x)
+                torch.jit.save(traced, str(tmp / "model.ts"))
+                loaded = torch.jit.load(str(tmp / "model.ts"))
+                report.max_diff["torchscript"] = _check("TorchScript", (loaded(x) - reference).abs().max().item(), atol)
+            staged["torchscript"] = tmp / "model.ts"
+        if onnx:
+            staged["onnx"] = tmp / "model.onnx"
+            diff = _export_onnx(fused, x, reference, staged["onnx"])
+            if diff is not None:
+                report.max_diff["onnx"] = _check("ONNX", diff, atol)
+        for kind, path in staged.items():
+            os.replace(path, out_dir / path.name)
+            report.files[kind] = out_dir / path.name
+    return report
+
+
+def _export_onnx(fused: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path) -> float | None:
+    """Write ONNX with a dynamic batch axis; return the onnxruntime difference, or None without onnxruntime."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ReparamError("ONNX export needs the onnx package: pip install onnx onnxruntime, "
+                           "or pass --no-onnx") from None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fused, (x,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": x.numpy()})[0]
+    return float((torch.from_numpy(out) - reference).abs().max())
+

@@ -1,0 +1,410 @@
+"""Tests of train/data.py: sources, decoding and caching, subsets, and the batch loader."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train.data as data
+from models.errors import DataError
+from train.data import (
+    CIFAR10_CLASSES,
+    ArrayData,
+    DatasetInfo,
+    Loader,
+    balanced_subset,
+    build_data,
+    load_dataset,
+    resolve_source,
+    scan_image_tree,
+)
+
+SHARED = Path(os.environ.get("REDUCENET_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (set REDUCENET_SHARED_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("REDUCENET_DATA", raising=False)
+
+
+def pixels(label: int, k: int, size: tuple[int, int]) -> np.ndarray:
+    """A distinct deterministic RGB image for image ``k`` of class ``label``."""
+    rng = np.random.default_rng(1000 * label + k)
+    return rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def make_tree(
+    root: Path,
+    classes=("cat", "ant", "bee"),
+    per_class=(4, 2),
+    test_name="test",
+    size=(8, 8),
+    ext="png",
+) -> Path:
+    """Writes ``root/train/<class>/<k>.<ext>`` and ``root/<test_name>/<class>/<k>.<ext>`` (PNG: lossless)."""
+    for split, n in (("train", per_class[0]), (test_name, per_class[1])):
+        for label, c in enumerate(sorted(classes)):
+            (root / split / c).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(pixels(label, k, size)).save(root / split / c / f"{k:03d}.{ext}")
+    return root
+
+
+def zip_tree(folder: Path, dest: Path, top: str | None = None) -> Path:
+    """Zips ``folder``'s contents, optionally under one top-level folder, listing files only (like cifar10-jpeg.zip)."""
+    with zipfile.ZipFile(dest, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(folder).as_posix()
+                z.write(p, f"{top}/{rel}" if top else rel)
+    return dest
+
+
+def one_line_error(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR pickles
+
+
+def raw_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def test_cifar10_exact_subset_matches_pickles():
+    root = shared("cifar-10-subset")
+    train, test, info = load_dataset("cifar10", root, download=False)
+    assert train.images.shape == (5438, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (1017, 3, 32, 32) and test.labels.dtype == torch.int64
+    assert info.label == "CIFAR-10 (exact subset, 5438 train / 1017 test)"
+    assert info.classes == CIFAR10_CLASSES and info.num_classes == 10 and info.image_size == 32
+    assert info.source == str(root / "cifar-10-batches-py")
+    assert info.mean == (0.4914, 0.4822, 0.4465)
+    assert 0 <= int(train.labels.min()) and int(train.labels.max()) == 9
+    b1, b2, tb = (raw_pickle(root / "cifar-10-batches-py" / f) for f in ("data_batch_1", "data_batch_2", "test_batch"))
+    assert torch.equal(train.images[0].flatten(), torch.from_numpy(b1["data"][0]))
+    assert torch.equal(train.images[1102].flatten(), torch.from_numpy(b2["data"][0]))  # batches are concatenated
+    assert torch.equal(test.images[-1].flatten(), torch.from_numpy(tb["data"][-1]))
+    assert train.labels[:10].tolist() == b1["labels"][:10] and test.labels.tolist() == tb["labels"]
+
+
+def test_cifar10_root_may_be_the_pickle_folder_itself():
+    kind, path = resolve_source("cifar10", shared("cifar-10-subset", "cifar-10-batches-py"))
+    assert (kind, path.name) == ("pickle", "cifar-10-batches-py")
+
+
+def test_cifar100_exact_subset():
+    root = shared("cifar-100-subset")
+    train, test, info = load_dataset("cifar100", root, download=False)
+    assert (len(train), len(test), info.num_classes) == (1117, 916, 100)
+    assert info.label == "CIFAR-100 (exact subset, 1117 train / 916 test)"
+    assert info.classes[:3] == ["apple", "aquarium_fish", "baby"] and info.std == (0.2673, 0.2564, 0.2762)
+    raw = raw_pickle(root / "cifar-100-python" / "train")
+    assert train.labels.tolist() == raw["fine_labels"] and train.labels.unique().numel() == 100
+    assert torch.equal(train.images[5].flatten(), torch.from_numpy(raw["data"][5]))
+
+
+def test_cifar_pickles_resize_to_image_size():
+    train, _, info = load_dataset("cifar10", shared("cifar-10-subset"), image_size=40, download=False)
+    assert train.images.shape[1:] == (3, 40, 40) and info.image_size == 40
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR-10 JPEG zip
+
+
+def test_shared_dir_resolves_to_jpeg_zip_with_cifar10_classes():
+    root = shared()
+    shared("cifar10-jpeg.zip")
+    assert resolve_source("cifar10", root) == ("zip", root / "cifar10-jpeg.zip")
+    tree = scan_image_tree(root / "cifar10-jpeg.zip")  # lists the zip, decodes nothing
+    assert tree.classes == CIFAR10_CLASSES
+    assert (len(tree.train), len(tree.test)) == (50000, 10000)
+    assert tree.train[0] == ("cifar10-jpeg/train/airplane/0000.jpg", 0) and tree.test[-1][1] == 9
+
+
+def test_jpeg_zip_copy_gets_cifar10_label_and_constants(tmp_path):
+    tree = make_tree(tmp_path / "t", classes=CIFAR10_CLASSES, per_class=(2, 1), size=(32, 32), ext="jpg")
+    zip_tree(tree, tmp_path / "cifar10-jpeg.zip", top="cifar10-jpeg")
+    train, test, info = load_dataset("cifar10", tmp_path, download=False)
+    assert info.label == "CIFAR-10 (JPEG q75 copy)" and info.mean == (0.4914, 0.4822, 0.4465)
+    assert info.source == str(tmp_path / "cifar10-jpeg.zip") and info.classes == CIFAR10_CLASSES
+    assert train.images.shape == (20, 3, 32, 32) and train.labels.tolist() == [y for y in range(10) for _ in range(2)]
+
+
+def test_cifar10_zip_with_other_classes_is_rejected(tmp_path):
+    zip_tree(make_tree(tmp_path / "t"), tmp_path / "cifar10-jpeg.zip")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, download=False)
+    assert "imagefolder" in one_line_error(e)
+
+
+# ----------------------------------------------------------------------------------------------- image folders
+
+
+def test_imagefolder_folder_decodes_exact_pixels_and_stats(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    train, test, info = load_dataset("imagefolder", root)
+    assert info.classes == ["ant", "bee", "cat"] and info.image_size == 8  # default: the images' own size
+    assert train.images.shape == (12, 3, 8, 8) and test.images.shape == (6, 3, 8, 8)
+    assert train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert np.array_equal(train.images[5].permute(1, 2, 0).numpy(), pixels(1, 1, (8, 8)))
+    x = train.images.double() / 255
+    assert torch.allclose(torch.tensor(info.mean), x.mean((0, 2, 3)).float(), atol=1e-6)
+    assert torch.allclose(torch.tensor(info.std), x.std((0, 2, 3), unbiased=False).float(), atol=1e-6)
+
+
+def test_imagefolder_zip_with_top_folder_and_val_split_equals_folder(tmp_path):
+    root = make_tree(tmp_path / "tree", test_name="val")
+    a_train, a_test, a_info = load_dataset("imagefolder", root)
+    b_train, b_test, b_info = load_dataset("imagefolder", zip_tree(root, tmp_path / "tree.zip", top="mydata"))
+    assert torch.equal(a_train.images, b_train.images) and torch.equal(a_test.labels, b_test.labels)
+    assert a_info.classes == b_info.classes and b_info.source == str(tmp_path / "tree.zip")
+
+
+def test_imagefolder_resizes_and_center_crops(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=(1, 1), size=(12, 9))
+    train, _, info = load_dataset("imagefolder", root, image_size=6)
+    assert train.images.shape == (3, 3, 6, 6) and info.image_size == 6
+    resized = np.asarray(Image.fromarray(pixels(0, 0, (12, 9))).resize((8, 6), Image.BILINEAR))
+    assert np.array_equal(train.images[0].permute(1, 2, 0).numpy(), resized[:, 1:7])  # shorter side 6, center
+    big = make_tree(tmp_path / "big", per_class=(1, 1), size=(100, 80))
+    train, _, info = load_dataset("imagefolder", big)  # not small and square: ImageNet-style 224
+    assert train.images.shape == (3, 3, 224, 224) and info.image_size == 224
+
+
+def test_decoded_tree_is_cached_atomically(tmp_path, monkeypatch):
+    root = zip_tree(make_tree(tmp_path / "tree"), tmp_path / "tree.zip")
+    first = load_dataset("imagefolder", root)
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".pt"  # no temporary file left behind
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    second = load_dataset("imagefolder", root)
+    assert torch.equal(first[0].images, second[0].images) and first[2] == second[2]
+    os.utime(root, (1, 1))  # a changed source is a new cache key
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_dataset("imagefolder", root)
+
+
+def test_large_tree_decodes_in_a_process_pool(tmp_path):
+    root = make_tree(tmp_path / "tree", classes=("a", "b"), per_class=(520, 1), size=(4, 4))
+    train, _, _ = load_dataset("imagefolder", root, image_size=8)  # > 1024 images: the pool path
+    assert train.images.shape == (1040, 3, 8, 8) and train.labels.bincount().tolist() == [520, 520]
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_and_empty_dirs_raise_one_line(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", tmp_path / "nope")
+    assert "--data-dir" in one_line_error(e)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", tmp_path / "empty")
+    assert "train/" in one_line_error(e)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_zips_raise_one_line_and_write_nothing(tmp_path):
+    junk = tmp_path / "junk.zip"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", junk)
+    one_line_error(e)
+    with zipfile.ZipFile(tmp_path / "text.zip", "w") as z:
+        z.writestr("train/readme.txt", "hello\n")
+        z.writestr("notes/a/b.png", b"")
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", tmp_path / "text.zip")
+    assert "not an image tree" in one_line_error(e)
+    no_test = make_tree(tmp_path / "t", test_name="holdout")
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", no_test)
+    assert "val/" in one_line_error(e)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_corrupt_image_raises_one_line(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "bee" / "001.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", root)
+    assert "001.png" in one_line_error(e)
+
+
+def test_cifar_not_found_without_download(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, download=False)
+    msg = one_line_error(e)
+    assert "cifar-10-batches-py" in msg and "cifar10-jpeg.zip" in msg and "--data-dir" in msg and str(tmp_path) in msg
+
+
+def test_failed_download_raises_one_line(tmp_path, monkeypatch):
+    calls = []
+
+    class Offline:
+        def __init__(self, root, train, download):
+            calls.append(root)
+            raise RuntimeError("no route to host\n(offline)")
+
+    monkeypatch.setattr(data.torchvision.datasets, "CIFAR100", Offline)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar100", tmp_path)
+    assert calls == [str(tmp_path)] and "download failed" in one_line_error(e)
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", tmp_path)
+    assert "cifar10" in one_line_error(e)
+
+
+# ----------------------------------------------------------------------------------------------- subsets
+
+
+def test_balanced_subset_is_balanced_sorted_and_seeded():
+    labels = torch.arange(10).repeat_interleave(100)  # class by class, like an image folder
+    idx = balanced_subset(labels, 55, seed=3)
+    assert idx.dtype == torch.int64 and len(idx) == 55 and torch.equal(idx, idx.sort().values)
+    assert idx.unique().numel() == 55
+    counts = labels[idx].bincount(minlength=10)
+    assert counts.max() - counts.min() == 1 and (counts == 6).sum() == 5
+    assert torch.equal(idx, balanced_subset(labels, 55, seed=3))
+    assert not torch.equal(idx, balanced_subset(labels, 55, seed=4))
+    assert not torch.equal(idx[:5], torch.arange(5))  # not the first files of each class
+
+
+def test_balanced_subset_spreads_over_small_classes():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)
+    counts = labels[balanced_subset(labels, 30, seed=0)].bincount().tolist()
+    assert counts[2] == 5 and sorted(counts[:2]) == [12, 13]
+    assert len(balanced_subset(labels, 85, seed=0)) == 85
+    with pytest.raises(DataError):
+        balanced_subset(labels, 86, seed=0)
+
+
+def test_build_data_subset_shares_train_and_test(tmp_path):
+    root = make_tree(tmp_path / "tree", classes=("a", "b", "c", "d"), per_class=(10, 5))
+    d = build_data("imagefolder", root, batch_size=4, subset=12, eval_batch_size=100)
+    assert d.train.num_samples == 12 and len(d.train) == 3
+    assert d.test.num_samples == 6 and len(d.test) == 1  # round(12 * 20 / 40)
+    y = torch.cat([y for _, y in d.train])
+    assert y.bincount().tolist() == [3, 3, 3, 3]
+    for bad in (3, 41):
+        with pytest.raises(DataError) as e:
+            build_data("imagefolder", root, batch_size=4, subset=bad)
+        assert "--subset" in one_line_error(e)
+
+
+# ----------------------------------------------------------------------------------------------- loader
+
+
+def toy(n: int = 40, size: int = 8) -> tuple[ArrayData, DatasetInfo]:
+    """Random images whose label is their own index, so each batch says which images it holds."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    classes = [str(i) for i in range(n)]
+    info = DatasetInfo("imagefolder", n, classes, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), size, "toy", "toy")
+    return ArrayData(images, torch.arange(n)), info
+
+
+def to_uint8(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    return ((x * std + mean) * 255).round().to(torch.uint8)
+
+
+def variants(image: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every crop with zero padding, mirrored or not."""
+    h, w = image.shape[1:]
+    padded = torch.nn.functional.pad(image, (pad,) * 4)
+    crops = [padded[:, i : i + h, j : j + w] for i in range(2 * pad + 1) for j in range(2 * pad + 1)]
+    return crops + [c.flip(2) for c in crops]
+
+
+def test_train_batches_are_padded_crops_and_flips():
+    arrays, info = toy(n=64)
+    loader = Loader(arrays, info, 16, train=True, seed=1)
+    moved = 0
+    for x, y in loader:
+        assert x.shape == (16, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+        for image, i in zip(to_uint8(x, info), y.tolist()):
+            assert any(torch.equal(image, v) for v in variants(arrays.images[i], pad=1))
+            moved += not torch.equal(image, arrays.images[i])
+    assert moved > 32  # an image comes out unchanged with probability 1/18
+
+
+def test_train_order_and_augmentation_depend_only_on_seed_and_epoch():
+    arrays, info = toy()
+
+    def epoch(loader: Loader, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loader.set_epoch(e)
+        xs, ys = zip(*loader)
+        return torch.cat(xs), torch.cat(ys)
+
+    a, b = Loader(arrays, info, 8, train=True, seed=5), Loader(arrays, info, 8, train=True, seed=5)
+    x1, y1 = epoch(a, 1)
+    x2, y2 = epoch(b, 1)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    epoch(b, 7)
+    assert torch.equal(epoch(b, 1)[0], x1)  # resuming at epoch 1 replays it exactly
+    x3, y3 = epoch(a, 2)
+    assert not torch.equal(y1, y3) and not torch.equal(x1[y1.argsort()], x3[y3.argsort()])
+    assert not torch.equal(epoch(Loader(arrays, info, 8, train=True, seed=6), 1)[1], y1)
+
+
+def test_train_drops_last_partial_batch():
+    arrays, info = toy(n=40)
+    loader = Loader(arrays, info, 16, train=True)
+    assert len(loader) == 2 and loader.num_samples == 32 and sum(len(y) for _, y in loader) == 32
+    with pytest.raises(DataError) as e:
+        Loader(arrays, info, 64, train=True)
+    assert "--batch-size" in one_line_error(e)
+
+
+def test_test_loader_returns_every_sample_in_order_unaugmented():
+    arrays, info = toy(n=37)
+    loader = Loader(arrays, info, 16, train=False, channels_last=True)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3 and [len(y) for _, y in batches] == [16, 16, 5]
+    assert all(x.is_contiguous(memory_format=torch.channels_last) for x, _ in batches)
+    x = torch.cat([x for x, _ in batches])
+    assert torch.equal(torch.cat([y for _, y in batches]), arrays.labels)
+    assert torch.equal(to_uint8(x, info), arrays.images)
+    assert torch.allclose(x[:, 0].mean(), (arrays.images[:, 0].float() / 255 - 0.4).mean() / 0.2, atol=1e-5)
+
+
+def test_sharding_partitions_samples_across_ranks():
+    arrays, info = toy(n=41)
+    ranks = [Loader(arrays, info, 4, train=True, seed=2, rank=r, world_size=2) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(3)
+    seen = [torch.cat([y for _, y in r]) for r in ranks]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and [len(s) for s in seen] == [20, 20]
+    assert torch.cat(seen).unique().numel() == 40  # disjoint
+    tests = [Loader(arrays, info, 8, train=False, rank=r, world_size=2) for r in range(2)]
+    parts = [torch.cat([y for _, y in t]) for t in tests]
+    assert [t.num_samples for t in tests] == [21, 20]
+    assert torch.equal(torch.cat(parts).sort().values, arrays.labels)
+    assert parts[1].tolist() == list(range(1, 41, 2))

@@ -1,0 +1,355 @@
+"""Knowledge-distillation losses: logit-level (KD, DKD, MSE) and feature-level (FitNets hints, attention transfer).
+
+References:
+    * Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NeurIPS-W 2015 (KD).
+    * Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022 (DKD).
+    * Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (hint loss).
+    * Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017 (attention transfer).
+
+The teacher is assumed frozen: every loss here detaches the teacher's logits / features, so gradients reach
+the student (and the FitNets projection) only.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.errors import ConfigError
+
+__all__ = [
+    "KD_LOSSES",
+    "KD_DEFAULTS",
+    "FEATURE_MODES",
+    "FEATURE_DEFAULTS",
+    "kd_div",
+    "dkd_div",
+    "DistillLoss",
+    "build_distill_loss",
+    "FeatureDistill",
+    "feature_extractor",
+]
+
+KD_LOSSES = ("kd", "dkd", "mse", "none")
+
+#: Defaults per loss. ``kd``: ReduceNet / Hinton setting; ``dkd``: mdistiller's CIFAR-100 recipe.
+#: Read-only by convention: :class:`DistillLoss` copies what it uses.
+KD_DEFAULTS: dict[str, dict] = {
+    "kd": {"alpha": 0.7, "T": 5.0},
+    "dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20},
+    "mse": {"alpha": 0.7},
+    "none": {},
+}
+
+FEATURE_MODES = ("hint", "at")
+
+#: Loss weights used for CIFAR-100 by RepDistiller and mdistiller (FitNet: 100, AT: 1000).
+FEATURE_DEFAULTS: dict[str, float] = {"hint": 100.0, "at": 1000.0}
+
+
+def kd_div(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Temperature-scaled KD term of Hinton et al. (2015).
+
+    ``KL(softmax(t / T) || softmax(s / T))`` summed over classes, averaged over the batch ("batchmean") and
+    multiplied by ``T**2`` so that gradient magnitudes do not shrink with the temperature.
+
+    Args:
+        student_logits: ``(N, C)`` student logits.
+        teacher_logits: ``(N, C)`` teacher logits (not detached here).
+        T: Softmax temperature, > 0.
+
+    Returns:
+        Scalar loss.
+    """
+    log_p_s = F.log_softmax(student_logits / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / T, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+def _binary_and_nontarget_log_probs(logits: Tensor, targets: Tensor, gt_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of DKD's two decoupled distributions, computed with log-sum-exp only (no ``log(0)``).
+
+    Returns:
+        ``(N, 2)`` log ``[p_gt, 1 - p_gt]`` and ``(N, C)`` log of the non-target distribution renormalised over
+        the ``C - 1`` other classes, with 0 at the ground-truth position (it carries no mass and must not
+        contribute to the KL sum).
+    """
+    others = logits.masked_fill(gt_mask, float("-inf"))
+    lse_all = logits.logsumexp(dim=1, keepdim=True)
+    lse_others = others.logsumexp(dim=1, keepdim=True)
+    log_gt = logits.gather(1, targets.unsqueeze(1)) - lse_all
+    log_binary = torch.cat([log_gt, lse_others - lse_all], dim=1)
+    log_nontarget = (others - lse_others).masked_fill(gt_mask, 0.0)
+    return log_binary, log_nontarget
+
+
+def dkd_div(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float, beta: float, T: float
+) -> Tensor:
+    """Decoupled KD of Zhao et al. (CVPR 2022): ``alpha * TCKD + beta * NCKD``.
+
+    TCKD is the KL between the binary distributions ``[p_gt, 1 - p_gt]`` of teacher and student; NCKD is the
+    KL between their distributions over the non-target classes, renormalised to sum to one. Both are
+    "batchmean" and multiplied by ``T**2``, as in mdistiller. Unlike mdistiller (``log(softmax)`` and a
+    ``-1000`` logit mask), every log-probability is a difference of log-sum-exps and the target class is
+    masked with ``-inf``, so the loss and its gradient stay finite for arbitrarily large logits.
+
+    Args:
+        student_logits: ``(N, C)`` student logits, ``C >= 2``.
+        teacher_logits: ``(N, C)`` teacher logits (not detached here).
+        targets: ``(N,)`` integer class labels.
+        alpha: TCKD weight.
+        beta: NCKD weight.
+        T: Softmax temperature, > 0.
+
+    Returns:
+        Scalar loss.
+    """
+    if student_logits.shape[1] < 2:
+        raise ValueError(f"dkd needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}")
+    targets = targets.reshape(-1)
+    gt_mask = F.one_hot(targets, student_logits.shape[1]).bool()
+    bin_s, other_s = _binary_and_nontarget_log_probs(student_logits / T, targets, gt_mask)
+    bin_t, other_t = _binary_and_nontarget_log_probs(teacher_logits / T, targets, gt_mask)
+    tckd = F.kl_div(bin_s, bin_t, reduction="batchmean", log_target=True)
+    nckd = F.kl_div(other_s, other_t, reduction="batchmean", log_target=True)
+    return (alpha * tckd + beta * nckd) * (T * T)
+
+
+class DistillLoss(nn.Module):
+    """Total training loss of a student distilled from a frozen teacher.
+
+    * ``kd``:   ``(1 - alpha) * CE(s, y) + alpha * kd_div(s, t, T)`` (Hinton et al. 2015; alpha=0.7, T=5).
+    * ``mse``:  ``(1 - alpha) * CE(s, y) + alpha * MSE(s, t)`` (logit matching; alpha=0.7).
+    * ``dkd``:  ``CE(s, y) + min(epoch / warmup_epochs, 1) * dkd_div(s, t, y, alpha, beta, T)``
+      (Zhao et al. 2022, mdistiller's CIFAR recipe: alpha=1, beta=8, T=4, warm-up 20 epochs).
+    * ``none``: ``CE(s, y)``; the teacher is not needed (:attr:`needs_teacher` is False).
+
+    Hyper-parameters left as ``None`` take their :data:`KD_DEFAULTS` value; those that do not apply to
+    ``kind`` (e.g. ``T`` for ``mse``) are ignored, so generic callers can always pass them. Teacher logits
+    are detached in :meth:`forward`.
+
+    Args:
+        kind: One of :data:`KD_LOSSES`.
+        alpha: Distillation weight in ``[0, 1]`` for kd/mse; TCKD weight ``>= 0`` for dkd.
+        T: Temperature ``> 0`` (kd, dkd).
+        beta: NCKD weight ``>= 0`` (dkd).
+        warmup_epochs: Epochs of linear warm-up of the DKD term, ``>= 0`` (0: none).
+        label_smoothing: Label smoothing of the cross-entropy term, in ``[0, 1)``.
+
+    Raises:
+        ConfigError: On an unknown ``kind`` or an out-of-range hyper-parameter.
+    """
+
+    def __init__(
+        self,
+        kind: str = "kd",
+        *,
+        alpha: float | None = None,
+        T: float | None = None,
+        beta: float | None = None,
+        warmup_epochs: int | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if kind not in KD_LOSSES:
+            raise ConfigError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(KD_LOSSES)}")
+        given = {"alpha": alpha, "T": T, "beta": beta, "warmup_epochs": warmup_epochs}
+        hp = {k: default if given[k] is None else given[k] for k, default in KD_DEFAULTS[kind].items()}
+        if kind in ("kd", "mse") and not 0.0 <= hp["alpha"] <= 1.0:
+            raise ConfigError(f"{kind} alpha must be in [0, 1], got {hp['alpha']}")
+        if kind == "dkd":
+            for k in ("alpha", "beta", "warmup_epochs"):
+                if not hp[k] >= 0.0:
+                    raise ConfigError(f"dkd {k} must be >= 0, got {hp[k]}")
+        if "T" in hp and not hp["T"] > 0.0:
+            raise ConfigError(f"{kind} temperature T must be > 0, got {hp['T']}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.kind = kind
+        self.alpha: float | None = hp.get("alpha")
+        self.T: float | None = hp.get("T")
+        self.beta: float | None = hp.get("beta")
+        self.warmup_epochs: int | None = hp.get("warmup_epochs")
+        self.label_smoothing = float(label_smoothing)
+        self.needs_teacher = kind != "none"
+        self.epoch = 0.0
+
+    def set_epoch(self, epoch: float) -> None:
+        """Set the (possibly fractional) current epoch, which drives the DKD warm-up; no-op for other kinds."""
+        self.epoch = float(epoch)
+
+    def dkd_weight(self) -> float:
+        """Current DKD warm-up factor ``min(epoch / warmup_epochs, 1)`` (1 when there is no warm-up)."""
+        if not self.warmup_epochs:
+            return 1.0
+        return min(max(self.epoch, 0.0) / self.warmup_epochs, 1.0)
+
+    def forward(self, student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            student_logits: ``(N, C)`` student logits.
+            targets: ``(N,)`` integer labels.
+            teacher_logits: ``(N, C)`` teacher logits; required unless ``kind == "none"``, ignored otherwise.
+
+        Returns:
+            Scalar loss.
+        """
+        ce = F.cross_entropy(student_logits, targets, label_smoothing=self.label_smoothing)
+        if not self.needs_teacher:
+            return ce
+        if teacher_logits is None:
+            raise ValueError(f"distillation loss {self.kind!r} needs teacher_logits")
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher logits {tuple(teacher_logits.shape)} do not match student {tuple(student_logits.shape)}"
+            )
+        t = teacher_logits.detach()
+        if self.kind == "kd":
+            return (1.0 - self.alpha) * ce + self.alpha * kd_div(student_logits, t, self.T)
+        if self.kind == "mse":
+            return (1.0 - self.alpha) * ce + self.alpha * F.mse_loss(student_logits, t)
+        dkd = dkd_div(student_logits, t, targets, self.alpha, self.beta, self.T)
+        return ce + self.dkd_weight() * dkd
+
+    def extra_repr(self) -> str:
+        names = ("alpha", "beta", "T", "warmup_epochs")
+        parts = [f"kind={self.kind!r}"] + [f"{n}={getattr(self, n)}" for n in names if getattr(self, n) is not None]
+        if self.label_smoothing:
+            parts.append(f"label_smoothing={self.label_smoothing}")
+        return ", ".join(parts)
+
+
+def build_distill_loss(kind: str, alpha: float | None = None, T: float | None = None, **kw) -> DistillLoss:
+    """Build a :class:`DistillLoss`; ``None`` hyper-parameters take their :data:`KD_DEFAULTS` value.
+
+    Args:
+        kind: One of :data:`KD_LOSSES`.
+        alpha: See :class:`DistillLoss`.
+        T: See :class:`DistillLoss`.
+        **kw: ``beta``, ``warmup_epochs``, ``label_smoothing``.
+    """
+    return DistillLoss(kind, alpha=alpha, T=T, **kw)
+
+
+def _pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool whichever feature map is spatially larger down to the smaller one's size."""
+    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
+    if a.shape[-2:] != size:
+        a = F.adaptive_avg_pool2d(a, size)
+    if b.shape[-2:] != size:
+        b = F.adaptive_avg_pool2d(b, size)
+    return a, b
+
+
+def _attention_map(f: Tensor) -> Tensor:
+    """Zagoruyko & Komodakis (2017) attention map: L2-normalised channel mean of ``f**2``, flattened."""
+    return F.normalize(f.pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+class FeatureDistill(nn.Module):
+    """Feature-level distillation summed over pairs of (student, teacher) intermediate feature maps.
+
+    * ``hint``: FitNets (Romero et al. 2015) -- MSE between a learned 1x1-conv + BN projection of each student
+      map (to the teacher's channel count) and the teacher map. The projection is trainable: give this
+      module's parameters to the optimizer.
+    * ``at``: attention transfer (Zagoruyko & Komodakis 2017) -- mean squared difference of the L2-normalised
+      spatial attention maps ``mean_c(f**2)``; parameter-free.
+
+    Maps of different spatial size are adaptive-average-pooled to the smaller size. Teacher features are
+    detached.
+
+    Args:
+        student_channels: Channels of each student map.
+        teacher_channels: Channels of each teacher map (same length).
+        mode: One of :data:`FEATURE_MODES`.
+        weight: Loss multiplier; ``None`` takes :data:`FEATURE_DEFAULTS` (hint 100, at 1000).
+
+    Raises:
+        ConfigError: On an unknown mode, mismatched channel lists, or a negative weight.
+    """
+
+    def __init__(
+        self,
+        student_channels: Sequence[int],
+        teacher_channels: Sequence[int],
+        mode: str = "hint",
+        weight: float | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in FEATURE_MODES:
+            raise ConfigError(
+                f"unknown feature distillation mode {mode!r}; choose one of: {', '.join(FEATURE_MODES)}"
+            )
+        student_channels, teacher_channels = list(student_channels), list(teacher_channels)
+        if not student_channels or len(student_channels) != len(teacher_channels):
+            raise ConfigError(
+                f"need one teacher channel count per student feature, got {student_channels} vs {teacher_channels}"
+            )
+        if min(student_channels + teacher_channels) <= 0:
+            raise ConfigError(f"channel counts must be > 0, got {student_channels} and {teacher_channels}")
+        weight = FEATURE_DEFAULTS[mode] if weight is None else float(weight)
+        if weight < 0:
+            raise ConfigError(f"feature distillation weight must be >= 0, got {weight}")
+        self.mode = mode
+        self.weight = weight
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self.proj = nn.ModuleList()
+        if mode == "hint":
+            for cs, ct in zip(student_channels, teacher_channels):
+                self.proj.append(nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct)))
+
+    def forward(
+        self,
+        student_feats: Sequence[Tensor] | Mapping[str, Tensor],
+        teacher_feats: Sequence[Tensor] | Mapping[str, Tensor],
+    ) -> Tensor:
+        """Weighted sum of the per-pair losses.
+
+        Args:
+            student_feats: ``(N, C_s, H, W)`` maps, in the order of ``student_channels`` (a dict, e.g. from
+                :func:`feature_extractor`, is taken in insertion order).
+            teacher_feats: ``(N, C_t, H', W')`` maps, same count.
+
+        Returns:
+            Scalar loss.
+        """
+        s_list = list(student_feats.values()) if isinstance(student_feats, Mapping) else list(student_feats)
+        t_list = list(teacher_feats.values()) if isinstance(teacher_feats, Mapping) else list(teacher_feats)
+        if len(s_list) != len(self.student_channels) or len(t_list) != len(self.teacher_channels):
+            raise ValueError(
+                f"expected {len(self.student_channels)} feature pairs, "
+                f"got {len(s_list)} student and {len(t_list)} teacher"
+            )
+        total = s_list[0].new_zeros(())
+        for i, (fs, ft) in enumerate(zip(s_list, t_list)):
+            fs, ft = _pool_to_common_size(fs, ft.detach())
+            if self.mode == "hint":
+                total = total + F.mse_loss(self.proj[i](fs), ft)
+            else:
+                total = total + (_attention_map(fs) - _attention_map(ft)).pow(2).mean()
+        return self.weight * total
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, weight={self.weight}"
+
+
+def feature_extractor(model: nn.Module, nodes: list[str]) -> nn.Module:
+    """Wrap ``model`` so that it returns ``{node: output}`` for the given graph nodes (torch.fx tracing).
+
+    Node names are those of ``torchvision.models.feature_extraction.get_graph_node_names(model)``, e.g.
+    ``"layer2"`` or ``"layer3.1.relu"``.
+
+    Raises:
+        ConfigError: If a node is not in the traced graph.
+    """
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        return create_feature_extractor(model, return_nodes={n: n for n in nodes})
+    except ValueError as e:
+        first_line = str(e).split(". Hint")[0]
+        raise ConfigError(f"{first_line}; list valid names with get_graph_node_names(model)") from None

@@ -1,0 +1,343 @@
+"""The one training loop: train, evaluate, log, checkpoint, resume, DDP. stage1 and stage2 are thin CLIs over it.
+
+A run directory holds::
+
+    args.json            the resolved options and command line
+    last.safetensors     the model after the last finished epoch (+ last.json), models.checkpoint format
+    best.safetensors     the epoch with the best test accuracy (+ best.json)
+    train_state.pt       everything --resume needs (model, optimizer, scheduler, epoch, history, RNG), one file
+    metrics.csv          one row per epoch
+    tb/                  TensorBoard events
+    summary.json         best and last accuracy, params, MACs, images/s, wall time
+
+Every file is written atomically, so a killed run resumes from its last finished epoch and ends with the same
+metrics as an uninterrupted one: each epoch's data order and augmentation depend on (seed, epoch) only.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from models import complexity, save_checkpoint, set_lambda
+from models.checkpoint import atomic_write, atomic_write_text
+from models.errors import ReduceNetError
+
+from .data import Data
+from .distill import DistillLoss
+
+METRIC_FIELDS = ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
+                 "epoch_s")
+
+
+class TrainingDiverged(ReduceNetError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by both stages (defaults: the ReduceNet CIFAR recipe)."""
+
+    epochs: int = 200
+    lr: float = 0.1
+    wd: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "cosine"  # cosine | step
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs, for "step"
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    lambda_epochs: float = 0.0  # anneal LambdaReLU lam from 0 to 1 over these first epochs
+    seed: int = 0
+    amp: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in summary.json
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: tuple[int, ...], gamma: float) -> float:
+    """Multiplier of the peak learning rate after ``step`` of ``total`` optimizer steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return gamma ** sum(step >= m for m in milestones)
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sum ``values`` over all ranks."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed(device: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{info.local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ReduceNetError("--device cuda was asked for but no GPU is visible; use --device cpu")
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return info, dev
+
+
+def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Make sure ``out`` can be written without destroying a previous run."""
+    out = Path(out)
+    if resume:
+        if not (out / "train_state.pt").is_file():
+            raise ReduceNetError(f"--resume: {out} has no train_state.pt to resume from; "
+                                 "drop --resume to start a new run")
+        return out
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ReduceNetError(f"run directory {out} already holds a run; pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in ("train_state.pt", "metrics.csv", "summary.json"):
+            (out / name).unlink(missing_ok=True)
+    return out
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` with ``loss_fn``, optionally distilling from a frozen ``teacher``.
+
+    Args:
+        model: the network to train (registered model with ``.config``).
+        data: train/test loaders from :func:`train.data.build_data`.
+        cfg: optimisation settings.
+        run_dir: where checkpoints and logs go (only rank 0 writes).
+        loss_fn: :class:`~train.distill.DistillLoss`; its kind ``none`` is plain cross-entropy.
+        teacher: frozen teacher for distillation, or None.
+        dist_info: this process's rank, from :func:`init_distributed`.
+        device: where to train.
+        metadata: stored in every checkpoint (dataset, stage, ...).
+    """
+
+    def __init__(self, model: nn.Module, data: Data, cfg: TrainConfig, run_dir: Path, loss_fn: DistillLoss,
+                 teacher: nn.Module | None = None, dist_info: Dist | None = None,
+                 device: torch.device | str = "cpu", metadata: dict[str, Any] | None = None) -> None:
+        self.cfg, self.data, self.run_dir, self.loss_fn = cfg, data, Path(run_dir), loss_fn
+        self.dist = dist_info or Dist()
+        self.device = torch.device(device)
+        self.metadata = metadata or {}
+        memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.model = model.to(self.device, memory_format=memory_format)
+        self.teacher = teacher
+        if teacher is not None:
+            self.teacher = teacher.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov, weight_decay=cfg.wd)
+        steps = len(data.train)
+        if steps == 0:
+            raise ReduceNetError(f"the training set has fewer images per rank than one batch "
+                                 f"({data.train.num_samples} < {data.train.batch_size}); lower --batch-size")
+        self.total_steps = steps * cfg.epochs
+        milestones = tuple(int(m * self.total_steps) for m in cfg.milestones)
+        warmup = int(cfg.warmup_epochs * steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, milestones, cfg.gamma))
+        forward_model: nn.Module = self.model
+        if self.dist.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+        self.history: list[dict[str, float]] = []
+        self.start_epoch = 0
+        self.best_acc, self.best_epoch = -1.0, 0
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.start_epoch, "history": self.history,
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+
+    def resume(self) -> None:
+        """Load ``train_state.pt`` of the run directory (model, optimizer, scheduler, lambda, epoch, RNG)."""
+        state = torch.load(self.run_dir / "train_state.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.history = state["epoch"], state["history"]
+        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+
+    def _save(self, epoch: int, test_acc: float) -> None:
+        meta = {**self.metadata, "epoch": epoch, "test_acc": test_acc}
+        save_checkpoint(self.model, self.run_dir / "last.safetensors", meta)
+        if test_acc > self.best_acc:
+            self.best_acc, self.best_epoch = test_acc, epoch
+            save_checkpoint(self.model, self.run_dir / "best.safetensors", meta)
+        self.start_epoch = epoch
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        atomic_write(self.run_dir / "train_state.pt", lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "metrics.csv", out.getvalue())
+
+    # ----------------------------------------------------------------------------------------------- loops
+    def _autocast(self):
+        if self.cfg.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _lambda(self, epoch: int, step: int, steps: int) -> float | None:
+        if not self.cfg.lambda_epochs:
+            return None
+        return min(1.0, (epoch + (step + 1) / steps) / self.cfg.lambda_epochs)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.data.train.set_epoch(epoch)
+        self.loss_fn.set_epoch(epoch)
+        steps = len(self.data.train)
+        bar = tqdm(self.data.train, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
+                   disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen, lam, start = 0, None, time.perf_counter()
+        for step, (x, y) in enumerate(bar):
+            lam = self._lambda(epoch, step, steps)
+            if lam is not None:
+                set_lambda(self.model, lam)
+            with self._autocast():
+                logits = self.forward_model(x)
+                with torch.no_grad():
+                    t_logits = self.teacher(x) if self.teacher is not None else None
+                loss = self.loss_fn(logits, y, t_logits)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; the last good checkpoint "
+                    f"(epoch {self.start_epoch}) in {self.run_dir} is kept: lower --lr or drop --amp and --resume")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += loss.detach().double() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        total_loss, total_correct, total_seen = self.dist.sum([loss_sum.item(), correct.item(), seen], self.device)
+        return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
+                "images_per_s": total_seen / elapsed, "lambda": float("nan") if lam is None else lam,
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Test loss and accuracy (%) of ``model`` (default: the trained one), summed over all ranks."""
+        model = model or self.model
+        was_training = model.training
+        model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in self.data.test:
+            with self._autocast():
+                logits = model(x)
+            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += y.numel()
+        model.train(was_training)
+        loss_sum, correct, seen = self.dist.sum([loss_sum, correct, seen], self.device)
+        return {"test_loss": loss_sum / max(seen, 1), "test_acc": 100.0 * correct / max(seen, 1), "count": seen}
+
+    def fit(self, log: Callable[[str], None] = print) -> dict[str, Any]:
+        """Train from ``start_epoch`` to ``cfg.epochs``; returns the summary (also in summary.json)."""
+        writer = None
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.start_epoch + 1)
+        wall = time.perf_counter()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            t0 = time.perf_counter()
+            row = self.train_epoch(epoch)
+            row.update(self.evaluate())
+            row.pop("count")
+            row["epoch"] = epoch + 1
+            row["epoch_s"] = time.perf_counter() - t0
+            self.history.append({k: row[k] for k in METRIC_FIELDS})
+            if self.dist.is_main:
+                self._save(epoch + 1, row["test_acc"])
+                for k in METRIC_FIELDS[1:]:
+                    if not math.isnan(row[k]):
+                        writer.add_scalar(k, row[k], epoch + 1)
+                writer.flush()
+                lam = "" if math.isnan(row["lambda"]) else f" lambda {row['lambda']:.2f}"
+                log(f"epoch {epoch + 1:3d}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
+                    f"train {row['train_acc']:5.2f}% test {row['test_acc']:5.2f}% "
+                    f"lr {row['lr']:.4f}{lam} {row['images_per_s']:.0f} img/s")
+            else:
+                self.start_epoch = epoch + 1
+        if writer is not None:
+            writer.close()
+        return self.summary(time.perf_counter() - wall)
+
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        size = complexity(self.model, (1, *self.data.test.images.shape[1:]))
+        summary = {
+            "model": self.model.config, "data": self.data.info.label, "dataset": self.data.info.name,
+            "train_images": self.data.train.num_samples * self.dist.world_size,
+            "test_images": len(self.data.test.labels),
+            "epochs": self.cfg.epochs, "seed": self.cfg.seed,
+            "best_test_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "last_test_acc": last.get("test_acc"), "last_epoch": last.get("epoch"),
+            "params": size["params"], "macs": size["macs"],
+            "images_per_s": sum(r["images_per_s"] for r in self.history) / max(1, len(self.history)),
+            "wall_s_this_call": wall_s, "train_s_total": sum(r["epoch_s"] for r in self.history),
+            "hardware": hardware(self.device), "world_size": self.dist.world_size,
+            "torch": torch.__version__, "command": " ".join(sys.argv), **self.cfg.extra,
+        }
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def hardware(device: torch.device) -> str:
+    """A short description of what ran the job, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU x86_64, 2 threads'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"

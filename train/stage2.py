@@ -1,0 +1,132 @@
+"""``python -m train.stage2 --inherit RUN_DIR_OR_CHECKPOINT``: derive the student and distil it from the teacher.
+
+The student is the teacher without its non-linear branch (b), inheriting every other tensor. Optional LoRA
+branches (``--lora-rank``) add linear capacity while it trains; with ``--lambda-epochs K`` their LambdaReLU
+is annealed from ReLU (lam 0) to identity (lam 1) over the first K epochs. At the end the student is fused,
+checked to give the same test accuracy (within 0.01 points), and exported to ``RUN_DIR/deploy``.
+
+Learning-rate schedule for fine-tuning an inherited network (untuned; the original left it unfinished):
+linear warm-up over the first 5% of the epochs (at least one) to a peak of 0.05, half the teacher's, then
+cosine to 0 — the warm-up lets the new LoRA branches and the BN statistics, which change when branch (b) is
+removed, settle before large steps move the inherited weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from models import complexity, load_checkpoint, read_record, student_from_teacher
+from models.checkpoint import resolve
+from models.errors import CheckpointError, ConfigError, DataError, ReparamError, cli_errors
+from reparam import fuse_model
+from reparam.export import export_deploy
+
+from .cli import common_parser, finish, load_data, make_run_dir, setup, size_line, train_config
+from .distill import KD_LOSSES, DistillLoss
+from .engine import Trainer
+
+ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accuracy
+
+
+def build_parser():
+    p = common_parser("python -m train.stage2", __doc__, epochs=200, lr=0.05, warmup="5%% of --epochs, >= 1")
+    s = p.add_argument_group("student and distillation")
+    s.add_argument("--inherit", required=True, help="teacher run directory (uses last.safetensors) or checkpoint")
+    s.add_argument("-m", "--model", default=None, help="expected architecture; refuses a teacher of another one")
+    s.add_argument("--lora-rank", type=int, default=0, help="rank of the linear LoRA branches; 0 for none")
+    s.add_argument("--lora-targets", nargs="+", default=None,
+                   help="globs over conv names that get LoRA (default: every 3x3 conv inside the blocks)")
+    s.add_argument("--lambda-epochs", type=float, default=0.0,
+                   help="anneal LambdaReLU in the LoRA branches from 0 to 1 over these first epochs")
+    s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="distillation loss")
+    s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
+    s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
+    s.add_argument("--no-export", action="store_true", help="fuse and check, but write no deploy files")
+    return p
+
+
+def load_teacher(path: str, expected_model: str | None):
+    """The teacher checkpoint and its metadata, refusing students and other architectures."""
+    p = resolve(path)
+    record = read_record(p)
+    config = record["config"]
+    if not config.get("expansion"):
+        raise CheckpointError(f"{p} is a student ({config.get('model')}, expansion=0); --inherit needs a "
+                              "teacher trained by train.stage1 with --expansion >= 1")
+    if expected_model and expected_model != config.get("model"):
+        raise CheckpointError(f"{p} holds a {config.get('model')} teacher, not {expected_model}; "
+                              "pass the matching -m or another --inherit")
+    return load_checkpoint(p), record.get("metadata", {}), p
+
+
+def validate(args) -> None:
+    if args.lambda_epochs and not args.lora_rank:
+        raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
+    if not 0 <= args.lambda_epochs <= args.epochs:
+        raise ConfigError(f"--lambda-epochs {args.lambda_epochs:g} must lie in [0, --epochs {args.epochs}] "
+                          "so that lambda reaches 1 before fusion")
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    teacher, teacher_meta, teacher_path = load_teacher(args.inherit, args.model)
+    args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
+    if args.data_dir is None and teacher_meta.get("data_dir") and Path(teacher_meta["data_dir"]).exists():
+        args.data_dir = str(Path(teacher_meta["data_dir"]).parent)
+    if args.image_size is None and args.dataset == "imagefolder":
+        args.image_size = teacher_meta.get("image_size")
+    info, device = setup(args)
+    name = teacher.config["model"]
+    run_dir = make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}")
+    data = load_data(args, info, device)
+    if teacher.num_classes != data.info.num_classes:
+        raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
+                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
+    student = student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T)
+    metadata = {"stage": 2, "role": "student", "dataset": data.info.name, "data": data.info.label,
+                "data_dir": str(data.info.source), "image_size": data.info.image_size,
+                "teacher": str(teacher_path), "kd": args.kd}
+    warmup = max(1.0, 0.05 * args.epochs) if args.epochs > 1 else 0.0
+    cfg = train_config(args, warmup, stage=2, teacher=str(teacher_path), kd=repr(loss_fn),
+                       lora_rank=args.lora_rank, lambda_epochs=args.lambda_epochs)
+    trainer = Trainer(student, data, cfg, run_dir, loss_fn, teacher=teacher if loss_fn.needs_teacher else None,
+                      dist_info=info, device=device, metadata=metadata)
+    if args.resume:
+        trainer.resume()
+    summary = trainer.fit()
+
+    # Fuse, check on the test set, export.
+    fused = fuse_model(trainer.model)
+    unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
+    teacher_eval = trainer.evaluate(teacher.to(device))
+    gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
+    if gap > ACC_TOLERANCE:
+        raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
+                           f"(> {ACC_TOLERANCE}); no deploy files were written")
+    input_size = (1, *data.test.images.shape[1:])
+    sizes = {"teacher": complexity(teacher, input_size), "student": complexity(trainer.model, input_size),
+             "fused": complexity(fused, input_size)}
+    summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
+                   fused_test_acc=fused_eval["test_acc"], sizes=sizes)
+    if info.is_main:
+        if not args.no_export:
+            report = export_deploy(trainer.model, run_dir / "deploy", tuple(input_size[1:]),
+                                   metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
+            summary["deploy"] = {k: str(v) for k, v in report.files.items()}
+            summary["export_max_diff"] = report.max_diff
+        from models.checkpoint import atomic_write_text
+        import json
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(f"data: {data.info.label}, {fused_eval['count']} test images")
+        print(size_line(f"teacher {name} (e{teacher.config['expansion']})", sizes["teacher"], teacher_eval["test_acc"]))
+        print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"], unfused_eval["test_acc"]))
+        print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
+        print(f"run: {run_dir}" + ("" if args.no_export else f"; deploy files in {run_dir / 'deploy'}"))
+    finish(info)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
