@@ -33,7 +33,10 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     o.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     o.add_argument("--wd", type=float, default=1e-4, help="weight decay")
     o.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
-                   help="per-step cosine to 0, or x0.1 at 50%% and 75%% of training")
+                   help="per-step cosine to 0, or x--gamma at each of --milestones")
+    o.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
+                   help="step schedule: fractions of training where the lr drops")
+    o.add_argument("--gamma", type=float, default=0.1, help="step schedule: lr factor at each milestone")
     o.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warm-up; default {warmup}")
     o.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation and --subset draw")
     r = p.add_argument_group("run")
@@ -93,6 +96,7 @@ def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str) -> Pat
 def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs, lr=args.lr, wd=args.wd, schedule=args.schedule, seed=args.seed,
+        milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=warmup_default if args.warmup_epochs is None else args.warmup_epochs,
         lambda_epochs=getattr(args, "lambda_epochs", 0.0), amp=args.amp, compile=args.compile,
         channels_last=args.channels_last, extra=extra,

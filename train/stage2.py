@@ -12,10 +12,11 @@ removed, settle before large steps move the inherited weights.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from models import complexity, load_checkpoint, read_record, student_from_teacher
-from models.checkpoint import resolve
+from models import complexity, create_model, load_checkpoint, read_record, student_from_teacher
+from models.checkpoint import atomic_write_text, resolve
 from models.errors import CheckpointError, ConfigError, DataError, ReparamError, cli_errors
 from reparam import fuse_model
 from reparam.export import export_deploy
@@ -30,8 +31,13 @@ ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accurac
 def build_parser():
     p = common_parser("python -m train.stage2", __doc__, epochs=200, lr=0.05, warmup="5%% of --epochs, >= 1")
     s = p.add_argument_group("student and distillation")
-    s.add_argument("--inherit", required=True, help="teacher run directory (uses last.safetensors) or checkpoint")
-    s.add_argument("-m", "--model", default=None, help="expected architecture; refuses a teacher of another one")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--inherit", help="teacher run directory (uses last.safetensors) or checkpoint; "
+                     "the student is its sub-network and inherits its weights")
+    src.add_argument("--teacher", help="plain KD instead: distil this checkpoint (any trained classifier) "
+                     "into a freshly initialised student -m MODEL, e.g. resnet56 -> resnet20")
+    s.add_argument("-m", "--model", default=None,
+                   help="with --inherit: expected architecture (refuses another); with --teacher: the student")
     s.add_argument("--lora-rank", type=int, default=0, help="rank of the linear LoRA branches; 0 for none")
     s.add_argument("--lora-targets", nargs="+", default=None,
                    help="globs over conv names that get LoRA (default: every 3x3 conv inside the blocks)")
@@ -44,11 +50,13 @@ def build_parser():
     return p
 
 
-def load_teacher(path: str, expected_model: str | None):
-    """The teacher checkpoint and its metadata, refusing students and other architectures."""
+def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
+    """The teacher checkpoint and its metadata; for inheritance, refuses students and other architectures."""
     p = resolve(path)
     record = read_record(p)
     config = record["config"]
+    if not inherit:
+        return load_checkpoint(p), record.get("metadata", {}), p
     if not config.get("expansion"):
         raise CheckpointError(f"{p} is a student ({config.get('model')}, expansion=0); --inherit needs a "
                               "teacher trained by train.stage1 with --expansion >= 1")
@@ -59,6 +67,8 @@ def load_teacher(path: str, expected_model: str | None):
 
 
 def validate(args) -> None:
+    if args.teacher and not args.model:
+        raise ConfigError("--teacher distils into a fresh student: name it with -m MODEL (e.g. -m reduce20)")
     if args.lambda_epochs and not args.lora_rank:
         raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
     if not 0 <= args.lambda_epochs <= args.epochs:
@@ -70,20 +80,25 @@ def validate(args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     validate(args)
-    teacher, teacher_meta, teacher_path = load_teacher(args.inherit, args.model)
+    teacher, teacher_meta, teacher_path = load_teacher(args.inherit or args.teacher, args.model,
+                                                       inherit=bool(args.inherit))
     args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
     if args.data_dir is None and teacher_meta.get("data_dir") and Path(teacher_meta["data_dir"]).exists():
         args.data_dir = str(Path(teacher_meta["data_dir"]).parent)
     if args.image_size is None and args.dataset == "imagefolder":
         args.image_size = teacher_meta.get("image_size")
     info, device = setup(args)
-    name = teacher.config["model"]
+    name = teacher.config["model"] if args.inherit else args.model
     run_dir = make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}")
     data = load_data(args, info, device)
     if teacher.num_classes != data.info.num_classes:
         raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
                         f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
-    student = student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    if args.inherit:
+        student = student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    else:
+        student = create_model(args.model, num_classes=data.info.num_classes, expansion=0,
+                               lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T)
     metadata = {"stage": 2, "role": "student", "dataset": data.info.name, "data": data.info.label,
                 "data_dir": str(data.info.source), "image_size": data.info.image_size,
@@ -116,11 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
             summary["deploy"] = {k: str(v) for k, v in report.files.items()}
             summary["export_max_diff"] = report.max_diff
-        from models.checkpoint import atomic_write_text
-        import json
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"data: {data.info.label}, {fused_eval['count']} test images")
-        print(size_line(f"teacher {name} (e{teacher.config['expansion']})", sizes["teacher"], teacher_eval["test_acc"]))
+        print(size_line(f"teacher {teacher.config['model']} (e{teacher.config['expansion']})", sizes["teacher"],
+                        teacher_eval["test_acc"]))
         print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"], unfused_eval["test_acc"]))
         print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
         print(f"run: {run_dir}" + ("" if args.no_export else f"; deploy files in {run_dir / 'deploy'}"))

@@ -1,0 +1,68 @@
+"""Shared helpers for the model / reparam / checkpoint tests (no data fixtures)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def randomize_model(model: nn.Module, seed: int = 0, calibrate: bool = True) -> nn.Module:
+    """Give ``model`` non-trivial BN affine params, BN running stats, LoRA ``up`` weights and step counts.
+
+    BN running statistics are first calibrated on random input (so activations stay O(1) through deep
+    residual stacks and a float32 comparison is meaningful), then perturbed at random so that they are
+    not the statistics of any batch. Keeps the model's train/eval mode and dtype.
+    """
+    from models.layers import LoRABranch
+
+    g = torch.Generator().manual_seed(seed)
+    param = next(model.parameters())
+    dtype = param.dtype
+
+    def rand(shape, lo=0.0, hi=1.0):
+        return (torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
+
+    def randn(shape, std=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * std).to(dtype)
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.weight.copy_(rand(bn.weight.shape, 0.5, 1.5))
+        bn.bias.copy_(randn(bn.bias.shape, 0.2))
+    for m in model.modules():
+        if isinstance(m, LoRABranch):
+            m.up.weight.copy_(randn(m.up.weight.shape, 0.5 / m.up.weight.shape[1] ** 0.5))
+    if calibrate and bns:
+        was_training = model.training
+        momenta = [bn.momentum for bn in bns]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+        model.train()
+        model(randn((4, 3, 32, 32)))
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        model.train(was_training)
+    for bn in bns:
+        std = bn.running_var.sqrt()
+        bn.running_mean.add_(randn(bn.running_mean.shape, 0.1) * std)
+        bn.running_var.mul_(rand(bn.running_var.shape, 0.7, 1.4))
+        bn.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=g)))
+    return model
+
+
+@pytest.fixture
+def randomize():
+    """The :func:`randomize_model` helper, as a fixture."""
+    return randomize_model
+
+
+def images(n: int = 2, dtype: torch.dtype = torch.float32, seed: int = 1, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+@pytest.fixture
+def make_images():
+    """``make_images(n=2, dtype=float32, seed=1)`` -> a deterministic ``[n, 3, 32, 32]`` batch."""
+    return images
