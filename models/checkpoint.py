@@ -23,19 +23,32 @@ from .registry import model_from_config
 FORMAT = "reducenet-1"
 
 
+class WriteError(ReduceNetError, OSError):
+    """A file could not be written (disk full, read-only folder, ...); the previous file is unchanged."""
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; removes the temp file on error."""
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; removes the temp file on error.
+
+    An ``OSError`` is raised again as :class:`WriteError` (still an ``OSError``), which the CLIs print as one line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, ReduceNetError):
+            reason = " ".join((e.strerror or str(e)).split())
+            raise WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
+                             "free some disk space or choose a writable folder") from e
         raise
     return path
 
@@ -82,7 +95,14 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if "reducenet" not in meta:
         raise CheckpointError(f"{p} has no reducenet config in its metadata; save it with "
                               "models.save_checkpoint or load its tensors with safetensors directly")
-    return json.loads(meta["reducenet"])
+    try:
+        record = json.loads(meta["reducenet"])
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or "model" not in record["config"]:
+        raise CheckpointError(f"{p} has a malformed reducenet config in its metadata; re-save it with "
+                              "models.save_checkpoint")
+    return record
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
@@ -112,6 +132,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(p))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{p} is not a readable safetensors file ({e}); it may be truncated") from None
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # keep the stored precision (e.g. a float64 checkpoint stays float64)
+        model.to(dtypes.pop())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

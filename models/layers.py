@@ -156,6 +156,29 @@ class ConvBNAct(ConvBN):
         return self.act(self.bn(self.conv(x)))
 
 
+def check_int(name: str, value: object, minimum: int, hint: str) -> int:
+    """``value`` if it is a whole number >= ``minimum``, else a one-line :class:`ConfigError`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}; {hint}")
+    return value
+
+
+def check_family_args(num_classes: int, expansion: int, lora_rank: int, lora_targets: str | Sequence[str] | None,
+                      inference_mode: bool, default_targets: Sequence[str]) -> list[str]:
+    """Validate the arguments every teacher/student family shares; returns ``lora_targets`` as a list."""
+    check_int("num_classes", num_classes, 1, "pass the dataset's class count")
+    check_int("expansion", expansion, 0, "use 0 for the student, >= 1 for a teacher")
+    check_int("lora_rank", lora_rank, 0, "use 0 for no LoRA branch")
+    if expansion and lora_rank:
+        raise ConfigError("LoRA branches belong to the student: pass expansion=0 with lora_rank, "
+                          "or use models.student_from_teacher(teacher, lora_rank=...)")
+    if inference_mode and (expansion or lora_rank):
+        raise ConfigError("inference_mode builds the fused student: pass expansion=0 and lora_rank=0")
+    if isinstance(lora_targets, str):
+        return [lora_targets]
+    return list(lora_targets) if lora_targets else list(default_targets)
+
+
 def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
     """Give every :class:`ConvBN` whose name matches a glob in ``targets`` a LoRA branch of ``rank``.
 
@@ -167,6 +190,7 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
     Returns:
         The names of the convs that got a branch.
     """
+    targets = [targets] if isinstance(targets, str) else list(targets)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"lora_rank must be a whole number >= 1 (0 for none), got {rank!r}")
     names = [n for n, m in model.named_modules()

@@ -23,8 +23,7 @@ from timm.layers import make_divisible
 from torch import Tensor
 
 from .errors import ConfigError, ReparamError
-from .layers import ConvBN, ConvBNAct, add_lora
-from .reducenet import _check_int
+from .layers import ConvBN, ConvBNAct, add_lora, check_family_args
 from .registry import register_model
 
 # (expand ratio t, out channels, blocks, first stride)
@@ -119,15 +118,8 @@ class ReduceMobileNetV2(nn.Module):
         super().__init__()
         if width not in WIDTHS or isinstance(width, bool):
             raise ConfigError(f"width must be one of {WIDTHS}, got {width!r}")
-        _check_int("num_classes", num_classes, 1, "pass the dataset's class count")
-        _check_int("expansion", expansion, 0, "use 0 for the student, >= 1 for a teacher")
-        _check_int("lora_rank", lora_rank, 0, "use 0 for no LoRA branch")
-        if expansion and lora_rank:
-            raise ConfigError("LoRA branches belong to the student: pass expansion=0 with lora_rank, "
-                              "or use models.student_from_teacher(teacher, lora_rank=...)")
-        if inference_mode and (expansion or lora_rank):
-            raise ConfigError("inference_mode builds the fused student: pass expansion=0 and lora_rank=0")
-        lora_targets = list(lora_targets) if lora_targets else list(DEFAULT_LORA_TARGETS)
+        lora_targets = check_family_args(num_classes, expansion, lora_rank, lora_targets, inference_mode,
+                                         DEFAULT_LORA_TARGETS)
         self.config = dict(num_classes=num_classes, width=float(width), expansion=expansion, lora_rank=lora_rank,
                            lora_targets=lora_targets, inference_mode=inference_mode)
         self.num_classes = num_classes

@@ -8,6 +8,7 @@ keyword arguments, which is all a checkpoint needs to rebuild the model.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import functools
 from typing import Any, Callable
 
@@ -42,9 +43,7 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Names of the registered models matching a glob ``pattern``, sorted by family then depth."""
-    import fnmatch
-
+    """Names of the registered models matching a glob ``pattern``, in registration order."""
     return [n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)]
 
 
@@ -65,8 +64,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise UnknownModelError(f"unknown model {name!r}: {hint} (`python -m models` lists the zoo)")
     try:
         return _MODELS[name](**kwargs)
-    except TypeError as e:  # an unexpected keyword argument
-        raise ConfigError(f"{name}: {e}") from None
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"{name} got an {str(e).split('got an ', 1)[-1]}; see its docstring for the arguments") from None
 
 
 def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:

@@ -41,12 +41,13 @@ def student_from_teacher(
     missing = [k for k in student_state if k not in teacher_state or teacher_state[k].shape != student_state[k].shape]
     if missing:  # cannot happen for the registered families; guards new ones
         raise ConfigError(f"the teacher lacks the student's tensors {missing[:3]}...; is its family registered?")
-    with torch.no_grad():
-        student.load_state_dict({k: teacher_state[k] for k in student_state}, strict=True)
     param = next(teacher.parameters())
     student.to(device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        student.load_state_dict({k: teacher_state[k] for k in student_state}, strict=True)
     if lora_rank:
-        targets = list(lora_targets) if lora_targets else config["lora_targets"]
+        targets = ([lora_targets] if isinstance(lora_targets, str) else list(lora_targets)) if lora_targets \
+            else config["lora_targets"]
         add_lora(student, lora_rank, targets)
         student.config.update(lora_rank=lora_rank, lora_targets=targets)
     student.train(teacher.training)

@@ -6,6 +6,7 @@ leaves ``out_dir`` as it was.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -64,7 +65,7 @@ def export_deploy(
         atol: the largest logit difference accepted, in float32.
         metadata: stored in the checkpoint's JSON.
     """
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()
     fused = fuse_model(model)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -44,10 +44,10 @@ def fuse_model(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
     if not config:
         return fused
-    deploy = model_from_config(config, expansion=0, lora_rank=0, inference_mode=True)
-    deploy.load_state_dict(fused.state_dict(), strict=True)
     param = next(model.parameters())
-    return deploy.to(device=param.device, dtype=param.dtype).eval()
+    deploy = model_from_config(config, expansion=0, lora_rank=0, inference_mode=True)
+    deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
+    return deploy.eval()
 
 
 @torch.no_grad()

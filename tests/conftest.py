@@ -66,3 +66,13 @@ def images(n: int = 2, dtype: torch.dtype = torch.float32, seed: int = 1, size: 
 def make_images():
     """``make_images(n=2, dtype=float32, seed=1)`` -> a deterministic ``[n, 3, 32, 32]`` batch."""
     return images
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run torch on one thread: these tiny workloads gain nothing from two, and on a shared 2-core machine
+    OpenMP's spin-waiting under oversubscription makes them 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from reparam.export import export_deploy
 NAMES = models.list_models()
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -152,10 +155,6 @@ def test_fuse_model_float32(name, randomize, make_images):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG reparam/fusion.py:47-50: fuse_model loads the fused float64 weights into a float32 deploy model "
-    "(load_state_dict casts) and only then calls .to(float64), so a float64 model is fused with float32 "
-    "precision (max diff ~1e-6 instead of < 1e-9)"))
 def test_fuse_model_float64(name, randomize, make_images):
     model = lora_student(name, randomize, dtype=F64).eval()
     fused = reparam.fuse_model(model)
@@ -262,8 +261,9 @@ def test_export_failed_check_leaves_out_dir_untouched(tmp_path, monkeypatch, ran
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def run_fuse(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reparam.fuse", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "reparam.fuse", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_fuse_cli_success(tmp_path, randomize, make_images):

@@ -247,9 +247,11 @@ class Trainer:
                     t_logits = self.teacher(x) if self.teacher is not None else None
                 loss = self.loss_fn(logits, y, t_logits)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; the last good checkpoint "
-                    f"(epoch {self.start_epoch}) in {self.run_dir} is kept: lower --lr or drop --amp and --resume")
+                kept = (f"the last good checkpoint (epoch {self.start_epoch}) in {self.run_dir} is kept: "
+                        "lower --lr or drop --amp and --resume" if self.start_epoch else
+                        "no epoch had finished, so no checkpoint was written: lower --lr or drop --amp "
+                        "and start again with --overwrite")
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

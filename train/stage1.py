@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.dataset = args.dataset or "cifar10"
     info, device = setup(args)
     role = "teacher" if args.expansion else "scratch"
+    data = load_data(args, info, device)  # before the run directory: bad data must leave --out untouched
     run_dir = make_run_dir(args, info, f"{args.model}-{role}-e{args.expansion}-w{args.width:g}-s{args.seed}")
-    data = load_data(args, info, device)
     model = create_model(args.model, num_classes=data.info.num_classes, width=args.width, expansion=args.expansion)
     metadata = {"stage": 1, "role": role, "dataset": data.info.name, "data": data.info.label,
                 "data_dir": str(data.info.source), "image_size": data.info.image_size}

@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.image_size = teacher_meta.get("image_size")
     info, device = setup(args)
     name = teacher.config["model"] if args.inherit else args.model
-    run_dir = make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}")
     data = load_data(args, info, device)
     if teacher.num_classes != data.info.num_classes:
         raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
                         f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
+    # only now, so that bad data or a mismatched teacher leave --out untouched
+    run_dir = make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}")
     if args.inherit:
         student = student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     else:

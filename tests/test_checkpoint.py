@@ -1,0 +1,201 @@
+"""Behaviour tests for models/checkpoint.py: round trips, one-line errors and atomic writes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import models
+import models.checkpoint as ckpt_mod
+from models import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg.strip() and "\n" not in msg, f"expected a one-line message, got {msg!r}"
+    return msg
+
+
+def assert_same_model(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:
+    assert type(a) is type(b) and a.config == b.config
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+FORMS = {
+    "teacher": lambda: models.create_model("reduce20", expansion=2, num_classes=100),
+    "lora_student": lambda: models.create_model("reduce20", expansion=0, lora_rank=2, lora_targets=["layer2.*"]),
+    "mobilenet_student": lambda: models.create_model("reduce_mobilenetv2", expansion=0, width=0.5),
+    "deploy": lambda: models.create_model("reduce20", expansion=0, inference_mode=True, width=2),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_round_trip(form, tmp_path, randomize, make_images):
+    model = FORMS[form]()
+    if form != "deploy":
+        randomize(model)
+    models.set_lambda(model, 0.3)  # a buffer that must survive the round trip (LoRA student only)
+    path = models.save_checkpoint(model, tmp_path / "X", metadata={"epoch": 7})
+    assert path == tmp_path / "X.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["X.json", "X.safetensors"]
+    record = json.loads((tmp_path / "X.json").read_text())
+    assert record["config"] == model.config and record["metadata"] == {"epoch": 7}
+    assert models.read_record(path) == record
+
+    loaded = models.load_checkpoint(path)
+    assert loaded.checkpoint_metadata == {"epoch": 7}
+    assert_same_model(model, loaded, make_images(2))
+
+
+def test_run_dir_and_json_path(tmp_path, randomize, make_images):
+    model = randomize(models.create_model("reduce20", expansion=0))
+    run = tmp_path / "run"
+    models.save_checkpoint(model, run / "last")
+    x = make_images(2)
+    assert_same_model(model, models.load_checkpoint(run), x)
+    assert_same_model(model, models.load_checkpoint(run / "last.json"), x)
+    assert_same_model(model, models.load_checkpoint(str(run / "last.safetensors")), x)
+    fresh = models.create_model("reduce20", expansion=0)
+    assert models.load_weights(fresh, run) is fresh
+    assert_same_model(model, fresh, x)
+
+
+def test_round_trip_float64(tmp_path):
+    model = models.create_model("reduce20", expansion=0).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    models.save_checkpoint(model, tmp_path / "X")
+    loaded = models.load_checkpoint(tmp_path / "X.safetensors")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_missing_file(tmp_path):
+    for path in (tmp_path / "nope.safetensors", tmp_path / "nope.json", tmp_path):  # empty run dir too
+        with pytest.raises(CheckpointError) as e:
+            models.load_checkpoint(path)
+        one_line(e)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    return models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "good")
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "empty", "header_cut", "half", "last_bytes"])
+def test_corrupt_file(corruption, saved, tmp_path):
+    data = saved.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes({
+        "garbage": os.urandom(4096),
+        "empty": b"",
+        "header_cut": data[:40],
+        "half": data[: len(data) // 2],
+        "last_bytes": data[:-16],
+    }[corruption])
+    for call in (models.load_checkpoint, models.read_record,
+                 lambda p: models.load_weights(models.create_model("reduce20", expansion=0), p)):
+        with pytest.raises(CheckpointError) as e:
+            call(bad)
+        one_line(e)
+
+
+def test_safetensors_without_reducenet_metadata(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file(models.create_model("reduce20", expansion=0).state_dict(), str(plain))
+    with pytest.raises(CheckpointError) as e:
+        models.load_checkpoint(plain)
+    assert "metadata" in one_line(e)
+
+
+@pytest.mark.parametrize("meta", ["not json", "{}"])
+def test_malformed_reducenet_metadata(meta, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bad), metadata={"reducenet": meta})
+    with pytest.raises(CheckpointError) as e:
+        models.load_checkpoint(bad)
+    one_line(e)
+
+
+def test_load_weights_refuses_other_architecture(saved):
+    for other in (models.create_model("reduce56", expansion=0),
+                  models.create_model("reduce20", expansion=0, num_classes=100),
+                  models.create_model("reduce20", expansion=1),
+                  models.create_model("reduce20", expansion=0, width=2)):
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        with pytest.raises(CheckpointError) as e:
+            models.load_weights(other, saved)
+        assert "architecture" in one_line(e)
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # left as it was
+
+
+def test_load_weights_refuses_mismatched_keys(saved):
+    # same model/width/expansion/num_classes, but LoRA changes the state_dict
+    with pytest.raises(CheckpointError) as e:
+        models.load_weights(models.create_model("reduce20", expansion=0, lora_rank=2), saved)
+    one_line(e)
+    # a model without .config is checked by its state_dict alone
+    with pytest.raises(CheckpointError) as e:
+        models.load_weights(torch.nn.Linear(2, 2), saved)
+    one_line(e)
+
+
+def test_save_needs_config(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        models.save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "x")
+    one_line(e)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------- atomic write
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, make_images):
+    old_model = models.create_model("reduce20", expansion=0)
+    path = models.save_checkpoint(old_model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"ckpt.safetensors", "ckpt.json"}
+
+    calls = []
+
+    def torn_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        with open(filename, "wb") as f:
+            f.write(b"\x00partial write")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", torn_save_file)
+    new_model = models.create_model("reduce20", expansion=0, num_classes=100)
+    with pytest.raises(OSError) as e:  # disk full is an OSError (possibly wrapped as a ReduceNetError)
+        models.save_checkpoint(new_model, tmp_path / "ckpt")
+    one_line(e)
+    assert calls and Path(calls[0]).parent == tmp_path and Path(calls[0]) != path  # wrote a temp file
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # same files, same bytes
+    monkeypatch.undo()
+
+    loaded = models.load_checkpoint(path)
+    assert_same_model(old_model, loaded, make_images(2))
+
+
+def test_successful_overwrite_leaves_no_temp_files(tmp_path):
+    models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "ckpt")
+    models.save_checkpoint(models.create_model("reduce20", expansion=0, num_classes=100), tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+    assert models.load_checkpoint(tmp_path / "ckpt.safetensors").config["num_classes"] == 100
