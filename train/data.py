@@ -478,6 +478,9 @@ def load_dataset(
     if image_size is not None and image_size < 1:
         raise DataError(f"image size {image_size} is not positive; pass --image-size 1 or more")
     root = _root(data_dir)
+    if (data_dir is not None or os.environ.get("REDUCENET_DATA")) and not root.exists():
+        raise DataError(f"data directory {root} does not exist; {_WHERE} to an existing folder "
+                        "(an empty one is fine when torchvision can download into it)")
     if name != "imagefolder" and _find(name, root) is None and download:
         reason = _download(name, root)
         if reason is not None and _find(name, root) is None:

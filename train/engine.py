@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -40,6 +41,8 @@ from models.errors import ReduceNetError
 from .data import Data
 from .distill import DistillLoss
 
+RUN_FILES = ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
+             "metrics.csv", "summary.json", "tb", "deploy", "done")
 METRIC_FIELDS = ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
                  "epoch_s")
 
@@ -130,9 +133,10 @@ def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
         raise ReduceNetError(f"run directory {out} already holds a run; pass --resume to continue it, "
                              "--overwrite to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in ("train_state.pt", "metrics.csv", "summary.json"):
-            (out / name).unlink(missing_ok=True)
+    if overwrite:  # only the files a run writes; anything else the user put there stays
+        for name in RUN_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     return out
 
 

@@ -1,0 +1,577 @@
+"""Tests of the training stages (train/stage1.py, train/stage2.py over train/engine.py) on real CIFAR images.
+
+Everything trains reduce20 for a few epochs on a few hundred images of the exact CIFAR-10 subset in the shared
+data folder, so the whole file runs in a few minutes on two CPU cores. The runs go through the CLIs' ``main``
+in-process (it returns the summary; a user error exits with code 2 and one ``error: ...`` line on stderr),
+except where a separate process is the point: SIGKILL and resume, and torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import models.checkpoint
+import train.data
+from models import load_checkpoint
+from models.layers import LambdaReLU, LoRABranch
+from train import stage1, stage2
+from train.data import build_data
+from train.distill import DistillLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("REDUCENET_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+CIFAR10 = SHARED / "cifar-10-subset"
+CIFAR100 = SHARED / "cifar-100-subset"
+if not (CIFAR10 / "cifar-10-batches-py").is_dir():
+    pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
+
+LABEL = "CIFAR-10 (exact subset, 5438 train / 1017 test)"
+METRIC_COLUMNS = ["epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
+                  "epoch_s"]
+SUBSET, BATCH = 320, 32  # 10 steps per epoch; 60 test images
+# The teacher: 3 epochs at lr 0.05. Its training loss fell in every epoch for seeds 0, 1 and 2
+# (2.43 -> 2.11, 2.41 -> 2.13, 2.43 -> 2.20), so "last epoch < first epoch" is a robust criterion.
+TEACHER_ARGS = ["-m", "reduce20", "--data-dir", str(CIFAR10), "--subset", str(SUBSET), "--batch-size", str(BATCH),
+                "--epochs", "3", "--lr", "0.05", "--seed", "0", "--device", "cpu"]
+# Tiny runs for the failure tests: 2 steps per epoch.
+TINY_ARGS = ["-m", "reduce20", "--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--epochs", "2",
+             "--device", "cpu"]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated(tmp_path_factory):
+    """Caches under a temporary folder, and no $REDUCENET_DATA from the caller's shell."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REDUCENET_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.delenv("REDUCENET_DATA", raising=False)
+        yield
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's download fails at once, as it does on a machine without internet."""
+    monkeypatch.setattr(train.data, "_download", lambda name, root: "URLError: offline (test)")
+
+
+def run_main(main, argv: list[str]) -> tuple[dict, str]:
+    """Runs a CLI ``main`` in-process; returns its summary and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = main(argv)
+    return summary, out.getvalue()
+
+
+def expect_error(capsys, main, argv: list[str], code: int = 2) -> str:
+    """Runs ``main`` expecting a user error: exit ``code``, exactly one ``error: ...`` line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == code, err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.endswith("\n"), f"not one line: {err!r}"
+    if code == 2:
+        assert err.startswith("error: "), err
+    return err.strip()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hidden_files(folder: Path) -> list[str]:
+    """Temporary files of the atomic writes start with a dot."""
+    return [p.relative_to(folder).as_posix() for p in folder.rglob(".*")]
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == METRIC_COLUMNS
+        return list(reader)
+
+
+def tensors_equal(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def lambdas(state: dict[str, torch.Tensor]) -> list[float]:
+    return [float(v) for k, v in state.items() if k.endswith(".lam")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("REDUCENET_DATA", None)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """One small stage-1 teacher run; also the uninterrupted reference of the SIGKILL test."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    threads = torch.get_num_threads()
+    summary, stdout = run_main(stage1.main, [*TEACHER_ARGS, "--out", str(out)])
+    return {"dir": out, "summary": summary, "stdout": stdout, "threads": threads}
+
+
+def student_args(teacher_dir: Path, out: Path) -> list[str]:
+    # No --data-dir: stage2 takes the teacher's. --lambda-epochs 2 of 2: lambda is 0.5 after epoch 1, 1 at the end.
+    return ["--inherit", str(teacher_dir), "--lora-rank", "4", "--lambda-epochs", "2", "--subset", str(SUBSET),
+            "--batch-size", str(BATCH), "--epochs", "2", "--seed", "0", "--device", "cpu", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory):
+    """Stage 2 from the teacher with LoRA and the lambda anneal, fused and exported."""
+    out = tmp_path_factory.mktemp("student") / "run"
+    summary, stdout = run_main(stage2.main, student_args(teacher["dir"], out))
+    return {"dir": out, "summary": summary, "stdout": stdout}
+
+
+# ----------------------------------------------------------------------------------------------- 1. end to end
+
+
+def check_run_files(run: Path, epochs: int, summary: dict) -> list[dict[str, str]]:
+    for name in ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
+                 "metrics.csv", "summary.json"):
+        assert (run / name).is_file(), f"{name} missing in {run}"
+    assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events file"
+    assert not hidden_files(run)
+    rows = metrics(run)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    written = json.loads((run / "summary.json").read_text())
+    for key in ("best_test_acc", "best_epoch", "last_test_acc", "last_epoch", "params", "macs", "images_per_s",
+                "wall_s_this_call", "train_s_total", "data", "train_images", "test_images", "world_size"):
+        assert key in written, key
+    assert written["last_test_acc"] == pytest.approx(float(rows[-1]["test_acc"]))
+    assert written["best_test_acc"] == pytest.approx(max(float(r["test_acc"]) for r in rows))
+    assert written["last_epoch"] == epochs and 1 <= written["best_epoch"] <= epochs
+    assert written["params"] > 0 and written["macs"] > written["params"]
+    assert written["images_per_s"] > 0 and written["wall_s_this_call"] > 0 and written["train_s_total"] > 0
+    assert written["data"] == LABEL
+    for key in ("best_test_acc", "last_test_acc", "params", "macs", "train_images"):
+        assert written[key] == summary[key], key
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    assert state["epoch"] == epochs and len(state["history"]) == epochs
+    return rows
+
+
+def test_end_to_end_stage1_stage2_fuse(teacher, student):
+    # Stage 1: the loss falls, every file is there, the checkpoints load.
+    rows = check_run_files(teacher["dir"], 3, teacher["summary"])
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0], f"training loss did not fall: {losses}"
+    assert all(math.isfinite(x) for x in losses)
+    t = load_checkpoint(teacher["dir"])
+    assert t.config["model"] == "reduce20" and t.config["expansion"] == 1 and t.num_classes == 10
+    assert t.checkpoint_metadata["data"] == LABEL
+
+    # Stage 2: LoRA + lambda anneal, then fusion and export.
+    run, summary = student["dir"], student["summary"]
+    srows = check_run_files(run, 2, summary)
+    assert [float(r["lambda"]) for r in srows] == [0.5, 1.0]
+    assert summary["model"]["expansion"] == 0 and summary["model"]["lora_rank"] == 4
+    assert abs(summary["fused_test_acc"] - summary["unfused_test_acc"]) <= 0.01
+    assert summary["teacher_test_acc"] == pytest.approx(teacher["summary"]["last_test_acc"])
+    for name in ("model.safetensors", "model.json", "model.ts", "model.onnx"):
+        assert (run / "deploy" / name).is_file(), name
+    assert not hidden_files(run / "deploy")
+    assert json.loads((run / "summary.json").read_text())["fused_test_acc"] == summary["fused_test_acc"]
+
+    # Every LambdaReLU reached exactly 1 (the LoRA branches are linear, so fusable).
+    state = load_file(str(run / "last.safetensors"))
+    lams = lambdas(state)
+    assert lams and all(lam == 1.0 for lam in lams), lams
+    assert any(k.endswith("down.weight") for k in state), "no LoRA branch in the student"
+
+    # The deploy model: inference form, and it scores what the summary says on the same test images.
+    deploy = load_checkpoint(run / "deploy" / "model.safetensors").eval()
+    assert deploy.config.get("inference_mode") is True
+    kinds = (nn.modules.batchnorm._BatchNorm, LoRABranch, LambdaReLU)
+    assert not [n for n, m in deploy.named_modules() if isinstance(m, kinds)]
+    assert sum(p.numel() for p in deploy.parameters()) == summary["sizes"]["fused"]["params"]
+    data = build_data("cifar10", CIFAR10, BATCH, subset=SUBSET, seed=0)
+    correct, seen, batches = 0, 0, []
+    with torch.no_grad():
+        for x, y in data.test:
+            correct += (deploy(x).argmax(1) == y).sum().item()
+            seen += len(y)
+            batches.append(x)
+    assert seen == summary["test_images"] == 60
+    assert 100.0 * correct / seen == pytest.approx(summary["fused_test_acc"], abs=0.01)
+
+    # TorchScript and ONNX give the deploy model's logits on real images.
+    x = batches[0]
+    with torch.no_grad():
+        ref = deploy(x)
+        ts = torch.jit.load(str(run / "deploy" / "model.ts"))(x)
+    assert (ts - ref).abs().max().item() < 1e-4
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(run / "deploy" / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    assert (onnx_out - ref).abs().max().item() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- 2. SIGKILL and resume
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(teacher, tmp_path):
+    """Kill stage 1 in epoch 2 of 3, resume it: same metrics and weights as the uninterrupted teacher run.
+
+    Equality is exact (the same thread count is used): each epoch's order and augmentation depend on
+    (seed, epoch) only and the model, optimizer, scheduler and RNG states are restored from train_state.pt.
+    """
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train.stage1", *TEACHER_ARGS, "--out", str(run)]
+    env = subprocess_env(teacher["threads"])
+    with open(tmp_path / "log1.txt", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            rows: list[dict[str, str]] = []
+            while proc.poll() is None and time.monotonic() < deadline:
+                if (run / "metrics.csv").is_file():
+                    rows = metrics(run)
+                    if rows:
+                        break
+                time.sleep(0.02)
+            # Epoch 1 is saved: wait a quarter of an epoch (at most 0.5 s, about a fifth of an epoch on two
+            # idle cores), so that the kill lands inside epoch 2.
+            finished = proc.poll()
+            assert rows or finished is not None, "stage1 saved no epoch within 240 s"
+            time.sleep(min(0.5, 0.25 * float(rows[0]["epoch_s"])) if rows else 0)
+            finished = proc.poll()
+            assert finished is None, (f"stage1 exited ({finished}) before it could be killed mid-run: "
+                                      + (tmp_path / "log1.txt").read_text()[-2000:])
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    saved = len(metrics(run))
+    assert saved in (1, 2), f"expected a kill in epoch 2 (or 3 on a very fast machine), but {saved} epochs were saved"
+    assert not (run / "summary.json").exists()
+    assert not hidden_files(run)
+    assert torch.load(run / "train_state.pt", weights_only=True)["epoch"] == saved
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"epoch   {saved + 1}/3" in resumed.stdout and "epoch   1/3" not in resumed.stdout  # no restart
+
+    ref = teacher["dir"]
+    got, want = metrics(run), metrics(ref)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        for key in ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc"):
+            assert g[key] == w[key], (g["epoch"], key, g[key], w[key])  # exact: the same decimal repr
+    tensors_equal(run / "last.safetensors", ref / "last.safetensors")
+    tensors_equal(run / "best.safetensors", ref / "best.safetensors")
+    s_got, s_want = json.loads((run / "summary.json").read_text()), teacher["summary"]
+    for key in ("best_test_acc", "best_epoch", "last_test_acc", "train_images", "test_images", "params", "macs"):
+        assert s_got[key] == s_want[key], key
+
+
+# ----------------------------------------------------------------------------------------------- 3. stage-2 resume
+
+
+def test_stage2_resume_restores_lambda_and_optimizer(teacher, student, tmp_path, monkeypatch, capsys):
+    """Interrupt stage 2 at the first step of epoch 2, resume: the same run as the uninterrupted student."""
+    out = tmp_path / "s2"
+    args = student_args(teacher["dir"], out)
+    original = DistillLoss.forward
+    calls = {"n": 0}
+
+    def interrupted(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == SUBSET // BATCH + 1:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(DistillLoss, "forward", interrupted)
+    assert expect_error(capsys, stage2.main, args, code=130) == "interrupted"
+    monkeypatch.setattr(DistillLoss, "forward", original)
+
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1
+    lams = lambdas(state["model"])
+    assert lams and all(lam == 0.5 for lam in lams), lams  # mid-anneal lambda is part of the state
+    momenta = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert momenta and any(m.abs().sum() > 0 for m in momenta)
+    assert not (out / "deploy").exists()
+
+    summary, _ = run_main(stage2.main, [*args, "--resume"])
+    got, want = metrics(out), metrics(student["dir"])
+    for g, w in zip(got, want, strict=True):
+        for key in ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc"):
+            assert g[key] == w[key], (g["epoch"], key, g[key], w[key])
+    # Without the restored momentum (or lambda, or schedule) the weights would differ.
+    tensors_equal(out / "last.safetensors", student["dir"] / "last.safetensors")
+    assert summary["fused_test_acc"] == student["summary"]["fused_test_acc"]
+    assert (out / "deploy" / "model.onnx").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- 4. DDP
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    subset = 128  # 64 per rank: 2 steps of 32
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "train.stage1", "-m", "reduce20", "--data-dir", str(CIFAR10),
+           "--subset", str(subset), "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("epoch   1/1") == 1, proc.stdout  # only rank 0 logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["train_images"] == subset  # both ranks' shards together
+    assert len(metrics(out)) == 1
+    model = load_checkpoint(out)
+    assert model.config["model"] == "reduce20"
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1
+    assert not hidden_files(out)
+
+
+# ----------------------------------------------------------------------------------------------- 5. bad input
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("case, dataset", [
+    ("missing", "cifar10"), ("missing", "imagefolder"), ("empty", "cifar10"), ("empty", "imagefolder"),
+    ("zip-without-tree", "imagefolder"), ("not-a-zip", "imagefolder"),
+])
+def test_stage1_bad_data_dir(case, dataset, tmp_path, capsys, offline):
+    """Bad data fails before anything is written: no run directory, and the data folder is left as it was."""
+    data = tmp_path / "data"
+    if case == "empty":
+        data.mkdir()
+    elif case == "zip-without-tree":
+        data = make_zip(tmp_path / "data.zip", {"readme.txt": b"hello", "images/a.png": b"x"})
+    elif case == "not-a-zip":
+        data = tmp_path / "data.zip"
+        data.write_bytes(b"this is not a zip file")
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    line = expect_error(capsys, stage1.main, ["-m", "reduce20", "--dataset", dataset, "--data-dir", str(data),
+                                              "--epochs", "1", "--device", "cpu", "--out", str(out)])
+    assert str(data) in line or data.name in line, line
+    assert not out.exists(), "a failed run left a run directory behind (a rerun would then be refused)"
+    assert snapshot(tmp_path) == before
+
+
+def test_stage1_bad_data_then_rerun_succeeds(tmp_path, capsys, offline):
+    """After a data error, the same command with the right --data-dir runs (no leftover blocks --out)."""
+    out = tmp_path / "out"
+    args = [*TINY_ARGS[:2], *TINY_ARGS[4:], "--epochs", "1", "--out", str(out)]
+    expect_error(capsys, stage1.main, [*args, "--data-dir", str(tmp_path / "nowhere")])
+    summary, _ = run_main(stage1.main, [*args, "--data-dir", str(CIFAR10)])
+    assert summary["last_epoch"] == 1
+
+
+def test_stage2_class_count_mismatch(teacher, tmp_path, capsys):
+    if not (CIFAR100 / "cifar-100-python").is_dir():
+        pytest.skip(f"{CIFAR100} is absent")
+    out = tmp_path / "out"
+    line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "--dataset", "cifar100",
+                                              "--data-dir", str(CIFAR100), "--epochs", "1", "--device", "cpu",
+                                              "--out", str(out)])
+    assert "10 classes" in line and "100" in line, line
+    assert not out.exists()
+
+
+def test_stage2_refuses_bad_inherit(teacher, student, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--epochs", "1", "--subset", "64", "--batch-size", "32", "--device", "cpu", "--out", str(out)]
+    line = expect_error(capsys, stage2.main, ["--inherit", str(tmp_path / "missing.safetensors"), *common])
+    assert "missing.safetensors" in line
+    line = expect_error(capsys, stage2.main, ["--inherit", str(tmp_path), *common])  # a folder with no run
+    assert "no checkpoint" in line
+    line = expect_error(capsys, stage2.main, ["--inherit", str(student["dir"]), *common])  # a student
+    assert "student" in line and "expansion=0" in line, line
+    line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "-m", "reduce56", *common])
+    assert "reduce20" in line and "reduce56" in line, line
+    assert not out.exists()
+
+
+def test_stage2_refuses_a_scratch_student_from_stage1(tmp_path, capsys):
+    scratch = tmp_path / "scratch"
+    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--epochs", "1", "--expansion", "0", "--out", str(scratch)])
+    assert summary["model"]["expansion"] == 0
+    line = expect_error(capsys, stage2.main, ["--inherit", str(scratch / "last.json"), "--epochs", "1",
+                                              "--out", str(tmp_path / "out")])
+    assert "student" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_is_refused_and_left_unchanged(teacher, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(teacher["dir"], old)
+    before = snapshot(old)
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(old)])
+    assert "--resume" in line and "--overwrite" in line
+    assert snapshot(old) == before
+    line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "--subset", "64", "--batch-size",
+                                              "32", "--epochs", "1", "--device", "cpu", "--out", str(old)])
+    assert "already holds a run" in line
+    assert snapshot(old) == before
+    # A folder with any file in it counts too.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(other)])
+    assert snapshot(other) == {"notes.txt": b"mine"}
+    # --resume of a folder without train_state.pt is refused as well.
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(other), "--resume"])
+    assert "train_state.pt" in line
+    assert snapshot(other) == {"notes.txt": b"mine"}
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--lambda-epochs", "1"], "--lora-rank"),
+    (["--lora-rank", "2", "--lambda-epochs", "3"], "--epochs 2"),
+    (["--lora-rank", "2", "--lambda-epochs", "-1"], "--lambda-epochs"),
+])
+def test_stage2_lambda_epochs_validation(teacher, extra, words, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "--epochs", "2", *extra,
+                                              "--out", str(out)])
+    assert words in line, line
+    assert not out.exists()
+
+
+def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A NaN loss in epoch 2 stops the run with one line; epoch 1's files are kept byte for byte."""
+    out = tmp_path / "run"
+    original = DistillLoss.forward
+    calls, kept = {"n": 0}, {}
+
+    def nan_at_epoch2_step2(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # 2 steps per epoch: epoch 2, step 2
+            kept.update(snapshot(out))
+            return torch.full((), float("nan"))
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(DistillLoss, "forward", nan_at_epoch2_step2)
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)])
+    assert "nan" in line and "epoch 2, step 2" in line and "(epoch 1)" in line, line
+    assert kept, "the NaN was never returned"
+    after = snapshot(out)
+    for name in ("last.safetensors", "last.json", "best.safetensors", "train_state.pt", "metrics.csv"):
+        assert after[name] == kept[name], name
+    assert not hidden_files(out)
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and len(metrics(out)) == 1
+    load_checkpoint(out)
+
+    # ... and the run resumes from there.
+    monkeypatch.setattr(DistillLoss, "forward", original)
+    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--out", str(out), "--resume"])
+    assert summary["last_epoch"] == 2 and len(metrics(out)) == 2
+
+
+def test_nan_loss_from_a_huge_lr(tmp_path, capsys):
+    """--lr 1e30 really diverges within the first epoch; the message then promises no checkpoint."""
+    out = tmp_path / "run"
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--lr", "1e30", "--out", str(out)])
+    assert "epoch 1, step" in line and ("nan" in line or "inf" in line), line
+    assert "no checkpoint was written" in line and "--overwrite" in line, line
+    assert not (out / "last.safetensors").exists() and not (out / "train_state.pt").exists()
+    assert not hidden_files(out)
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """A write that fails half-way (disk full) in epoch 2 leaves epoch 1's checkpoint intact and no temp file."""
+    out = tmp_path / "run"
+    original = models.checkpoint.save_file
+    calls, kept = {"n": 0}, {}
+
+    def disk_full(state, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 1 wrote last + best; this is epoch 2's last.safetensors
+            kept.update(snapshot(out))
+            with open(path, "wb") as f:
+                f.write(b"\x00" * 1000)  # a partial file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(state, path, metadata=metadata)
+
+    monkeypatch.setattr(models.checkpoint, "save_file", disk_full)
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)])
+    assert "last.safetensors" in line and "No space left" in line, line
+    assert kept, "the failing write was never reached"
+    assert snapshot(out).get("last.safetensors") == kept["last.safetensors"]
+    assert snapshot(out).get("train_state.pt") == kept["train_state.pt"]
+    assert not hidden_files(out)
+    assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1
+    load_checkpoint(out)
+
+    monkeypatch.setattr(models.checkpoint, "save_file", original)
+    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--out", str(out), "--resume"])
+    assert summary["last_epoch"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- 6. subsets
+
+
+def test_subset_is_class_balanced_and_labelled(teacher):
+    summary = teacher["summary"]
+    assert summary["train_images"] == SUBSET
+    assert summary["test_images"] == round(SUBSET * 1017 / 5438) == 60
+    assert summary["data"] == LABEL
+    assert f"data: {LABEL}" in teacher["stdout"]
+    data = build_data("cifar10", CIFAR10, BATCH, subset=SUBSET, seed=0)
+    assert torch.bincount(data.train.labels, minlength=10).tolist() == [SUBSET // 10] * 10
+    assert torch.bincount(data.test.labels, minlength=10).tolist() == [6] * 10
+    # The loader really yields that subset: one epoch covers every image once.
+    seen = torch.cat([y for _, y in data.train])
+    assert torch.bincount(seen, minlength=10).tolist() == [SUBSET // 10] * 10
+
+
+@pytest.mark.parametrize("n, seed", [(325, 0), (97, 3)])
+def test_subset_with_a_remainder_is_as_balanced_as_possible(n, seed):
+    data = build_data("cifar10", CIFAR10, 1, subset=n, seed=seed)
+    counts = torch.bincount(data.train.labels, minlength=10)
+    assert counts.sum().item() == n and counts.max() - counts.min() <= 1
+    other = build_data("cifar10", CIFAR10, 1, subset=n, seed=seed)
+    assert torch.equal(data.train.images, other.train.images)  # the draw is fixed by the seed
