@@ -145,22 +145,27 @@ def cifar100_rows(args) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------------ speed
 @torch.inference_mode()
-def measure(model: torch.nn.Module, batch: int, device: torch.device, repeats: int, warmup: int = 10,
-            image_size: int = 32) -> float:
-    """Median seconds of one forward pass at ``batch``, after ``warmup`` passes."""
-    model = model.to(device).eval()
+def measure(models: dict[str, torch.nn.Module], batch: int, device: torch.device, repeats: int, warmup: int = 10,
+            image_size: int = 32) -> dict[str, float]:
+    """Median seconds of one forward pass at ``batch`` for each model.
+
+    The models are timed side by side: each round runs every model once, in turn, so that drift in the
+    machine's speed (other processes, clock changes) affects them alike. ``warmup`` rounds are not timed.
+    """
+    models = {k: m.to(device).eval() for k, m in models.items()}
     x = torch.randn(batch, 3, image_size, image_size, device=device)
-    times = []
+    times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, model in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def speed_rows(args) -> list[dict[str, Any]]:
@@ -175,21 +180,19 @@ def speed_rows(args) -> list[dict[str, Any]]:
         forms = {"teacher": create_model(name, expansion=1), f"student + LoRA r{LORA_RANK} (unfused)": lora,
                  "fused student": fuse_model(lora), "plain (built directly)": create_model(
                      name, expansion=0, inference_mode=True)}
-        timings: dict[str, dict[str, float]] = {}
-        for form, model in forms.items():
-            size = complexity(model)
-            row = {"model": name, "form": form, "params": size["params"], "macs": size["macs"]}
-            for dev in devices:
-                tag = "cpu" if dev.type == "cpu" else "gpu"
-                row[f"{tag}_latency_ms_b1"] = 1e3 * measure(model, 1, dev, args.repeats)
-                row[f"{tag}_img_per_s_b128"] = 128 / measure(model, 128, dev, max(3, args.repeats // 5))
-            timings[form] = row
-            rows.append(row)
-            print(f"  {name:18s} {form:32s} {row['cpu_latency_ms_b1']:7.2f} ms", flush=True)
-        fused, plain = timings["fused student"], timings["plain (built directly)"]
-        for dev in ("cpu", "gpu"):
-            if f"{dev}_latency_ms_b1" in fused:
-                fused[f"{dev}_fused_over_plain"] = fused[f"{dev}_latency_ms_b1"] / plain[f"{dev}_latency_ms_b1"]
+        table = {form: {"model": name, "form": form, **complexity(model)} for form, model in forms.items()}
+        for dev in devices:
+            tag = "cpu" if dev.type == "cpu" else "gpu"
+            b1 = measure(forms, 1, dev, args.repeats)
+            b128 = measure(forms, 128, dev, max(3, args.repeats // 5), warmup=2)
+            for form, row in table.items():
+                row[f"{tag}_latency_ms_b1"] = 1e3 * b1[form]
+                row[f"{tag}_img_per_s_b128"] = 128 / b128[form]
+            fused, plain = table["fused student"], table["plain (built directly)"]
+            fused[f"{tag}_fused_over_plain"] = fused[f"{tag}_latency_ms_b1"] / plain[f"{tag}_latency_ms_b1"]
+        for row in table.values():
+            print(f"  {name:18s} {row['form']:32s} {row['cpu_latency_ms_b1']:7.2f} ms", flush=True)
+        rows += table.values()
     return rows
 
 
@@ -277,7 +280,8 @@ def training_table(table: str, rows: list[Row], args, log: Callable[[str], None]
                       "best_epoch": s["best_epoch"], "train_s": s["train_s_total"], "run": str(r.run)})
         if "fused_test_acc" in s and table == "cifar10-reducenet" and r is rows_last_of(rows, r.model):
             fused = s["sizes"]["fused"]
-            lat = 1e3 * measure(load_checkpoint(r.run / "deploy" / "model.safetensors"), 1, torch.device("cpu"), 30)
+            deploy = load_checkpoint(r.run / "deploy" / "model.safetensors")
+            lat = 1e3 * measure({"fused": deploy}, 1, torch.device("cpu"), 30)["fused"]
             lines.append({"model": r.model, "row": "fused deploy model (of the row above)", "epochs": s["epochs"],
                           "params": fused["params"], "macs_M": fused["macs"] / 1e6, "last_acc": s["fused_test_acc"],
                           "best_acc": None, "best_epoch": None, "train_s": None, "run": str(r.run / "deploy"),
@@ -332,7 +336,8 @@ def speed_table(args) -> Path:
         f"- Hardware: {hardware(torch.device('cpu'))} ({platform.processor() or platform.machine()})"
         + (f"; GPU {torch.cuda.get_device_name()}" if gpu else "; no GPU") + f"; torch {torch.__version__}.",
         f"- Random weights, 32x32 input, eval mode, `torch.inference_mode`; median of {args.repeats} timed runs at "
-        f"batch 1 and {max(3, args.repeats // 5)} at batch 128, after 10 warm-up runs.",
+        f"batch 1 and {max(3, args.repeats // 5)} at batch 128; the four forms of a model are timed in "
+        "turn within each round, so they see the same machine state.",
         "- `fused / plain` is the fused student's batch-1 latency over the plain ResNet built directly "
         "(same shape); the promise is <= 1.05.",
     ]
