@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import models
+from _shared import one_line
 import models.checkpoint as ckpt_mod
 from models import CheckpointError
 
@@ -19,12 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert msg.strip() and "\n" not in msg, f"expected a one-line message, got {msg!r}"
-    return msg
 
 
 def assert_same_model(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from train.data import (
     scan_image_tree,
 )
 
-SHARED = Path(os.environ.get("REDUCENET_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from _shared import SHARED
 
 
 def shared(*parts: str) -> Path:

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from _shared import one_line
 from models import ConfigError, ConvBN, LambdaReLU, LoRABranch, UnknownModelError
 from models.layers import LoRAConv2d
 
@@ -23,12 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert msg.strip() and "\n" not in msg, f"expected a one-line message, got {msg!r}"
-    return msg
 
 
 def lora_convs(model: nn.Module) -> set[str]:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from _shared import one_line
 import reparam
 from models import ReparamError
 from models.layers import LambdaReLU, LoRABranch, LoRAConv2d
@@ -37,12 +38,6 @@ def g(seed: int = 0) -> torch.Generator:
 
 def rn(*shape, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=g(seed), dtype=F64)
-
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert msg.strip() and "\n" not in msg, f"expected a one-line message, got {msg!r}"
-    return msg
 
 
 def tree(folder: Path) -> dict[str, bytes]:

@@ -36,10 +36,7 @@ from train import stage1, stage2
 from train.data import build_data
 from train.distill import DistillLoss
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("REDUCENET_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-CIFAR10 = SHARED / "cifar-10-subset"
-CIFAR100 = SHARED / "cifar-100-subset"
+from _shared import CIFAR10, CIFAR100, ROOT
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
     pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
 

@@ -346,4 +346,10 @@ def hardware(device: torch.device) -> str:
     """A short description of what ran the job, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU x86_64, 2 threads'."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}, {torch.get_num_threads()} threads"
