@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml
 # The main job: a short stage1 -> stage2 -> fuse on the CIFAR-10 copy found in $(DATA).
 demo: install
 	$(PY) -m models
-	$(PY) -m train.stage1 -m reduce20 --dataset cifar10 --data-dir $(DATA) --subset 4000 --epochs 4 \
+	$(PY) -m train.stage1 -m reduce20 --dataset cifar10 --data-dir $(DATA) --subset 5000 --epochs 5 \
 		--out $(RUN)/teacher --overwrite
-	$(PY) -m train.stage2 --inherit $(RUN)/teacher --lora-rank 8 --lambda-epochs 1 --subset 4000 --epochs 3 \
+	$(PY) -m train.stage2 --inherit $(RUN)/teacher --lora-rank 8 --lambda-epochs 2 --epochs 4 --subset 5000 \
 		--data-dir $(DATA) --out $(RUN)/student --overwrite
 
 test: install
