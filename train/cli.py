@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from models.checkpoint import atomic_write_text
 
-from .data import DATASETS, Data, build_data
+from .data import DATASETS, Data, build_data, data_root
 from .engine import Dist, TrainConfig, init_distributed, prepare_run_dir
 
 
@@ -77,6 +77,12 @@ def load_data(args: argparse.Namespace, info: Dist, device: torch.device) -> Dat
     return rank0_first(info, build_data, args.dataset, args.data_dir, args.batch_size, subset=args.subset,
                        seed=args.seed, device=device, rank=info.rank, world_size=info.world_size,
                        image_size=args.image_size, channels_last=args.channels_last)
+
+
+def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:
+    """What checkpoints record about the data, so that stage 2 finds the teacher's data by itself."""
+    return {"dataset": data.info.name, "data": data.info.label, "data_dir": str(data_root(data_dir)),
+            "data_source": str(data.info.source), "image_size": data.info.image_size}
 
 
 def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str) -> Path:

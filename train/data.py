@@ -155,7 +155,8 @@ class ImageTree:
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def _root(data_dir: str | os.PathLike | None) -> Path:
+def data_root(data_dir: str | os.PathLike | None) -> Path:
+    """The data root meant by ``data_dir``: itself, else ``$REDUCENET_DATA``, else ``./data``; absolute."""
     root = data_dir if data_dir is not None else os.environ.get("REDUCENET_DATA") or "data"
     return Path(root).expanduser().absolute()
 
@@ -194,7 +195,7 @@ def resolve_source(name: str, data_dir: str | os.PathLike | None = None) -> tupl
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    root = _root(data_dir)
+    root = data_root(data_dir)
     if name == "imagefolder":
         if root.is_file():
             return "zip", root
@@ -477,7 +478,7 @@ def load_dataset(
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if image_size is not None and image_size < 1:
         raise DataError(f"image size {image_size} is not positive; pass --image-size 1 or more")
-    root = _root(data_dir)
+    root = data_root(data_dir)
     if (data_dir is not None or os.environ.get("REDUCENET_DATA")) and not root.exists():
         raise DataError(f"data directory {root} does not exist; {_WHERE} to an existing folder "
                         "(an empty one is fine when torchvision can download into it)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from models import create_model
 from models.errors import cli_errors
 
-from .cli import common_parser, finish, load_data, make_run_dir, setup, size_line, train_config
+from .cli import common_parser, data_metadata, finish, load_data, make_run_dir, setup, size_line, train_config
 from .distill import DistillLoss
 from .engine import Trainer
 
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_data(args, info, device)  # before the run directory: bad data must leave --out untouched
     run_dir = make_run_dir(args, info, f"{args.model}-{role}-e{args.expansion}-w{args.width:g}-s{args.seed}")
     model = create_model(args.model, num_classes=data.info.num_classes, width=args.width, expansion=args.expansion)
-    metadata = {"stage": 1, "role": role, "dataset": data.info.name, "data": data.info.label,
-                "data_dir": str(data.info.source), "image_size": data.info.image_size}
+    metadata = {"stage": 1, "role": role, **data_metadata(data, args.data_dir)}
     trainer = Trainer(model, data, train_config(args, 0.0, stage=1), run_dir, DistillLoss("none"),
                       dist_info=info, device=device, metadata=metadata)
     if args.resume:

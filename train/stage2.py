@@ -21,7 +21,7 @@ from models.errors import CheckpointError, ConfigError, DataError, ReparamError,
 from reparam import fuse_model
 from reparam.export import export_deploy
 
-from .cli import common_parser, finish, load_data, make_run_dir, setup, size_line, train_config
+from .cli import common_parser, data_metadata, finish, load_data, make_run_dir, setup, size_line, train_config
 from .distill import KD_LOSSES, DistillLoss
 from .engine import Trainer
 
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     teacher, teacher_meta, teacher_path = load_teacher(args.inherit or args.teacher, args.model,
                                                        inherit=bool(args.inherit))
     args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
-    if args.data_dir is None and teacher_meta.get("data_dir") and Path(teacher_meta["data_dir"]).exists():
-        args.data_dir = str(Path(teacher_meta["data_dir"]).parent)
+    teacher_data = teacher_meta.get("data_dir")
+    if args.data_dir is None and teacher_data and Path(teacher_data).exists():
+        args.data_dir = teacher_data  # the teacher's data root (or image-folder zip)
     if args.image_size is None and args.dataset == "imagefolder":
         args.image_size = teacher_meta.get("image_size")
     info, device = setup(args)
@@ -101,9 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         student = create_model(args.model, num_classes=data.info.num_classes, expansion=0,
                                lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T)
-    metadata = {"stage": 2, "role": "student", "dataset": data.info.name, "data": data.info.label,
-                "data_dir": str(data.info.source), "image_size": data.info.image_size,
-                "teacher": str(teacher_path), "kd": args.kd}
+    metadata = {"stage": 2, "role": "student", **data_metadata(data, args.data_dir), "teacher": str(teacher_path),
+                "kd": args.kd}
     warmup = max(1.0, 0.05 * args.epochs) if args.epochs > 1 else 0.0
     cfg = train_config(args, warmup, stage=2, teacher=str(teacher_path), kd=repr(loss_fn),
                        lora_rank=args.lora_rank, lambda_epochs=args.lambda_epochs)
