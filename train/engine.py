@@ -169,10 +169,7 @@ class Trainer:
             self.teacher = teacher.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.wd)
-        steps = len(data.train)
-        if steps == 0:
-            raise ReduceNetError(f"the training set has fewer images per rank than one batch "
-                                 f"({data.train.num_samples} < {data.train.batch_size}); lower --batch-size")
+        steps = len(data.train)  # >= 1: a Loader with fewer samples than one batch refuses to be built
         self.total_steps = steps * cfg.epochs
         milestones = tuple(int(m * self.total_steps) for m in cfg.milestones)
         warmup = int(cfg.warmup_epochs * steps)
