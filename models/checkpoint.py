@@ -1,8 +1,15 @@
-"""Checkpoints: safetensors weights plus a JSON config that rebuilds the model; atomic writes.
+"""Checkpoints: safetensors weights plus a JSON record that rebuilds the model; atomic writes.
 
-A checkpoint ``NAME.safetensors`` holds the state_dict and, in its metadata, the model config and any
-user metadata as JSON. ``NAME.json`` beside it is a human-readable copy. Files are written to a temporary
-file in the same folder and moved into place with ``os.replace``, so a crash never leaves a torn file.
+A checkpoint ``NAME.safetensors`` holds the state_dict and, in its metadata, the record as JSON:
+``{"format", "config", "preprocess", "metadata"}``. ``config`` rebuilds the model, ``preprocess`` says how its
+inputs must be prepared (``mean``, ``std`` in [0, 1] units and ``input_size``, as timm's ``pretrained_cfg``;
+``None`` when unknown) and ``metadata`` is free-form (dataset, epoch, ...). ``NAME.json`` beside it is a
+human-readable copy. Files are written to a temporary file in the same folder and moved into place with
+``os.replace``, so a crash never leaves a torn file. Nothing is unpickled.
+
+Formats: ``reducenet-2`` (current). ``reducenet-1`` (before the teacher block followed the published
+ReduceNet) still loads for students and deploy models; its teachers are refused, since that block no longer
+exists.
 """
 from __future__ import annotations
 
@@ -20,7 +27,17 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError, ReduceNetError
 from .registry import model_from_config
 
-FORMAT = "reducenet-1"
+FORMAT = "reducenet-2"
+_OLD_FORMATS = ("reducenet-1",)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's own files are 0600
 
 
 class WriteError(ReduceNetError, OSError):
@@ -41,6 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
@@ -70,13 +88,23 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
     return p
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` (which needs ``.config``) as ``path`` (.safetensors) plus its ``.json`` config."""
+def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None,
+                    preprocess: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` (which needs ``.config``) as ``path`` (.safetensors) plus its ``.json`` record.
+
+    Args:
+        model: a model built by :func:`models.create_model` (or loaded from a checkpoint).
+        path: destination; the suffix is replaced by ``.safetensors``.
+        metadata: free-form JSON-serialisable facts (dataset, epoch, ...).
+        preprocess: ``{"mean", "std", "input_size"}`` of the model's inputs; default ``model.preprocess``.
+    """
     config = getattr(model, "config", None)
-    if not config:
-        raise CheckpointError("this model has no .config; build it with models.create_model to save it")
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError("this model has no .config naming a registered model; build it with "
+                              "models.create_model to save it")
     path = Path(path).with_suffix(".safetensors")
-    record = {"format": FORMAT, "config": config, "metadata": metadata or {}}
+    preprocess = preprocess if preprocess is not None else getattr(model, "preprocess", None)
+    record = {"format": FORMAT, "config": config, "preprocess": preprocess, "metadata": metadata or {}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"reducenet": json.dumps(record)}))
     atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
@@ -102,11 +130,29 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or "model" not in record["config"]:
         raise CheckpointError(f"{p} has a malformed reducenet config in its metadata; re-save it with "
                               "models.save_checkpoint")
+    fmt = record.get("format")
+    if fmt in _OLD_FORMATS and record["config"].get("expansion"):
+        raise CheckpointError(f"{p} is a teacher saved by reducenet 0.1, whose block (a BN and ReLU on each branch "
+                              "before the sum) is not the published ReduceNet block and is no longer built: "
+                              "retrain it with train.stage1, or import the original's with models.convert")
+    if fmt != FORMAT and fmt not in _OLD_FORMATS:
+        raise CheckpointError(f"{p} has checkpoint format {fmt!r}, which this version does not read "
+                              f"(it reads {FORMAT} and {', '.join(_OLD_FORMATS)}); upgrade reducenet")
+    record.setdefault("preprocess", None)
     return record
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Rebuild the model from a checkpoint's config and load its weights strictly."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu", **overrides: Any) -> nn.Module:
+    """Rebuild the model from a checkpoint's config and load its weights strictly.
+
+    The model gets ``.preprocess`` (the record's, or None) and ``.checkpoint_metadata``.
+
+    Args:
+        path: a ``.safetensors`` file, its ``.json`` twin or a run directory (its ``last`` checkpoint).
+        map_location: device to put the model on (None: the CPU).
+        **overrides: config entries to change (e.g. ``inference_mode=True``).
+    """
+    device = _device(map_location)
     p = resolve(path)
     record = read_record(p)
     try:
@@ -115,7 +161,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
         raise CheckpointError(f"{p}: its config cannot be built ({e})") from None
     load_weights(model, p)
     model.checkpoint_metadata = record.get("metadata", {})
-    return model.to(map_location)
+    model.preprocess = record["preprocess"]
+    return model.to(device)
+
+
+def _device(map_location: str | torch.device | None) -> torch.device:
+    """``map_location`` as a device that exists here, else a one-line :class:`CheckpointError`."""
+    try:
+        device = torch.device("cpu" if map_location is None else map_location)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"map_location {map_location!r} is not a device; pass 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"map_location {map_location!r} asks for a GPU but none is visible; pass 'cpu'")
+    return device
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:

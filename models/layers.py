@@ -59,9 +59,10 @@ class LoRABranch(nn.Module):
 
     def fused_kernel(self) -> tuple[Tensor, Tensor]:
         """The equivalent single conv ``(kernel [out, in, k, k], bias [out])``; needs ``lam == 1``."""
-        if self.act.lam.item() != 1.0:
-            raise ReparamError(f"LambdaReLU has lam={self.act.lam.item():.4g} < 1 and is not linear yet; "
-                               "finish the lambda schedule (lam must reach 1) before fusing")
+        lam = self.act.lam.item()
+        if lam != 1.0:
+            raise ReparamError(f"LambdaReLU has lam={lam!r}, not exactly 1, so it is not linear; finish the lambda "
+                               "schedule (models.set_lambda(model, 1.0)) before fusing")
         return T.merge_kxk_1x1(self.down.weight, None, self.up.weight, None)
 
 
@@ -114,7 +115,11 @@ class ConvBN(nn.Module):
         self.bn: nn.Module = nn.Identity() if inference_mode else nn.BatchNorm2d(out_chs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.conv(x))
+        return self.norm_act(self.conv(x))
+
+    def norm_act(self, y: Tensor) -> Tensor:
+        """What follows the conv: ``BN(y)``. A ReduceNet teacher feeds it ``conv(x) + branch_b(x)``."""
+        return self.bn(y)
 
     @property
     def base_conv(self) -> nn.Conv2d:
@@ -152,8 +157,8 @@ class ConvBNAct(ConvBN):
         super().__init__(in_chs, out_chs, kernel_size, stride, groups, inference_mode)
         self.act = act_layer()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(x)))
+    def norm_act(self, y: Tensor) -> Tensor:
+        return self.act(self.bn(y))
 
 
 def check_int(name: str, value: object, minimum: int, hint: str) -> int:
@@ -176,7 +181,9 @@ def check_family_args(num_classes: int, expansion: int, lora_rank: int, lora_tar
         raise ConfigError("inference_mode builds the fused student: pass expansion=0 and lora_rank=0")
     if isinstance(lora_targets, str):
         return [lora_targets]
-    return list(lora_targets) if lora_targets else list(default_targets)
+    if lora_targets is not None and not list(lora_targets):
+        raise ConfigError("lora_targets is empty; pass None for the family's default convs or at least one glob")
+    return list(lora_targets) if lora_targets is not None else list(default_targets)
 
 
 def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:

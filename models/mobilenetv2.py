@@ -1,10 +1,11 @@
 """ReduceMobileNetV2: CIFAR MobileNetV2 whose teacher blocks carry an extra, expandable non-linear branch.
 
-The inverted residual's usual path is expand 1x1 → depthwise 3x3 → project 1x1. The teacher adds branch (b)
-beside the non-linear part of that path; both feed the (linear) projection, as in ReduceNet::
+The inverted residual's usual path is expand 1x1 → depthwise 3x3 → BN → ReLU6 → project 1x1 → BN. The
+teacher adds branch (b) beside expand → depthwise, by ReduceNet's rule: the branches are summed **before**
+the shared BN (here the depthwise conv's), so removing (b) leaves the student's own block::
 
-    x ─┬─ (a) Conv1x1(in→h) → BN → ReLU6 → DW3x3(h, stride) → BN → ReLU6 ─────────────┐
-       ├─ (b) Conv3x3(in→e·in, stride) → BN → ReLU6 → Conv1x1(→h) → BN → ReLU6 ──────┴─ + → Conv1x1(h→out) → BN ─ + →
+    x ─┬─ (a) Conv1x1(in→h) → BN → ReLU6 → DW3x3(h, stride) ─────────┐
+       ├─ (b) Conv3x3(in→e·in, stride) → BN → ReLU6 → Conv1x1(→h) → BN ┴─ + → BN → ReLU6 → Conv1x1(h→out) → BN ─ + →
        └─ identity, when stride = 1 and in = out ─────────────────────────────────────────────────────────────┘
 
 with ``h = t · in`` (t the block's expand ratio; for t = 1 the expand conv is absent). The student
@@ -48,21 +49,17 @@ class InvertedResidual(nn.Module):
                             inference_mode=inference_mode)
         self.project = ConvBN(hidden, out_chs, 1, inference_mode=inference_mode)
 
-    def hidden(self, x: Tensor) -> Tensor:
-        """What feeds the projection: branch (a) alone."""
-        return self.dw(self.expand(x))
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.project(self.hidden(x))
+        return self.project(self.dw(self.expand(x)))
 
 
 class NonLinearBranch(nn.Module):
-    """Branch (b): ``Conv3x3(in→mid, stride) → BN → ReLU6 → Conv1x1(mid→out) → BN → ReLU6``. Not fusable."""
+    """Branch (b): ``Conv3x3(in→mid, stride) → BN → ReLU6 → Conv1x1(mid→out) → BN``. Not fusable."""
 
     def __init__(self, in_chs: int, mid_chs: int, out_chs: int, stride: int) -> None:
         super().__init__()
         self.conv1 = ConvBNAct(in_chs, mid_chs, 3, stride, act_layer=nn.ReLU6)
-        self.conv2 = ConvBNAct(mid_chs, out_chs, 1, act_layer=nn.ReLU6)
+        self.conv2 = ConvBN(mid_chs, out_chs, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
@@ -73,14 +70,16 @@ class NonLinearBranch(nn.Module):
 
 
 class ReduceInvertedResidual(InvertedResidual):
-    """Teacher block: :class:`InvertedResidual` plus branch (b) of width ``expansion * in_chs``."""
+    """Teacher block: :class:`InvertedResidual` with branch (b), of width ``expansion * in_chs``, summed into the
+    depthwise conv's output before its BN."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int, expansion: int) -> None:
         super().__init__(in_chs, out_chs, stride, expand_ratio)
         self.branch_b = NonLinearBranch(in_chs, expansion * in_chs, in_chs * expand_ratio, stride)
 
-    def hidden(self, x: Tensor) -> Tensor:
-        return self.dw(self.expand(x)) + self.branch_b(x)
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dw.norm_act(self.dw.conv(self.expand(x)) + self.branch_b(x))
+        return self.project(h)
 
 
 class Residual(nn.Module):

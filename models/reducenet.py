@@ -1,15 +1,18 @@
-"""ReduceNet: CIFAR ResNets (depth 6n+2) whose teacher blocks carry an extra, expandable non-linear branch.
+"""ReduceNet: CIFAR ResNets (depth 6n+2) whose teacher blocks carry an extra, removable non-linear branch.
 
-Teacher block (``expansion >= 1``); both branches carry the block's stride::
+Teacher block (``expansion >= 1``), exactly the block of the original ReduceNet (ohmydroid/reducenet)::
 
-    x ─┬─ (a) Conv3x3(in→p) → BN → ReLU ──────────────────────────┐
-       ├─ (b) Conv3x3(in→e·p) → BN → ReLU → Conv1x1(→p) → BN → ReLU ┴─ + → Conv3x3 → BN ─ + → ReLU
-       └─ shortcut: identity, or Conv1x1(in→p, stride) → BN when the shape changes ───────┘
+    x ─┬─ (a) Conv3x3(in→p, stride) ─────────────────────────────┐
+       ├─ (b) Conv3x3(in→e·p, stride) → BN → ReLU → Conv1x1(→p) → BN ┴─ + → BN → ReLU → Conv3x3 → BN ─ + → ReLU
+       └─ shortcut: identity, or Conv1x1(in→p, stride) → BN when the shape changes ──────────────────┘
 
-Student block (``expansion = 0``): the same block without branch (b), i.e. the CIFAR ResNet BasicBlock with
-1x1-conv projection shortcuts. ``student_from_teacher`` builds it from a trained teacher, keeping every
-shared tensor. With ``lora_rank = r`` every 3x3 conv inside the blocks (by default) gets a linear branch
-``Conv3x3(in→r) → LambdaReLU → Conv1x1(r→out)`` added before its BN; fusion folds it away.
+The two branches are summed **before** the shared BN. Branch (a) and that BN are the student's first
+ConvBN, so the student (``expansion = 0``) is the same block without branch (b): the CIFAR ResNet BasicBlock
+with 1x1-conv projection shortcuts. In the original's key names, (a) is ``branch2``, (b) ``branch1`` and
+``BN → ReLU → Conv3x3 → BN`` is ``fuse`` (``models.convert`` imports its checkpoints).
+``student_from_teacher`` builds the student from a trained teacher, keeping every shared tensor. With
+``lora_rank = r`` every 3x3 conv inside the blocks (by default) gets a linear branch
+``Conv3x3(in→r) → LambdaReLU → Conv1x1(r→out)`` added before its BN, where branch (b) sat; fusion folds it away.
 
 Shapes: ``[N, 3, 32, 32] -> stem [N, 16w, 32, 32] -> layer1 [N, 16w, 32, 32] -> layer2 [N, 32w, 16, 16]
 -> layer3 [N, 64w, 8, 8] -> pool -> fc [N, num_classes]``.
@@ -46,21 +49,17 @@ class BasicBlock(nn.Module):
             if stride != 1 or in_chs != planes else nn.Identity()
         )
 
-    def branches(self, x: Tensor) -> Tensor:
-        """What feeds the final conv: branch (a) alone."""
-        return self.conv1(x)
-
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.conv2(self.branches(x)) + self.shortcut(x))
+        return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
 class NonLinearBottleneck(nn.Module):
-    """Branch (b): ``Conv3x3(in→mid, stride) → BN → ReLU → Conv1x1(mid→out) → BN → ReLU``. Not fusable."""
+    """Branch (b): ``Conv3x3(in→mid, stride) → BN → ReLU → Conv1x1(mid→out) → BN``. Not fusable."""
 
     def __init__(self, in_chs: int, mid_chs: int, out_chs: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = ConvBNAct(in_chs, mid_chs, 3, stride)
-        self.conv2 = ConvBNAct(mid_chs, out_chs, 1)
+        self.conv2 = ConvBN(mid_chs, out_chs, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
@@ -71,14 +70,16 @@ class NonLinearBottleneck(nn.Module):
 
 
 class ReduceBlock(BasicBlock):
-    """Teacher block: :class:`BasicBlock` plus branch (b) of width ``expansion * planes``."""
+    """Teacher block: :class:`BasicBlock` with branch (b), of width ``expansion * planes``, summed into
+    branch (a)'s conv output before the shared BN."""
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, expansion: int = 1) -> None:
         super().__init__(in_chs, planes, stride)
         self.branch_b = NonLinearBottleneck(in_chs, expansion * planes, planes, stride)
 
-    def branches(self, x: Tensor) -> Tensor:
-        return self.conv1(x) + self.branch_b(x)
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1.norm_act(self.conv1.conv(x) + self.branch_b(x))
+        return F.relu(self.conv2(h) + self.shortcut(x))
 
 
 class ReduceNet(nn.Module):

@@ -65,9 +65,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         return _MODELS[name](**kwargs)
     except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
+        if "got an unexpected keyword" not in str(e) and "got multiple values" not in str(e):
             raise
-        raise ConfigError(f"{name} got an {str(e).split('got an ', 1)[-1]}; see its docstring for the arguments") from None
+        detail = str(e).split("() ", 1)[-1]  # "got an unexpected keyword argument 'x'" / "got multiple values..."
+        raise ConfigError(f"{name} {detail}; see its docstring for the arguments it takes") from None
 
 
 def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:

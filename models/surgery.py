@@ -50,5 +50,6 @@ def student_from_teacher(
             else config["lora_targets"]
         add_lora(student, lora_rank, targets)
         student.config.update(lora_rank=lora_rank, lora_targets=targets)
+    student.preprocess = getattr(teacher, "preprocess", None)  # the inputs it inherited its weights for
     student.train(teacher.training)
     return student

@@ -1,8 +1,8 @@
 """Deployment export: fused safetensors + config, TorchScript and ONNX, each verified before it is written.
 
 Every artefact is first written into a temporary folder beside ``out_dir`` and checked against the unfused
-model on random input; only when all checks pass are the files moved into ``out_dir``. A failed check
-leaves ``out_dir`` as it was.
+model on random input; only when all checks pass is ``out_dir`` created (if needed) and the files moved into
+it. A failed check leaves ``out_dir`` as it was, or absent.
 """
 from __future__ import annotations
 
@@ -65,15 +65,27 @@ def export_deploy(
         atol: the largest logit difference accepted, in float32.
         metadata: stored in the checkpoint's JSON.
     """
+    if not isinstance(model, nn.Module):
+        raise ReparamError(f"export_deploy needs a torch.nn.Module, got {type(model).__name__}")
+    if len(input_size) != 3 or not all(isinstance(n, int) and n > 0 for n in input_size):
+        raise ReparamError(f"input_size must be (channels, height, width) of positive whole numbers, got {input_size!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReparamError(f"{out_dir} is a file; pass a folder for the deploy files")
     model = copy.deepcopy(model).float().cpu().eval()
     fused = fuse_model(model)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = model(x)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            reference = model(x)
+        except RuntimeError as e:
+            detail = " ".join(str(e).split())[:160]
+            raise ReparamError(f"the model does not take input of size {tuple(input_size)} ({detail}); pass the "
+                               "input size it was trained at") from None
     report = ExportReport(out_dir)
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp_dir:
+    staging_parent = out_dir.absolute().parent
+    staging_parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=staging_parent) as tmp_dir:
         tmp = Path(tmp_dir)
         report.max_diff["fused"] = _check("fused", max_abs_diff(model, fused, x), atol)
         staged = {"safetensors": save_checkpoint(fused, tmp / "model.safetensors", metadata)}
@@ -91,6 +103,7 @@ def export_deploy(
             diff = _export_onnx(fused, x, reference, staged["onnx"])
             if diff is not None:
                 report.max_diff["onnx"] = _check("ONNX", diff, atol)
+        out_dir.mkdir(parents=True, exist_ok=True)
         for kind, path in staged.items():
             os.replace(path, out_dir / path.name)
             report.files[kind] = out_dir / path.name

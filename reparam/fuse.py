@@ -7,9 +7,10 @@ unfused checkpoint on random input before anything is written.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from models.checkpoint import load_checkpoint
-from models.errors import cli_errors
+from models.errors import ReparamError, cli_errors
 
 from .export import export_deploy
 
@@ -20,12 +21,18 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a student .safetensors checkpoint or a run directory (uses last)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--image-size", type=int, default=32, help="input height/width of the check (default 32)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX file")
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript file")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height/width of the check (default: the checkpoint's input size, else 32)")
     args = p.parse_args(argv)
+    if args.image_size is not None and args.image_size < 1:
+        raise ReparamError(f"--image-size {args.image_size} is not valid: pass the model's input size in pixels")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ReparamError(f"--out {args.out} is a file; pass a folder for the deploy files")
     model = load_checkpoint(args.checkpoint)
-    report = export_deploy(model, args.out, (3, args.image_size, args.image_size), onnx=not args.no_onnx,
+    size = args.image_size or ((model.preprocess or {}).get("input_size") or [3, 32, 32])[-1]
+    report = export_deploy(model, args.out, (3, size, size), onnx=not args.no_onnx,
                            torchscript=not args.no_torchscript,
                            metadata={"fused_from": str(args.checkpoint), **model.checkpoint_metadata})
     print(report)

@@ -35,6 +35,8 @@ def fuse_model(model: nn.Module) -> nn.Module:
     from models.layers import LambdaReLU, LoRABranch
     from models.registry import model_from_config
 
+    if not isinstance(model, nn.Module):
+        raise ReparamError(f"fuse_model needs a torch.nn.Module, got {type(model).__name__}")
     fused = copy.deepcopy(model).eval()
     _reparameterize(fused)
     for name, m in fused.named_modules():
@@ -47,6 +49,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
     param = next(model.parameters())
     deploy = model_from_config(config, expansion=0, lora_rank=0, inference_mode=True)
     deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
+    deploy.preprocess = getattr(model, "preprocess", None)
     return deploy.eval()
 
 

@@ -194,3 +194,73 @@ def test_successful_overwrite_leaves_no_temp_files(tmp_path):
     models.save_checkpoint(models.create_model("reduce20", expansion=0, num_classes=100), tmp_path / "ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
     assert models.load_checkpoint(tmp_path / "ckpt.safetensors").config["num_classes"] == 100
+
+
+# ---------------------------------------------------------------------------------------------------- formats
+def test_preprocess_travels_with_the_checkpoint(tmp_path):
+    model = models.create_model("reduce20", expansion=0)
+    model.preprocess = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5], "input_size": [3, 32, 32]}
+    path = models.save_checkpoint(model, tmp_path / "m")
+    assert models.read_record(path)["preprocess"] == model.preprocess
+    assert models.load_checkpoint(path).preprocess == model.preprocess
+    # the student of a teacher, and its fused form, keep the teacher's preprocessing
+    teacher = models.create_model("reduce20", expansion=1)
+    teacher.preprocess = model.preprocess
+    student = models.student_from_teacher(teacher, lora_rank=2)
+    assert student.preprocess == model.preprocess
+    assert models.load_checkpoint(models.save_checkpoint(student, tmp_path / "s")).preprocess == model.preprocess
+    from reparam import fuse_model
+    assert fuse_model(student).preprocess == model.preprocess
+    # a model that was never told has none
+    plain = models.create_model("reduce20", expansion=0)
+    assert models.load_checkpoint(models.save_checkpoint(plain, tmp_path / "t")).preprocess is None
+
+
+def _rewrite_record(path: Path, **changes) -> None:
+    """Rewrite a checkpoint's record as an older or newer writer would have left it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()["reducenet"])
+    record.update(changes)
+    save_file(load_file(str(path)), str(path), metadata={"reducenet": json.dumps(record)})
+
+
+def test_reducenet_1_students_load_and_its_teachers_are_refused(tmp_path):
+    student = models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "student")
+    _rewrite_record(student, format="reducenet-1")
+    assert models.load_checkpoint(student).preprocess is None
+    teacher = models.save_checkpoint(models.create_model("reduce20", expansion=1), tmp_path / "teacher")
+    _rewrite_record(teacher, format="reducenet-1")
+    with pytest.raises(CheckpointError) as e:
+        models.load_checkpoint(teacher)
+    assert "reducenet 0.1" in one_line(e) and "retrain" in str(e.value)
+    _rewrite_record(teacher, format="reducenet-99")
+    with pytest.raises(CheckpointError) as e:
+        models.read_record(teacher)
+    assert "reducenet-99" in one_line(e)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_map_location(tmp_path):
+    path = models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "m")
+    assert next(models.load_checkpoint(path, map_location=None).parameters()).device.type == "cpu"
+    for bad, words in (("cuda", "none is visible"), ("tpu9", "not a device"), (3.5, "not a device")):
+        with pytest.raises(CheckpointError) as e:
+            models.load_checkpoint(path, map_location=bad)
+        assert words in one_line(e)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's 0600: what open() would give a new file under the process's umask."""
+    path = ckpt_mod.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "m")
+    for p in (path, path.with_suffix(".json")):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~ckpt_mod._umask(), oct(p.stat().st_mode)
+
+
+def test_save_needs_a_registered_name(tmp_path):
+    from models.reducenet import ReduceNet
+    with pytest.raises(CheckpointError) as e:
+        models.save_checkpoint(ReduceNet(20), tmp_path / "x")  # built directly: its config names no model
+    assert "create_model" in one_line(e)
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,8 @@
 """Behaviour tests for train/distill.py (float64 references written from the papers' formulas)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,13 +149,29 @@ def test_dkd_warmup():
     loss = DistillLoss("dkd", warmup_epochs=10)
     ce, dkd = F.cross_entropy(s, y), dkd_div(s, t, y, 1.0, 8.0, 4.0)
     assert dkd.item() > 0
-    torch.testing.assert_close(loss(s, y, t), ce)  # epoch 0 by default
-    loss.set_epoch(5)
+    # epochs count from 1 as in mdistiller: the first (0-based 0) already has weight 1/10
+    torch.testing.assert_close(loss(s, y, t), ce + 0.1 * dkd)  # epoch 0 by default
+    loss.set_epoch(4)
     torch.testing.assert_close(loss(s, y, t), ce + 0.5 * dkd)
-    for epoch in (10, 37.5):
+    for epoch in (9, 10, 37.5):
         loss.set_epoch(epoch)
         torch.testing.assert_close(loss(s, y, t), ce + dkd)
     torch.testing.assert_close(DistillLoss("dkd", warmup_epochs=0)(s, y, t), ce + dkd)
+
+
+def test_kd_mean_reduction_is_the_original_reducenet_kldivloss():
+    """The original ReduceNet's loss: alpha*T^2*nn.KLDivLoss()(log_softmax(s/T), softmax(t/T)) + (1-alpha)*CE."""
+    s, t, y = _logits()
+    alpha, T = 0.7, 5.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KLDivLoss's default 'mean' warns that it is not the KL's definition
+        original = (alpha * T * T) * torch.nn.KLDivLoss()(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1)) \
+            + (1.0 - alpha) * F.cross_entropy(s, y)
+    loss = DistillLoss("kd", alpha=alpha, T=T, reduction="mean")
+    torch.testing.assert_close(loss(s, y, t), original)
+    assert not torch.allclose(DistillLoss("kd", alpha=alpha, T=T)(s, y, t), original)
+    with pytest.raises(ConfigError):
+        DistillLoss("kd", reduction="sum")
 
 
 @pytest.mark.parametrize("kind", ["kd", "dkd", "mse"])
@@ -180,8 +198,10 @@ def test_missing_teacher_logits_raises():
         ({"kind": "fitnet"}, "kd, dkd, mse, none"),
         ({"kind": "kd", "alpha": 1.5}, r"\[0, 1\]"),
         ({"kind": "mse", "alpha": -0.1}, r"\[0, 1\]"),
-        ({"kind": "kd", "T": 0}, "> 0"),
-        ({"kind": "dkd", "T": -1.0}, "> 0"),
+        ({"kind": "kd", "T": 0}, r"\(0, 100\]"),
+        ({"kind": "dkd", "T": -1.0}, r"\(0, 100\]"),
+        ({"kind": "kd", "T": 1e30}, r"\(0, 100\]"),
+        ({"kind": "kd", "T": float("nan")}, r"\(0, 100\]"),
         ({"kind": "dkd", "beta": -1.0}, ">= 0"),
         ({"kind": "kd", "label_smoothing": 1.0}, r"\[0, 1\)"),
     ],

@@ -4,11 +4,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 
 import pytest
 
-from _shared import CIFAR10, CIFAR100
+import models
+from _shared import CIFAR10, CIFAR100, SHARED
 from train import reproduce
+
+ORIGINAL = SHARED / "reducenet-original"
 
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
     pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
@@ -32,43 +36,67 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def smoke_argv(table: str, tmp_path, *extra: str, data=CIFAR10) -> list[str]:
+    return [table, "--budget", "smoke", "--subset", "200", "--data-dir", str(data), "--device", "cpu",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *extra]
+
+
 def test_cifar10_reducenet_table_and_resume(tmp_path):
-    argv = ["cifar10-reducenet", "--budget", "smoke", "--models", "reduce20", "--subset", "200",
-            "--data-dir", str(CIFAR10), "--device", "cpu", "--runs", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results")]
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20")
     first = run(argv)
     results = tmp_path / "results"
     rows = read_csv(results / "cifar10-reducenet.csv")
     names = [r["row"] for r in rows]
-    assert names[0] == "teacher (stage1)" and names[1].startswith("student from scratch (2 ep)")
+    assert names[:3] == ["teacher (stage1) (paper recipe)", "student from scratch (2 ep) (paper recipe)",
+                         "stage2: inherit + KD (paper recipe)"]
+    assert names[3:6] == ["teacher (stage1) (ours recipe)", "student from scratch (2 ep) (ours recipe)",
+                          "stage2: inherit + KD (ours recipe)"]
     assert any("LambdaReLU" in n for n in names) and names[-1].startswith("fused deploy model")
-    scratch = next(r for r in rows if r["row"].startswith("student from scratch"))
-    teacher = rows[0]
+    scratch, teacher = rows[1], rows[0]
     assert int(scratch["epochs"]) == 2 * int(teacher["epochs"])  # same total epochs as stage1 + stage2
     fused, last_student = rows[-1], rows[-2]
     assert int(fused["params"]) < int(last_student["params"])  # LoRA and BN folded away
-    summary = (tmp_path / "runs" / "cifar10-reducenet" / "reduce20-w1-kd-lora-lambda" / "summary.json").read_text()
-    assert f'"fused_test_acc": {float(fused["last_acc"])}' in summary
+    runs = tmp_path / "runs" / "cifar10-reducenet"
+    summary = json.loads((runs / "reduce20-w1-ours-s0-kd-lora-lambda" / "summary.json").read_text())
+    assert summary["fused_test_acc"] == pytest.approx(float(fused["last_acc"]))
+    # the paper recipe really ran without normalisation and with the original's KD reduction
+    paper = json.loads((runs / "reduce20-w1-paper-s0-kd" / "args.json").read_text())["args"]
+    assert paper["recipe"] == "reducenet-paper" and paper["kd_reduction"] == "mean" and paper["lr"] == 0.1
+    assert models.load_checkpoint(runs / "reduce20-w1-paper-s0-teacher").preprocess["std"] == [1.0] * 3
     md = (results / "cifar10-reducenet.md").read_text()
     for needle in ("python -m train.reproduce cifar10-reducenet --budget smoke", "CIFAR-10 (exact subset",
-                   "Hardware: CPU", "seed 0", "last", "Published numbers", "91.97"):
+                   "Hardware: CPU", "seeds 0", "last", "Published numbers", "91.97", "published ReduceNet block"):
         assert needle in md, needle
     assert (results / "cifar10-reducenet.png").stat().st_size > 10_000
-    assert first.count("[run]") == 5
+    assert first.count("[run]") == 8
 
     # a second call skips every finished row and rewrites the same table
-    teacher_ckpt = tmp_path / "runs" / "cifar10-reducenet" / "reduce20-w1-teacher" / "last.safetensors"
+    teacher_ckpt = runs / "reduce20-w1-ours-s0-teacher" / "last.safetensors"
     before = teacher_ckpt.stat().st_mtime_ns
     second = run(argv)
-    assert second.count("[skip]") == 5 and "[run]" not in second
+    assert second.count("[skip]") == 8 and "[run]" not in second
     assert teacher_ckpt.stat().st_mtime_ns == before
     assert [r["last_acc"] for r in read_csv(results / "cifar10-reducenet.csv")] == [r["last_acc"] for r in rows]
 
 
+def test_a_row_made_by_another_command_is_not_reported_as_this_one(tmp_path):
+    """A finished smoke run is not shown under another subset's label: the row runs again."""
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper")
+    args = reproduce.build_parser().parse_args(argv)
+    teacher = reproduce.cifar10_rows(args)[0]
+    reproduce.train_row(teacher, lambda m: None)
+    assert reproduce.finished(teacher)
+    argv[argv.index("--subset") + 1] = "150"
+    other = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))[0]
+    assert other.run == teacher.run and not reproduce.finished(other)
+    log: list[str] = []
+    summary = reproduce.train_row(other, log.append)
+    assert log[0].startswith("[run] ") and "--overwrite" in log[0]  # replaced, not resumed
+    assert summary["train_images"] == 128 and reproduce.finished(other)  # 150 images, one batch of 128
+
+
 def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
-    argv = ["cifar10-reducenet", "--budget", "smoke", "--models", "reduce20", "--subset", "200",
-            "--data-dir", str(CIFAR10), "--device", "cpu", "--runs", str(tmp_path / "runs"),
-            "--results", str(tmp_path / "results")]
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "ours")
     rows = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))
 
     def interrupted(argv):  # the table is stopped at its first stage2 row
@@ -80,27 +108,60 @@ def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
                 r.main = interrupted
             reproduce.train_row(r, lambda m: None)
     runs = tmp_path / "runs" / "cifar10-reducenet"
-    assert (runs / "reduce20-w1-teacher" / "done").is_file()
-    assert not (runs / "reduce20-w1-kd" / "done").exists()
+    assert (runs / "reduce20-w1-ours-s0-teacher" / "done").is_file()
+    assert not (runs / "reduce20-w1-ours-s0-kd" / "done").exists()
     # a half-finished row (train_state.pt but no done marker) is resumed, not restarted
-    (runs / "reduce20-w1-scratch" / "done").unlink()
+    (runs / "reduce20-w1-ours-s0-scratch" / "done").unlink()
     log: list[str] = []
     summary = reproduce.train_row(rows[1], log.append)
     assert log[0].startswith("[resume] ") and "--resume" in log[0]
     assert summary["last_epoch"] == 2
 
 
+def test_seeds_are_averaged_in_the_markdown_and_listed_in_the_csv(tmp_path):
+    run(smoke_argv("cifar100-kd", tmp_path, "--models", "reduce20", "--seeds", "0", "1", data=CIFAR100)
+        if (CIFAR100 / "cifar-100-python").is_dir() else
+        smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper", "--seeds", "0", "1"))
+    table = "cifar100-kd" if (CIFAR100 / "cifar-100-python").is_dir() else "cifar10-reducenet"
+    lines = read_csv(tmp_path / "results" / f"{table}.csv")
+    first = lines[0]["row"]
+    accs = [float(r["last_acc"]) for r in lines if r["row"] == first]
+    assert [r["seed"] for r in lines if r["row"] == first] == ["0", "1"]
+    md = (tmp_path / "results" / f"{table}.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {lines[0]['group']} | {first} |"))
+    assert "| 0, 1 |" in row and f"{sum(accs) / 2:.2f} ± " in row
+
+
 @pytest.mark.skipif(not (CIFAR100 / "cifar-100-python").is_dir(), reason=f"{CIFAR100} is absent")
 def test_cifar100_kd_table_on_the_exact_subset(tmp_path):
-    run(["cifar100-kd", "--budget", "smoke", "--models", "reduce20", "--subset", "200", "--data-dir", str(CIFAR100),
-         "--device", "cpu", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    run(smoke_argv("cifar100-kd", tmp_path, "--models", "reduce20", data=CIFAR100))
     rows = read_csv(tmp_path / "results" / "cifar100-kd.csv")
     assert [r["row"] for r in rows] == ["teacher reduce56 (scratch)", "student reduce20 scratch",
                                         "student reduce20 KD", "student reduce20 DKD"]
-    assert {r["model"] for r in rows} == {"reduce56->reduce20"}
+    assert {r["group"] for r in rows} == {"reduce56->reduce20"}
     assert int(rows[0]["params"]) > int(rows[1]["params"]) == int(rows[2]["params"]) == int(rows[3]["params"])
     md = (tmp_path / "results" / "cifar100-kd.md").read_text()
     assert "CIFAR-100 (exact subset" in md and "72.34" in md and "71.97" in md
+    dkd = json.loads((tmp_path / "runs" / "cifar100-kd" / "reduce20-dkd-from-reduce56-s0" / "args.json").read_text())
+    # mdistiller's settings for this pair: beta 2, SGD without Nesterov, no warm-up
+    assert dkd["args"]["kd_beta"] == 2.0 and dkd["args"]["nesterov"] is False and dkd["args"]["warmup_epochs"] == 0
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
+def test_original_stage2_table(tmp_path):
+    run(smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10)))
+    lines = read_csv(tmp_path / "results" / "original-stage2.csv")
+    teacher, student = lines[0], lines[1]
+    # the original's own checkpoints score what the original code gives on the exact test images
+    assert float(teacher["exact_acc"]) == pytest.approx(93.41, abs=0.005)
+    assert float(student["exact_acc"]) == pytest.approx(93.61, abs=0.005)
+    names = [r["row"] for r in lines[2:]]
+    assert names[0].startswith("student from scratch") and "paper recipe" in names[1]
+    assert all(0 <= float(r["exact_acc"]) <= 100 for r in lines[2:] if r["exact_acc"])
+    # stage 2 started from the original teacher: after one smoke epoch its student is far above chance
+    kd = next(r for r in lines if r["row"] == "stage2: inherit + KD (paper recipe)")
+    assert float(kd["exact_acc"]) > 50
+    assert "exact-subset acc" in (tmp_path / "results" / "original-stage2.md").read_text()
 
 
 def test_deploy_speed_table(tmp_path):

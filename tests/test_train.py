@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -35,6 +36,7 @@ from models.layers import LambdaReLU, LoRABranch
 from train import stage1, stage2
 from train.data import build_data
 from train.distill import DistillLoss
+from train.engine import Trainer
 
 from _shared import CIFAR10, CIFAR100, ROOT
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
@@ -362,6 +364,27 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert model.config["model"] == "reduce20"
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1
     assert not hidden_files(out)
+    # one process cannot resume a two-process run: its batches and schedule would differ
+    single = [a for a in cmd[cmd.index("train.stage1") + 1:]]
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        stage1.main([*single, "--resume"])
+    assert "1 processes (run: 2)" in err.getvalue(), err.getvalue()
+
+
+def test_sync_bn_on_cpu_is_refused_with_the_reason(tmp_path, capsys):
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--sync-bn", "--out", str(tmp_path / "run")])
+    assert "GPU" in line and "own batch" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_float16_teacher_checkpoint_trains_in_float32(teacher, tmp_path):
+    half = load_checkpoint(teacher["dir"]).half()
+    models.checkpoint.save_checkpoint(half, tmp_path / "half", half.checkpoint_metadata)
+    summary, _ = run_main(stage2.main, ["--inherit", str(tmp_path / "half.safetensors"), "--subset", "64",
+                                        "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--no-export",
+                                        "--out", str(tmp_path / "s")])
+    assert summary["last_epoch"] == 1 and math.isfinite(summary["last_test_acc"])
+    assert load_file(str(tmp_path / "s" / "last.safetensors"))["fc.weight"].dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------------------------- 5. bad input
@@ -509,13 +532,16 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 def test_nan_loss_from_a_huge_lr(tmp_path, capsys):
-    """--lr 1e30 really diverges within the first epoch; the message then promises no checkpoint."""
+    """--lr 1e30 really diverges within the first epoch; nothing is written, and the corrected command just runs."""
     out = tmp_path / "run"
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--lr", "1e30", "--out", str(out)])
     assert "epoch 1, step" in line and ("nan" in line or "inf" in line), line
-    assert "no checkpoint was written" in line and "--overwrite" in line, line
+    assert "nothing was written" in line and "lower --lr" in line, line
     assert not (out / "last.safetensors").exists() and not (out / "train_state.pt").exists()
+    assert not (out / "args.json").exists() and not (out / "tb").exists()
     assert not hidden_files(out)
+    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--lr", "0.05", "--out", str(out)])  # no --overwrite needed
+    assert summary["last_epoch"] == 2
 
 
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
@@ -546,6 +572,91 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(models.checkpoint, "save_file", original)
     summary, _ = run_main(stage1.main, [*TINY_ARGS, "--out", str(out), "--resume"])
     assert summary["last_epoch"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- 5b. run directory
+
+
+@pytest.mark.parametrize("main, bad", [
+    ("stage1", ["--width", "3"]), ("stage1", ["-m", "reduce999"]), ("stage1", ["--lr", "-0.1"]),
+    ("stage1", ["--epochs", "0"]), ("stage1", ["--device", "tpu9"]), ("stage1", ["--seed", str(2**40)]),
+    ("stage1", ["--warmup-epochs", "nan"]), ("stage1", ["--wd", "-1"]),
+    ("stage2", ["--kd-T", "0"]), ("stage2", ["--kd-T", "1e30"]), ("stage2", ["--lora-rank", "-1"]),
+    ("stage2", ["--epochs", "-1"]), ("stage2", ["-m", "reduce32"]),
+])
+def test_a_typo_with_overwrite_loses_nothing(main, bad, teacher, tmp_path, capsys):
+    """Every option is validated before the old run is touched; the folder stays exactly as it was."""
+    old = tmp_path / "old"
+    shutil.copytree(teacher["dir"], old)
+    before = snapshot(old)
+    argv = ([*TINY_ARGS] if main == "stage1" else
+            ["--inherit", str(teacher["dir"]), "--subset", "64", "--batch-size", "32", "--epochs", "1"])
+    line = expect_error(capsys, getattr(sys.modules[f"train.{main}"], "main"), [*argv, *bad, "--out", str(old),
+                                                                                  "--overwrite"])
+    assert bad[0] in line or "reduce999" in line or "reduce32" in line or "width" in line, line
+    assert snapshot(old) == before
+
+
+def test_one_run_directory_one_process(tmp_path, capsys):
+    """A second run into a folder in use stops at once; once the first ends (or is killed) the folder is free."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.stage1", *TINY_ARGS, "--epochs", "30", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not (out / "train_state.pt").is_file():
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        record = (out / "args.json").read_text()
+        line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out), "--overwrite"])
+        assert "in use by a running job" in line and f"pid {proc.pid}" in line, line
+        line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--epochs", "30", "--out", str(out), "--resume"])
+        assert "in use" in line
+        assert (out / "args.json").read_text() == record  # the intruder replaced nothing
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the killed run's lock is gone with it
+    (out / ".last.safetensors.stale.tmp").write_bytes(b"")  # what a kill inside a write leaves
+    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--epochs", "30", "--out", str(out), "--resume",
+                                        "--device", "cpu"])
+    assert summary["last_epoch"] == 30 and not hidden_files(out)
+
+
+def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*TINY_ARGS, "--epochs", "3", "--lr", "0.05", "--out", str(out)]
+    run_main(stage1.main, argv)
+    record = json.loads((out / "args.json").read_text())
+    assert shlex.split(record["command"]) == ["python", "-m", "train.stage1", *argv]  # runnable as written
+    before = snapshot(out)
+    for extra, named in ((["--epochs", "5"], "--epochs 5 (run: 3)"), (["--batch-size", "16"], "--batch-size 16"),
+                         (["-m", "reduce32"], "--model reduce32 (run: reduce20)"), (["--seed", "1"], "--seed 1"),
+                         (["--subset", "96"], "--subset 96")):
+        line = expect_error(capsys, stage1.main, [*argv, *extra, "--resume"])
+        assert named in line and "args.json" in line, line
+        assert snapshot(out) == before
+    # a lower peak lr is honoured on resume and recorded: interrupt a fresh run after its first epoch
+    original = Trainer.train_epoch
+
+    def stop_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+        expect_error(capsys, stage1.main, [*argv, "--overwrite"], code=130)
+    assert len(metrics(out)) == 1
+    run_main(stage1.main, [*argv[:-4], "--lr", "0.01", "--out", str(out), "--resume"])
+    rows = metrics(out)
+    # 2 steps per epoch, 6 in all, cosine per step: after step 4 the factor is 0.25, now of the new peak
+    assert len(rows) == 3 and float(rows[1]["lr"]) == pytest.approx(0.01 * 0.25)
+    resumed = json.loads((out / "args.json").read_text())["resumed"]
+    assert resumed[0]["changed"]["lr"] == [0.05, 0.01]
 
 
 # ----------------------------------------------------------------------------------------------- 6. subsets

@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from models import create_model
-from models.errors import cli_errors
+from models.errors import ConfigError, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data
 from .distill import DistillLoss
-from .engine import TrainConfig, Trainer, hardware
+from .engine import TrainConfig, Trainer, hardware, init_distributed
 
 
 class PILDataset(Dataset):
@@ -93,10 +93,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per path")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the project path")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    for option, value, least in (("--steps", args.steps, 1), ("--workers", args.workers, 0),
+                                 ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            raise ConfigError(f"{option} {value} is not valid: pass {least} or more")
+    _, device = init_distributed(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     sample = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size)

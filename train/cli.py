@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,16 +11,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from models.checkpoint import atomic_write_text
+from models.errors import ConfigError
 
 from .data import DATASETS, Data, build_data, data_root
-from .engine import Dist, TrainConfig, init_distributed, prepare_run_dir
+from .engine import Dist, TrainConfig, init_distributed, native_bf16
+from .preprocess import NORMALIZATIONS
+from .recipes import RECIPES
+from .rundir import RunDir, command_line, options_of_run
+
 
 
 def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup: str) -> argparse.ArgumentParser:
     """The options both stages take; each stage adds its own and documents its defaults."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="ours",
+                   help="named defaults (train/recipes.py): ours, or the original ReduceNet's main.py; "
+                        "options given here override them")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default=None, help="default: cifar10 (stage2: the teacher's)")
     d.add_argument("--data-dir", default=None,
@@ -27,13 +35,18 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     d.add_argument("--subset", type=int, default=None,
                    help="train on N class-balanced images (fixed seed) and test on the same share of the test set")
     d.add_argument("--image-size", type=int, default=None, help="imagefolder: resize/crop to this size")
-    o = p.add_argument_group("optimisation (SGD, momentum 0.9, Nesterov)")
+    d.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
+                   help="input normalisation stored with the model: the dataset's mean/std, none ([0, 1] pixels) "
+                        "or ImageNet's (default: the recipe's; stage2 --inherit: the teacher's)")
+    o = p.add_argument_group("optimisation (SGD, momentum 0.9)")
     o.add_argument("--epochs", type=int, default=epochs)
     o.add_argument("--batch-size", type=int, default=128, help="per process")
-    o.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    o.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: the recipe's; ours {lr:g})")
     o.add_argument("--wd", type=float, default=1e-4, help="weight decay")
-    o.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
-                   help="per-step cosine to 0, or x--gamma at each of --milestones")
+    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
+    o.add_argument("--schedule", choices=("cosine", "cosine-epoch", "step"), default=None,
+                   help="cosine to 0 per step, per epoch (torch's CosineAnnealingLR), or x--gamma at each of "
+                        "--milestones (default: the recipe's)")
     o.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
                    help="step schedule: fractions of training where the lr drops")
     o.add_argument("--gamma", type=float, default=0.1, help="step schedule: lr factor at each milestone")
@@ -44,18 +57,67 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on where the device computes bf16 natively: recent GPUs, "
+                        "CPUs with AVX-512 BF16 or AMX)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on for CUDA)")
+    r.add_argument("--sync-bn", action="store_true",
+                   help="torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); without it "
+                        "each process normalises with its own batch's statistics")
+    r.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format")
     return p
+
+
+def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, fill every option left unset from ``--recipe``'s table for ``stage``, and validate."""
+    args = parser.parse_args(argv)
+    for key, value in RECIPES[args.recipe][stage].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    validate_common(args)
+    return args
+
+
+MAX_SEED = 2**32 - 1
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    """One-line :class:`ConfigError` for an option no run can use; called before anything is read or written."""
+    def bad(option: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"{option} {value} is not valid: pass {want}")
+
+    if args.epochs < 1:
+        raise bad("--epochs", args.epochs, "1 or more")
+    if args.batch_size < 1:
+        raise bad("--batch-size", args.batch_size, "1 or more")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise bad("--lr", args.lr, "a positive number such as 0.1")
+    if not (math.isfinite(args.wd) and args.wd >= 0):
+        raise bad("--wd", args.wd, "0 or a small positive number such as 1e-4")
+    if args.warmup_epochs is not None and not (math.isfinite(args.warmup_epochs)
+                                               and 0 <= args.warmup_epochs <= args.epochs):
+        raise bad("--warmup-epochs", args.warmup_epochs, f"a number of epochs in [0, --epochs {args.epochs}]")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise bad("--seed", args.seed, f"a whole number in [0, {MAX_SEED}]")
+    if not (math.isfinite(args.gamma) and args.gamma > 0):
+        raise bad("--gamma", args.gamma, "a positive factor such as 0.1")
+    if not all(0 < m < 1 for m in args.milestones):
+        raise bad("--milestones", " ".join(map(str, args.milestones)), "fractions of training in (0, 1)")
+    if args.subset is not None and args.subset < 1:
+        raise bad("--subset", args.subset, "a number of images, 1 or more")
+    if args.image_size is not None and not 8 <= args.image_size <= 1024:
+        raise bad("--image-size", args.image_size, "a size in pixels in [8, 1024]")
 
 
 def setup(args: argparse.Namespace) -> tuple[Dist, torch.device]:
     """Join torchrun if launched by it, pick the device and seed the weights."""
     info, device = init_distributed(args.device)
-    if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
+    if args.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; drop it (each process then "
+                          "normalises with its own batch's statistics)")
+    if args.amp is None:
+        args.amp = native_bf16(device)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -85,27 +147,33 @@ def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:
             "data_source": str(data.info.source), "image_size": data.info.image_size}
 
 
-def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str) -> Path:
-    """Create (or check, with --resume) the run directory and record the options in ``args.json``."""
+def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str, module: str,
+                 argv: list[str] | None) -> RunDir:
+    """The run directory, locked by rank 0 and checked (options against ``args.json`` with --resume).
+
+    Call it after everything else is validated; nothing is deleted or written until the trainer's first
+    checkpoint (see :mod:`train.rundir`).
+    """
     out = Path(args.out or Path("runs") / default_name)
     args.out = str(out)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    record = {"command": command_line(module, argv), "argv": options_of_run(argv), "args": vars(args),
+              "world_size": info.world_size}
+    run = RunDir(out, resume=args.resume, overwrite=args.overwrite, record=json.loads(json.dumps(record, default=str)))
     if info.is_main:
-        prepare_run_dir(out, args.resume, args.overwrite)
-        if not args.resume:
-            record = {"command": " ".join([Path(sys.executable).name, "-m", *sys.argv]), "args": vars(args)}
-            atomic_write_text(out / "args.json", json.dumps(record, indent=2, default=str) + "\n")
+        run.open()
     if info.world_size > 1:
         dist.barrier()
-    return out
+    return run
 
 
 def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) -> TrainConfig:
     return TrainConfig(
-        epochs=args.epochs, lr=args.lr, wd=args.wd, schedule=args.schedule, seed=args.seed,
+        epochs=args.epochs, lr=args.lr, wd=args.wd, nesterov=args.nesterov, schedule=args.schedule, seed=args.seed,
         milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=warmup_default if args.warmup_epochs is None else args.warmup_epochs,
         lambda_epochs=getattr(args, "lambda_epochs", 0.0), amp=args.amp, compile=args.compile,
-        channels_last=args.channels_last, extra=extra,
+        channels_last=args.channels_last, sync_bn=args.sync_bn, extra=extra,
     )
 
 

@@ -618,6 +618,11 @@ class Loader:
         """Sets the epoch whose order and augmentation the next iteration uses."""
         self.epoch = epoch
 
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalizes batches by this per-channel ``mean`` and ``std`` (in [0, 1] units) instead of the dataset's."""
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
@@ -665,6 +670,11 @@ class Data:
     train: Loader
     test: Loader
     info: DatasetInfo
+
+    def normalize(self, preprocess: dict) -> None:
+        """Normalizes both splits as a model's ``preprocess`` record says (``mean``, ``std`` in [0, 1] units)."""
+        for loader in (self.train, self.test):
+            loader.set_normalization(preprocess["mean"], preprocess["std"])
 
 
 def build_data(

@@ -22,6 +22,7 @@ from models.errors import ConfigError
 __all__ = [
     "KD_LOSSES",
     "KD_DEFAULTS",
+    "KD_REDUCTIONS",
     "FEATURE_MODES",
     "FEATURE_DEFAULTS",
     "kd_div",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 KD_LOSSES = ("kd", "dkd", "mse", "none")
+MAX_T = 100.0  # beyond it T**2 scaling and softmax(t / T) only lose precision (the papers use 1 to 20)
 
 #: Defaults per loss. ``kd``: ReduceNet / Hinton setting; ``dkd``: mdistiller's CIFAR-100 recipe.
 #: Read-only by convention: :class:`DistillLoss` copies what it uses.
@@ -49,23 +51,30 @@ FEATURE_MODES = ("hint", "at")
 FEATURE_DEFAULTS: dict[str, float] = {"hint": 100.0, "at": 1000.0}
 
 
-def kd_div(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+KD_REDUCTIONS = ("batchmean", "mean")
+
+
+def kd_div(student_logits: Tensor, teacher_logits: Tensor, T: float, reduction: str = "batchmean") -> Tensor:
     """Temperature-scaled KD term of Hinton et al. (2015).
 
     ``KL(softmax(t / T) || softmax(s / T))`` summed over classes, averaged over the batch ("batchmean") and
-    multiplied by ``T**2`` so that gradient magnitudes do not shrink with the temperature.
+    multiplied by ``T**2`` so that gradient magnitudes do not shrink with the temperature. With
+    ``reduction="mean"`` it is averaged over the ``N * C`` elements instead, i.e. divided by the class count C:
+    what ``nn.KLDivLoss()`` with its default reduction gives, as the original ReduceNet used it.
 
     Args:
         student_logits: ``(N, C)`` student logits.
         teacher_logits: ``(N, C)`` teacher logits (not detached here).
         T: Softmax temperature, > 0.
+        reduction: ``"batchmean"`` (Hinton) or ``"mean"`` (the original ReduceNet's, 1/C of it).
 
     Returns:
         Scalar loss.
     """
     log_p_s = F.log_softmax(student_logits / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits / T, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+    return kl / student_logits.shape[1] if reduction == "mean" else kl
 
 
 def _binary_and_nontarget_log_probs(logits: Tensor, targets: Tensor, gt_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,10 +130,12 @@ def dkd_div(
 class DistillLoss(nn.Module):
     """Total training loss of a student distilled from a frozen teacher.
 
-    * ``kd``:   ``(1 - alpha) * CE(s, y) + alpha * kd_div(s, t, T)`` (Hinton et al. 2015; alpha=0.7, T=5).
+    * ``kd``:   ``(1 - alpha) * CE(s, y) + alpha * kd_div(s, t, T, reduction)`` (Hinton et al. 2015; alpha=0.7,
+      T=5; ``reduction="mean"`` reproduces the original ReduceNet's ``nn.KLDivLoss()``, 1/C of Hinton's term).
     * ``mse``:  ``(1 - alpha) * CE(s, y) + alpha * MSE(s, t)`` (logit matching; alpha=0.7).
-    * ``dkd``:  ``CE(s, y) + min(epoch / warmup_epochs, 1) * dkd_div(s, t, y, alpha, beta, T)``
-      (Zhao et al. 2022, mdistiller's CIFAR recipe: alpha=1, beta=8, T=4, warm-up 20 epochs).
+    * ``dkd``:  ``CE(s, y) + min((epoch + 1) / warmup_epochs, 1) * dkd_div(s, t, y, alpha, beta, T)``
+      (Zhao et al. 2022, mdistiller's CIFAR recipe: alpha=1, beta=8, T=4, warm-up 20 epochs; the epoch is
+      0-based here and mdistiller counts from 1, so the first epoch has weight ``1 / warmup_epochs``).
     * ``none``: ``CE(s, y)``; the teacher is not needed (:attr:`needs_teacher` is False).
 
     Hyper-parameters left as ``None`` take their :data:`KD_DEFAULTS` value; those that do not apply to
@@ -138,6 +149,7 @@ class DistillLoss(nn.Module):
         beta: NCKD weight ``>= 0`` (dkd).
         warmup_epochs: Epochs of linear warm-up of the DKD term, ``>= 0`` (0: none).
         label_smoothing: Label smoothing of the cross-entropy term, in ``[0, 1)``.
+        reduction: KD term's reduction (kd only), one of :data:`KD_REDUCTIONS`.
 
     Raises:
         ConfigError: On an unknown ``kind`` or an out-of-range hyper-parameter.
@@ -152,8 +164,11 @@ class DistillLoss(nn.Module):
         beta: float | None = None,
         warmup_epochs: int | None = None,
         label_smoothing: float = 0.0,
+        reduction: str = "batchmean",
     ) -> None:
         super().__init__()
+        if reduction not in KD_REDUCTIONS:
+            raise ConfigError(f"unknown KD reduction {reduction!r}; choose one of: {', '.join(KD_REDUCTIONS)}")
         if kind not in KD_LOSSES:
             raise ConfigError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(KD_LOSSES)}")
         given = {"alpha": alpha, "T": T, "beta": beta, "warmup_epochs": warmup_epochs}
@@ -164,8 +179,8 @@ class DistillLoss(nn.Module):
             for k in ("alpha", "beta", "warmup_epochs"):
                 if not hp[k] >= 0.0:
                     raise ConfigError(f"dkd {k} must be >= 0, got {hp[k]}")
-        if "T" in hp and not hp["T"] > 0.0:
-            raise ConfigError(f"{kind} temperature T must be > 0, got {hp['T']}")
+        if "T" in hp and not 0.0 < hp["T"] <= MAX_T:
+            raise ConfigError(f"{kind} temperature T must be in (0, {MAX_T:g}], got {hp['T']}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.kind = kind
@@ -174,18 +189,19 @@ class DistillLoss(nn.Module):
         self.beta: float | None = hp.get("beta")
         self.warmup_epochs: int | None = hp.get("warmup_epochs")
         self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
         self.needs_teacher = kind != "none"
         self.epoch = 0.0
 
     def set_epoch(self, epoch: float) -> None:
-        """Set the (possibly fractional) current epoch, which drives the DKD warm-up; no-op for other kinds."""
+        """Set the current 0-based epoch, which drives the DKD warm-up; no-op for other kinds."""
         self.epoch = float(epoch)
 
     def dkd_weight(self) -> float:
-        """Current DKD warm-up factor ``min(epoch / warmup_epochs, 1)`` (1 when there is no warm-up)."""
+        """Current DKD warm-up factor ``min((epoch + 1) / warmup_epochs, 1)`` (1 when there is no warm-up)."""
         if not self.warmup_epochs:
             return 1.0
-        return min(max(self.epoch, 0.0) / self.warmup_epochs, 1.0)
+        return min((max(self.epoch, 0.0) + 1.0) / self.warmup_epochs, 1.0)
 
     def forward(self, student_logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
         """Compute the loss.
@@ -209,7 +225,7 @@ class DistillLoss(nn.Module):
             )
         t = teacher_logits.detach()
         if self.kind == "kd":
-            return (1.0 - self.alpha) * ce + self.alpha * kd_div(student_logits, t, self.T)
+            return (1.0 - self.alpha) * ce + self.alpha * kd_div(student_logits, t, self.T, self.reduction)
         if self.kind == "mse":
             return (1.0 - self.alpha) * ce + self.alpha * F.mse_loss(student_logits, t)
         dkd = dkd_div(student_logits, t, targets, self.alpha, self.beta, self.T)
@@ -220,6 +236,8 @@ class DistillLoss(nn.Module):
         parts = [f"kind={self.kind!r}"] + [f"{n}={getattr(self, n)}" for n in names if getattr(self, n) is not None]
         if self.label_smoothing:
             parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.reduction != "batchmean":
+            parts.append(f"reduction={self.reduction!r}")
         return ", ".join(parts)
 
 

@@ -21,13 +21,12 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -40,9 +39,8 @@ from models.errors import ReduceNetError
 
 from .data import Data
 from .distill import DistillLoss
+from .rundir import RunDir
 
-RUN_FILES = ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
-             "metrics.csv", "summary.json", "tb", "deploy", "done")
 METRIC_FIELDS = ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
                  "epoch_s")
 
@@ -60,7 +58,7 @@ class TrainConfig:
     wd: float = 1e-4
     momentum: float = 0.9
     nesterov: bool = True
-    schedule: str = "cosine"  # cosine | step
+    schedule: str = "cosine"  # cosine (per step) | cosine-epoch (per epoch, torch's CosineAnnealingLR) | step
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs, for "step"
     gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -69,14 +67,22 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     channels_last: bool = False
+    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in summary.json
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: tuple[int, ...], gamma: float) -> float:
-    """Multiplier of the peak learning rate after ``step`` of ``total`` optimizer steps."""
+def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: tuple[int, ...], gamma: float,
+              steps_per_epoch: int = 1) -> float:
+    """Multiplier of the peak learning rate after ``step`` of ``total`` optimizer steps.
+
+    ``cosine`` decays per step; ``cosine-epoch`` holds each epoch's value, as ``CosineAnnealingLR`` stepped
+    once per epoch does (the original ReduceNet's schedule); ``step`` multiplies by ``gamma`` at each milestone.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    if schedule == "cosine":
+    if schedule == "cosine-epoch":
+        step, warmup = step // steps_per_epoch * steps_per_epoch, warmup // steps_per_epoch * steps_per_epoch
+    if schedule in ("cosine", "cosine-epoch"):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return gamma ** sum(step >= m for m in milestones)
@@ -111,7 +117,12 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{info.local_rank}"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ReduceNetError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ReduceNetError(f"--device {device!r}: training runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ReduceNetError("--device cuda was asked for but no GPU is visible; use --device cpu")
@@ -121,25 +132,6 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     return info, dev
 
 
-def prepare_run_dir(out: str | Path, resume: bool, overwrite: bool) -> Path:
-    """Make sure ``out`` can be written without destroying a previous run."""
-    out = Path(out)
-    if resume:
-        if not (out / "train_state.pt").is_file():
-            raise ReduceNetError(f"--resume: {out} has no train_state.pt to resume from; "
-                                 "drop --resume to start a new run")
-        return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ReduceNetError(f"run directory {out} already holds a run; pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # only the files a run writes; anything else the user put there stays
-        for name in RUN_FILES:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    return out
-
-
 class Trainer:
     """Trains ``model`` on ``data`` with ``loss_fn``, optionally distilling from a frozen ``teacher``.
 
@@ -147,7 +139,8 @@ class Trainer:
         model: the network to train (registered model with ``.config``).
         data: train/test loaders from :func:`train.data.build_data`.
         cfg: optimisation settings.
-        run_dir: where checkpoints and logs go (only rank 0 writes).
+        run_dir: where checkpoints and logs go (only rank 0 writes): a :class:`~train.rundir.RunDir`, whose
+            ``commit()`` is called before the first write, or a plain folder.
         loss_fn: :class:`~train.distill.DistillLoss`; its kind ``none`` is plain cross-entropy.
         teacher: frozen teacher for distillation, or None.
         dist_info: this process's rank, from :func:`init_distributed`.
@@ -155,10 +148,11 @@ class Trainer:
         metadata: stored in every checkpoint (dataset, stage, ...).
     """
 
-    def __init__(self, model: nn.Module, data: Data, cfg: TrainConfig, run_dir: Path, loss_fn: DistillLoss,
-                 teacher: nn.Module | None = None, dist_info: Dist | None = None,
+    def __init__(self, model: nn.Module, data: Data, cfg: TrainConfig, run_dir: RunDir | str | Path,
+                 loss_fn: DistillLoss, teacher: nn.Module | None = None, dist_info: Dist | None = None,
                  device: torch.device | str = "cpu", metadata: dict[str, Any] | None = None) -> None:
-        self.cfg, self.data, self.run_dir, self.loss_fn = cfg, data, Path(run_dir), loss_fn
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.cfg, self.data, self.run_dir, self.loss_fn = cfg, data, self.run.path, loss_fn
         self.dist = dist_info or Dist()
         self.device = torch.device(device)
         self.metadata = metadata or {}
@@ -173,9 +167,12 @@ class Trainer:
         self.total_steps = steps * cfg.epochs
         milestones = tuple(int(m * self.total_steps) for m in cfg.milestones)
         warmup = int(cfg.warmup_epochs * steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, milestones, cfg.gamma))
+        self.lr_factor = lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, milestones, cfg.gamma, steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         forward_model: nn.Module = self.model
+        if self.dist.world_size > 1 and cfg.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # in place: same keys, same .config
+            forward_model = self.model
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
@@ -192,16 +189,31 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
 
     def resume(self) -> None:
-        """Load ``train_state.pt`` of the run directory (model, optimizer, scheduler, lambda, epoch, RNG)."""
-        state = torch.load(self.run_dir / "train_state.pt", map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch, self.history = state["epoch"], state["history"]
-        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
-        torch.set_rng_state(state["torch_rng"].cpu())
+        """Load ``train_state.pt`` of the run directory (model, optimizer, scheduler, lambda, epoch, RNG).
+
+        The peak learning rate is ``cfg.lr``, which may differ from the run's (after a NaN, say): the schedule
+        continues from the same step with the new peak.
+        """
+        path = self.run_dir / "train_state.pt"
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.start_epoch, self.history = state["epoch"], state["history"]
+            self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+            torch.set_rng_state(state["torch_rng"].cpu())
+        except Exception as e:  # a torn, truncated or foreign file: all mean "cannot resume from it"
+            reason = " ".join(str(e).split())[:120]
+            raise ReduceNetError(f"--resume: {path} is damaged or from another model ({type(e).__name__}: "
+                                 f"{reason}); start the run again with --overwrite") from None
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = self.cfg.lr * self.lr_factor(self.scheduler.last_epoch)
 
     def _save(self, epoch: int, test_acc: float) -> None:
+        self.run.commit()
         meta = {**self.metadata, "epoch": epoch, "test_acc": test_acc}
         save_checkpoint(self.model, self.run_dir / "last.safetensors", meta)
         if test_acc > self.best_acc:
@@ -219,8 +231,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loops
     def _autocast(self):
-        if self.cfg.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.cfg.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def _lambda(self, epoch: int, step: int, steps: int) -> float | None:
@@ -248,11 +260,7 @@ class Trainer:
                     t_logits = self.teacher(x) if self.teacher is not None else None
                 loss = self.loss_fn(logits, y, t_logits)
             if not torch.isfinite(loss):
-                kept = (f"the last good checkpoint (epoch {self.start_epoch}) in {self.run_dir} is kept: "
-                        "lower --lr or drop --amp and --resume" if self.start_epoch else
-                        "no epoch had finished, so no checkpoint was written: lower --lr or drop --amp "
-                        "and start again with --overwrite")
-                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}")
+                raise self._diverged(loss, logits, t_logits, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -270,40 +278,43 @@ class Trainer:
                 "images_per_s": total_seen / elapsed, "lambda": float("nan") if lam is None else lam,
                 "lr": self.scheduler.get_last_lr()[0]}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Test loss and accuracy (%) of ``model`` (default: the trained one), summed over all ranks."""
-        model = model or self.model
-        was_training = model.training
-        model.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in self.data.test:
-            with self._autocast():
-                logits = model(x)
-            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += y.numel()
-        model.train(was_training)
-        loss_sum, correct, seen = self.dist.sum([loss_sum, correct, seen], self.device)
-        return {"test_loss": loss_sum / max(seen, 1), "test_acc": 100.0 * correct / max(seen, 1), "count": seen}
+    def _diverged(self, loss: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor | None, epoch: int,
+                  step: int) -> TrainingDiverged:
+        """The error for a non-finite loss, naming the likely cause and what is kept."""
+        where = f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+        kept = (f"the last good checkpoint (epoch {self.start_epoch}) in {self.run_dir} is kept"
+                if self.start_epoch else "no epoch had finished, so nothing was written")
+        if t_logits is not None and not torch.isfinite(t_logits).all():
+            return TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
+                                    f"or was not trained on these inputs; check --inherit/--teacher ({kept})")
+        if torch.isfinite(logits).all():
+            return TrainingDiverged(f"{where} while the model's outputs are finite: the loss options overflow "
+                                    f"(e.g. --kd-T, --kd-alpha); choose moderate values ({kept})")
+        again = "--resume with a lower --lr (or --no-amp)" if self.start_epoch else "the command with a lower --lr"
+        return TrainingDiverged(f"{where}: the model diverged; {kept}: run {again}")
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """Test metrics of ``model`` (default: the trained one), summed over all ranks; see :func:`evaluate`."""
+        return evaluate(model or self.model, self.data.test, self.data.info.num_classes, self._autocast,
+                        self.dist, self.device)
 
     def fit(self, log: Callable[[str], None] = print) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``cfg.epochs``; returns the summary (also in summary.json)."""
         writer = None
-        if self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.start_epoch + 1)
         wall = time.perf_counter()
         for epoch in range(self.start_epoch, self.cfg.epochs):
             t0 = time.perf_counter()
             row = self.train_epoch(epoch)
-            row.update(self.evaluate())
-            row.pop("count")
+            metrics = self.evaluate()
+            row.update(test_loss=metrics["test_loss"], test_acc=metrics["test_acc"])
             row["epoch"] = epoch + 1
             row["epoch_s"] = time.perf_counter() - t0
             self.history.append({k: row[k] for k in METRIC_FIELDS})
             if self.dist.is_main:
                 self._save(epoch + 1, row["test_acc"])
+                if writer is None:  # created only now: a run that fails earlier leaves no tb/ behind
+                    from torch.utils.tensorboard import SummaryWriter
+                    writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=epoch + 1)
                 for k in METRIC_FIELDS[1:]:
                     if not math.isnan(row[k]):
                         writer.add_scalar(k, row[k], epoch + 1)
@@ -332,11 +343,67 @@ class Trainer:
             "images_per_s": sum(r["images_per_s"] for r in self.history) / max(1, len(self.history)),
             "wall_s_this_call": wall_s, "train_s_total": sum(r["epoch_s"] for r in self.history),
             "hardware": hardware(self.device), "world_size": self.dist.world_size,
+            "precision": "bf16 autocast" if self.cfg.amp else "float32", "channels_last": self.cfg.channels_last,
             "torch": torch.__version__, "command": " ".join(sys.argv), **self.cfg.extra,
         }
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+             autocast: Callable[[], Any] = nullcontext, dist_info: Dist | None = None,
+             device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Classification metrics of ``model`` over ``batches`` of ``(x, y)``, in eval mode (its mode is restored).
+
+    Returns:
+        ``test_loss`` (mean cross-entropy), ``test_acc`` and ``top5_acc`` (%), ``count``, and
+        ``per_class_acc`` (%, NaN for a class without test images), summed over all ranks of ``dist_info``.
+    """
+    dist_info = dist_info or Dist()
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, correct5 = 0.0, 0, 0
+    hits = torch.zeros(num_classes, dtype=torch.float64)
+    seen = torch.zeros(num_classes, dtype=torch.float64)
+    try:
+        for x, y in batches:
+            with autocast():
+                logits = model(x).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            right = top[:, 0] == y
+            correct += right.sum().item()
+            correct5 += (top == y[:, None]).any(1).sum().item()
+            seen += torch.bincount(y.cpu(), minlength=num_classes)[:num_classes].double()
+            hits += torch.bincount(y[right].cpu(), minlength=num_classes)[:num_classes].double()
+    finally:
+        model.train(was_training)
+    totals = dist_info.sum([loss_sum, correct, correct5, *hits.tolist(), *seen.tolist()], torch.device(device))
+    loss_sum, correct, correct5 = totals[:3]
+    hits, seen = totals[3:3 + num_classes], totals[3 + num_classes:]
+    count = int(sum(seen))
+    return {"test_loss": loss_sum / max(count, 1), "test_acc": 100.0 * correct / max(count, 1),
+            "top5_acc": 100.0 * correct5 / max(count, 1), "count": count,
+            "per_class_acc": [100.0 * h / n if n else float("nan") for h, n in zip(hits, seen)]}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a GPU that supports it, or a CPU with AVX-512 BF16 or AMX.
+
+    Without native support, bf16 autocast is emulated and slower than float32, so it is not a default there.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def hardware(device: torch.device) -> str:

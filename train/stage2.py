@@ -5,15 +5,21 @@ branches (``--lora-rank``) add linear capacity while it trains; with ``--lambda-
 is annealed from ReLU (lam 0) to identity (lam 1) over the first K epochs. At the end the student is fused,
 checked to give the same test accuracy (within 0.01 points), and exported to ``RUN_DIR/deploy``.
 
-Learning-rate schedule for fine-tuning an inherited network (untuned; the original left it unfinished):
+Learning-rate schedule of ``--recipe ours`` for fine-tuning an inherited network (reasoned, not tuned):
 linear warm-up over the first 5% of the epochs (at least one) to a peak of 0.05, half the teacher's, then
 cosine to 0 — the warm-up lets the new LoRA branches and the BN statistics, which change when branch (b) is
-removed, settle before large steps move the inherited weights.
+removed, settle before large steps move the inherited weights. ``--recipe reducenet-paper`` is the original's:
+lr 0.1, cosine per epoch, no warm-up, KD with ``nn.KLDivLoss()``'s mean reduction (train/recipes.py).
+
+The student's inputs are prepared as its teacher's were (``--inherit``) or by ``--normalize`` (``--teacher``);
+a teacher whose preprocessing differs gets its own inputs from the same batch.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch.nn as nn
 
 from models import complexity, create_model, load_checkpoint, read_record, student_from_teacher
 from models.checkpoint import atomic_write_text, resolve
@@ -21,9 +27,11 @@ from models.errors import CheckpointError, ConfigError, DataError, ReparamError,
 from reparam import fuse_model
 from reparam.export import export_deploy
 
-from .cli import common_parser, data_metadata, finish, load_data, make_run_dir, setup, size_line, train_config
-from .distill import KD_LOSSES, DistillLoss
+from .cli import (common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup,
+                  size_line, train_config)
+from .distill import KD_LOSSES, KD_REDUCTIONS, DistillLoss
 from .engine import Trainer
+from .preprocess import Renormalize, normalization
 
 ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accuracy
 
@@ -46,6 +54,10 @@ def build_parser():
     s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="distillation loss")
     s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
     s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
+    s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
+    s.add_argument("--kd-reduction", choices=KD_REDUCTIONS, default=None,
+                   help="kd: batchmean (Hinton) or mean over N*C elements (the original ReduceNet's nn.KLDivLoss(), "
+                        "1/C of it); default: the recipe's")
     s.add_argument("--no-export", action="store_true", help="fuse and check, but write no deploy files")
     return p
 
@@ -67,6 +79,8 @@ def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
 
 
 def validate(args) -> None:
+    if args.lora_rank < 0:
+        raise ConfigError(f"--lora-rank {args.lora_rank} is not valid: pass 0 (no LoRA) or a rank >= 1")
     if args.teacher and not args.model:
         raise ConfigError("--teacher distils into a fresh student: name it with -m MODEL (e.g. -m reduce20)")
     if args.lambda_epochs and not args.lora_rank:
@@ -78,13 +92,22 @@ def validate(args) -> None:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), "stage2", argv)
     validate(args)
+    try:
+        loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T, beta=args.kd_beta,
+                              reduction=args.kd_reduction)
+    except ConfigError as e:
+        raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta): {e}") from None
     teacher, teacher_meta, teacher_path = load_teacher(args.inherit or args.teacher, args.model,
                                                        inherit=bool(args.inherit))
+    teacher.float()  # a float16/float64 checkpoint trains in float32 (with bf16 autocast where it pays)
     args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
     teacher_data = teacher_meta.get("data_dir")
-    if args.data_dir is None and teacher_data and Path(teacher_data).exists():
+    if args.data_dir is None and teacher_data:
+        if not Path(teacher_data).exists():
+            raise DataError(f"the teacher was trained on data in {teacher_data}, which no longer exists; "
+                            "pass --data-dir with the same data")
         args.data_dir = teacher_data  # the teacher's data root (or image-folder zip)
     if args.image_size is None and args.dataset == "imagefolder":
         args.image_size = teacher_meta.get("image_size")
@@ -94,51 +117,57 @@ def main(argv: list[str] | None = None) -> dict:
     if teacher.num_classes != data.info.num_classes:
         raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
                         f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
-    # only now, so that bad data or a mismatched teacher leave --out untouched
-    run_dir = make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}")
+    teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)  # checkpoints before 0.2
     if args.inherit:
         student = student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
     else:
         student = create_model(args.model, num_classes=data.info.num_classes, expansion=0,
                                lora_rank=args.lora_rank, lora_targets=args.lora_targets)
-    loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T)
-    metadata = {"stage": 2, "role": "student", **data_metadata(data, args.data_dir), "teacher": str(teacher_path),
-                "kd": args.kd}
-    warmup = max(1.0, 0.05 * args.epochs) if args.epochs > 1 else 0.0
-    cfg = train_config(args, warmup, stage=2, teacher=str(teacher_path), kd=repr(loss_fn),
-                       lora_rank=args.lora_rank, lambda_epochs=args.lambda_epochs)
-    trainer = Trainer(student, data, cfg, run_dir, loss_fn, teacher=teacher if loss_fn.needs_teacher else None,
-                      dist_info=info, device=device, metadata=metadata)
-    if args.resume:
-        trainer.resume()
-    summary = trainer.fit()
+        student.preprocess = normalization(args.normalize, data.info)
+    data.normalize(student.preprocess)
+    # the teacher sees its own preprocessing of the student's batch
+    teacher_input = nn.Sequential(Renormalize(student.preprocess, teacher.preprocess), teacher)
+    # only now, so that bad options, data or a mismatched teacher leave --out untouched
+    with make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}",
+                      "train.stage2", argv) as run_dir:
+        metadata = {"stage": 2, "role": "student", **data_metadata(data, args.data_dir), "teacher": str(teacher_path),
+                    "kd": args.kd}
+        warmup = max(1.0, 0.05 * args.epochs) if args.epochs > 1 else 0.0
+        cfg = train_config(args, warmup, stage=2, recipe=args.recipe, teacher=str(teacher_path), kd=repr(loss_fn),
+                           lora_rank=args.lora_rank, lambda_epochs=args.lambda_epochs)
+        trainer = Trainer(student, data, cfg, run_dir, loss_fn,
+                          teacher=teacher_input if loss_fn.needs_teacher else None, dist_info=info, device=device,
+                          metadata=metadata)
+        if args.resume:
+            trainer.resume()
+        summary = trainer.fit()
 
-    # Fuse, check on the test set, export.
-    fused = fuse_model(trainer.model)
-    unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
-    teacher_eval = trainer.evaluate(teacher.to(device))
-    gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
-    if gap > ACC_TOLERANCE:
-        raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
-                           f"(> {ACC_TOLERANCE}); no deploy files were written")
-    input_size = (1, *data.test.images.shape[1:])
-    sizes = {"teacher": complexity(teacher, input_size), "student": complexity(trainer.model, input_size),
-             "fused": complexity(fused, input_size)}
-    summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
-                   fused_test_acc=fused_eval["test_acc"], sizes=sizes)
-    if info.is_main:
-        if not args.no_export:
-            report = export_deploy(trainer.model, run_dir / "deploy", tuple(input_size[1:]),
-                                   metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
-            summary["deploy"] = {k: str(v) for k, v in report.files.items()}
-            summary["export_max_diff"] = report.max_diff
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print(f"data: {data.info.label}, {fused_eval['count']} test images")
-        print(size_line(f"teacher {teacher.config['model']} (e{teacher.config['expansion']})", sizes["teacher"],
-                        teacher_eval["test_acc"]))
-        print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"], unfused_eval["test_acc"]))
-        print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
-        print(f"run: {run_dir}" + ("" if args.no_export else f"; deploy files in {run_dir / 'deploy'}"))
+        # Fuse, check on the test set, export.
+        fused = fuse_model(trainer.model)
+        unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
+        teacher_eval = trainer.evaluate(teacher_input.to(device))
+        gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
+        if gap > ACC_TOLERANCE:
+            raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
+                               f"(> {ACC_TOLERANCE}); no deploy files were written")
+        input_size = (1, *data.test.images.shape[1:])
+        sizes = {"teacher": complexity(teacher, input_size), "student": complexity(trainer.model, input_size),
+                 "fused": complexity(fused, input_size)}
+        summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
+                       fused_test_acc=fused_eval["test_acc"], sizes=sizes)
+        if info.is_main:
+            if not args.no_export:
+                report = export_deploy(trainer.model, run_dir / "deploy", tuple(input_size[1:]),
+                                       metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
+                summary["deploy"] = {k: str(v) for k, v in report.files.items()}
+                summary["export_max_diff"] = report.max_diff
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            print(f"data: {data.info.label}, {fused_eval['count']} test images")
+            print(size_line(f"teacher {teacher.config['model']} (e{teacher.config['expansion']})", sizes["teacher"],
+                            teacher_eval["test_acc"]))
+            print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"], unfused_eval["test_acc"]))
+            print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
+            print(f"run: {run_dir}" + ("" if args.no_export else f"; deploy files in {run_dir / 'deploy'}"))
     finish(info)
     return summary
 

@@ -1,0 +1,76 @@
+"""python -m train.evaluate, checked against the original ReduceNet's own numbers on the exact CIFAR-10 test images."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+from _shared import CIFAR10, ROOT, SHARED
+from models.convert import main as convert
+from reparam.export import export_deploy
+from train import evaluate
+
+ORIGINAL = SHARED / "reducenet-original"
+if not (ORIGINAL.is_dir() and (CIFAR10 / "cifar-10-batches-py").is_dir()):
+    pytest.skip(f"needs {ORIGINAL} and {CIFAR10}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted")
+    files = [ORIGINAL / f"reduce20_cifar10_e1_w1_{r}.pth" for r in ("teacher", "student")]
+    teacher, student = convert(["reducenet-original", *map(str, files), "--out", str(out)])
+    return {"teacher": teacher, "student": student, "dir": out}
+
+
+def run_json(*argv: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "train.evaluate", *argv, "--json"], cwd=ROOT, capture_output=True,
+                          text=True, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("role, accuracy", [("teacher", 93.41), ("student", 93.61)])
+def test_original_checkpoints_score_as_in_the_original(converted, role, accuracy):
+    report = run_json(str(converted[role]), "--data-dir", str(CIFAR10))
+    assert report["count"] == 1017 and report["data"] == "CIFAR-10 (exact subset, 5438 train / 1017 test)"
+    assert f"{report['test_acc']:.2f}" == f"{accuracy:.2f}"
+    assert report["top5_acc"] >= report["test_acc"] and 0 < report["test_loss"] < 1
+    assert report["preprocess"]["std"] == [1.0, 1.0, 1.0]  # the original did not normalise
+    per_class = report["per_class_acc"]
+    counts = torch.bincount(torch.tensor(_test_labels()), minlength=10).double()
+    assert len(per_class) == 10
+    assert math.isclose(sum(a * n for a, n in zip(per_class, counts.tolist())) / 1017, report["test_acc"], abs_tol=1e-9)
+
+
+def _test_labels() -> list[int]:
+    from train.data import _unpickle
+    return list(_unpickle(CIFAR10 / "cifar-10-batches-py" / "test_batch")["labels"])
+
+
+def test_the_fused_student_scores_the_same(converted, tmp_path):
+    student = models.load_checkpoint(converted["student"])
+    export_deploy(student, tmp_path / "deploy", onnx=False, torchscript=False)
+    deploy = tmp_path / "deploy" / "model.safetensors"
+    assert models.read_record(deploy)["config"]["inference_mode"] is True
+    report = evaluate.run(evaluate.build_parser().parse_args([str(deploy), "--data-dir", str(CIFAR10)]))
+    assert f"{report['test_acc']:.2f}" == "93.61"
+
+
+def test_text_output_and_errors(converted, tmp_path, capsys):
+    evaluate.main([str(converted["teacher"]), "--data-dir", str(CIFAR10)])
+    out = capsys.readouterr().out
+    assert "top-1 93.41%" in out and "1017 test images" in out and "airplane" in out
+    for argv, words in (([str(converted["teacher"]), "--dataset", "cifar100", "--data-dir", str(SHARED / "cifar-100-subset")],
+                         "10 classes"),
+                        ([str(tmp_path / "missing.safetensors")], "no checkpoint"),
+                        ([str(converted["teacher"]), "--batch-size", "0"], "--batch-size")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err

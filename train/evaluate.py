@@ -1,0 +1,85 @@
+"""``python -m train.evaluate CHECKPOINT --dataset D --data-dir DIR``: test accuracy of any checkpoint.
+
+Prints top-1 and top-5 accuracy, mean cross-entropy, per-class accuracy, the number of test images and the
+dataset's label (e.g. "CIFAR-10 (JPEG q75 copy)"). The inputs are prepared as the checkpoint says (its
+``preprocess`` record: mean, std, input size); a checkpoint without one (saved before 0.2) gets the dataset's
+mean and std, which is what it was trained with. ``--json`` prints one JSON object instead, for scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from models import load_checkpoint
+from models.errors import ConfigError, DataError, cli_errors
+
+from .data import DATASETS, Loader, load_dataset
+from .engine import evaluate, hardware, init_distributed, native_bf16
+from .preprocess import normalization
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help=".safetensors checkpoint, its .json, or a run directory (uses last)")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")
+    p.add_argument("--data-dir", default=None, help="data root; default: the checkpoint's, else $REDUCENET_DATA")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (off by default: evaluation reports the float32 model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate ``args.checkpoint``; returns the report printed by :func:`main`."""
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be at least 1")
+    _, device = init_distributed(args.device)
+    if args.amp and not native_bf16(device):
+        raise ConfigError(f"--amp: {device} has no native bf16; drop --amp")
+    model = load_checkpoint(args.checkpoint, map_location=device).eval()
+    meta = model.checkpoint_metadata
+    dataset = args.dataset or meta.get("dataset", "cifar10")
+    data_dir = args.data_dir
+    if data_dir is None and meta.get("data_dir") and Path(meta["data_dir"]).exists():
+        data_dir = meta["data_dir"]
+    size = (model.preprocess or {}).get("input_size", [3, None, None])[-1]
+    _, test, info = load_dataset(dataset, data_dir, image_size=size if dataset == "imagefolder" else None)
+    if model.num_classes != info.num_classes:
+        raise DataError(f"the checkpoint has {model.num_classes} classes but {info.label} has "
+                        f"{info.num_classes}; pass the dataset it was trained on with --dataset/--data-dir")
+    preprocess = model.preprocess or normalization("dataset", info)
+    loader = Loader(test, info, args.batch_size, train=False, device=device)
+    loader.set_normalization(preprocess["mean"], preprocess["std"])
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
+    metrics = evaluate(model, loader, info.num_classes, autocast, device=device)
+    return {"checkpoint": str(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
+            "data_source": info.source, "preprocess": preprocess, "classes": info.classes,
+            "hardware": hardware(device), **metrics}
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    report = run(args)
+    if args.json:  # a class without test images has accuracy NaN, which JSON writes as null
+        per_class = [None if math.isnan(a) else a for a in report["per_class_acc"]]
+        print(json.dumps({**report, "per_class_acc": per_class}))
+        return report
+    cfg = report["model"]
+    print(f"{report['checkpoint']}: {cfg['model']}" + (f" (expansion {cfg['expansion']})" if "expansion" in cfg else ""))
+    print(f"data: {report['data']}, {report['count']} test images")
+    print(f"top-1 {report['test_acc']:.2f}%  top-5 {report['top5_acc']:.2f}%  loss {report['test_loss']:.4f}")
+    print("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(report["classes"], report["per_class_acc"])))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,4 @@
+"""``python -m train.reproduce``: see :mod:`train.reproduce`."""
+from . import main
+
+main()

@@ -1,0 +1,120 @@
+"""Write a table: markdown with its provenance, CSV with one line per run, and plots."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import atomic_write_text
+
+from .specs import Row
+
+
+def git_commit() -> str:
+    """The short commit of the checkout, with ``+dirty`` when it has uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def aggregate(lines: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """One line per (group, row) with the mean of each of ``keys`` over seeds, ``KEY_std`` and ``seeds``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    values: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for line in lines:
+        k = (line["group"], line["row"])
+        out.setdefault(k, {**line, "seeds": []})["seeds"].append(line.get("seed"))
+        for key in keys:
+            if isinstance(line.get(key), (int, float)) and not math.isnan(line[key]):
+                values.setdefault(k, {}).setdefault(key, []).append(float(line[key]))
+    for k, agg in out.items():
+        for key in keys:
+            v = values.get(k, {}).get(key, [])
+            agg[key] = statistics.mean(v) if v else None
+            agg[f"{key}_std"] = statistics.stdev(v) if len(v) > 1 else None
+        agg["seeds"] = ", ".join(str(s) for s in agg["seeds"] if s is not None) or "–"
+    return list(out.values())
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def write_table(table: str, header: list[str], lines: list[dict[str, Any]], columns: list[tuple[str, str]],
+                results: Path, notes: list[str], csv_lines: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``TABLE.md`` (header, markdown table, notes) and ``TABLE.csv`` (``csv_lines``, default ``lines``).
+
+    A column whose key has a ``KEY_std`` value in a line shows ``mean ± std``.
+    """
+    results.mkdir(parents=True, exist_ok=True)
+    md = [f"# {table}", "", *header, "", "| " + " | ".join(t for t, _ in columns) + " |",
+          "|" + "---|" * len(columns)]
+    for line in lines:
+        cells = []
+        for _, k in columns:
+            std = line.get(f"{k}_std")
+            cells.append(fmt(line.get(k)) + (f" ± {std:.2f}" if std is not None else ""))
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", *notes]
+    atomic_write_text(results / f"{table}.md", "\n".join(md) + "\n")
+    rows = csv_lines if csv_lines is not None else lines
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for line in rows for k in line)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(results / f"{table}.csv", buf.getvalue())
+    return results / f"{table}.md"
+
+
+def plot_curves(table: str, rows: list[Row], results: Path) -> Path:
+    """Test accuracy per epoch of every run (one panel per group), and last accuracy against deployed MACs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(r.group for r in rows))
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(6 * (len(groups) + 1), 4.5), squeeze=False)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r.name for r in rows))}
+    for ax, group in zip(axes[0], groups):
+        labelled: set[str] = set()
+        for r in rows:
+            if r.group != group or not (r.run / "metrics.csv").is_file():
+                continue
+            with open(r.run / "metrics.csv") as f:
+                hist = list(csv.DictReader(f))
+            ax.plot([int(h["epoch"]) for h in hist], [float(h["test_acc"]) for h in hist], marker=".",
+                    color=colors[r.name], label=None if r.name in labelled else r.name)
+            labelled.add(r.name)
+        ax.set(title=group, xlabel="epoch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for r in rows:
+        acc = r.result.get("fused_test_acc", r.result.get("last_test_acc"))
+        macs = r.result.get("sizes", {}).get("fused", {}).get("macs", r.result.get("macs"))
+        if acc is not None and macs:
+            ax.scatter(macs / 1e6, acc, color=colors[r.name])
+            ax.annotate(f"{r.group}: {r.name} s{r.seed}", (macs / 1e6, acc), fontsize=6)
+    ax.set(title="last-epoch accuracy vs deployed MACs", xlabel="MACs (M)", ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = results / f"{table}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

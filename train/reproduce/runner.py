@@ -1,0 +1,44 @@
+"""Run a table's rows: skip the finished ones, resume the interrupted ones, replace the ones made differently."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from models.checkpoint import atomic_write_text
+
+from .specs import Row
+
+
+def _run_argv(run: Path) -> list[str] | None:
+    """The options the run in ``run`` was started with (``argv`` of its ``args.json``), or None."""
+    try:
+        return json.loads((run / "args.json").read_text())["argv"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def finished(row: Row) -> bool:
+    """Whether ``row.run`` holds a finished run made by exactly ``row.argv``."""
+    try:
+        return json.loads((row.run / "done").read_text()) == row.argv and (row.run / "summary.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run (or skip, or resume) one row; returns its summary.
+
+    A finished run made by another command (another budget, subset or seed) is replaced, not reported under
+    this row's label; an interrupted run made by the same command is resumed.
+    """
+    if finished(row):
+        log(f"[skip] {row.name}: finished in {row.run}")
+        return json.loads((row.run / "summary.json").read_text())
+    resume = (row.run / "train_state.pt").is_file() and _run_argv(row.run) == row.argv
+    argv = [*row.argv, "--out", str(row.run)] + (["--resume"] if resume else ["--overwrite"])
+    log(f"[{'resume' if resume else 'run'}] {row.name}: python -m train.{row.main.__module__.split('.')[-1]} "
+        + " ".join(argv))
+    summary = row.main(argv)
+    atomic_write_text(row.run / "done", json.dumps(row.argv) + "\n")
+    return summary

@@ -1,0 +1,155 @@
+"""What each table trains: its rows (one stage1/stage2 run each), budgets, and the published numbers beside them.
+
+A row's ``argv`` is the complete command of its run, minus ``--out``/``--resume``/``--overwrite``; the runner
+treats a row as finished only when the run in its folder was made by exactly that command.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import stage1, stage2
+
+#: Epochs per budget: (stage 1, stage 2). ``medium`` is the CPU budget of the results issue (30 + 30 vs 60
+#: epochs, a few hours per seed on 2 cores); ``short`` shows the pipeline; ``smoke`` is for tests.
+BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
+    "cifar10-reducenet": {"full": (200, 200), "medium": (30, 30), "short": (3, 2), "smoke": (1, 1)},
+    "original-stage2": {"full": (0, 200), "medium": (0, 30), "short": (0, 2), "smoke": (0, 1)},
+    "cifar100-kd": {"full": (240, 240), "medium": (30, 30), "short": (4, 4), "smoke": (1, 1)},
+}
+RECIPE_NAMES = {"paper": "reducenet-paper", "ours": "ours"}
+PAPER: dict[str, Any] = {  # published numbers, original data, kept apart from ours
+    "cifar10-reducenet": {("reduce20", 1): (91.97, 92.72), ("reduce56", 1): (92.84, 93.79),
+                          ("reduce20", 2): (93.27, 94.40), ("reduce56", 2): (94.11, 95.27)},
+    "cifar100-kd": {("reduce56", "reduce20"): {"teacher": 72.34, "scratch": 69.06, "kd": 70.66, "dkd": 71.97},
+                    ("reduce110", "reduce32"): {"teacher": 74.31, "scratch": 71.14, "kd": 73.08, "dkd": 74.11}},
+}
+LORA_RANK = 8
+# RepDistiller / mdistiller CIFAR-100 recipe: SGD momentum 0.9 without Nesterov, lr 0.05, wd 5e-4, batch 64,
+# x0.1 at epochs 150/180/210 of 240, no warm-up; mdistiller's DKD uses beta 2 for these two pairs.
+KD_RECIPE = ["--lr", "0.05", "--wd", "5e-4", "--batch-size", "64", "--schedule", "step",
+             "--milestones", "0.625", "0.75", "0.875", "--no-nesterov", "--warmup-epochs", "0"]
+DKD_BETA = {("reduce56", "reduce20"): 2.0, ("reduce110", "reduce32"): 2.0}
+
+
+@dataclass
+class Row:
+    """One training run of a table.
+
+    Attributes:
+        name: the row's label, e.g. ``"stage2 + LoRA r8 (ours)"``.
+        group: what the row belongs to, e.g. ``"reduce20-w1"``; rows of one group share a plot.
+        run: the run directory of this seed.
+        argv: the command's options (without ``--out``, ``--resume``, ``--overwrite``).
+        main: ``train.stage1.main`` or ``train.stage2.main``.
+        seed: the row's seed.
+        result: the run's summary, filled by the runner.
+    """
+
+    name: str
+    group: str
+    run: Path
+    argv: list[str]
+    main: Callable[[list[str]], dict]
+    seed: int = 0
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _common(args: argparse.Namespace, seed: int) -> list[str]:
+    out = ["--seed", str(seed), "--device", args.device]
+    if args.data_dir:
+        out += ["--data-dir", args.data_dir]
+    if args.subset:
+        out += ["--subset", str(args.subset)]
+    return out
+
+
+def cifar10_rows(args: argparse.Namespace) -> list[Row]:
+    """Teacher, scratch student with the same total epochs, and stage 2, per recipe, model, width and seed."""
+    e1, e2 = BUDGETS["cifar10-reducenet"][args.budget]
+    widths = [1, 2] if torch.cuda.is_available() and args.device != "cpu" else [1]
+    runs, rows = Path(args.runs) / "cifar10-reducenet", []
+    for model in args.models or ["reduce20", "reduce56"]:
+        for w in widths:
+            group = f"{model}-w{w}"
+            for seed in args.seeds:
+                for short in args.recipes:
+                    recipe = ["--recipe", RECIPE_NAMES[short]]
+                    common = ["--dataset", "cifar10", *recipe, *_common(args, seed)]
+                    prefix = runs / f"{group}-{short}-s{seed}"
+                    teacher = Path(f"{prefix}-teacher")
+                    s2 = ["--inherit", str(teacher), "--epochs", str(e2), *common]
+                    tag = f" ({short} recipe)"
+                    rows += [
+                        Row("teacher (stage1)" + tag, group, teacher,
+                            ["-m", model, "--width", str(w), "--expansion", "1", "--epochs", str(e1), *common],
+                            stage1.main, seed),
+                        Row(f"student from scratch ({e1 + e2} ep)" + tag, group, Path(f"{prefix}-scratch"),
+                            ["-m", model, "--width", str(w), "--expansion", "0", "--epochs", str(e1 + e2), *common],
+                            stage1.main, seed),
+                        Row("stage2: inherit + KD" + tag, group, Path(f"{prefix}-kd"), [*s2, "--kd", "kd"],
+                            stage2.main, seed),
+                    ]
+                    if short == "ours":
+                        rows += _lora_rows(group, prefix, s2, e2, tag, seed)
+    return rows
+
+
+def _lora_rows(group: str, prefix: Path, s2: list[str], e2: int, tag: str, seed: int) -> list[Row]:
+    lora = [*s2, "--kd", "kd", "--lora-rank", str(LORA_RANK)]
+    return [
+        Row(f"stage2 + LoRA r{LORA_RANK}" + tag, group, Path(f"{prefix}-kd-lora"), lora, stage2.main, seed),
+        Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU" + tag, group, Path(f"{prefix}-kd-lora-lambda"),
+            [*lora, "--lambda-epochs", str(max(1, e2 // 2))], stage2.main, seed),
+    ]
+
+
+def original_rows(args: argparse.Namespace, teacher: Path) -> list[Row]:
+    """Stage 2 from the original ReduceNet's own converted teacher, against a scratch student of the same epochs."""
+    _, e2 = BUDGETS["original-stage2"][args.budget]
+    runs, rows, group = Path(args.runs) / "original-stage2", [], "reduce20-w1"
+    for seed in args.seeds:
+        common = ["--dataset", "cifar10", *_common(args, seed)]
+        prefix = runs / f"reduce20-s{seed}"
+        paper = ["--inherit", str(teacher), "--epochs", str(e2), "--recipe", "reducenet-paper", *common]
+        ours = ["--inherit", str(teacher), "--epochs", str(e2), *common]
+        rows += [
+            Row(f"student from scratch ({e2} ep, ours)", group, Path(f"{prefix}-scratch"),
+                ["-m", "reduce20", "--expansion", "0", "--epochs", str(e2), *common], stage1.main, seed),
+            Row("stage2: inherit + KD (paper recipe)", group, Path(f"{prefix}-paper-kd"), [*paper, "--kd", "kd"],
+                stage2.main, seed),
+            Row("stage2: inherit + KD (ours recipe)", group, Path(f"{prefix}-ours-kd"), [*ours, "--kd", "kd"],
+                stage2.main, seed),
+            *_lora_rows(group, Path(f"{prefix}-ours"), ours, e2, " (ours recipe)", seed),
+        ]
+    return rows
+
+
+def cifar100_rows(args: argparse.Namespace) -> list[Row]:
+    """resnet56 -> resnet20 and resnet110 -> resnet32: teacher, scratch, KD and DKD (RepDistiller/mdistiller)."""
+    epochs = BUDGETS["cifar100-kd"][args.budget][0]
+    runs, rows = Path(args.runs) / "cifar100-kd", []
+    pairs = [("reduce56", "reduce20"), ("reduce110", "reduce32")]
+    if args.models:
+        pairs = [p for p in pairs if p[1] in args.models or p[0] in args.models]
+    for big, small in pairs:
+        group = f"{big}->{small}"
+        for seed in args.seeds:
+            common = ["--dataset", "cifar100", "--epochs", str(epochs), *KD_RECIPE, *_common(args, seed)]
+            teacher = runs / f"{big}-teacher-s{seed}"
+            kd = ["--teacher", str(teacher), "-m", small, "--no-export", *common]
+            rows += [
+                Row(f"teacher {big} (scratch)", group, teacher, ["-m", big, "--expansion", "0", *common],
+                    stage1.main, seed),
+                Row(f"student {small} scratch", group, runs / f"{small}-scratch-s{seed}",
+                    ["-m", small, "--expansion", "0", *common], stage1.main, seed),
+                Row(f"student {small} KD", group, runs / f"{small}-kd-from-{big}-s{seed}",
+                    [*kd, "--kd", "kd", "--kd-alpha", "0.9", "--kd-T", "4"], stage2.main, seed),
+                Row(f"student {small} DKD", group, runs / f"{small}-dkd-from-{big}-s{seed}",
+                    [*kd, "--kd", "dkd", "--kd-beta", str(DKD_BETA[(big, small)])], stage2.main, seed),
+            ]
+    return rows

@@ -1,0 +1,182 @@
+"""The run directory: owned by one process at a time, replaced only when the new run has something to write.
+
+Guarantees (rank 0 of a job does all of this; the other ranks write nothing):
+
+* **One owner.** ``open()`` takes an exclusive ``flock`` on ``RUN/run.lock`` for the life of the process. A second
+  run into the same folder stops at once with one line; a killed run's lock is released by the kernel, so it
+  never goes stale.
+* **Nothing lost on a typo.** A new run (with or without ``--overwrite``) deletes nothing and writes nothing
+  until :meth:`RunDir.commit`, which the trainer calls just before it writes its first checkpoint: every option,
+  the model, the loss and the data have been validated by then. Only then are the previous run's files
+  removed (``--overwrite``) and ``args.json`` written. A run that fails earlier leaves the folder as it was.
+* **Resume honours or refuses.** ``--resume`` compares the options that shape the run with ``args.json``: a
+  different ``--lr`` is honoured (the schedule continues from the new peak; recorded under ``resumed`` in
+  ``args.json``, e.g. a lower lr after a NaN), as are the device, precision and speed options; any other
+  difference (model, data, epochs, batch size, seed, schedule, process count, ...) is refused with one line
+  naming each.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import atomic_write_text
+from models.errors import ReduceNetError
+
+#: Files and folders a run writes; ``--overwrite`` removes these and nothing else.
+RUN_FILES = ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
+             "metrics.csv", "summary.json", "tb", "deploy", "done")
+#: Options that may differ on ``--resume``: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "channels_last", "no_export",
+                     "data_dir", "lr")
+LOCK = "run.lock"
+
+
+class RunDirError(ReduceNetError):
+    """The run directory cannot be used as asked (occupied, locked, not a folder, options differ on resume)."""
+
+
+def options_of_run(argv: list[str]) -> list[str]:
+    """``argv`` without the options that say where and whether to write (``--out X``, ``--resume``, ``--overwrite``):
+    what makes two runs the same run."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif a not in ("--resume", "--overwrite") and not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """A command that repeats this run, e.g. ``python -m train.stage1 -m reduce20 --epochs 3``."""
+    return shlex.join(["python", "-m", module, *argv])
+
+
+class RunDir:
+    """A run directory.
+
+    Args:
+        path: the folder (created when needed).
+        resume: continue the run in it.
+        overwrite: replace the run in it once the new run writes its first checkpoint.
+        record: what ``args.json`` holds: ``{"command", "argv", "args", "world_size"}``.
+    """
+
+    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False,
+                 record: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.resume, self.overwrite = resume, overwrite
+        self.record = record or {}
+        self._lock_fd: int | None = None
+        self._committed = resume
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds anything but a lock (a finished or failed run's own lock does not count)."""
+        return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+
+    def open(self) -> RunDir:
+        """Check the folder, take its lock and, with ``--resume``, check the options; writes nothing else."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"--out {self.path} is a file; pass a folder for the run")
+        if self.resume and not (self.path / "train_state.pt").is_file():
+            raise RunDirError(f"--resume: {self.path} has no train_state.pt to resume from; "
+                              "drop --resume to start a new run")
+        if not self.resume and self.holds_run() and not self.overwrite:
+            raise RunDirError(f"run directory {self.path} already holds a run; pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot write to {self.path} ({e.strerror}); choose a writable --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            owner = (self.path / LOCK).read_text().strip() or "another process"
+            raise RunDirError(f"{self.path} is in use by a running job ({owner}); wait for it to finish or "
+                              "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}\n".encode())
+        self._lock_fd = fd
+        try:
+            for tmp in self.path.glob(".*.tmp"):  # left by a killed run's atomic writes; we own the folder now
+                tmp.unlink(missing_ok=True)
+            if self.resume:
+                self._check_resume()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _check_resume(self) -> None:
+        try:
+            saved = json.loads((self.path / "args.json").read_text())
+            old, new = saved["args"], self.record.get("args", {})
+        except (OSError, ValueError, KeyError, TypeError):
+            raise RunDirError(f"--resume: {self.path / 'args.json'} is missing or damaged, so the run's options "
+                              "are unknown; start a new run with --overwrite") from None
+        differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(set(old) | set(new))
+                  if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+        if saved.get("world_size", 1) != self.record.get("world_size", 1):
+            differ.append(f"{self.record.get('world_size', 1)} processes (run: {saved.get('world_size', 1)})")
+        if differ:
+            shown = ", ".join(differ)
+            raise RunDirError(f"--resume with other options than the run's ({shown}); repeat the run's options "
+                              f"(see {self.path / 'args.json'}), or start a new run with --overwrite or another --out")
+        changed = {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES
+                   if k in ("lr", "amp", "device") and old.get(k) != new.get(k)}
+        if changed:
+            saved.setdefault("resumed", []).append({"command": self.record.get("command"), "changed": changed})
+            atomic_write_text(self.path / "args.json", json.dumps(saved, indent=2, default=str) + "\n")
+
+    def commit(self) -> None:
+        """Called before the first write of a new run: remove the replaced run's files, write ``args.json``."""
+        if self._committed:
+            return
+        self._committed = True
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.overwrite:  # only the files a run writes; anything else the user put there stays
+            for name in RUN_FILES:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        if self.record:
+            atomic_write_text(self.path / "args.json", json.dumps(self.record, indent=2, default=str) + "\n")
+
+    def close(self) -> None:
+        """Release the lock (the process's exit does it too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def this_command() -> str:
+    """The command line of this process, for records (``python -m MODULE ARGS`` when run with ``-m``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return command_line(spec.name.removesuffix(".__main__"), sys.argv[1:])
+    return shlex.join(["python", *sys.argv])
