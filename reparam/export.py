@@ -68,7 +68,7 @@ def export_deploy(
     if not isinstance(model, nn.Module):
         raise ReparamError(f"export_deploy needs a torch.nn.Module, got {type(model).__name__}")
     if len(input_size) != 3 or not all(isinstance(n, int) and n > 0 for n in input_size):
-        raise ReparamError(f"input_size must be (channels, height, width) of positive whole numbers, got {input_size!r}")
+        raise ReparamError(f"input_size must be (channels, height, width), positive whole numbers; got {input_size!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReparamError(f"{out_dir} is a file; pass a folder for the deploy files")
@@ -128,4 +128,3 @@ def _export_onnx(fused: nn.Module, x: torch.Tensor, reference: torch.Tensor, pat
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {"images": x.numpy()})[0]
     return float((torch.from_numpy(out) - reference).abs().max())
-

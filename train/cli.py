@@ -20,7 +20,6 @@ from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
 
 
-
 def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup: str) -> argparse.ArgumentParser:
     """The options both stages take; each stage adds its own and documents its defaults."""
     p = argparse.ArgumentParser(prog=prog, description=description,

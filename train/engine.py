@@ -16,11 +16,13 @@ metrics as an uninterrupted one: each epoch's data order and augmentation depend
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -178,6 +180,7 @@ class Trainer:
             forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.forward_model = torch.compile(forward_model) if cfg.compile else forward_model
         self.history: list[dict[str, float]] = []
+        self.commits = [git_commit()]  # the code of each call that trained this run
         self.start_epoch = 0
         self.best_acc, self.best_epoch = -1.0, 0
 
@@ -185,7 +188,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.start_epoch, "history": self.history,
-                "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "commits": self.commits,
                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
 
     def resume(self) -> None:
@@ -201,6 +204,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_epoch, self.history = state["epoch"], state["history"]
+            self.commits = [*state.get("commits", []), *self.commits[-1:]]
             self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
             torch.set_rng_state(state["torch_rng"].cpu())
         except Exception as e:  # a torn, truncated or foreign file: all mean "cannot resume from it"
@@ -344,7 +348,8 @@ class Trainer:
             "wall_s_this_call": wall_s, "train_s_total": sum(r["epoch_s"] for r in self.history),
             "hardware": hardware(self.device), "world_size": self.dist.world_size,
             "precision": "bf16 autocast" if self.cfg.amp else "float32", "channels_last": self.cfg.channels_last,
-            "torch": torch.__version__, "command": " ".join(sys.argv), **self.cfg.extra,
+            "torch": torch.__version__, "command": " ".join(sys.argv), "commits": list(dict.fromkeys(self.commits)),
+            **self.cfg.extra,
         }
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -387,6 +392,19 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return {"test_loss": loss_sum / max(count, 1), "test_acc": 100.0 * correct / max(count, 1),
             "top5_acc": 100.0 * correct5 / max(count, 1), "count": count,
             "per_class_acc": [100.0 * h / n if n else float("nan") for h, n in zip(hits, seen)]}
+
+
+def git_commit() -> str:
+    """The short commit of the code that runs, with ``+dirty`` when it has uncommitted changes; ``unknown`` outside
+    a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, cwd=here, timeout=10)
+        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def native_bf16(device: torch.device) -> bool:

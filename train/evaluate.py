@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({**report, "per_class_acc": per_class}))
         return report
     cfg = report["model"]
-    print(f"{report['checkpoint']}: {cfg['model']}" + (f" (expansion {cfg['expansion']})" if "expansion" in cfg else ""))
+    kind = f" (expansion {cfg['expansion']})" if "expansion" in cfg else ""
+    print(f"{report['checkpoint']}: {cfg['model']}{kind}")
     print(f"data: {report['data']}, {report['count']} test images")
     print(f"top-1 {report['test_acc']:.2f}%  top-5 {report['top5_acc']:.2f}%  loss {report['test_loss']:.4f}")
     print("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(report["classes"], report["per_class_acc"])))

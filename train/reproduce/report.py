@@ -5,25 +5,12 @@ import csv
 import io
 import math
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import atomic_write_text
 
 from .specs import Row
-
-
-def git_commit() -> str:
-    """The short commit of the checkout, with ``+dirty`` when it has uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def aggregate(lines: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:

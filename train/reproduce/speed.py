@@ -12,8 +12,8 @@ import torch
 from models import complexity, create_model
 from reparam import fuse_model
 
-from ..engine import hardware
-from .report import git_commit, write_table
+from ..engine import git_commit, hardware
+from .report import write_table
 from .specs import LORA_RANK
 
 
@@ -90,5 +90,3 @@ def speed_table(args) -> Path:
         columns += [("GPU latency b1 (ms)", "gpu_latency_ms_b1"), ("GPU img/s b128", "gpu_img_per_s_b128"),
                     ("fused / plain (GPU)", "gpu_fused_over_plain")]
     return write_table("deploy-speed", header, rows, columns, Path(args.results), [])
-
-
