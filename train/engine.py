@@ -394,9 +394,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             "per_class_acc": [100.0 * h / n if n else float("nan") for h, n in zip(hits, seen)]}
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """The short commit of the code that runs, with ``+dirty`` when it has uncommitted changes; ``unknown`` outside
-    a git checkout."""
+    a git checkout. Read once per process: later edits of the checkout do not change the code already loaded."""
     here = Path(__file__).resolve().parent
     try:
         run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, cwd=here, timeout=10)
@@ -405,6 +406,9 @@ def git_commit() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+git_commit()  # now, while the checkout holds the code this process loaded
 
 
 def native_bf16(device: torch.device) -> bool:
