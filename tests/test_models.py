@@ -147,6 +147,15 @@ def test_invalid_args_raise_one_line_config_error(name, kwargs):
         assert "dw" in msg
 
 
+def test_fixed_and_empty_arguments_are_config_errors():
+    with pytest.raises(ConfigError) as e:
+        models.create_model("reduce20", depth=32)  # the name fixes the depth
+    assert "depth" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        models.create_model("reduce20", expansion=0, lora_rank=2, lora_targets=[])
+    assert "empty" in one_line(e)
+
+
 def test_depth_must_be_6n_plus_2():
     from models.reducenet import ReduceNet
 

@@ -295,3 +295,47 @@ def test_fuse_cli_teacher(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "branch_b" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert tree(out) == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--image-size", "0"], "--image-size 0"),
+    (["--out-is-a-file"], "is a file"),
+])
+def test_fuse_cli_bad_options(tmp_path, randomize, args, words):
+    ckpt = models.save_checkpoint(lora_student("reduce20", randomize, rank=2), tmp_path / "student")
+    out = tmp_path / "deploy"
+    if args == ["--out-is-a-file"]:
+        out.write_text("mine")
+        args = []
+    p = run_fuse(str(ckpt), "--out", str(out), *args)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and words in lines[0], p.stderr
+    assert not out.is_dir() and (out.read_text() == "mine" if out.exists() else True)
+
+
+def test_failed_export_creates_no_folder(tmp_path):
+    """A refusal (here: a teacher) leaves no empty deploy folder behind."""
+    out = tmp_path / "new" / "deploy"
+    with pytest.raises(ReparamError):
+        export_deploy(models.create_model("reduce20"), out)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: reparam.fuse_model(None), "NoneType"),
+    (lambda: export_deploy(None, "x"), "NoneType"),
+    (lambda: export_deploy(models.create_model("reduce20", expansion=0), "x", input_size=(3, 0, 32)), "input_size"),
+])
+def test_api_misuse_is_one_line(call, words):
+    with pytest.raises(ReparamError) as e:
+        call()
+    assert words in one_line(e)
+
+
+def test_lambda_just_above_one_is_named_exactly(randomize):
+    model = lora_student("reduce20", randomize)
+    models.set_lambda(model, 1.0000001)
+    with pytest.raises(ReparamError) as e:
+        reparam.fuse_model(model)
+    msg = one_line(e)
+    assert "lam=1.00000011920928" in msg and "< 1" not in msg  # the float32 value, not a rounded "1"

@@ -174,3 +174,20 @@ def test_deploy_speed_table(tmp_path):
     ratio = float(fused["cpu_fused_over_plain"])
     assert ratio == pytest.approx(float(fused["cpu_latency_ms_b1"]) / float(plain["cpu_latency_ms_b1"]))
     assert all(float(r["cpu_img_per_s_b128"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("main, argv, words", [
+    ("reproduce", ["deploy-speed", "--repeats", "0"], "--repeats 0"),
+    ("reproduce", ["cifar10-reducenet", "--seeds", "-1"], "--seeds"),
+    ("bench", ["--steps", "0"], "--steps 0"),
+    ("bench", ["--workers", "-1"], "--workers -1"),
+    ("bench", ["--device", "tpu9"], "tpu9"),
+])
+def test_bad_options_are_one_line(main, argv, words, tmp_path, capsys):
+    from train import bench
+    with pytest.raises(SystemExit) as e:
+        (reproduce.main if main == "reproduce" else bench.main)([*argv, "--results", str(tmp_path)]
+                                                                 if main == "reproduce" else argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert not any(tmp_path.iterdir())
