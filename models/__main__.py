@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from reparam import fuse_model
-
 from . import complexity, create_model, list_models
 from .errors import cli_errors
 
@@ -18,7 +16,7 @@ def zoo_table(num_classes: int = 10, expansion: int = 1, lora_rank: int = 8) -> 
         teacher = complexity(create_model(name, num_classes=num_classes, expansion=expansion))
         student = complexity(create_model(name, num_classes=num_classes, expansion=0))
         lora = create_model(name, num_classes=num_classes, expansion=0, lora_rank=lora_rank)
-        fused = complexity(fuse_model(lora))
+        fused = complexity(create_model(name, num_classes=num_classes, expansion=0, inference_mode=True))
         rows.append(f"| {name} | {teacher['params']:,} | {teacher['macs'] / 1e6:.1f}M | {student['params']:,} "
                     f"| {student['macs'] / 1e6:.1f}M | {complexity(lora)['params']:,} | {fused['params']:,} "
                     f"| {fused['macs'] / 1e6:.1f}M |")

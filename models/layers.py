@@ -16,8 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from reparam import transforms as T
-
+from . import fusion_math as T
 from .errors import ConfigError, ReparamError
 
 

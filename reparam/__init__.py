@@ -1,8 +1,9 @@
-"""Reparameterization: fusion maths (``transforms``), whole-model fusion (``fusion``) and export (``export``).
+"""Reparameterization above the model zoo: whole-model fusion (``fusion``) and deployment export (``export``).
 
-``python -m reparam.fuse CHECKPOINT --out DIR`` is the command-line entry point.
+The fusion maths itself (pure functions on tensors) lives in :mod:`models.fusion_math`, because every fusable
+layer's ``reparameterize()`` (timm's protocol) uses it; packages import downwards only: ``train`` -> ``reparam``
+-> ``models``. ``python -m reparam.fuse CHECKPOINT --out DIR`` is the command-line entry point.
 """
-from . import transforms
 from .fusion import fuse_model, max_abs_diff
 
-__all__ = ["transforms", "fuse_model", "max_abs_diff"]
+__all__ = ["fuse_model", "max_abs_diff"]

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 
 from models.errors import ReparamError
+from models.layers import LambdaReLU, LoRABranch
+from models.registry import model_from_config
 
 
 def _reparameterize(module: nn.Module, prefix: str = "") -> None:
@@ -32,9 +34,6 @@ def fuse_model(model: nn.Module) -> nn.Module:
         ReparamError: a module cannot be fused (a teacher's non-linear branch, a LambdaReLU with lam < 1);
             the message names it.
     """
-    from models.layers import LambdaReLU, LoRABranch
-    from models.registry import model_from_config
-
     if not isinstance(model, nn.Module):
         raise ReparamError(f"fuse_model needs a torch.nn.Module, got {type(model).__name__}")
     fused = copy.deepcopy(model).eval()

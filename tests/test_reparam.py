@@ -17,7 +17,7 @@ from _shared import one_line
 import reparam
 from models import ReparamError
 from models.layers import LambdaReLU, LoRABranch, LoRAConv2d
-from reparam import transforms as T
+from models import fusion_math as T
 from reparam.export import export_deploy
 
 NAMES = models.list_models()

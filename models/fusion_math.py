@@ -1,4 +1,4 @@
-"""Fusion maths: pure functions on tensors, one transform each.
+"""Fusion maths: pure functions on tensors, one transform each (used by every layer's ``reparameterize()``).
 
 In the style of DiverseBranchBlock's ``dbb_transforms.py``: every function takes and returns plain tensors
 (``kernel`` is a conv weight ``[out, in/groups, k, k]``, ``bias`` a ``[out]`` vector) and knows nothing about

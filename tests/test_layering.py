@@ -1,0 +1,122 @@
+"""The packages import one way (train -> reparam -> models) and no module imports itself through others.
+
+Every ``import`` is counted, at module level or inside a function, and importing ``a.b`` also runs ``a``'s
+``__init__``, so an import of another package counts as an import of its ``__init__`` too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from _shared import ROOT
+
+#: Lowest first: a package may import only itself and the packages before it.
+LAYERS = ("models", "reparam", "train")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path, packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """``{module: modules of ``packages`` it imports}`` for every ``.py`` file of ``packages`` under ``root``."""
+    files = {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = name.split(".") if is_pkg else name.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            for target in targets:
+                parts = target.split(".")
+                for i in range(1, len(parts) + 1):  # a.b.c also runs a and a.b
+                    candidate = ".".join(parts[:i])
+                    if candidate in files and candidate != name and not name.startswith(candidate + "."):
+                        edges.add(candidate)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a list of modules, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def layer_violations(graph: dict[str, set[str]], layers: tuple[str, ...]) -> list[str]:
+    rank = {pkg: i for i, pkg in enumerate(layers)}
+    return [f"{a} imports {b}" for a, targets in sorted(graph.items()) for b in sorted(targets)
+            if rank[b.split(".")[0]] > rank[a.split(".")[0]]]
+
+
+def test_packages_import_downwards_only():
+    graph = import_graph(ROOT, LAYERS)
+    assert len(graph) > 20 and graph["reparam.fusion"] >= {"models.layers"}  # the graph is really read
+    assert layer_violations(graph, LAYERS) == []
+
+
+def test_no_module_imports_itself_through_others():
+    assert find_cycle(import_graph(ROOT, LAYERS)) is None
+
+
+def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
+    """The old layout: models.layers imported reparam.transforms while reparam's __init__ imported its fusion,
+    which imported models inside a function."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "reparam").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("from .layers import ConvBN\n")
+    (tmp_path / "models" / "layers.py").write_text("from reparam import transforms as T\nclass ConvBN: ...\n")
+    (tmp_path / "reparam" / "__init__.py").write_text("from . import transforms\nfrom .fusion import fuse_model\n")
+    (tmp_path / "reparam" / "transforms.py").write_text("def fold_bn(): ...\n")
+    (tmp_path / "reparam" / "fusion.py").write_text("def fuse_model(m):\n    from models.layers import ConvBN\n")
+    graph = import_graph(tmp_path, ("models", "reparam"))
+    cycle = find_cycle(graph)
+    assert cycle is not None and "models.layers" in cycle and "reparam" in cycle, cycle
+    assert layer_violations(graph, ("models", "reparam")) == ["models.layers imports reparam",
+                                                               "models.layers imports reparam.transforms"]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from .. import stage1\n", {"train.stage1"}),
+    ("from ..engine import hardware\n", {"train.engine"}),
+    ("import models.layers\n", {"models", "models.layers"}),
+    ("def f():\n    from reparam.fusion import fuse_model\n", {"reparam", "reparam.fusion"}),
+])
+def test_imports_are_resolved(tmp_path, source, expected):
+    for pkg in ("models", "reparam", "train", "train/reproduce"):
+        (tmp_path / pkg).mkdir(parents=True, exist_ok=True)
+        (tmp_path / pkg / "__init__.py").write_text("")
+    for mod in ("models/layers", "reparam/fusion", "train/stage1", "train/engine"):
+        (tmp_path / f"{mod}.py").write_text("")
+    (tmp_path / "train" / "reproduce" / "specs.py").write_text(source)
+    graph = import_graph(tmp_path, ("models", "reparam", "train"))
+    # a module of train.reproduce imports train.reproduce's parents implicitly, which are not edges
+    assert graph["train.reproduce.specs"] == expected
