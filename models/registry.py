@@ -1,9 +1,14 @@
 """One registry: ``create_model`` / ``list_models`` here, and every entry also in timm's registry.
 
-Each factory is decorated with :func:`register_model`, which records it here and with timm's
+Each zoo factory is decorated with :func:`register_model`, which records it here and with timm's
 ``@register_model``, so after ``import models`` both ``models.create_model('reduce56')`` and
-``timm.create_model('reduce56')`` work. The factory stores ``model.config``: the registry name plus the
-keyword arguments, which is all a checkpoint needs to rebuild the model.
+``timm.create_model('reduce56')`` work. Any classifier of torchvision or timm is a model too, by a prefixed
+name: ``torchvision:resnet18`` (``torchvision.models.get_model``) and ``timm:resnet18``
+(``timm.create_model``), always built without downloading weights (``--weights FILE`` loads a user's).
+
+Every model gets ``model.config``: the name plus the keyword arguments, which is all a checkpoint needs to
+rebuild it, and ``model.num_classes``. A config may also carry ``structure``, the layers that pruning or
+BatchNorm folding changed (:mod:`models.structure`).
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import torch.nn as nn
 from timm.models import register_model as timm_register_model
 
 from .errors import ConfigError, UnknownModelError
+from .structure import apply_structure
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+EXTERNAL = ("torchvision", "timm")
 # Keyword arguments timm.create_model passes to every entrypoint; ours take no pretrained weights.
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
@@ -43,25 +50,75 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Names of the registered models matching a glob ``pattern``, in registration order."""
+    """Names of the registered zoo models matching a glob ``pattern``, in registration order."""
     return [n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)]
 
 
+def is_zoo(config_or_name: dict[str, Any] | str) -> bool:
+    """Whether a model (by config or name) is one of the zoo's families, rather than torchvision's or timm's."""
+    name = config_or_name["model"] if isinstance(config_or_name, dict) else config_or_name
+    return name in _MODELS
+
+
+def _unknown(name: str, known: list[str], hint: str, prefix: str = "") -> UnknownModelError:
+    close = [prefix + c for c in difflib.get_close_matches(name, known, n=3, cutoff=0.5)]
+    return UnknownModelError(f"unknown model {prefix + name!r}: " + (f"did you mean {', '.join(close)}?" if close
+                                                                      else hint))
+
+
+def _external(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    """A torchvision or timm classifier, built without any download."""
+    source, _, arch = name.partition(":")
+    if "pretrained" in kwargs or "weights" in kwargs:
+        raise ConfigError(f"{name} is built without downloaded weights (these machines reach no model hub); "
+                          "load your own with --weights FILE (or models.load_pretrained)")
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    if source == "torchvision":
+        import torchvision
+
+        known = torchvision.models.list_models()
+        if arch not in known:
+            raise _unknown(arch, known, "see torchvision.models.list_models()", "torchvision:")
+        build = lambda: torchvision.models.get_model(arch, weights=None, **extra, **kwargs)  # noqa: E731
+    else:
+        import timm
+
+        known = timm.list_models()
+        if arch not in known:
+            raise _unknown(arch, known, "see timm.list_models()", "timm:")
+        build = lambda: timm.create_model(arch, pretrained=False, **extra, **kwargs)  # noqa: E731
+    try:
+        return build()
+    except TypeError as e:
+        raise ConfigError(f"{name} does not take these arguments ({e})") from None
+    except ValueError as e:
+        raise ConfigError(f"{name} cannot be built with {kwargs or extra} ({e})") from None
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model.
+    """Build a model of the zoo, or of torchvision / timm by a prefixed name.
 
     Args:
-        name: a name from :func:`list_models`, e.g. ``"reduce56"``.
-        **kwargs: the family's arguments (``num_classes``, ``width``, ``expansion``, ``lora_rank``, ...).
+        name: a name from :func:`list_models` (e.g. ``"reduce56"``), ``"torchvision:NAME"`` or ``"timm:NAME"``.
+        **kwargs: the family's arguments (``num_classes``, ``width``, ``expansion``, ``lora_rank``, ...); for
+            torchvision/timm, ``num_classes`` and any argument their builders take.
 
     Raises:
-        UnknownModelError: ``name`` is not registered; the message lists the close matches.
+        UnknownModelError: the name is not known; the message lists the close matches.
         ConfigError: an argument is not valid.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"a model name is a string such as 'reduce20' or 'torchvision:resnet18', got {name!r}")
+    if name.partition(":")[0] in EXTERNAL and ":" in name:
+        num_classes = kwargs.pop("num_classes", None)
+        model = _external(name, num_classes, kwargs)
+        classes = num_classes if num_classes is not None else classifier_of(model).out_features
+        model.config = {"model": name, "num_classes": classes, **kwargs}
+        model.num_classes = classes
+        return model
     if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose one of {', '.join(_MODELS)}"
-        raise UnknownModelError(f"unknown model {name!r}: {hint} (`python -m models` lists the zoo)")
+        raise _unknown(name, list(_MODELS), f"choose one of {', '.join(_MODELS)}, or torchvision:NAME / timm:NAME "
+                                            "(`python -m models` lists the zoo)")
     try:
         return _MODELS[name](**kwargs)
     except TypeError as e:
@@ -71,7 +128,23 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"{name} {detail}; see its docstring for the arguments it takes") from None
 
 
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The classifier: the last ``nn.Linear`` of the model (``fc``, ``classifier[-1]``, ``head``, ...)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier; its class count cannot be read")
+    return linears[-1]
+
+
 def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:
-    """Rebuild a model from its ``config`` (as stored in checkpoints), with optional overrides."""
+    """Rebuild a model from its ``config`` (as stored in checkpoints), with optional overrides.
+
+    A ``structure`` entry (pruned or folded layers) is applied after the build and kept in the new config.
+    """
     cfg = {**config, **overrides}
-    return create_model(cfg.pop("model"), **cfg)
+    structure = cfg.pop("structure", None)
+    model = create_model(cfg.pop("model"), **cfg)
+    if structure:
+        apply_structure(model, structure)
+        model.config = {**model.config, "structure": structure}
+    return model

@@ -4,11 +4,14 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.fx
 import torch.nn as nn
 
+from models import fusion_math as T
 from models.errors import ReparamError
 from models.layers import LambdaReLU, LoRABranch
-from models.registry import model_from_config
+from models.registry import is_zoo, model_from_config
+from models.structure import apply_structure, structure_diff
 
 
 def _reparameterize(module: nn.Module, prefix: str = "") -> None:
@@ -23,12 +26,52 @@ def _reparameterize(module: nn.Module, prefix: str = "") -> None:
         _reparameterize(child, path + ".")
 
 
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> list[str]:
+    """Fold every eval-mode BatchNorm that directly follows a conv (whose output feeds nothing else), in place.
+
+    The pairs are found on the model's ``torch.fx`` graph; the conv gets the folded kernel and a bias and the
+    BatchNorm becomes ``nn.Identity``. A BatchNorm elsewhere (after a concatenation, before a conv as in
+    pre-activation nets) stays. Returns the folded BatchNorms' names.
+
+    Raises:
+        ReparamError: the model cannot be traced by ``torch.fx``; the message names it.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # fx raises many kinds on data-dependent control flow
+        raise ReparamError(f"cannot trace {type(model).__name__} with torch.fx to find conv-BatchNorm pairs "
+                           f"({type(e).__name__}); export it unfused, or give its blocks a reparameterize()") from None
+    modules = dict(model.named_modules())
+    folded = []
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or len(src.users) != 1:
+            continue
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        kernel, bias = T.fold_bn(conv.weight, bias, bn.running_mean, bn.running_var, gamma, beta, bn.eps)
+        conv.weight.copy_(kernel)
+        conv.bias = nn.Parameter(bias)
+        parent, _, name = node.target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+        folded.append(node.target)
+    return folded
+
+
 def fuse_model(model: nn.Module) -> nn.Module:
     """Return a deep-copied, eval-mode model with every LoRA branch and BatchNorm fused into its convs.
 
-    For a registered model the result is the plain deploy form, built directly from the model's config with
-    ``inference_mode=True``, into which the fused weights are loaded strictly. Other models that follow
-    timm's ``reparameterize()`` protocol come back as their fused copy.
+    Zoo models: every fusable layer's ``reparameterize()`` runs (timm's protocol), and the result is the plain
+    deploy form, built from the model's config with ``inference_mode=True``, into which the fused weights are
+    loaded strictly. torchvision/timm models (and pruned ones): the same walk, then every BatchNorm that
+    follows a conv is folded (:func:`fold_batchnorms`); the changed layers are recorded in the config's
+    ``structure``, so the result saves and rebuilds like any model.
 
     Raises:
         ReparamError: a module cannot be fused (a teacher's non-linear branch, a LambdaReLU with lam < 1);
@@ -38,15 +81,26 @@ def fuse_model(model: nn.Module) -> nn.Module:
         raise ReparamError(f"fuse_model needs a torch.nn.Module, got {type(model).__name__}")
     fused = copy.deepcopy(model).eval()
     _reparameterize(fused)
+    config = getattr(model, "config", None)
+    zoo = bool(config) and is_zoo(config)
+    if not zoo:
+        fold_batchnorms(fused)
+    survivors = (LoRABranch, LambdaReLU) + ((nn.modules.batchnorm._BatchNorm,) if zoo else ())
     for name, m in fused.named_modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, LoRABranch, LambdaReLU)):
+        if isinstance(m, survivors):
             raise ReparamError(f"{name} ({type(m).__name__}) survived fusion: it sits outside a ConvBN; "
                                "give its block a reparameterize() method")
-    config = getattr(model, "config", None)
     if not config:
         return fused
+    deploy_config = {k: v for k, v in config.items() if k != "structure"}
+    if zoo:
+        deploy_config.update(expansion=0, lora_rank=0, inference_mode=True)
+    deploy = model_from_config(deploy_config)
+    patch = structure_diff(fused, deploy)
+    if patch:
+        apply_structure(deploy, patch)
+        deploy.config = {**deploy.config, "structure": patch}
     param = next(model.parameters())
-    deploy = model_from_config(config, expansion=0, lora_rank=0, inference_mode=True)
     deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
     deploy.preprocess = getattr(model, "preprocess", None)
     return deploy.eval()

@@ -37,13 +37,14 @@ from train import stage1, stage2
 from train.data import build_data
 from train.distill import DistillLoss
 from train.engine import Trainer
+from train.tasks import Classify
 
 from _shared import CIFAR10, CIFAR100, ROOT
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
     pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
 
 LABEL = "CIFAR-10 (exact subset, 5438 train / 1017 test)"
-METRIC_COLUMNS = ["epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
                   "epoch_s"]
 SUBSET, BATCH = 320, 32  # 10 steps per epoch; 60 test images
 # The teacher: 3 epochs at lr 0.05. Its training loss fell in every epoch for seeds 0, 1 and 2
@@ -105,10 +106,11 @@ def hidden_files(folder: Path) -> list[str]:
     return [p.relative_to(folder).as_posix() for p in folder.rglob(".*")]
 
 
-def metrics(run: Path) -> list[dict[str, str]]:
+def metrics(run: Path, extra: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """metrics.csv's rows; its columns are the engine's, then what the task and schedules log (``extra``)."""
     with open(run / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == METRIC_COLUMNS
+        assert reader.fieldnames == [*METRIC_COLUMNS, *extra]
         return list(reader)
 
 
@@ -164,13 +166,13 @@ def student(teacher, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------- 1. end to end
 
 
-def check_run_files(run: Path, epochs: int, summary: dict) -> list[dict[str, str]]:
+def check_run_files(run: Path, epochs: int, summary: dict, extra: tuple[str, ...] = ()) -> list[dict[str, str]]:
     for name in ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
                  "metrics.csv", "summary.json"):
         assert (run / name).is_file(), f"{name} missing in {run}"
     assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events file"
     assert not hidden_files(run)
-    rows = metrics(run)
+    rows = metrics(run, extra)
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     written = json.loads((run / "summary.json").read_text())
     for key in ("best_test_acc", "best_epoch", "last_test_acc", "last_epoch", "params", "macs", "images_per_s",
@@ -201,7 +203,7 @@ def test_end_to_end_stage1_stage2_fuse(teacher, student):
 
     # Stage 2: LoRA + lambda anneal, then fusion and export.
     run, summary = student["dir"], student["summary"]
-    srows = check_run_files(run, 2, summary)
+    srows = check_run_files(run, 2, summary, extra=("lambda",))
     assert [float(r["lambda"]) for r in srows] == [0.5, 1.0]
     assert summary["model"]["expansion"] == 0 and summary["model"]["lora_rank"] == 4
     assert abs(summary["fused_test_acc"] - summary["unfused_test_acc"]) <= 0.01
@@ -296,7 +298,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(teacher, tmp_path):
     got, want = metrics(run), metrics(ref)
     assert len(got) == 3
     for g, w in zip(got, want):
-        for key in ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc"):
+        for key in ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"):
             assert g[key] == w[key], (g["epoch"], key, g[key], w[key])  # exact: the same decimal repr
     tensors_equal(run / "last.safetensors", ref / "last.safetensors")
     tensors_equal(run / "best.safetensors", ref / "best.safetensors")
@@ -327,14 +329,14 @@ def test_stage2_resume_restores_lambda_and_optimizer(teacher, student, tmp_path,
 
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["epoch"] == 1
-    lams = lambdas(state["model"])
+    lams = lambdas(state["task"])
     assert lams and all(lam == 0.5 for lam in lams), lams  # mid-anneal lambda is part of the state
     momenta = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
     assert momenta and any(m.abs().sum() > 0 for m in momenta)
     assert not (out / "deploy").exists()
 
     summary, _ = run_main(stage2.main, [*args, "--resume"])
-    got, want = metrics(out), metrics(student["dir"])
+    got, want = metrics(out, ("lambda",)), metrics(student["dir"], ("lambda",))
     for g, w in zip(got, want, strict=True):
         for key in ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc"):
             assert g[key] == w[key], (g["epoch"], key, g[key], w[key])
@@ -503,17 +505,18 @@ def test_stage2_lambda_epochs_validation(teacher, extra, words, tmp_path, capsys
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """A NaN loss in epoch 2 stops the run with one line; epoch 1's files are kept byte for byte."""
     out = tmp_path / "run"
-    original = DistillLoss.forward
+    original = Classify.forward
     calls, kept = {"n": 0}, {}
 
-    def nan_at_epoch2_step2(self, *a, **kw):
+    def nan_at_epoch2_step2(self, x, y):
         calls["n"] += 1
+        loss, logits, logs = original(self, x, y)
         if calls["n"] == 4:  # 2 steps per epoch: epoch 2, step 2
             kept.update(snapshot(out))
-            return torch.full((), float("nan"))
-        return original(self, *a, **kw)
+            return loss * float("nan"), logits, logs
+        return loss, logits, logs
 
-    monkeypatch.setattr(DistillLoss, "forward", nan_at_epoch2_step2)
+    monkeypatch.setattr(Classify, "forward", nan_at_epoch2_step2)
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)])
     assert "nan" in line and "epoch 2, step 2" in line and "(epoch 1)" in line, line
     assert kept, "the NaN was never returned"
@@ -526,7 +529,7 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     load_checkpoint(out)
 
     # ... and the run resumes from there.
-    monkeypatch.setattr(DistillLoss, "forward", original)
+    monkeypatch.setattr(Classify, "forward", original)
     summary, _ = run_main(stage1.main, [*TINY_ARGS, "--out", str(out), "--resume"])
     assert summary["last_epoch"] == 2 and len(metrics(out)) == 2
 

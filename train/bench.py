@@ -26,8 +26,8 @@ from models import create_model
 from models.errors import ConfigError, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data
-from .distill import DistillLoss
 from .engine import TrainConfig, Trainer, hardware, init_distributed
+from .tasks import Classify
 
 
 class PILDataset(Dataset):
@@ -78,7 +78,7 @@ def project_path(model: nn.Module, args, device: torch.device) -> float:
                       device=device, channels_last=cuda)
     cfg = TrainConfig(epochs=2, amp=cuda, compile=cuda and not args.no_compile, channels_last=cuda)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, data, cfg, tmp, DistillLoss("none"), device=device)
+        trainer = Trainer(Classify(model), data, cfg, tmp, device=device)
         trainer.train_epoch(0)
         return trainer.train_epoch(1)["images_per_s"]
 

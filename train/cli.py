@@ -171,7 +171,7 @@ def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) 
         epochs=args.epochs, lr=args.lr, wd=args.wd, nesterov=args.nesterov, schedule=args.schedule, seed=args.seed,
         milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=warmup_default if args.warmup_epochs is None else args.warmup_epochs,
-        lambda_epochs=getattr(args, "lambda_epochs", 0.0), amp=args.amp, compile=args.compile,
+        amp=args.amp, compile=args.compile,
         channels_last=args.channels_last, sync_bn=args.sync_bn, extra=extra,
     )
 

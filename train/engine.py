@@ -28,23 +28,23 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from models import complexity, save_checkpoint, set_lambda
+from models import complexity, save_checkpoint
 from models.checkpoint import atomic_write, atomic_write_text
 from models.errors import ReduceNetError
 
 from .data import Data
-from .distill import DistillLoss
 from .rundir import RunDir
+from .tasks import Task
 
-METRIC_FIELDS = ("epoch", "lr", "lambda", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s",
-                 "epoch_s")
+#: Columns of metrics.csv; what tasks and schedules log (lambda, loss terms) follows them.
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "epoch_s")
 
 
 class TrainingDiverged(ReduceNetError):
@@ -64,7 +64,6 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs, for "step"
     gamma: float = 0.1
     warmup_epochs: float = 0.0
-    lambda_epochs: float = 0.0  # anneal LambdaReLU lam from 0 to 1 over these first epochs
     seed: int = 0
     amp: bool = False
     compile: bool = False
@@ -135,35 +134,39 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
 
 
 class Trainer:
-    """Trains ``model`` on ``data`` with ``loss_fn``, optionally distilling from a frozen ``teacher``.
+    """Trains a :class:`~train.tasks.Task` on ``data``: the one loop of every stage.
+
+    The loop knows nothing of a model's family: the task computes the loss (and what to log) from a batch and
+    holds everything that is optimised, saved and resumed (the student and any trainable adapters of its losses);
+    schedules such as the LambdaReLU anneal plug in as ``callbacks`` (:mod:`train.schedules`).
 
     Args:
-        model: the network to train (registered model with ``.config``).
+        task: what to train; ``task.student`` is the model that is checkpointed and evaluated.
         data: train/test loaders from :func:`train.data.build_data`.
         cfg: optimisation settings.
         run_dir: where checkpoints and logs go (only rank 0 writes): a :class:`~train.rundir.RunDir`, whose
             ``commit()`` is called before the first write, or a plain folder.
-        loss_fn: :class:`~train.distill.DistillLoss`; its kind ``none`` is plain cross-entropy.
-        teacher: frozen teacher for distillation, or None.
         dist_info: this process's rank, from :func:`init_distributed`.
         device: where to train.
         metadata: stored in every checkpoint (dataset, stage, ...).
+        callbacks: objects with ``on_step(epoch, step, steps) -> dict`` called before every step.
     """
 
-    def __init__(self, model: nn.Module, data: Data, cfg: TrainConfig, run_dir: RunDir | str | Path,
-                 loss_fn: DistillLoss, teacher: nn.Module | None = None, dist_info: Dist | None = None,
-                 device: torch.device | str = "cpu", metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, task: Task, data: Data, cfg: TrainConfig, run_dir: RunDir | str | Path,
+                 dist_info: Dist | None = None, device: torch.device | str = "cpu",
+                 metadata: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> None:
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        self.cfg, self.data, self.run_dir, self.loss_fn = cfg, data, self.run.path, loss_fn
+        self.cfg, self.data, self.run_dir = cfg, data, self.run.path
         self.dist = dist_info or Dist()
         self.device = torch.device(device)
         self.metadata = metadata or {}
+        self.callbacks = list(callbacks)
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-        self.model = model.to(self.device, memory_format=memory_format)
-        self.teacher = teacher
-        if teacher is not None:
-            self.teacher = teacher.to(self.device, memory_format=memory_format).eval().requires_grad_(False)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        if self.dist.world_size > 1 and cfg.sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
+        self.task = task.to_device(self.device, memory_format)
+        self.model = task.student
+        self.optimizer = torch.optim.SGD(self.task.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.wd)
         steps = len(data.train)  # >= 1: a Loader with fewer samples than one batch refuses to be built
         self.total_steps = steps * cfg.epochs
@@ -171,14 +174,11 @@ class Trainer:
         warmup = int(cfg.warmup_epochs * steps)
         self.lr_factor = lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, milestones, cfg.gamma, steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        forward_model: nn.Module = self.model
-        if self.dist.world_size > 1 and cfg.sync_bn:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # in place: same keys, same .config
-            forward_model = self.model
+        forward_task: nn.Module = self.task
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+            forward_task = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
+        self.forward_task = torch.compile(forward_task) if cfg.compile else forward_task
         self.history: list[dict[str, float]] = []
         self.commits = [git_commit()]  # the code of each call that trained this run
         self.start_epoch = 0
@@ -186,13 +186,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.start_epoch, "history": self.history,
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "commits": self.commits,
                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
 
     def resume(self) -> None:
-        """Load ``train_state.pt`` of the run directory (model, optimizer, scheduler, lambda, epoch, RNG).
+        """Load ``train_state.pt`` of the run directory (student and adapters, optimizer, scheduler, epoch, RNG).
 
         The peak learning rate is ``cfg.lr``, which may differ from the run's (after a NaN, say): the schedule
         continues from the same step with the new peak.
@@ -200,7 +200,10 @@ class Trainer:
         path = self.run_dir / "train_state.pt"
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-            self.model.load_state_dict(state["model"])
+            if "task" in state:
+                self.task.load_state_dict(state["task"])
+            else:  # written before tasks existed: the model alone
+                self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_epoch, self.history = state["epoch"], state["history"]
@@ -228,7 +231,8 @@ class Trainer:
         torch.save(self.state_dict(), buf)
         atomic_write(self.run_dir / "train_state.pt", lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=METRIC_FIELDS)
+        extra = sorted({k for row in self.history for k in row} - set(METRIC_FIELDS))
+        writer = csv.DictWriter(out, fieldnames=[*METRIC_FIELDS, *extra])
         writer.writeheader()
         writer.writerows(self.history)
         atomic_write_text(self.run_dir / "metrics.csv", out.getvalue())
@@ -239,52 +243,50 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def _lambda(self, epoch: int, step: int, steps: int) -> float | None:
-        if not self.cfg.lambda_epochs:
-            return None
-        return min(1.0, (epoch + (step + 1) / steps) / self.cfg.lambda_epochs)
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        self.model.train()
+        self.task.train()
         self.data.train.set_epoch(epoch)
-        self.loss_fn.set_epoch(epoch)
+        self.task.set_epoch(epoch)
         steps = len(self.data.train)
         bar = tqdm(self.data.train, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen, lam, start = 0, None, time.perf_counter()
+        log_sums: dict[str, torch.Tensor] = {}
+        step_logs: dict[str, float] = {}
+        seen, start = 0, time.perf_counter()
         for step, (x, y) in enumerate(bar):
-            lam = self._lambda(epoch, step, steps)
-            if lam is not None:
-                set_lambda(self.model, lam)
+            for callback in self.callbacks:
+                step_logs.update(callback.on_step(epoch, step, steps) or {})
             with self._autocast():
-                logits = self.forward_model(x)
-                with torch.no_grad():
-                    t_logits = self.teacher(x) if self.teacher is not None else None
-                loss = self.loss_fn(logits, y, t_logits)
+                loss, logits, logs = self.forward_task(x, y)
             if not torch.isfinite(loss):
-                raise self._diverged(loss, logits, t_logits, epoch, step)
+                raise self._diverged(loss, logits, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             loss_sum += loss.detach().double() * y.numel()
             correct += (logits.detach().argmax(1) == y).sum()
+            for k, v in logs.items():
+                log_sums[k] = log_sums.get(k, 0) + v.detach().double() * y.numel()
             seen += y.numel()
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        total_loss, total_correct, total_seen = self.dist.sum([loss_sum.item(), correct.item(), seen], self.device)
+        keys = sorted(log_sums)
+        totals = self.dist.sum([loss_sum.item(), correct.item(), seen, *(log_sums[k].item() for k in keys)],
+                               self.device)
+        total_loss, total_correct, total_seen = totals[:3]
         return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
-                "images_per_s": total_seen / elapsed, "lambda": float("nan") if lam is None else lam,
-                "lr": self.scheduler.get_last_lr()[0]}
+                "images_per_s": total_seen / elapsed, "lr": self.scheduler.get_last_lr()[0], **step_logs,
+                **{k: v / total_seen for k, v in zip(keys, totals[3:])}}
 
-    def _diverged(self, loss: torch.Tensor, logits: torch.Tensor, t_logits: torch.Tensor | None, epoch: int,
-                  step: int) -> TrainingDiverged:
+    def _diverged(self, loss: torch.Tensor, logits: torch.Tensor, epoch: int, step: int) -> TrainingDiverged:
         """The error for a non-finite loss, naming the likely cause and what is kept."""
+        t_logits = getattr(self.task, "last_teacher_logits", None)
         where = f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}"
         kept = (f"the last good checkpoint (epoch {self.start_epoch}) in {self.run_dir} is kept"
                 if self.start_epoch else "no epoch had finished, so nothing was written")
@@ -313,17 +315,17 @@ class Trainer:
             row.update(test_loss=metrics["test_loss"], test_acc=metrics["test_acc"])
             row["epoch"] = epoch + 1
             row["epoch_s"] = time.perf_counter() - t0
-            self.history.append({k: row[k] for k in METRIC_FIELDS})
+            self.history.append(row)
             if self.dist.is_main:
                 self._save(epoch + 1, row["test_acc"])
                 if writer is None:  # created only now: a run that fails earlier leaves no tb/ behind
                     from torch.utils.tensorboard import SummaryWriter
                     writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=epoch + 1)
-                for k in METRIC_FIELDS[1:]:
-                    if not math.isnan(row[k]):
-                        writer.add_scalar(k, row[k], epoch + 1)
+                for k, v in row.items():
+                    if k != "epoch" and math.isfinite(v):
+                        writer.add_scalar(k, v, epoch + 1)
                 writer.flush()
-                lam = "" if math.isnan(row["lambda"]) else f" lambda {row['lambda']:.2f}"
+                lam = f" lambda {row['lambda']:.2f}" if "lambda" in row else ""
                 log(f"epoch {epoch + 1:3d}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
                     f"train {row['train_acc']:5.2f}% test {row['test_acc']:5.2f}% "
                     f"lr {row['lr']:.4f}{lam} {row['images_per_s']:.0f} img/s")

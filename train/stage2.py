@@ -1,6 +1,9 @@
 """``python -m train.stage2 --inherit RUN_DIR_OR_CHECKPOINT``: derive the student and distil it from the teacher.
 
-The student is the teacher without its non-linear branch (b), inheriting every other tensor. Optional LoRA
+The student is the teacher without its non-linear branch (b), inheriting every other tensor. ``--teacher CKPT
+-m MODEL`` instead distils any trained classifier (zoo, torchvision:NAME, timm:NAME, trimmed) into a fresh
+student of any of these kinds. ``--feature-kd hint|at`` adds a feature loss on the stage outputs (FitNets
+hints with trained 1x1 regressors, or attention transfer). Optional LoRA
 branches (``--lora-rank``) add linear capacity while it trains; with ``--lambda-epochs K`` their LambdaReLU
 is annealed from ReLU (lam 0) to identity (lam 1) over the first K epochs. At the end the student is fused,
 checked to give the same test accuracy (within 0.01 points), and exported to ``RUN_DIR/deploy``.
@@ -19,19 +22,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from models import complexity, create_model, load_checkpoint, read_record, student_from_teacher
 from models.checkpoint import atomic_write_text, resolve
 from models.errors import CheckpointError, ConfigError, DataError, ReparamError, cli_errors
+from models.registry import is_zoo
+from models.weights import load_pretrained
 from reparam import fuse_model
 from reparam.export import export_deploy
 
-from .cli import (common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup,
-                  size_line, train_config)
-from .distill import KD_LOSSES, KD_REDUCTIONS, DistillLoss
+from .cli import (common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup, size_line,
+                  train_config)
+from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill
 from .engine import Trainer
 from .preprocess import Renormalize, normalization
+from .schedules import LambdaSchedule
+from .tasks import Distill, FeatureHooks, stage_outputs
 
 ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accuracy
 
@@ -42,22 +50,34 @@ def build_parser():
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--inherit", help="teacher run directory (uses last.safetensors) or checkpoint; "
                      "the student is its sub-network and inherits its weights")
-    src.add_argument("--teacher", help="plain KD instead: distil this checkpoint (any trained classifier) "
-                     "into a freshly initialised student -m MODEL, e.g. resnet56 -> resnet20")
+    src.add_argument("--teacher", help="plain KD instead: distil this checkpoint or run (any trained classifier) "
+                     "into a freshly initialised student -m MODEL, e.g. reduce56 -> reduce20")
     s.add_argument("-m", "--model", default=None,
-                   help="with --inherit: expected architecture (refuses another); with --teacher: the student")
+                   help="with --inherit: expected architecture (refuses another); with --teacher: the student "
+                        "(zoo model, torchvision:NAME or timm:NAME)")
+    s.add_argument("--weights", default=None, help="with --teacher: start the student from these weights")
     s.add_argument("--lora-rank", type=int, default=0, help="rank of the linear LoRA branches; 0 for none")
     s.add_argument("--lora-targets", nargs="+", default=None,
                    help="globs over conv names that get LoRA (default: every 3x3 conv inside the blocks)")
     s.add_argument("--lambda-epochs", type=float, default=0.0,
                    help="anneal LambdaReLU in the LoRA branches from 0 to 1 over these first epochs")
-    s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="distillation loss")
+    s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="logit distillation loss")
     s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
     s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
     s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
     s.add_argument("--kd-reduction", choices=KD_REDUCTIONS, default=None,
                    help="kd: batchmean (Hinton) or mean over N*C elements (the original ReduceNet's nn.KLDivLoss(), "
                         "1/C of it); default: the recipe's")
+    f = p.add_argument_group("feature distillation")
+    f.add_argument("--feature-kd", choices=("none", *FEATURE_MODES), default="none",
+                   help="hint: FitNets (MSE after a trained 1x1 conv + BN per layer); at: attention transfer")
+    f.add_argument("--feature-weight", type=float, default=None,
+                   help=f"weight of the feature loss (RepDistiller's CIFAR settings: "
+                        f"{', '.join(f'{k} {v:g}' for k, v in FEATURE_DEFAULTS.items())})")
+    f.add_argument("--feature-layers", nargs="+", default=None,
+                   help="student module paths (default: its last 3 stage outputs)")
+    f.add_argument("--teacher-layers", nargs="+", default=None,
+                   help="teacher module paths, one per student layer (default: its last stage outputs)")
     s.add_argument("--no-export", action="store_true", help="fuse and check, but write no deploy files")
     return p
 
@@ -67,15 +87,16 @@ def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
     p = resolve(path)
     record = read_record(p)
     config = record["config"]
-    if not inherit:
-        return load_checkpoint(p), record.get("metadata", {}), p
-    if not config.get("expansion"):
-        raise CheckpointError(f"{p} is a student ({config.get('model')}, expansion=0); --inherit needs a "
-                              "teacher trained by train.stage1 with --expansion >= 1")
-    if expected_model and expected_model != config.get("model"):
+    if inherit and not (is_zoo(config) and config.get("expansion")):
+        what = "a student (expansion=0)" if config.get("expansion") == 0 else "not a ReduceNet teacher"
+        raise CheckpointError(f"{p} is {what} ({config.get('model')}); --inherit needs a teacher trained by "
+                              "train.stage1 with --expansion >= 1 (use --teacher CKPT -m MODEL for plain distillation)")
+    if inherit and expected_model and expected_model != config.get("model"):
         raise CheckpointError(f"{p} holds a {config.get('model')} teacher, not {expected_model}; "
                               "pass the matching -m or another --inherit")
-    return load_checkpoint(p), record.get("metadata", {}), p
+    teacher = load_checkpoint(p)
+    teacher.float()  # a float16/float64 checkpoint trains in float32 (with bf16 autocast where it pays)
+    return teacher, record.get("metadata", {}), p
 
 
 def validate(args) -> None:
@@ -83,11 +104,61 @@ def validate(args) -> None:
         raise ConfigError(f"--lora-rank {args.lora_rank} is not valid: pass 0 (no LoRA) or a rank >= 1")
     if args.teacher and not args.model:
         raise ConfigError("--teacher distils into a fresh student: name it with -m MODEL (e.g. -m reduce20)")
+    if args.weights and not args.teacher:
+        raise ConfigError("--weights starts a fresh student (--teacher); with --inherit the student inherits")
     if args.lambda_epochs and not args.lora_rank:
         raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
     if not 0 <= args.lambda_epochs <= args.epochs:
         raise ConfigError(f"--lambda-epochs {args.lambda_epochs:g} must lie in [0, --epochs {args.epochs}] "
                           "so that lambda reaches 1 before fusion")
+    if args.feature_kd == "none" and (args.feature_layers or args.teacher_layers or args.feature_weight is not None):
+        raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd hint or at")
+
+
+def build_student(args, teacher: nn.Module, num_classes: int) -> nn.Module:
+    if args.inherit:
+        return student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    if is_zoo(args.model):
+        student = create_model(args.model, num_classes=num_classes, expansion=0, lora_rank=args.lora_rank,
+                               lora_targets=args.lora_targets)
+    elif args.lora_rank:
+        raise ConfigError(f"--lora-rank adds branches to the zoo's ConvBN layers; {args.model} has none")
+    else:
+        student = create_model(args.model, num_classes=num_classes)
+    if args.weights:
+        load_pretrained(student, args.weights)
+    return student
+
+
+def feature_loss(args, student: nn.Module, teacher: nn.Module, input_size: list[int]):
+    """The feature loss and its layer pairs, or ``(None, [], [])``."""
+    if args.feature_kd == "none":
+        return None, [], []
+    s_layers = args.feature_layers or stage_outputs(student, input_size)
+    t_layers = args.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers))
+    if len(s_layers) != len(t_layers):
+        raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
+                          f"{len(t_layers)}: pass --teacher-layers, one per student layer")
+    channels = [_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
+    try:
+        loss = FeatureDistill(channels[0], channels[1], args.feature_kd, args.feature_weight)
+    except ConfigError as e:
+        raise ConfigError(f"--feature-kd {args.feature_kd}: {e}") from None
+    return loss, s_layers, t_layers
+
+
+def _channels(model: nn.Module, layers: list[str], input_size: list[int]) -> list[int]:
+    """Channels of each named layer's output, from one forward pass."""
+    hooks = FeatureHooks(model, layers)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+        return [t.shape[1] for t in hooks.take()]
+    finally:
+        hooks.remove()
+        model.train(was)
 
 
 @cli_errors
@@ -101,7 +172,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta): {e}") from None
     teacher, teacher_meta, teacher_path = load_teacher(args.inherit or args.teacher, args.model,
                                                        inherit=bool(args.inherit))
-    teacher.float()  # a float16/float64 checkpoint trains in float32 (with bf16 autocast where it pays)
     args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
     teacher_data = teacher_meta.get("data_dir")
     if args.data_dir is None and teacher_data:
@@ -112,21 +182,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.image_size is None and args.dataset == "imagefolder":
         args.image_size = teacher_meta.get("image_size")
     info, device = setup(args)
-    name = teacher.config["model"] if args.inherit else args.model
+    name = (teacher.config["model"] if args.inherit else args.model).replace(":", "-")
     data = load_data(args, info, device)
     if teacher.num_classes != data.info.num_classes:
         raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
                         f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
     teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)  # checkpoints before 0.2
-    if args.inherit:
-        student = student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
-    else:
-        student = create_model(args.model, num_classes=data.info.num_classes, expansion=0,
-                               lora_rank=args.lora_rank, lora_targets=args.lora_targets)
+    student = build_student(args, teacher, data.info.num_classes)
+    if not args.inherit:
         student.preprocess = normalization(args.normalize, data.info)
     data.normalize(student.preprocess)
-    # the teacher sees its own preprocessing of the student's batch
-    teacher_input = nn.Sequential(Renormalize(student.preprocess, teacher.preprocess), teacher)
+    input_size = [3, data.info.image_size, data.info.image_size]
+    features, s_layers, t_layers = feature_loss(args, student, teacher, input_size)
+    task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
+                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
+    callbacks = [LambdaSchedule(student, args.lambda_epochs)] if args.lambda_epochs else []
     # only now, so that bad options, data or a mismatched teacher leave --out untouched
     with make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}",
                       "train.stage2", argv) as run_dir:
@@ -134,10 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "kd": args.kd}
         warmup = max(1.0, 0.05 * args.epochs) if args.epochs > 1 else 0.0
         cfg = train_config(args, warmup, stage=2, recipe=args.recipe, teacher=str(teacher_path), kd=repr(loss_fn),
+                           feature_kd=repr(features) if features else None, feature_layers=[s_layers, t_layers],
                            lora_rank=args.lora_rank, lambda_epochs=args.lambda_epochs)
-        trainer = Trainer(student, data, cfg, run_dir, loss_fn,
-                          teacher=teacher_input if loss_fn.needs_teacher else None, dist_info=info, device=device,
-                          metadata=metadata)
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                          callbacks=callbacks)
         if args.resume:
             trainer.resume()
         summary = trainer.fit()
@@ -145,27 +215,28 @@ def main(argv: list[str] | None = None) -> dict:
         # Fuse, check on the test set, export.
         fused = fuse_model(trainer.model)
         unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
-        teacher_eval = trainer.evaluate(teacher_input.to(device))
+        teacher_eval = trainer.evaluate(nn.Sequential(task.teacher_input, task.teacher))
         gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
         if gap > ACC_TOLERANCE:
             raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
                                f"(> {ACC_TOLERANCE}); no deploy files were written")
-        input_size = (1, *data.test.images.shape[1:])
-        sizes = {"teacher": complexity(teacher, input_size), "student": complexity(trainer.model, input_size),
-                 "fused": complexity(fused, input_size)}
+        size = (1, *input_size)
+        sizes = {"teacher": complexity(teacher, size), "student": complexity(trainer.model, size),
+                 "fused": complexity(fused, size)}
         summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
                        fused_test_acc=fused_eval["test_acc"], sizes=sizes)
         if info.is_main:
             if not args.no_export:
-                report = export_deploy(trainer.model, run_dir / "deploy", tuple(input_size[1:]),
+                report = export_deploy(trainer.model, run_dir / "deploy", tuple(input_size),
                                        metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
                 summary["deploy"] = {k: str(v) for k, v in report.files.items()}
                 summary["export_max_diff"] = report.max_diff
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             print(f"data: {data.info.label}, {fused_eval['count']} test images")
-            print(size_line(f"teacher {teacher.config['model']} (e{teacher.config['expansion']})", sizes["teacher"],
-                            teacher_eval["test_acc"]))
-            print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"], unfused_eval["test_acc"]))
+            kind = f" (e{teacher.config['expansion']})" if "expansion" in teacher.config else ""
+            print(size_line(f"teacher {teacher.config['model']}{kind}", sizes["teacher"], teacher_eval["test_acc"]))
+            print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"],
+                            unfused_eval["test_acc"]))
             print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
             print(f"run: {run_dir}" + ("" if args.no_export else f"; deploy files in {run_dir / 'deploy'}"))
     finish(info)

@@ -1,0 +1,71 @@
+"""A user's weights for any model: ``load_pretrained(model, FILE)`` (``--weights FILE`` of the training CLIs).
+
+``FILE`` is a safetensors file (a plain state_dict or one of our checkpoints) or a ``.pth``/``.pt`` state_dict read
+with ``torch.load(weights_only=True)`` (so no code in it runs), possibly nested under ``state_dict`` or ``model``
+and with DataParallel's ``module.`` prefixes. Every tensor must fit, except the classifier: when its class count
+differs from the model's (ImageNet weights for a 10-class dataset), it keeps its fresh initialisation and the
+rest loads strictly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .errors import CheckpointError
+from .registry import classifier_of
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors or ``.pth`` file, on the CPU; one-line errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass a .safetensors or .pth file of weights")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusals, truncated zips, non-torch files: all mean "not a state_dict"
+        reason = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{path} is not a readable PyTorch state_dict ({type(e).__name__}: {reason}); "
+                              "pass a file saved with torch.save(model.state_dict())") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load the weights in ``path`` into ``model``; returns the keys left at their initialisation (the head's).
+
+    Raises:
+        CheckpointError: a tensor other than the classifier's is missing, unexpected or of another shape.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head = classifier_of(model)
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    head_keys = {f"{head_name}.weight", f"{head_name}.bias"}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    kept = [k for k in wrong + missing if k in head_keys]
+    bad = [k for k in wrong + missing + unexpected if k not in kept and not (k in unexpected and k in head_keys)]
+    if bad:
+        k = bad[0]
+        what = ("missing" if k in missing else "unexpected" if k in unexpected
+                else f"of shape {tuple(state[k].shape)}, not {tuple(own[k].shape)}")
+        raise CheckpointError(f"{path} does not fit {model.config.get('model', type(model).__name__)}: {k} is {what}"
+                              f" ({len(bad)} such tensors); pass weights of the same architecture")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own and k not in kept},
+                          strict=False)
+    return kept

@@ -1,0 +1,186 @@
+"""What the engine trains: a *task*, an ``nn.Module`` whose ``forward(x, y)`` returns the loss and what to log.
+
+A task holds everything the optimiser, DDP, checkpoints and resume must hold: the student and any trainable
+adapters of its losses (FitNet regressors, SemCKD embeddings), as registered submodules. A frozen teacher is
+held outside the module tree (:attr:`Distill.teacher`), so it is neither optimised nor saved with the task.
+
+Intermediate features come from the models by module path, with forward hooks (:class:`FeatureHooks`): a
+model's ``forward`` is never edited. :func:`stage_outputs` finds a model's stage outputs, the default
+feature-distillation points.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.errors import ConfigError
+
+from .distill import DistillLoss
+
+
+class Task(nn.Module):
+    """Base class: ``forward(x, y) -> (loss, logits, logs)``; ``student`` is the model being trained."""
+
+    student: nn.Module
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the engine before each (0-based) epoch; for losses with a warm-up."""
+
+    def to_device(self, device: torch.device, memory_format: torch.memory_format) -> Task:
+        return self.to(device, memory_format=memory_format)
+
+
+class Classify(Task):
+    """Cross-entropy training of one model (stage 1, a scratch student)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.student = model
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        logits = self.student(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, logits, {}
+
+
+class FeatureHooks:
+    """Keep the outputs of named submodules of ``model`` from its last forward pass, via forward hooks.
+
+    Args:
+        model: any model.
+        paths: module paths, as in ``model.named_modules()`` (e.g. ``"layer2"``, ``"features.6"``).
+
+    Raises:
+        ConfigError: a path names no module; the message lists the model's top-level modules.
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+        modules = dict(model.named_modules())
+        missing = [p for p in paths if p not in modules or not p]
+        if missing:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise ConfigError(f"feature layer {missing[0]!r} is not a module of {type(model).__name__}; "
+                              f"use module paths such as {top}")
+        self.paths = list(paths)
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = [modules[p].register_forward_hook(self._keep(p)) for p in self.paths]
+
+    def _keep(self, path: str):
+        def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
+            self.outputs[path] = output
+        return hook
+
+    def take(self) -> list[Tensor]:
+        """The kept outputs in ``paths`` order; the store is emptied."""
+        out = [self.outputs[p] for p in self.paths]
+        self.outputs = {}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def stage_outputs(model: nn.Module, input_size: Sequence[int], count: int = 3) -> list[str]:
+    """The module paths of the model's last ``count`` stage outputs: at each spatial resolution of its forward
+    pass, the last top-level module (or child of a top-level ``Sequential``/``ModuleList``) that outputs a feature
+    map of that size; global pooling (1x1) does not count.
+
+    ReduceNet gives ``layer1, layer2, layer3``; torchvision's ResNet-18 at 224 px ``layer2, layer3, layer4``.
+    """
+    candidates: dict[nn.Module, str] = {}
+    for name, child in model.named_children():
+        candidates[child] = name
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            for sub, grandchild in child.named_children():
+                candidates[grandchild] = f"{name}.{sub}"
+    order: list[tuple[str, tuple[int, int]]] = []
+
+    def hook(module: nn.Module, inputs: object, output: object) -> None:
+        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] > 1:
+            order.append((candidates[module], tuple(output.shape[-2:])))
+
+    handles = [m.register_forward_hook(hook) for m in candidates]
+    was_training = model.training
+    param = next(model.parameters())
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    last: dict[tuple[int, int], str] = {}
+    for name, size in order:
+        last.pop(size, None)  # re-insert: dict order is the order of the last use of each size
+        last[size] = name
+    stages = list(last.values())
+    if not stages:
+        raise ConfigError(f"{type(model).__name__} shows no feature maps at its top level; pass --feature-layers")
+    return stages[-count:]
+
+
+class Distill(Task):
+    """A student learning from a frozen teacher: a logit loss, plus an optional feature loss.
+
+    Args:
+        student: the model being trained.
+        teacher: the frozen teacher (its inputs prepared by ``teacher_input``).
+        loss: the logit-level loss (:class:`~train.distill.DistillLoss`; kind ``none`` is plain CE).
+        feature_loss: a module ``(student_feats, teacher_feats) -> loss`` with its own trainable adapters, or None.
+        student_layers: module paths of the student's features for ``feature_loss``.
+        teacher_layers: the teacher's, one per student layer.
+        teacher_input: maps the student's batch to the teacher's preprocessing (default: the same batch).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: DistillLoss,
+                 feature_loss: nn.Module | None = None, student_layers: Sequence[str] = (),
+                 teacher_layers: Sequence[str] = (), teacher_input: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.feature_loss = feature_loss
+        self.teacher_input = teacher_input or nn.Identity()
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
+        self._hooks: tuple[FeatureHooks, FeatureHooks] | None = None
+        if feature_loss is not None:
+            if len(student_layers) != len(teacher_layers) or not student_layers:
+                raise ConfigError(f"feature distillation pairs student layers {list(student_layers)} with teacher "
+                                  f"layers {list(teacher_layers)}: give as many of each, at least one")
+            self._hooks = (FeatureHooks(student, student_layers), FeatureHooks(teacher, teacher_layers))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loss.set_epoch(epoch)
+
+    def to_device(self, device: torch.device, memory_format: torch.memory_format) -> Distill:
+        object.__setattr__(self, "teacher", self.teacher.to(device, memory_format=memory_format))
+        return self.to(device, memory_format=memory_format)
+
+    @contextmanager
+    def _teacher_eval(self) -> Iterator[None]:
+        self.teacher.eval()
+        with torch.no_grad():
+            yield
+
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        with self._teacher_eval():
+            return self.teacher(self.teacher_input(x))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        logits = self.student(x)
+        t_logits = self.teacher_logits(x) if self.loss.needs_teacher or self._hooks else None
+        loss = self.loss(logits, y, t_logits)
+        self.last_teacher_logits = t_logits  # for the engine's diagnosis of a non-finite loss
+        logs: dict[str, Tensor] = {}
+        if self._hooks is not None:
+            student_feats, teacher_feats = self._hooks[0].take(), self._hooks[1].take()
+            feat = self.feature_loss(student_feats, teacher_feats)
+            logs = {"loss_logits": loss.detach(), "loss_features": feat.detach()}
+            loss = loss + feat
+        return loss, logits, logs
