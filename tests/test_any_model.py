@@ -1,0 +1,155 @@
+"""Any classifier in, any classifier out: torchvision/timm models through stage 1, stage 2, checkpoints and fusion;
+feature-distillation adapters trained, saved and resumed exactly."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import models
+from _shared import CIFAR10, one_line
+from conftest import randomize_model
+from models.errors import CheckpointError, ConfigError, UnknownModelError
+from models.structure import apply_structure, structure_diff
+from models.weights import load_pretrained
+from reparam import fuse_model
+from train import stage1, stage2
+from train.engine import Trainer
+from train.tasks import stage_outputs
+
+ARGS = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--epochs", "1", "--device", "cpu"]
+needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("REDUCENET_DATA", raising=False)
+
+
+def run(main, argv):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(argv)
+
+
+# ----------------------------------------------------------------------------------------------- identity
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet10t", "torchvision:mobilenet_v2"])
+def test_external_models_build_save_and_reload_without_pickle(name, tmp_path, single_thread):
+    model = randomize_model(models.create_model(name, num_classes=7)).eval()
+    assert model.config == {"model": name, "num_classes": 7} and model.num_classes == 7
+    path = models.save_checkpoint(model, tmp_path / "m")
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["model"] == name
+    loaded = models.load_checkpoint(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_unknown_or_downloading_models_are_refused():
+    with pytest.raises(UnknownModelError) as e:
+        models.create_model("torchvision:resnet19")
+    assert "torchvision:resnet18" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        models.create_model("timm:resnet18", pretrained=True)
+    assert "--weights" in one_line(e)
+
+
+def test_weights_load_and_the_head_is_replaced(tmp_path):
+    source = models.create_model("torchvision:resnet18", num_classes=1000)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
+    model = models.create_model("torchvision:resnet18", num_classes=10)
+    assert load_pretrained(model, tmp_path / "w.pth") == ["fc.weight", "fc.bias"]
+    assert torch.equal(model.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
+    assert model.fc.out_features == 10
+    other = models.create_model("torchvision:resnet34", num_classes=10)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(other, tmp_path / "w.pth")
+    assert "does not fit" in one_line(e)
+
+
+def test_structure_patch_rebuilds_a_changed_model(single_thread):
+    model = models.create_model("torchvision:resnet18", num_classes=10)
+    model.layer1[0].conv1 = nn.Conv2d(64, 40, 3, 1, 1, bias=False)  # what pruning does
+    model.layer1[0].bn1 = nn.BatchNorm2d(40)
+    model.layer1[0].conv2 = nn.Conv2d(40, 64, 3, 1, 1, bias=False)
+    patch = structure_diff(model, models.create_model("torchvision:resnet18", num_classes=10))
+    assert set(patch) == {"layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2"}
+    rebuilt = apply_structure(models.create_model("torchvision:resnet18", num_classes=10), patch)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v2", "timm:resnet10t"])
+def test_fusion_folds_batchnorms_of_external_models(name, tmp_path, single_thread):
+    model = randomize_model(models.create_model(name, num_classes=10).double()).eval()
+    fused = fuse_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+        assert ((fused(x) - want).norm() / want.norm()).item() < 1e-10
+    reloaded = models.load_checkpoint(models.save_checkpoint(fused, tmp_path / "fused")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), fused(x))
+
+
+def test_stage_outputs():
+    assert stage_outputs(models.create_model("reduce20", expansion=0), [3, 32, 32]) == ["layer1", "layer2", "layer3"]
+    assert stage_outputs(models.create_model("torchvision:resnet18"), [3, 224, 224]) == ["layer2", "layer3", "layer4"]
+
+
+# ----------------------------------------------------------------------------------------------- training
+@needs_data
+def test_stage1_and_stage2_on_external_models(tmp_path):
+    tv = tmp_path / "tv"
+    summary = run(stage1.main, ["-m", "torchvision:resnet18", *ARGS, "--out", str(tv)])
+    assert summary["model"]["model"] == "torchvision:resnet18" and summary["last_epoch"] == 1
+    timm_run = tmp_path / "timm"
+    assert run(stage1.main, ["-m", "timm:resnet10t", *ARGS, "--out", str(timm_run)])["last_epoch"] == 1
+    # a torchvision teacher into a zoo student and into a torchvision student, fused and exported
+    for student in ("reduce20", "torchvision:mobilenet_v3_small"):
+        out = tmp_path / student.replace(":", "-")
+        s = run(stage2.main, ["--teacher", str(tv), "-m", student, *ARGS, "--out", str(out)])
+        assert s["model"]["model"] == student and abs(s["fused_test_acc"] - s["unfused_test_acc"]) <= 0.01
+        deploy = models.load_checkpoint(out / "deploy" / "model.safetensors")
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        stage1.main(["-m", "torchvision:resnet18", "--expansion", "1", *ARGS, "--out", str(tmp_path / "x")])
+    assert "--expansion" in err.getvalue() and not (tmp_path / "x").exists()
+
+
+@needs_data
+def test_feature_adapters_train_save_and_resume_exactly(tmp_path, monkeypatch):
+    """FitNets regressors are part of the task: trained, in train_state.pt, and restored by --resume."""
+    teacher = tmp_path / "teacher"
+    run(stage1.main, ["-m", "reduce20", *ARGS, "--out", str(teacher)])
+    argv = ["--inherit", str(teacher), "--feature-kd", "hint", *ARGS, "--epochs", "2", "--no-export"]
+    whole = run(stage2.main, [*argv, "--out", str(tmp_path / "whole")])
+    state = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["task"]
+    adapters = {k: v for k, v in state.items() if k.startswith("feature_loss.")}
+    assert adapters and not any(k.startswith("teacher") for k in state)
+    fresh = stage2.FeatureDistill([16, 32, 64], [16, 32, 64], "hint").state_dict()
+    assert any(not torch.equal(adapters[f"feature_loss.{k}"], v) for k, v in fresh.items() if v.is_floating_point())
+    assert whole["feature_kd"].startswith("FeatureDistill")
+
+    epoch_fn = Trainer.train_epoch
+
+    def stop_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return epoch_fn(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        run(stage2.main, [*argv, "--out", str(tmp_path / "split")])
+    monkeypatch.setattr(Trainer, "train_epoch", epoch_fn)
+    run(stage2.main, [*argv, "--out", str(tmp_path / "split"), "--resume"])
+    a = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["task"]
+    b = torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)["task"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not exact"
+    assert load_file(str(tmp_path / "split" / "last.safetensors")).keys() == \
+        load_file(str(tmp_path / "whole" / "last.safetensors")).keys()  # the student alone, no adapters
