@@ -191,3 +191,21 @@ def test_bad_options_are_one_line(main, argv, words, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.zip").is_file(), reason="needs the CIFAR-10 JPEG zip")
+def test_kd_imagefolder_table_plots_the_student_with_and_without_distillation(tmp_path):
+    """The knowledge-distillation project's row on a small tree made from the CIFAR-10 JPEGs (upscaled)."""
+    run(smoke_argv("kd-imagefolder", tmp_path, "--image-size", "64", data=SHARED / "cifar10-jpeg.zip"))
+    lines = read_csv(tmp_path / "results" / "kd-imagefolder.csv")
+    assert [r["row"] for r in lines] == [
+        "teacher torchvision:resnet18", "student torchvision:mobilenet_v3_small, no distillation",
+        "student torchvision:mobilenet_v3_small, KD: MSE on logits",
+        "student torchvision:mobilenet_v3_small, KD: KL (T 5)",
+        "fused deploy model of: student torchvision:mobilenet_v3_small, KD: KL (T 5)"]
+    assert int(lines[-1]["params"]) < int(lines[-2]["params"])  # BatchNorms folded into the convs
+    assert int(lines[0]["params"]) > int(lines[1]["params"]) == int(lines[2]["params"])
+    mse = json.loads((tmp_path / "runs" / "kd-imagefolder" / "student-mse-s0" / "summary.json").read_text())
+    assert mse["kd"].startswith("DistillLoss(kind='mse'") and "image folder" in mse["data"]
+    assert list((tmp_path / "runs" / "kd-imagefolder" / "student-mse-s0" / "tb").glob("events.*"))
+    assert (tmp_path / "results" / "kd-imagefolder.png").stat().st_size > 10_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ import torch.distributed as dist
 
 from models.errors import ConfigError
 
-from .data import DATASETS, Data, build_data, data_root
+from .data import DATASETS, Data, build_data, data_root, resolve_source, scan_image_tree
 from .engine import Dist, TrainConfig, init_distributed, native_bf16
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
+from .stream import build_stream_data, fits_in_memory
 
 
 def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup: str) -> argparse.ArgumentParser:
@@ -34,6 +36,12 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     d.add_argument("--subset", type=int, default=None,
                    help="train on N class-balanced images (fixed seed) and test on the same share of the test set")
     d.add_argument("--image-size", type=int, default=None, help="imagefolder: resize/crop to this size")
+    d.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
+                   help="memory: decode once, keep uint8 images on the device (CIFAR-size data); stream: decode "
+                        "image folders in DataLoader workers each epoch; auto: stream when the decoded images "
+                        "would take more than a quarter of the free memory")
+    d.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                   help="decoding processes of the streaming loader")
     d.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
                    help="input normalisation stored with the model: the dataset's mean/std, none ([0, 1] pixels) "
                         "or ImageNet's (default: the recipe's; stage2 --inherit: the teacher's)")
@@ -134,10 +142,27 @@ def rank0_first(info: Dist, fn, *a, **kw):
     return result
 
 
+def use_stream(args: argparse.Namespace) -> bool:
+    """Whether ``--loader`` (or its ``auto`` rule) picks the streaming loader: image folders too big for memory."""
+    if args.loader != "auto" or args.dataset != "imagefolder":
+        if args.loader == "stream" and args.dataset != "imagefolder":
+            raise ConfigError(f"--loader stream reads image folders; {args.dataset} is loaded in memory")
+        return args.loader == "stream"
+    _, path = resolve_source("imagefolder", args.data_dir)
+    tree = scan_image_tree(path)
+    count = min(args.subset or len(tree.train), len(tree.train)) + len(tree.test)
+    return not fits_in_memory(count, args.image_size or 224)
+
+
 def load_data(args: argparse.Namespace, info: Dist, device: torch.device) -> Data:
-    return rank0_first(info, build_data, args.dataset, args.data_dir, args.batch_size, subset=args.subset,
-                       seed=args.seed, device=device, rank=info.rank, world_size=info.world_size,
-                       image_size=args.image_size, channels_last=args.channels_last)
+    if args.workers < 0:
+        raise ConfigError(f"--workers {args.workers} is not valid: pass 0 or more")
+    common = dict(subset=args.subset, seed=args.seed, device=device, rank=info.rank, world_size=info.world_size,
+                  image_size=args.image_size, channels_last=args.channels_last)
+    args.loader = "stream" if use_stream(args) else "memory"  # recorded resolved: --resume compares it
+    if args.loader == "stream":
+        return build_stream_data(args.data_dir, args.batch_size, workers=args.workers, **common)
+    return rank0_first(info, build_data, args.dataset, args.data_dir, args.batch_size, **common)
 
 
 def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:

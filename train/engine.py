@@ -337,7 +337,7 @@ class Trainer:
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
-        size = complexity(self.model, (1, *self.data.test.images.shape[1:]))
+        size = complexity(self.model, (1, 3, self.data.info.image_size, self.data.info.image_size))
         summary = {
             "model": self.model.config, "data": self.data.info.label, "dataset": self.data.info.name,
             "train_images": self.data.train.num_samples * self.dist.world_size,

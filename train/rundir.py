@@ -34,7 +34,7 @@ RUN_FILES = ("args.json", "last.safetensors", "last.json", "best.safetensors", "
              "metrics.csv", "summary.json", "tb", "deploy", "done")
 #: Options that may differ on ``--resume``: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "channels_last", "no_export",
-                     "data_dir", "lr")
+                     "data_dir", "workers", "lr")
 LOCK = "run.lock"
 
 

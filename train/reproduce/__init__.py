@@ -8,6 +8,8 @@ Tables:
                        scratch student of the same epochs and the original's own distilled student; accuracies on
                        the exact CIFAR-10 test images at hand and on the JPEG copy's test set.
     cifar100-kd        resnet56 -> resnet20 and resnet110 -> resnet32: scratch, KD, DKD (RepDistiller/mdistiller).
+    kd-imagefolder     the knowledge-distillation project's setting: torchvision resnet18 -> mobilenet_v3_small on an
+                       image folder at 224 px, the student without distillation, with MSE on logits and with KL.
     deploy-speed       params, MACs, latency and throughput of every zoo model's forms.
 
 Every training row is a stage1/stage2 run in ``--runs/TABLE/ROW``; a row whose run finished with the same
@@ -35,13 +37,14 @@ from ..data import data_root
 from ..engine import git_commit
 from .report import aggregate, plot_curves, write_table
 from .runner import finished, train_row
-from .specs import BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, original_rows
+from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
+                    original_rows)
 from .speed import measure, speed_table
 
 __all__ = ["main", "build_parser", "train_row", "finished", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
            "stage1", "stage2", "measure"]
 
-TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "deploy-speed")
+TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "deploy-speed")
 VALUES = ["last_acc", "best_acc", "train_s", "exact_acc"]
 COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
            ("MACs (M)", "macs_M"), ("last acc (%)", "last_acc"), ("best acc (%)", "best_acc"),
@@ -72,6 +75,7 @@ def _header(table: str, args: argparse.Namespace, rows: list[Row], budget: tuple
                + (f" --subset {args.subset}" if args.subset else "")
                + (f" --models {' '.join(args.models)}" if args.models else "")
                + (f" --recipes {' '.join(args.recipes)}" if table == "cifar10-reducenet" else "")
+               + (f" --image-size {args.image_size}" if args.image_size else "")
                + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
     commits = ", ".join(dict.fromkeys(c for r in rows for c in r.result.get("commits", ["unknown"])))
     return [
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-dir", default=None,
                    help="original-stage2: root of the exact CIFAR-10 test images (default DATA/cifar-10-subset)")
     p.add_argument("--subset", type=int, default=None, help="train on N balanced images (quick checks only)")
+    p.add_argument("--image-size", type=int, default=None, help="kd-imagefolder: input size (default 224)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and row")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
@@ -206,7 +211,8 @@ def main(argv: list[str] | None = None) -> Path:
     elif args.table == "original-stage2":
         path = original_table(args, log)
     else:
-        rows = cifar10_rows(args) if args.table == "cifar10-reducenet" else cifar100_rows(args)
+        rows = {"cifar10-reducenet": cifar10_rows, "cifar100-kd": cifar100_rows,
+                "kd-imagefolder": kd_folder_rows}[args.table](args)
         if not rows:
             raise ConfigError(f"--models {args.models} selects no row of {args.table}")
         path = training_table(args.table, rows, args, log)

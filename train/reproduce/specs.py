@@ -20,7 +20,11 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "cifar10-reducenet": {"full": (200, 200), "medium": (30, 30), "short": (3, 2), "smoke": (1, 1)},
     "original-stage2": {"full": (0, 200), "medium": (0, 30), "short": (0, 2), "smoke": (0, 1)},
     "cifar100-kd": {"full": (240, 240), "medium": (30, 30), "short": (4, 4), "smoke": (1, 1)},
+    "kd-imagefolder": {"full": (30, 30), "medium": (10, 10), "short": (4, 4), "smoke": (1, 1)},
 }
+#: The knowledge-distillation project's setting: an image folder at 224 px (Imagenette there), a torchvision
+#: teacher and a smaller torchvision student, MSE on logits (its loss) or KL.
+KD_FOLDER = {"teacher": "torchvision:resnet18", "student": "torchvision:mobilenet_v3_small", "image_size": 224}
 RECIPE_NAMES = {"paper": "reducenet-paper", "ours": "ours"}
 PAPER: dict[str, Any] = {  # published numbers, original data, kept apart from ours
     "cifar10-reducenet": {("reduce20", 1): (91.97, 92.72), ("reduce56", 1): (92.84, 93.79),
@@ -152,4 +156,29 @@ def cifar100_rows(args: argparse.Namespace) -> list[Row]:
                 Row(f"student {small} DKD", group, runs / f"{small}-dkd-from-{big}-s{seed}",
                     [*kd, "--kd", "dkd", "--kd-beta", str(DKD_BETA[(big, small)])], stage2.main, seed),
             ]
+    return rows
+
+
+def kd_folder_rows(args: argparse.Namespace) -> list[Row]:
+    """A torchvision teacher and student on an image folder: the student from scratch, with MSE-on-logits KD and
+    with KL KD, for the same epochs."""
+    e1, e2 = BUDGETS["kd-imagefolder"][args.budget]
+    runs, rows = Path(args.runs) / "kd-imagefolder", []
+    teacher_name, student_name = KD_FOLDER["teacher"], KD_FOLDER["student"]
+    size = args.image_size or KD_FOLDER["image_size"]
+    group = f"{teacher_name.split(':')[1]}->{student_name.split(':')[1]}"
+    for seed in args.seeds:
+        common = ["--dataset", "imagefolder", "--image-size", str(size), "--loader", "stream", *_common(args, seed)]
+        teacher = runs / f"teacher-s{seed}"
+        kd = ["--teacher", str(teacher), "-m", student_name, "--epochs", str(e2), *common]
+        rows += [
+            Row(f"teacher {teacher_name}", group, teacher, ["-m", teacher_name, "--epochs", str(e1), *common],
+                stage1.main, seed),
+            Row(f"student {student_name}, no distillation", group, runs / f"student-scratch-s{seed}",
+                ["-m", student_name, "--epochs", str(e2), *common], stage1.main, seed),
+            Row(f"student {student_name}, KD: MSE on logits", group, runs / f"student-mse-s{seed}",
+                [*kd, "--kd", "mse"], stage2.main, seed),
+            Row(f"student {student_name}, KD: KL (T 5)", group, runs / f"student-kl-s{seed}", [*kd, "--kd", "kd"],
+                stage2.main, seed),
+        ]
     return rows

@@ -1,0 +1,78 @@
+"""The streaming image-folder loader: its order and augmentation are functions of (seed, epoch, index) only."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from _shared import SHARED
+from train import stage1
+from train.data import DatasetInfo, scan_image_tree
+from train.engine import Trainer
+from train.stream import StreamLoader, build_stream_data, random_resized_crop_params
+
+ZIP = SHARED / "cifar10-jpeg.zip"
+pytestmark = pytest.mark.skipif(not ZIP.is_file(), reason=f"{ZIP} is absent")
+
+
+def batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_order_and_augmentation_repeat_whatever_the_workers():
+    data0 = build_stream_data(str(ZIP), 16, subset=40, image_size=48, workers=0)
+    data2 = build_stream_data(str(ZIP), 16, subset=40, image_size=48, workers=2)
+    a, b = batches(data0.train, 3), batches(data2.train, 3)
+    assert len(a) == 2 and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    other = batches(data0.train, 4)
+    assert not torch.equal(other[0][0], a[0][0])  # another epoch: another order and crops
+    assert torch.equal(batches(data0.train, 3)[1][0], a[1][0])  # and epoch 3 again is epoch 3
+    test = batches(data0.test, 0)
+    assert sum(len(y) for _, y in test) == len(data0.test.labels) and test[0][0].shape[-1] == 48
+
+
+def test_ranks_share_the_epoch_without_overlap():
+    tree = scan_image_tree(ZIP)
+    items = tree.train[:: len(tree.train) // 64][:64]
+    info = DatasetInfo("imagefolder", 10, tree.classes, (0.5,) * 3, (0.25,) * 3, 32, str(ZIP), "t")
+    seen = []
+    for rank in (0, 1):
+        loader = StreamLoader(tree, items, info, 8, train=True, rank=rank, world_size=2, workers=0)
+        loader.set_epoch(1)
+        seen.append(list(loader.sampler))
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 32
+
+
+def test_random_resized_crop_stays_inside_the_image():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        top, left, h, w = random_resized_crop_params(40, 30, g)
+        assert 0 <= top and 0 <= left and top + h <= 30 and left + w <= 40 and h > 0 and w > 0
+
+
+def test_a_streamed_run_resumes_exactly(tmp_path, monkeypatch):
+    argv = ["-m", "reduce20", "--expansion", "0", "--dataset", "imagefolder", "--data-dir", str(ZIP), "--loader",
+            "stream", "--workers", "0", "--image-size", "32", "--subset", "64", "--batch-size", "32", "--epochs", "2",
+            "--device", "cpu"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        whole = stage1.main([*argv, "--out", str(tmp_path / "whole")])
+        epoch_fn = Trainer.train_epoch
+
+        def stop_in_epoch_2(self, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            return epoch_fn(self, epoch)
+
+        monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            stage1.main([*argv, "--out", str(tmp_path / "split")])
+        monkeypatch.setattr(Trainer, "train_epoch", epoch_fn)
+        split = stage1.main([*argv, "--out", str(tmp_path / "split"), "--resume"])
+    assert "streamed" in whole["data"]
+    assert split["last_test_acc"] == whole["last_test_acc"]
+    a = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["task"]
+    b = torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)["task"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,236 @@
+"""A streaming loader for image folders that do not fit in memory (ImageNet at 224 px is about 193 GB decoded).
+
+Images are read from the folder or zip and decoded in ``DataLoader`` workers. Training batches get torchvision's
+``RandomResizedCrop(image_size, scale=(0.08, 1))`` and a horizontal flip; test batches ``Resize(image_size /
+0.875)`` and ``CenterCrop(image_size)``. It has the interface of :class:`train.data.Loader`: each epoch's order
+is a permutation drawn from ``(seed, epoch)`` (the same rule, so the same images per rank), every sample's
+augmentation is drawn from ``(seed, epoch, index)``, so a resumed run sees exactly the batches an uninterrupted
+one would, whatever the number of workers; ranks take every ``world_size``-th sample.
+"""
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+from typing import Iterator, Sequence
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from models.errors import DataError
+
+from .data import Data, DatasetInfo, ImageTree, balanced_subset, resolve_source, scan_image_tree
+
+CROP_FRACTION = 0.875  # test images: resize to image_size / 0.875, centre-crop image_size (timm's default)
+
+
+def random_resized_crop_params(width: int, height: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of torchvision's ``RandomResizedCrop``, drawn from generator ``g``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(3, generator=g).tolist()
+        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the central crop of the allowed aspect ratios
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a fixed function of (seed, epoch, index), the same in every process."""
+    return ((seed * 1000003 + epoch) * 2654435761 + index) % (1 << 63)
+
+
+class ImageFiles(Dataset):
+    """``(uint8 [3, S, S], label)`` for ``(index, epoch)`` keys; augmentation drawn from ``(seed, epoch, index)``."""
+
+    def __init__(self, tree: ImageTree, items: Sequence[tuple[str, int]], image_size: int, train: bool,
+                 seed: int) -> None:
+        self.tree, self.items, self.size, self.train, self.seed = tree, list(items), image_size, train, seed
+        self._zip: zipfile.ZipFile | None = None  # opened in each worker
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, name: str) -> bytes:
+        if self.tree.is_zip and self._zip is None:
+            self._zip = zipfile.ZipFile(self.tree.source)
+        try:
+            return self.tree.read(name, self._zip)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read {name} from {self.tree.source} ({e}); replace the file") from None
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key
+        name, label = self.items[index]
+        try:
+            with Image.open(io.BytesIO(self._read(name))) as img:
+                img = img.convert("RGB")
+                if self.train:
+                    g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+                    top, left, h, w = random_resized_crop_params(*img.size, g)
+                    img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
+                    if torch.rand(1, generator=g).item() < 0.5:
+                        img = TF.hflip(img)
+                else:
+                    img = TF.center_crop(TF.resize(img, round(self.size / CROP_FRACTION), antialias=True), self.size)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot decode image {name} ({type(e).__name__}); remove or replace the file") from None
+        return TF.pil_to_tensor(img), label
+
+
+class EpochSampler(Sampler):
+    """``(index, epoch)`` keys in :class:`train.data.Loader`'s order: the permutation of ``(seed, epoch)`` (train)
+    or file order (test), this rank's share."""
+
+    def __init__(self, n: int, num_samples: int, train: bool, seed: int, rank: int, world_size: int) -> None:
+        self.n, self.num_samples, self.train = n, num_samples, train
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.train:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+            mine = perm[self.rank:self.rank + self.world_size * self.num_samples:self.world_size].tolist()
+        else:
+            mine = list(range(self.rank, self.n, self.world_size))
+        return iter([(i, self.epoch) for i in mine])
+
+
+class StreamLoader:
+    """Batches of an image folder decoded on the fly; the interface of :class:`train.data.Loader`.
+
+    Args:
+        tree: the folder or zip.
+        items: ``(path, label)`` of this split.
+        info: the dataset's info (normalisation).
+        batch_size: samples per batch on this rank.
+        train: shuffle, augment and drop the last partial batch.
+        device: where batches go.
+        seed: seed of the order and the augmentation.
+        rank: this process's rank.
+        world_size: number of processes.
+        workers: decoding processes.
+        channels_last: return ``x`` in channels-last memory format.
+    """
+
+    def __init__(self, tree: ImageTree, items: Sequence[tuple[str, int]], info: DatasetInfo, batch_size: int, *,
+                 train: bool, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 workers: int = 4, channels_last: bool = False) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size} must be positive; pass --batch-size 1 or more")
+        n = len(items)
+        self.device, self.batch_size, self.train, self.channels_last = torch.device(device), batch_size, train, \
+            channels_last
+        self.labels = torch.tensor([y for _, y in items], dtype=torch.int64)
+        if train:
+            self.num_samples = n // world_size // batch_size * batch_size
+            if self.num_samples == 0:
+                raise DataError(f"batch size {batch_size} exceeds the {n // world_size} training samples per rank; "
+                                "pass a smaller --batch-size or a larger --subset")
+        else:
+            self.num_samples = len(range(rank, n, world_size))
+        self.image_size = info.image_size
+        self.sampler = EpochSampler(n, self.num_samples, train, seed, rank, world_size)
+        self.loader = DataLoader(ImageFiles(tree, items, info.image_size, train, seed), batch_size=batch_size,
+                                 sampler=self.sampler, num_workers=workers, drop_last=train,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        self.set_normalization(info.mean, info.std)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = epoch
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size) if not self.train else self.num_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for x, y in self.loader:
+                x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
+        except DataError as e:  # a worker's error arrives with its traceback in the message: keep our one line
+            raise DataError(str(e).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``), or 8 GiB when it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
+def fits_in_memory(num_images: int, image_size: int, share: float = 0.25) -> bool:
+    """Whether ``num_images`` decoded uint8 images of ``image_size`` take at most ``share`` of the free memory."""
+    return num_images * 3 * image_size * image_size <= share * available_memory()
+
+
+def _stats(tree: ImageTree, items: Sequence[tuple[str, int]], count: int = 1000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] of up to ``count`` training images (a fixed, evenly spread sample)."""
+    step = max(1, len(items) // count)
+    files = ImageFiles(tree, items[::step][:count], 64, train=False, seed=0)
+    s = torch.zeros(3, dtype=torch.float64)
+    s2 = torch.zeros(3, dtype=torch.float64)
+    for i in range(len(files)):
+        x = files[(i, 0)][0].double().div_(255)
+        s += x.mean((1, 2))
+        s2 += x.square().mean((1, 2))
+    mean = s / len(files)
+    std = (s2 / len(files) - mean.square()).clamp_min(1e-6).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def build_stream_data(data_dir: str, batch_size: int, *, subset: int | None = None, seed: int = 0,
+                      device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                      image_size: int | None = None, channels_last: bool = False, workers: int = 4,
+                      eval_batch_size: int | None = None) -> Data:
+    """:class:`train.data.Data` of an image folder (or zip) with :class:`StreamLoader` s.
+
+    ``--subset`` draws the same balanced subsets as the in-memory path. The normalisation is the mean and std
+    of up to 1,000 training images.
+    """
+    _, path = resolve_source("imagefolder", data_dir)
+    tree = scan_image_tree(path)
+    train, test = tree.train, tree.test
+    if subset is not None:
+        if not len(tree.classes) <= subset <= len(train):
+            raise DataError(f"--subset {subset} is outside [{len(tree.classes)}, {len(train)}] for {path.name}; "
+                            "pass at least one image per class and at most the training set")
+        n_test = min(max(round(subset * len(test) / len(train)), len(tree.classes)), len(test))
+        pick = lambda items, n: [items[i] for i in balanced_subset(  # noqa: E731
+            torch.tensor([y for _, y in items]), n, seed).tolist()]
+        train, test = pick(train, subset), pick(test, n_test)
+    size = image_size or 224
+    mean, std = _stats(tree, train)
+    info = DatasetInfo("imagefolder", len(tree.classes), list(tree.classes), tuple(mean), tuple(std), size, str(path),
+                       f"{path.stem} (image folder, {size} px, streamed)")
+    common = dict(device=device, seed=seed, rank=rank, world_size=world_size, workers=workers,
+                  channels_last=channels_last)
+    return Data(StreamLoader(tree, train, info, batch_size, train=True, **common),
+                StreamLoader(tree, test, info, eval_batch_size or 2 * batch_size, train=False, **common), info)
