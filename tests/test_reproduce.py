@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+import torch
 
 import models
 from _shared import CIFAR10, CIFAR100, SHARED
@@ -164,16 +165,30 @@ def test_original_stage2_table(tmp_path):
     assert "exact-subset acc" in (tmp_path / "results" / "original-stage2.md").read_text()
 
 
-def test_deploy_speed_table(tmp_path):
+def test_deploy_speed_table(tmp_path, single_thread):
     run(["deploy-speed", "--models", "reduce20", "--repeats", "3", "--results", str(tmp_path)])
     rows = read_csv(tmp_path / "deploy-speed.csv")
     assert [r["form"] for r in rows] == ["teacher", "student + LoRA r8 (unfused)", "fused student",
-                                         "plain (built directly)"]
+                                         "hand-written plain net", "fused, TorchScript", "fused, onnxruntime"]
     fused, plain = rows[2], rows[3]
     assert fused["params"] == plain["params"] and fused["macs"] == plain["macs"]
     ratio = float(fused["cpu_fused_over_plain"])
     assert ratio == pytest.approx(float(fused["cpu_latency_ms_b1"]) / float(plain["cpu_latency_ms_b1"]))
+    assert float(rows[0]["macs_teacher_over_fused"]) == pytest.approx(int(rows[0]["macs"]) / int(fused["macs"]))
     assert all(float(r["cpu_img_per_s_b128"]) > 0 for r in rows)
+
+
+def test_the_hand_written_net_computes_the_fused_students_function(single_thread):
+    from conftest import randomize_model
+    from train.reproduce.speed import HandWrittenResNet
+
+    fused = reproduce.speed.fuse_model(randomize_model(models.create_model("reduce20", expansion=0, lora_rank=2)))
+    plain = HandWrittenResNet(fused).eval()
+    assert not any(type(m) not in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ModuleList, torch.nn.Identity,
+                                   HandWrittenResNet) for m in plain.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (plain(x) - fused(x)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("main, argv, words", [
@@ -209,3 +224,16 @@ def test_kd_imagefolder_table_plots_the_student_with_and_without_distillation(tm
     assert mse["kd"].startswith("DistillLoss(kind='mse'") and "image folder" in mse["data"]
     assert list((tmp_path / "runs" / "kd-imagefolder" / "student-mse-s0" / "tb").glob("events.*"))
     assert (tmp_path / "results" / "kd-imagefolder.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.zip").is_file(), reason="needs the CIFAR-10 JPEG zip")
+def test_bench_prints_the_three_paths_and_their_ratios(single_thread, capsys):
+    from train import bench
+    rows = bench.main(["--models", "reduce20", "--steps", "2", "--batch-size", "16", "--workers", "0",
+                       "--data-dir", str(CIFAR10), "--device", "cpu", "--folder", str(SHARED / "cifar10-jpeg.zip"),
+                       "--folder-images", "40"])
+    out = capsys.readouterr().out
+    assert [r["job"] for r in rows[:3]] == ["teacher (stage 1)", "student (stage 1)", "student (stage 2, KD)"]
+    for r in rows[:3]:
+        assert r["ours_over_dataloader"] == pytest.approx(r["ours"] / r["dataloader"]) and r["compute"] > 0
+    assert "(b)/(c)" in out and "streaming loader" in out and rows[3]["stream"] > 0

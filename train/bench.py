@@ -1,33 +1,44 @@
-"""``python -m train.bench``: training images/s of the project's data path against a plain DataLoader loop.
+"""``python -m train.bench``: training images/s of what users choose between, measured side by side in one run.
 
-For each model (reduce20 and reduce56, teacher and student by default), in one run on the current device:
+For each model (reduce20 and reduce56 by default) and job (stage-1 teacher, stage-1 student, stage-2 student
+distilled from the teacher), on the current device:
 
-(a) the pytorch-cifar loop: a torchvision-style dataset of PIL images, ``transforms.RandomCrop(32, 4)``,
-    ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``, a ``DataLoader`` with workers, fp32;
-(b) the project's path: :class:`train.engine.Trainer` on :class:`train.data.Loader` (uint8 data on the
-    device, augmented there in batches), with bf16 autocast, channels-last and torch.compile on CUDA;
+(a) the pytorch-cifar loop: a dataset of PIL images, ``RandomCrop(32, 4)``, ``RandomHorizontalFlip``,
+    ``ToTensor``, ``Normalize``, a ``DataLoader`` with ``--workers``, float32 (stage 2: the teacher's forward too);
+(b) the project's path as shipped: :class:`train.engine.Trainer` on :class:`train.data.Loader` (uint8 data on the
+    device, augmented there in batches) with the defaults (bf16 autocast where native, channels-last;
+    torch.compile on CUDA);
+(c) pure compute: the same trainer and settings on batches already in memory, no data pipeline: the ceiling.
 
-and prints the ratio (b)/(a). Each path runs one warm-up pass, then ``--steps`` timed optimizer steps.
-This is a benchmark, not a test: numbers depend on the machine.
+and prints (b)/(a) and (b)/(c). With ``--folder`` (an image-folder zip or folder) it also times the data alone
+at 224 px: the project's streaming loader against torchvision's ``ImageFolder`` + ``DataLoader`` with the same
+augmentation and workers. Each path runs one warm-up epoch, then ``--steps`` timed steps. A benchmark, not a
+test: the numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+import zipfile
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torchvision import datasets, transforms
 
-from models import create_model
+from models import create_model, student_from_teacher
 from models.errors import ConfigError, cli_errors
 
-from .data import ArrayData, DatasetInfo, build_data
-from .engine import TrainConfig, Trainer, hardware, init_distributed
-from .tasks import Classify
+from .data import ArrayData, DatasetInfo, build_data, scan_image_tree
+from .distill import DistillLoss
+from .engine import TrainConfig, Trainer, hardware, init_distributed, native_bf16
+from .stream import StreamLoader
+from .tasks import Classify, Distill
 
 
 class PILDataset(Dataset):
@@ -45,24 +56,31 @@ class PILDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def plain_loop(model: nn.Module, data: ArrayData, info: DatasetInfo, device: torch.device, batch_size: int,
-               steps: int, workers: int) -> float:
-    """Images/s of the pytorch-cifar training loop (fp32, DataLoader with workers)."""
+def plain_loop(student: nn.Module, teacher: nn.Module | None, data: ArrayData, info: DatasetInfo,
+               device: torch.device, batch_size: int, steps: int, workers: int) -> float:
+    """Images/s of the pytorch-cifar training loop (float32, DataLoader with workers)."""
     tf = transforms.Compose([transforms.RandomCrop(info.image_size, padding=info.image_size // 8),
                              transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                              transforms.Normalize(info.mean, info.std)])
     loader = DataLoader(PILDataset(data, tf), batch_size=batch_size, shuffle=True, num_workers=workers,
                         drop_last=True, persistent_workers=workers > 0)
-    model = model.to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    criterion = nn.CrossEntropyLoss()
+    student = student.to(device).train()
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     timed = 0.0
-    for epoch in range(2):  # epoch 0 warms up (workers, allocator, cudnn autotune)
+    for _ in range(2):  # the first epoch warms up (workers, allocator, cudnn autotune)
         start = time.perf_counter()
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             opt.zero_grad()
-            loss = criterion(model(x), y)
+            logits = student(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t = teacher(x)
+                loss = loss + F.kl_div(F.log_softmax(logits / 4, 1), F.log_softmax(t / 4, 1), log_target=True,
+                                       reduction="batchmean")
             loss.backward()
             opt.step()
         if device.type == "cuda":
@@ -71,16 +89,77 @@ def plain_loop(model: nn.Module, data: ArrayData, info: DatasetInfo, device: tor
     return steps * batch_size / timed
 
 
-def project_path(model: nn.Module, args, device: torch.device) -> float:
-    """Images/s of :meth:`Trainer.train_epoch` on the project's loader, after one warm-up epoch."""
-    cuda = device.type == "cuda"
-    data = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size,
-                      device=device, channels_last=cuda)
-    cfg = TrainConfig(epochs=2, amp=cuda, compile=cuda and not args.no_compile, channels_last=cuda)
+class FixedBatches:
+    """A loader that yields the same batches, already made: what is left when there is no data pipeline."""
+
+    def __init__(self, loader) -> None:
+        loader.set_epoch(0)
+        self.batches = [(x.clone(), y.clone()) for x, y in loader]
+        self.num_samples = loader.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: bool) -> float:
+    """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults, after one warm-up epoch."""
+    cfg = TrainConfig(epochs=2, amp=native_bf16(device), compile=compile_, channels_last=True)
+    if fixed:
+        data = type(data)(FixedBatches(data.train), data.test, data.info)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(Classify(model), data, cfg, tmp, device=device)
+        trainer = Trainer(make_task(), data, cfg, tmp, device=device)
         trainer.train_epoch(0)
         return trainer.train_epoch(1)["images_per_s"]
+
+
+def jobs(name: str, num_classes: int):
+    """``{job: (make student, make teacher or None)}`` with fixed seeds, so every path trains the same nets."""
+    def model(expansion: int) -> nn.Module:
+        torch.manual_seed(0)
+        return create_model(name, num_classes=num_classes, expansion=expansion)
+
+    return {"teacher (stage 1)": (lambda: model(1), None), "student (stage 1)": (lambda: model(0), None),
+            "student (stage 2, KD)": (lambda: student_from_teacher(model(1)), lambda: model(1))}
+
+
+def folder_speed(source: Path, images: int, batch_size: int, workers: int, steps: int) -> tuple[float, float]:
+    """Data-only images/s at 224 px: torchvision ImageFolder + DataLoader, and the project's streaming loader."""
+    tree = scan_image_tree(source)
+    items = tree.train[:: max(1, len(tree.train) // images)][:images]
+    info = DatasetInfo("imagefolder", len(tree.classes), tree.classes, (0.5,) * 3, (0.25,) * 3, 224, str(source),
+                       "bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "train"
+        with zipfile.ZipFile(source) if tree.is_zip else nullcontext() as archive:
+            for name, label in items:
+                dest = root / tree.classes[label] / Path(name).name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(tree.read(name, archive))
+        tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                 transforms.PILToTensor()])
+        tv = DataLoader(datasets.ImageFolder(str(root), tf), batch_size=batch_size, shuffle=True, drop_last=True,
+                        num_workers=workers, persistent_workers=workers > 0)
+        ours = StreamLoader(tree, items, info, batch_size, train=True, workers=workers)
+
+        def rate(loader) -> float:
+            done, start = 0, 0.0
+            for epoch in range(2):
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+                start, done = time.perf_counter(), 0
+                for i, (x, _) in enumerate(loader):
+                    done += len(x)
+                    if i + 1 == steps:
+                        break
+            return done / (time.perf_counter() - start)
+
+        return rate(tv), rate(ours)
 
 
 @cli_errors
@@ -92,33 +171,50 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per path")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop and the folders")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the project path")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the project path on CUDA")
+    p.add_argument("--folder", default=None, help="also time the streaming loader on this image folder or zip")
+    p.add_argument("--folder-images", type=int, default=1024, help="images of --folder to use")
     args = p.parse_args(argv)
     for option, value, least in (("--steps", args.steps, 1), ("--workers", args.workers, 0),
-                                 ("--batch-size", args.batch_size, 1)):
+                                 ("--batch-size", args.batch_size, 1), ("--folder-images", args.folder_images, 1)):
         if value < least:
             raise ConfigError(f"{option} {value} is not valid: pass {least} or more")
     _, device = init_distributed(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    data = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size,
+                      device=device, channels_last=True)
     sample = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size)
     train = ArrayData(sample.train.images, sample.train.labels)
-    print(f"{hardware(device)}; {sample.info.label}; batch {args.batch_size}, {args.steps} timed steps per path")
-    print("| model | role | (a) DataLoader fp32 img/s | (b) project img/s | (b)/(a) |")
-    print("|---|---|---:|---:|---:|")
+    compile_ = device.type == "cuda" and not args.no_compile
+    print(f"{hardware(device)}; {data.info.label}; batch {args.batch_size}, {args.steps} timed steps per path; "
+          f"ours: {'bf16 autocast' if native_bf16(device) else 'float32'}, channels-last"
+          + (", torch.compile" if compile_ else ""))
+    print("| model | job | (a) DataLoader fp32 img/s | (b) ours img/s | (c) pure compute img/s | (b)/(a) | (b)/(c) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     rows = []
     for name in args.models:
-        for role, expansion in (("teacher", 1), ("student", 0)):
-            torch.manual_seed(0)
-            a = plain_loop(create_model(name, num_classes=sample.info.num_classes, expansion=expansion), train,
-                           sample.info, device, args.batch_size, args.steps, args.workers)
-            torch.manual_seed(0)
-            b = project_path(create_model(name, num_classes=sample.info.num_classes, expansion=expansion), args,
-                             device)
-            rows.append({"model": name, "role": role, "plain": a, "project": b, "ratio": b / a})
-            print(f"| {name} | {role} | {a:,.0f} | {b:,.0f} | {b / a:.2f} |", flush=True)
+        for job, (make_student, make_teacher) in jobs(name, data.info.num_classes).items():
+            def make_task():
+                if make_teacher is None:
+                    return Classify(make_student())
+                return Distill(make_student(), make_teacher(), DistillLoss("kd"))
+
+            a = plain_loop(make_student(), make_teacher() if make_teacher else None, train, sample.info, device,
+                           args.batch_size, args.steps, args.workers)
+            b = trainer_speed(make_task, data, device, compile_, fixed=False)
+            c = trainer_speed(make_task, data, device, compile_, fixed=True)
+            rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c,
+                         "ours_over_dataloader": b / a, "ours_over_compute": b / c})
+            print(f"| {name} | {job} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {b / a:.2f} | {b / c:.2f} |", flush=True)
+    if args.folder:
+        batch = min(64, args.folder_images)
+        tv, ours = folder_speed(Path(args.folder), args.folder_images, batch, args.workers, args.steps)
+        rows.append({"folder": args.folder, "torchvision_imagefolder": tv, "stream": ours, "ratio": ours / tv})
+        print(f"\nimage folder at 224 px, data only, {args.workers} workers, batch {batch}: torchvision ImageFolder "
+              f"{tv:,.0f} img/s, streaming loader {ours:,.0f} img/s, ratio {ours / tv:.2f}")
     return rows
 
 
