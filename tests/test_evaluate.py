@@ -66,8 +66,8 @@ def test_text_output_and_errors(converted, tmp_path, capsys):
     evaluate.main([str(converted["teacher"]), "--data-dir", str(CIFAR10)])
     out = capsys.readouterr().out
     assert "top-1 93.41%" in out and "1017 test images" in out and "airplane" in out
-    for argv, words in (([str(converted["teacher"]), "--dataset", "cifar100", "--data-dir", str(SHARED / "cifar-100-subset")],
-                         "10 classes"),
+    cifar100 = ["--dataset", "cifar100", "--data-dir", str(SHARED / "cifar-100-subset")]
+    for argv, words in (([str(converted["teacher"]), *cifar100], "10 classes"),
                         ([str(tmp_path / "missing.safetensors")], "no checkpoint"),
                         ([str(converted["teacher"]), "--batch-size", "0"], "--batch-size")):
         with pytest.raises(SystemExit) as e:

@@ -145,8 +145,9 @@ def speed_rows(args) -> list[dict[str, Any]]:
             if "hand-written plain net" in table:
                 plain = table["hand-written plain net"]
                 fused[f"{tag}_fused_over_plain"] = fused[f"{tag}_latency_ms_b1"] / plain[f"{tag}_latency_ms_b1"]
-            teacher[f"{tag}_teacher_over_fused_b1"] = teacher[f"{tag}_latency_ms_b1"] / fused[f"{tag}_latency_ms_b1"]
-            teacher[f"{tag}_teacher_over_fused_b128"] = fused[f"{tag}_img_per_s_b128"] / teacher[f"{tag}_img_per_s_b128"]
+            t_row, f_row = teacher, fused
+            t_row[f"{tag}_teacher_over_fused_b1"] = t_row[f"{tag}_latency_ms_b1"] / f_row[f"{tag}_latency_ms_b1"]
+            t_row[f"{tag}_teacher_over_fused_b128"] = f_row[f"{tag}_img_per_s_b128"] / t_row[f"{tag}_img_per_s_b128"]
         table["teacher"]["macs_teacher_over_fused"] = table["teacher"]["macs"] / table["fused student"]["macs"]
         for row in table.values():
             print(f"  {name:18s} {row['form']:32s} {row['cpu_latency_ms_b1']:7.2f} ms", flush=True)
