@@ -237,3 +237,11 @@ def test_bench_prints_the_three_paths_and_their_ratios(single_thread, capsys):
     for r in rows[:3]:
         assert r["ours_over_dataloader"] == pytest.approx(r["ours"] / r["dataloader"]) and r["compute"] > 0
     assert "(b)/(c)" in out and "streaming loader" in out and rows[3]["stream"] > 0
+
+
+def test_precision_table_runs_the_same_rows_in_float32_and_bf16(tmp_path):
+    run(smoke_argv("precision", tmp_path, "--models", "reduce20"))
+    lines = read_csv(tmp_path / "results" / "precision.csv")
+    assert [r["row"] for r in lines[:4]] == ["teacher, float32", "stage2 + LoRA r8 + LambdaReLU, float32",
+                                             "teacher, bf16 autocast", "stage2 + LoRA r8 + LambdaReLU, bf16 autocast"]
+    assert [r["precision"] for r in lines[:4]] == ["float32", "float32", "bf16 autocast", "bf16 autocast"]

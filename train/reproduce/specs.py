@@ -21,6 +21,7 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "original-stage2": {"full": (0, 200), "medium": (0, 30), "short": (0, 2), "smoke": (0, 1)},
     "cifar100-kd": {"full": (240, 240), "medium": (30, 30), "short": (4, 4), "smoke": (1, 1)},
     "kd-imagefolder": {"full": (30, 30), "medium": (10, 10), "short": (4, 4), "smoke": (1, 1)},
+    "precision": {"full": (200, 200), "medium": (30, 30), "short": (5, 5), "smoke": (1, 1)},
 }
 #: The knowledge-distillation project's setting: an image folder at 224 px (Imagenette there), a torchvision
 #: teacher and a smaller torchvision student, MSE on logits (its loss) or KL.
@@ -181,4 +182,24 @@ def kd_folder_rows(args: argparse.Namespace) -> list[Row]:
             Row(f"student {student_name}, KD: KL (T 5)", group, runs / f"student-kl-s{seed}", [*kd, "--kd", "kd"],
                 stage2.main, seed),
         ]
+    return rows
+
+
+def precision_rows(args: argparse.Namespace) -> list[Row]:
+    """The same teacher and stage-2 runs in float32 and in bf16 autocast: does the faster default cost accuracy?"""
+    e1, e2 = BUDGETS["precision"][args.budget]
+    runs, rows = Path(args.runs) / "precision", []
+    for model in args.models or ["reduce20"]:
+        for seed in args.seeds:
+            common = ["--dataset", "cifar10", *_common(args, seed)]
+            for amp, label in (("--no-amp", "float32"), ("--amp", "bf16 autocast")):
+                teacher = runs / f"{model}-{label.split()[0]}-s{seed}-teacher"
+                rows += [
+                    Row(f"teacher, {label}", model, teacher,
+                        ["-m", model, "--expansion", "1", "--epochs", str(e1), amp, *common], stage1.main, seed),
+                    Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU, {label}", model,
+                        runs / f"{model}-{label.split()[0]}-s{seed}-stage2",
+                        ["--inherit", str(teacher), "--epochs", str(e2), "--lora-rank", str(LORA_RANK),
+                         "--lambda-epochs", str(max(1, e2 // 2)), amp, *common], stage2.main, seed),
+                ]
     return rows
