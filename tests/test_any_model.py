@@ -127,12 +127,12 @@ def test_feature_adapters_train_save_and_resume_exactly(tmp_path, monkeypatch):
     """FitNets regressors are part of the task: trained, in train_state.pt, and restored by --resume."""
     teacher = tmp_path / "teacher"
     run(stage1.main, ["-m", "reduce20", *ARGS, "--out", str(teacher)])
-    argv = ["--inherit", str(teacher), "--feature-kd", "hint", *ARGS, "--epochs", "2", "--no-export"]
+    argv = ["--inherit", str(teacher), "--feature-kd", "fitnet", *ARGS, "--epochs", "2", "--no-export"]
     whole = run(stage2.main, [*argv, "--out", str(tmp_path / "whole")])
     state = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["task"]
     adapters = {k: v for k, v in state.items() if k.startswith("feature_loss.")}
     assert adapters and not any(k.startswith("teacher") for k in state)
-    fresh = stage2.FeatureDistill([16, 32, 64], [16, 32, 64], "hint").state_dict()
+    fresh = stage2.FeatureDistill([16, 32, 64], [16, 32, 64], "fitnet").state_dict()
     assert any(not torch.equal(adapters[f"feature_loss.{k}"], v) for k, v in fresh.items() if v.is_floating_point())
     assert whole["feature_kd"].startswith("FeatureDistill")
 
@@ -153,3 +153,14 @@ def test_feature_adapters_train_save_and_resume_exactly(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume is not exact"
     assert load_file(str(tmp_path / "split" / "last.safetensors")).keys() == \
         load_file(str(tmp_path / "whole" / "last.safetensors")).keys()  # the student alone, no adapters
+
+
+@needs_data
+def test_stage2_with_semckd_and_at(tmp_path):
+    teacher = tmp_path / "teacher"
+    run(stage1.main, ["-m", "reduce20", *ARGS, "--out", str(teacher)])
+    for mode in ("semckd", "at"):
+        s = run(stage2.main, ["--teacher", str(teacher), "-m", "reduce20", "--feature-kd", mode, *ARGS,
+                              "--no-export", "--out", str(tmp_path / mode)])
+        rows = (tmp_path / mode / "metrics.csv").read_text().splitlines()
+        assert "loss_features" in rows[0] and s["feature_kd"].startswith("SemCKD" if mode == "semckd" else "Feat")

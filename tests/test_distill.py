@@ -14,6 +14,7 @@ from train.distill import (
     KD_LOSSES,
     DistillLoss,
     FeatureDistill,
+    SemCKD,
     build_distill_loss,
     dkd_div,
     feature_extractor,
@@ -221,8 +222,8 @@ def _feats(shapes, seed=0):
     return [torch.randn(*shape, generator=g) for shape in shapes]
 
 
-def test_hint_shapes_and_gradient():
-    fd = FeatureDistill([4, 8], [16, 32], mode="hint", weight=1.0)
+def test_fitnet_shapes_and_gradient():
+    fd = FeatureDistill([4, 8], [16, 32], mode="fitnet", weight=1.0)
     fs = [f.requires_grad_(True) for f in _feats([(2, 4, 8, 8), (2, 8, 4, 4)])]
     ft = [f.requires_grad_(True) for f in _feats([(2, 16, 4, 4), (2, 32, 4, 4)], seed=1)]  # first pair is pooled
     loss = fd(fs, ft)
@@ -234,8 +235,8 @@ def test_hint_shapes_and_gradient():
     assert FeatureDistill([4], [16]).weight == 100.0
 
 
-def test_hint_manual_value():
-    fd = FeatureDistill([3], [5], mode="hint", weight=2.0).eval()
+def test_fitnet_manual_value():
+    fd = FeatureDistill([3], [5], mode="fitnet", weight=2.0).eval()
     fs, ft = _feats([(2, 3, 4, 4), (2, 5, 2, 2)])
     want = 2.0 * F.mse_loss(fd.proj[0](F.adaptive_avg_pool2d(fs, 2)), ft)
     torch.testing.assert_close(fd([fs], [ft]), want)
@@ -258,7 +259,7 @@ def test_at_zero_for_identical_and_gradient():
 
 
 def test_feature_distill_bad_config():
-    with pytest.raises(ConfigError, match="hint, at"):
+    with pytest.raises(ConfigError, match="fitnet or at"):
         FeatureDistill([4], [4], mode="crd")
     with pytest.raises(ConfigError, match="one teacher channel count"):
         FeatureDistill([4, 8], [4])
@@ -275,3 +276,67 @@ def test_feature_extractor_on_tiny_model():
     with pytest.raises(ConfigError, match="get_graph_node_names") as info:
         feature_extractor(model, ["nope"])
     assert "\n" not in str(info.value)
+
+
+def test_semckd_matches_the_formula_on_small_tensors():
+    """SemCKD written out with functional ops from the paper's definition, against the module."""
+    torch.manual_seed(0)
+    b, factor = 8, 4
+    sem = SemCKD([3, 5], [4, 6, 2], batch_size=b, weight=2.0, factor=factor).double().train()
+    fs = [torch.randn(b, 3, 8, 8, dtype=torch.float64), torch.randn(b, 5, 4, 4, dtype=torch.float64)]
+    ft = [torch.randn(b, 4, 8, 8, dtype=torch.float64), torch.randn(b, 6, 4, 4, dtype=torch.float64),
+          torch.randn(b, 2, 2, 2, dtype=torch.float64)]
+
+    def embed(m, x):  # Linear -> ReLU -> Linear -> L2 normalise
+        h = F.relu(x @ m.linear1.weight.t() + m.linear1.bias) @ m.linear2.weight.t() + m.linear2.bias
+        return h / h.norm(dim=1, keepdim=True)
+
+    def project(seq, x):  # Conv1x1-BN-ReLU-Conv3x3-BN-ReLU-Conv1x1, BN in training mode (batch statistics)
+        def bn(m, y):
+            mu, var = y.mean((0, 2, 3), keepdim=True), y.var((0, 2, 3), unbiased=False, keepdim=True)
+            return (y - mu) / torch.sqrt(var + m.eps) * m.weight.view(1, -1, 1, 1) + m.bias.view(1, -1, 1, 1)
+        y = F.relu(bn(seq[1], F.conv2d(x, seq[0].weight)))
+        y = F.relu(bn(seq[4], F.conv2d(y, seq[3].weight, padding=1)))
+        return F.conv2d(y, seq[6].weight)
+
+    q = torch.stack([embed(sem.query[i], f.flatten(1) @ f.flatten(1).t()) for i, f in enumerate(fs)], 1)
+    k = torch.stack([embed(sem.key[j], f.flatten(1) @ f.flatten(1).t()) for j, f in enumerate(ft)], 1)
+    att = torch.softmax(torch.einsum("bsd,btd->bst", q, k), dim=-1)
+    total = torch.zeros((), dtype=torch.float64)
+    for i, s in enumerate(fs):
+        for j, t in enumerate(ft):
+            size = min(s.shape[-1], t.shape[-1])
+            s_ij, t_ij = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+            err = (project(sem.proj[i][j], s_ij) - t_ij).pow(2).flatten(1).mean(1)
+            total = total + (att[:, i, j] * err).sum()
+    expected = 2.0 * total / (b * len(fs))
+    torch.testing.assert_close(sem(fs, ft), expected)
+    # the attention is a distribution over teacher layers for every sample and student layer
+    torch.testing.assert_close(sem.attention(fs, ft).sum(-1), torch.ones(b, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batches of 8"):
+        sem([f[:4] for f in fs], [f[:4] for f in ft])
+
+
+def test_semckd_trains_its_embeddings_and_projections():
+    sem = SemCKD([3], [4], batch_size=4)
+    loss = sem([torch.randn(4, 3, 4, 4, requires_grad=True)], [torch.randn(4, 4, 4, 4)])
+    loss.backward()
+    assert all(p.grad is not None for p in sem.parameters())
+    assert sem.weight == 400.0
+
+
+def test_at_matches_the_formula():
+    fs, ft = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    am = lambda f: F.normalize(f.pow(2).mean(1).view(2, -1), dim=1)  # noqa: E731  (RepDistiller's at())
+    expected = 1000.0 * (am(fs) - am(ft)).pow(2).mean()
+    torch.testing.assert_close(FeatureDistill([3], [5], mode="at")([fs], [ft]), expected)
+
+
+def test_kd_with_explicit_ce_weight_is_repdistillers_loss():
+    s, t, y = _logits()
+    loss = DistillLoss("kd", alpha=1.0, T=4.0, ce_weight=1.0)
+    expected = F.cross_entropy(s, y) + F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t / 4, 1),
+                                                reduction="sum") * 16 / s.shape[0]
+    torch.testing.assert_close(loss(s, y, t), expected)
+    with pytest.raises(ConfigError):
+        DistillLoss("kd", ce_weight=-1.0)

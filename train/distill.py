@@ -1,10 +1,11 @@
-"""Knowledge-distillation losses: logit-level (KD, DKD, MSE) and feature-level (FitNets hints, attention transfer).
+"""Knowledge-distillation losses: logit-level (KD, DKD, MSE) and feature-level (FitNets, attention transfer, SemCKD).
 
 References:
     * Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NeurIPS-W 2015 (KD).
     * Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022 (DKD).
     * Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015 (hint loss).
     * Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017 (attention transfer).
+    * Chen, Mei, Zhang, Wang, Wang & Feng, "Cross-Layer Distillation with Semantic Calibration", AAAI 2021 (SemCKD).
 
 The teacher is assumed frozen: every loss here detaches the teacher's logits / features, so gradients reach
 the student (and the FitNets projection) only.
@@ -30,6 +31,7 @@ __all__ = [
     "DistillLoss",
     "build_distill_loss",
     "FeatureDistill",
+    "SemCKD",
     "feature_extractor",
 ]
 
@@ -45,10 +47,10 @@ KD_DEFAULTS: dict[str, dict] = {
     "none": {},
 }
 
-FEATURE_MODES = ("hint", "at")
+FEATURE_MODES = ("fitnet", "at", "semckd")
 
-#: Loss weights used for CIFAR-100 by RepDistiller and mdistiller (FitNet: 100, AT: 1000).
-FEATURE_DEFAULTS: dict[str, float] = {"hint": 100.0, "at": 1000.0}
+#: Loss weights used for CIFAR-100 by RepDistiller/mdistiller (FitNet 100, AT 1000) and by SemCKD (400).
+FEATURE_DEFAULTS: dict[str, float] = {"fitnet": 100.0, "at": 1000.0, "semckd": 400.0}
 
 
 KD_REDUCTIONS = ("batchmean", "mean")
@@ -130,9 +132,10 @@ def dkd_div(
 class DistillLoss(nn.Module):
     """Total training loss of a student distilled from a frozen teacher.
 
-    * ``kd``:   ``(1 - alpha) * CE(s, y) + alpha * kd_div(s, t, T, reduction)`` (Hinton et al. 2015; alpha=0.7,
-      T=5; ``reduction="mean"`` reproduces the original ReduceNet's ``nn.KLDivLoss()``, 1/C of Hinton's term).
-    * ``mse``:  ``(1 - alpha) * CE(s, y) + alpha * MSE(s, t)`` (logit matching; alpha=0.7).
+    * ``kd``:   ``ce_weight * CE(s, y) + alpha * kd_div(s, t, T, reduction)`` with ``ce_weight = 1 - alpha`` unless
+      given (Hinton et al. 2015; alpha=0.7, T=5; ``reduction="mean"`` reproduces the original ReduceNet's
+      ``nn.KLDivLoss()``, 1/C of Hinton's term; RepDistiller/SemCKD use ``ce_weight=1, alpha=1, T=4``).
+    * ``mse``:  ``ce_weight * CE(s, y) + alpha * MSE(s, t)`` (logit matching; alpha=0.7).
     * ``dkd``:  ``CE(s, y) + min((epoch + 1) / warmup_epochs, 1) * dkd_div(s, t, y, alpha, beta, T)``
       (Zhao et al. 2022, mdistiller's CIFAR recipe: alpha=1, beta=8, T=4, warm-up 20 epochs; the epoch is
       0-based here and mdistiller counts from 1, so the first epoch has weight ``1 / warmup_epochs``).
@@ -150,6 +153,7 @@ class DistillLoss(nn.Module):
         warmup_epochs: Epochs of linear warm-up of the DKD term, ``>= 0`` (0: none).
         label_smoothing: Label smoothing of the cross-entropy term, in ``[0, 1)``.
         reduction: KD term's reduction (kd only), one of :data:`KD_REDUCTIONS`.
+        ce_weight: Weight of the cross-entropy term for kd/mse, ``>= 0``; ``None`` means ``1 - alpha``.
 
     Raises:
         ConfigError: On an unknown ``kind`` or an out-of-range hyper-parameter.
@@ -165,16 +169,19 @@ class DistillLoss(nn.Module):
         warmup_epochs: int | None = None,
         label_smoothing: float = 0.0,
         reduction: str = "batchmean",
+        ce_weight: float | None = None,
     ) -> None:
         super().__init__()
+        if ce_weight is not None and not ce_weight >= 0.0:
+            raise ConfigError(f"ce_weight must be >= 0, got {ce_weight}")
         if reduction not in KD_REDUCTIONS:
             raise ConfigError(f"unknown KD reduction {reduction!r}; choose one of: {', '.join(KD_REDUCTIONS)}")
         if kind not in KD_LOSSES:
             raise ConfigError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(KD_LOSSES)}")
         given = {"alpha": alpha, "T": T, "beta": beta, "warmup_epochs": warmup_epochs}
         hp = {k: default if given[k] is None else given[k] for k, default in KD_DEFAULTS[kind].items()}
-        if kind in ("kd", "mse") and not 0.0 <= hp["alpha"] <= 1.0:
-            raise ConfigError(f"{kind} alpha must be in [0, 1], got {hp['alpha']}")
+        if kind in ("kd", "mse") and not (0.0 <= hp["alpha"] <= 1.0 or (ce_weight is not None and hp["alpha"] >= 0)):
+            raise ConfigError(f"{kind} alpha must be in [0, 1] (any weight >= 0 with ce_weight), got {hp['alpha']}")
         if kind == "dkd":
             for k in ("alpha", "beta", "warmup_epochs"):
                 if not hp[k] >= 0.0:
@@ -190,6 +197,7 @@ class DistillLoss(nn.Module):
         self.warmup_epochs: int | None = hp.get("warmup_epochs")
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
+        self.ce_weight = (1.0 - self.alpha if kind in ("kd", "mse") else 1.0) if ce_weight is None else float(ce_weight)
         self.needs_teacher = kind != "none"
         self.epoch = 0.0
 
@@ -225,9 +233,9 @@ class DistillLoss(nn.Module):
             )
         t = teacher_logits.detach()
         if self.kind == "kd":
-            return (1.0 - self.alpha) * ce + self.alpha * kd_div(student_logits, t, self.T, self.reduction)
+            return self.ce_weight * ce + self.alpha * kd_div(student_logits, t, self.T, self.reduction)
         if self.kind == "mse":
-            return (1.0 - self.alpha) * ce + self.alpha * F.mse_loss(student_logits, t)
+            return self.ce_weight * ce + self.alpha * F.mse_loss(student_logits, t)
         dkd = dkd_div(student_logits, t, targets, self.alpha, self.beta, self.T)
         return ce + self.dkd_weight() * dkd
 
@@ -236,6 +244,8 @@ class DistillLoss(nn.Module):
         parts = [f"kind={self.kind!r}"] + [f"{n}={getattr(self, n)}" for n in names if getattr(self, n) is not None]
         if self.label_smoothing:
             parts.append(f"label_smoothing={self.label_smoothing}")
+        if self.kind in ("kd", "mse") and self.ce_weight != 1.0 - self.alpha:
+            parts.append(f"ce_weight={self.ce_weight}")
         if self.reduction != "batchmean":
             parts.append(f"reduction={self.reduction!r}")
         return ", ".join(parts)
@@ -271,7 +281,7 @@ def _attention_map(f: Tensor) -> Tensor:
 class FeatureDistill(nn.Module):
     """Feature-level distillation summed over pairs of (student, teacher) intermediate feature maps.
 
-    * ``hint``: FitNets (Romero et al. 2015) -- MSE between a learned 1x1-conv + BN projection of each student
+    * ``fitnet``: FitNets (Romero et al. 2015) -- MSE between a learned 1x1-conv + BN projection of each student
       map (to the teacher's channel count) and the teacher map. The projection is trainable: give this
       module's parameters to the optimizer.
     * ``at``: attention transfer (Zagoruyko & Komodakis 2017) -- mean squared difference of the L2-normalised
@@ -284,7 +294,7 @@ class FeatureDistill(nn.Module):
         student_channels: Channels of each student map.
         teacher_channels: Channels of each teacher map (same length).
         mode: One of :data:`FEATURE_MODES`.
-        weight: Loss multiplier; ``None`` takes :data:`FEATURE_DEFAULTS` (hint 100, at 1000).
+        weight: Loss multiplier; ``None`` takes :data:`FEATURE_DEFAULTS` (fitnet 100, at 1000).
 
     Raises:
         ConfigError: On an unknown mode, mismatched channel lists, or a negative weight.
@@ -294,14 +304,13 @@ class FeatureDistill(nn.Module):
         self,
         student_channels: Sequence[int],
         teacher_channels: Sequence[int],
-        mode: str = "hint",
+        mode: str = "fitnet",
         weight: float | None = None,
     ) -> None:
         super().__init__()
-        if mode not in FEATURE_MODES:
-            raise ConfigError(
-                f"unknown feature distillation mode {mode!r}; choose one of: {', '.join(FEATURE_MODES)}"
-            )
+        if mode not in ("fitnet", "at"):
+            raise ConfigError(f"unknown feature distillation mode {mode!r} for FeatureDistill; choose fitnet or at "
+                              "(SemCKD is the SemCKD class)")
         student_channels, teacher_channels = list(student_channels), list(teacher_channels)
         if not student_channels or len(student_channels) != len(teacher_channels):
             raise ConfigError(
@@ -316,7 +325,7 @@ class FeatureDistill(nn.Module):
         self.weight = weight
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
         self.proj = nn.ModuleList()
-        if mode == "hint":
+        if mode == "fitnet":
             for cs, ct in zip(student_channels, teacher_channels):
                 self.proj.append(nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct)))
 
@@ -345,7 +354,7 @@ class FeatureDistill(nn.Module):
         total = s_list[0].new_zeros(())
         for i, (fs, ft) in enumerate(zip(s_list, t_list)):
             fs, ft = _pool_to_common_size(fs, ft.detach())
-            if self.mode == "hint":
+            if self.mode == "fitnet":
                 total = total + F.mse_loss(self.proj[i](fs), ft)
             else:
                 total = total + (_attention_map(fs) - _attention_map(ft)).pow(2).mean()
@@ -353,6 +362,92 @@ class FeatureDistill(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, weight={self.weight}"
+
+
+class _MLPEmbed(nn.Module):
+    """SemCKD's embedding: ``Linear(d, 2k) -> ReLU -> Linear(2k, k) -> L2 normalise``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim_in, 2 * dim_out)
+        self.linear2 = nn.Linear(2 * dim_out, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.linear2(F.relu(self.linear1(x.flatten(1)))), dim=1)
+
+
+def _aa_embed(c_in: int, c_out: int) -> nn.Sequential:
+    """SemCKD's projection of a student map to a teacher's channels: Conv1x1-BN-ReLU-Conv3x3-BN-ReLU-Conv1x1."""
+    mid = 2 * c_out
+    return nn.Sequential(nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                         nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                         nn.Conv2d(mid, c_out, 1, bias=False))
+
+
+class SemCKD(nn.Module):
+    """Cross-layer distillation with semantic calibration (Chen et al., AAAI 2021), as in DefangChen/SemCKD.
+
+    Every student map ``i`` may learn from every teacher map ``j``. Each map of a batch gives a ``B x B`` similarity
+    matrix of its flattened samples; a query embedding of student ``i``'s matrix and a key embedding of teacher
+    ``j``'s give, per sample, attention weights ``softmax_j(q_i . k_j)``. Student map ``i`` is projected to teacher
+    ``j``'s channels (Conv1x1-BN-ReLU-Conv3x3-BN-ReLU-Conv1x1, after pooling the larger map to the smaller size),
+    and the loss is ``sum_ij att_bij * mean((proj_ij(s_i) - t_j)^2)_b / (B * n_student)``, times ``weight``.
+
+    The embeddings take the ``B x B`` matrices, so the batch size is fixed (the training loader drops the last
+    partial batch, as SemCKD's does). All embeddings and projections train with the student.
+
+    Args:
+        student_channels: channels of each student map.
+        teacher_channels: channels of each teacher map.
+        batch_size: the training batch size per process.
+        weight: the loss weight (400, SemCKD's CIFAR-100 setting, when None).
+        factor: embedding width ``batch_size // factor`` (4 in SemCKD).
+    """
+
+    def __init__(self, student_channels: Sequence[int], teacher_channels: Sequence[int], batch_size: int,
+                 weight: float | None = None, factor: int = 4) -> None:
+        super().__init__()
+        if not student_channels or not teacher_channels or min([*student_channels, *teacher_channels]) <= 0:
+            raise ConfigError(f"SemCKD needs student and teacher maps with channels > 0, got {list(student_channels)} "
+                              f"and {list(teacher_channels)}")
+        if batch_size < factor:
+            raise ConfigError(f"SemCKD embeds the batch's B x B similarity matrices: the batch size must be at least "
+                              f"{factor}, got {batch_size}")
+        weight = FEATURE_DEFAULTS["semckd"] if weight is None else float(weight)
+        if weight < 0:
+            raise ConfigError(f"feature distillation weight must be >= 0, got {weight}")
+        self.weight, self.batch_size = weight, batch_size
+        self.student_channels, self.teacher_channels = list(student_channels), list(teacher_channels)
+        self.query = nn.ModuleList(_MLPEmbed(batch_size, batch_size // factor) for _ in student_channels)
+        self.key = nn.ModuleList(_MLPEmbed(batch_size, batch_size // factor) for _ in teacher_channels)
+        self.proj = nn.ModuleList(nn.ModuleList(_aa_embed(cs, ct) for ct in teacher_channels)
+                                  for cs in student_channels)
+
+    def attention(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+        """``[B, n_student, n_teacher]`` attention weights of every student map over the teacher maps."""
+        def similarity(f: Tensor) -> Tensor:
+            flat = f.flatten(1)
+            return flat @ flat.t()
+
+        query = torch.stack([q(similarity(f)) for q, f in zip(self.query, student_feats)], 1)  # [B, S, k]
+        key = torch.stack([k(similarity(f)) for k, f in zip(self.key, teacher_feats)], 2)  # [B, k, T]
+        return F.softmax(torch.bmm(query, key), dim=-1)
+
+    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+        student_feats, teacher_feats = list(student_feats), [t.detach() for t in teacher_feats]
+        b = student_feats[0].shape[0]
+        if b != self.batch_size:
+            raise ValueError(f"SemCKD was built for batches of {self.batch_size}, got {b}")
+        att = self.attention(student_feats, teacher_feats)
+        per_pair = torch.zeros_like(att)
+        for i, fs in enumerate(student_feats):
+            for j, ft in enumerate(teacher_feats):
+                fs_ij, ft_ij = _pool_to_common_size(fs, ft)
+                per_pair[:, i, j] = (self.proj[i][j](fs_ij) - ft_ij).pow(2).flatten(1).mean(1)
+        return self.weight * (att * per_pair).sum() / (b * len(student_feats))
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, batch_size={self.batch_size}"
 
 
 def feature_extractor(model: nn.Module, nodes: list[str]) -> nn.Module:

@@ -2,8 +2,8 @@
 
 The student is the teacher without its non-linear branch (b), inheriting every other tensor. ``--teacher CKPT
 -m MODEL`` instead distils any trained classifier (zoo, torchvision:NAME, timm:NAME, trimmed) into a fresh
-student of any of these kinds. ``--feature-kd hint|at`` adds a feature loss on the stage outputs (FitNets
-hints with trained 1x1 regressors, or attention transfer). Optional LoRA
+student of any of these kinds. ``--feature-kd fitnet|at|semckd`` adds a feature loss on the stage outputs
+(FitNets with trained 1x1 regressors, attention transfer, or SemCKD's cross-layer attention). Optional LoRA
 branches (``--lora-rank``) add linear capacity while it trains; with ``--lambda-epochs K`` their LambdaReLU
 is annealed from ReLU (lam 0) to identity (lam 1) over the first K epochs. At the end the student is fused,
 checked to give the same test accuracy (within 0.01 points), and exported to ``RUN_DIR/deploy``.
@@ -35,7 +35,7 @@ from reparam.export import export_deploy
 
 from .cli import (common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup, size_line,
                   train_config)
-from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill
+from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
 from .engine import Trainer
 from .preprocess import Renormalize, normalization
 from .schedules import LambdaSchedule
@@ -65,12 +65,16 @@ def build_parser():
     s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
     s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
     s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
+    s.add_argument("--ce-weight", type=float, default=None,
+                   help="kd/mse: weight of the cross-entropy term (default 1 - --kd-alpha; RepDistiller and "
+                        "SemCKD use 1 with --kd-alpha 1)")
     s.add_argument("--kd-reduction", choices=KD_REDUCTIONS, default=None,
                    help="kd: batchmean (Hinton) or mean over N*C elements (the original ReduceNet's nn.KLDivLoss(), "
                         "1/C of it); default: the recipe's")
     f = p.add_argument_group("feature distillation")
     f.add_argument("--feature-kd", choices=("none", *FEATURE_MODES), default="none",
-                   help="hint: FitNets (MSE after a trained 1x1 conv + BN per layer); at: attention transfer")
+                   help="fitnet: FitNets (MSE after a trained 1x1 conv + BN per layer pair); at: attention transfer; "
+                        "semckd: every student layer learns from every teacher layer, weighted by attention")
     f.add_argument("--feature-weight", type=float, default=None,
                    help=f"weight of the feature loss (RepDistiller's CIFAR settings: "
                         f"{', '.join(f'{k} {v:g}' for k, v in FEATURE_DEFAULTS.items())})")
@@ -112,7 +116,7 @@ def validate(args) -> None:
         raise ConfigError(f"--lambda-epochs {args.lambda_epochs:g} must lie in [0, --epochs {args.epochs}] "
                           "so that lambda reaches 1 before fusion")
     if args.feature_kd == "none" and (args.feature_layers or args.teacher_layers or args.feature_weight is not None):
-        raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd hint or at")
+        raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or semckd")
 
 
 def build_student(args, teacher: nn.Module, num_classes: int) -> nn.Module:
@@ -136,12 +140,15 @@ def feature_loss(args, student: nn.Module, teacher: nn.Module, input_size: list[
         return None, [], []
     s_layers = args.feature_layers or stage_outputs(student, input_size)
     t_layers = args.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers))
-    if len(s_layers) != len(t_layers):
+    if len(s_layers) != len(t_layers) and args.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
         raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
                           f"{len(t_layers)}: pass --teacher-layers, one per student layer")
     channels = [_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
     try:
-        loss = FeatureDistill(channels[0], channels[1], args.feature_kd, args.feature_weight)
+        if args.feature_kd == "semckd":
+            loss = SemCKD(channels[0], channels[1], args.batch_size, args.feature_weight)
+        else:
+            loss = FeatureDistill(channels[0], channels[1], args.feature_kd, args.feature_weight)
     except ConfigError as e:
         raise ConfigError(f"--feature-kd {args.feature_kd}: {e}") from None
     return loss, s_layers, t_layers
@@ -167,9 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     validate(args)
     try:
         loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T, beta=args.kd_beta,
-                              reduction=args.kd_reduction)
+                              reduction=args.kd_reduction, ce_weight=args.ce_weight)
     except ConfigError as e:
-        raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta): {e}") from None
+        raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta, --ce-weight): {e}") from None
     teacher, teacher_meta, teacher_path = load_teacher(args.inherit or args.teacher, args.model,
                                                        inherit=bool(args.inherit))
     args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")

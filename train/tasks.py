@@ -150,9 +150,9 @@ class Distill(Task):
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
         self._hooks: tuple[FeatureHooks, FeatureHooks] | None = None
         if feature_loss is not None:
-            if len(student_layers) != len(teacher_layers) or not student_layers:
-                raise ConfigError(f"feature distillation pairs student layers {list(student_layers)} with teacher "
-                                  f"layers {list(teacher_layers)}: give as many of each, at least one")
+            if not student_layers or not teacher_layers:
+                raise ConfigError(f"feature distillation needs student and teacher layers, got {list(student_layers)}"
+                                  f" and {list(teacher_layers)}")
             self._hooks = (FeatureHooks(student, student_layers), FeatureHooks(teacher, teacher_layers))
 
     def set_epoch(self, epoch: int) -> None:
