@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import shlex
+import shutil
+import struct
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 import train.data as data
@@ -126,6 +132,114 @@ def test_cifar_pickles_resize_to_image_size():
     assert train.images.shape[1:] == (3, 40, 40) and info.image_size == 40
 
 
+def cifar_batch(n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    return {"batch_label": "b", "data": data, "labels": [k % 10 for k in range(n)]}
+
+
+def dump(obj: object, path: Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def make_cifar(root: Path, per_batch: int = 10, n_test: int = 20, classes=CIFAR10_CLASSES) -> Path:
+    """A valid tiny ``root/cifar-10-batches-py``: 5 batches of ``per_batch`` images and a test batch."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        dump(cifar_batch(per_batch, seed=i), folder / f"data_batch_{i}")
+    dump(cifar_batch(n_test, seed=0), folder / "test_batch")
+    dump({"label_names": list(classes), "num_cases_per_batch": per_batch, "num_vis": 3072}, folder / "batches.meta")
+    return folder
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Touch:
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(str(marker))}",)
+
+    pickle.loads(pickle.dumps(Touch()))  # control: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    folder = make_cifar(tmp_path / "c")
+    dump({**cifar_batch(10), "batch_label": Touch()}, folder / "data_batch_1")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "c", download=False)
+    msg = one_line_error(e)
+    assert "refusing to load" in msg and "data_batch_1" in msg and "system" in msg and "intact copy" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5, "numpy1"])
+def test_cifar_pickles_of_every_numpy_and_protocol_load(tmp_path, protocol):
+    folder = make_cifar(tmp_path)
+    batch = {**cifar_batch(10), "labels": np.arange(10) % 10, "scalar": np.int64(7)}  # arrays and numpy scalars
+    if protocol == "numpy1":  # the name the original (numpy 1, Python 2) files use
+        raw = pickle.dumps(batch, protocol=2)
+        assert b"numpy._core.multiarray\n" in raw
+        (folder / "data_batch_1").write_bytes(raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    else:
+        dump(batch, folder / "data_batch_1", protocol=protocol)
+    train, test, info = load_dataset("cifar10", tmp_path, download=False)
+    assert torch.equal(train.images[:10].flatten(1), torch.from_numpy(batch["data"]))
+    assert train.labels[:10].tolist() == list(range(10)) and len(train) == 50 and len(test) == 20
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda b: b.pop("data"), "needs 'data' and 'labels'"),
+        (lambda b: b.pop("labels"), "needs 'data' and 'labels'"),
+        (lambda b: b.update(data=b["data"][:, :3000]), "3072"),
+        (lambda b: b.update(data=b["data"].astype(np.int64)), "int64"),
+        (lambda b: b.update(data=b["data"].reshape(10, 3, 32, 32)), "3072"),
+        (lambda b: b.update(labels=b["labels"][:-1]), "10 images but 9 labels"),
+        (lambda b: b.update(labels=[10] + b["labels"][1:]), "label 10, not a class number in [0, 10)"),
+        (lambda b: b.update(labels=[-1] + b["labels"][1:]), "label -1"),
+        (lambda b: b.update(labels=["cat"] + b["labels"][1:]), "label 'cat'"),
+        (lambda b: b.update(labels="0123456789"), "not a list"),
+    ],
+    ids=["no-data", "no-labels", "narrow", "int64", "4d", "count", "label-10", "label-minus-1", "label-str", "str"],
+)
+def test_malformed_cifar_batches_raise_one_line(tmp_path, change, expected):
+    folder = make_cifar(tmp_path)
+    batch = cifar_batch(10)
+    change(batch)
+    dump(batch, folder / "data_batch_3")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, download=False)
+    msg = one_line_error(e)
+    assert expected in msg and "data_batch_3" in msg and "intact copy" in msg
+
+
+def test_malformed_cifar_files_that_are_not_batches_raise_one_line(tmp_path):
+    folder = make_cifar(tmp_path)
+    dump({"num_vis": 3072}, folder / "batches.meta")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, download=False)
+    assert "batches.meta" in one_line_error(e) and "'label_names'" in str(e.value)
+    dump([1, 2, 3], folder / "test_batch")
+    make_cifar(tmp_path / "b")
+    dump([1, 2, 3], tmp_path / "b" / "cifar-10-batches-py" / "test_batch")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "b", download=False)
+    assert "test_batch is not a CIFAR batch" in one_line_error(e)
+    (tmp_path / "b" / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(cifar_batch(10))[:500])
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "b", download=False)
+    assert "cannot read" in one_line_error(e)
+
+
+def test_cifar_class_count_comes_from_the_meta_file(tmp_path):
+    folder = make_cifar(tmp_path, classes=[*CIFAR10_CLASSES, "unicorn"])
+    dump({**cifar_batch(10), "labels": [10] * 10}, folder / "data_batch_2")
+    train, _, info = load_dataset("cifar10", tmp_path, download=False)
+    assert info.num_classes == 11 and info.classes[-1] == "unicorn" and train.labels[10:20].tolist() == [10] * 10
+
+
 # ----------------------------------------------------------------------------------------------- CIFAR-10 JPEG zip
 
 
@@ -201,9 +315,137 @@ def test_decoded_tree_is_cached_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_decode_images", no_decoding)
     second = load_dataset("imagefolder", root)
     assert torch.equal(first[0].images, second[0].images) and first[2] == second[2]
-    os.utime(root, (1, 1))  # a changed source is a new cache key
-    with pytest.raises(AssertionError, match="decoded again"):
-        load_dataset("imagefolder", root)
+    os.utime(root, (1, 1))  # the same bytes with another mtime: still the cache
+    assert torch.equal(load_dataset("imagefolder", root)[0].images, first[0].images)
+
+
+def replace_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_cache_sees_new_pixels_with_the_same_size_and_mtime(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=(2, 1), ext="bmp")  # BMPs of one size: same byte count
+    first, _, _ = load_dataset("imagefolder", root)
+    assert np.array_equal(first.images[0].permute(1, 2, 0).numpy(), pixels(0, 0, (8, 8)))
+    bee = (root / "train" / "bee" / "000.bmp").read_bytes()
+    replace_keeping_size_and_mtime(root / "train" / "ant" / "000.bmp", bee)
+    second, _, _ = load_dataset("imagefolder", root)
+    assert np.array_equal(second.images[0].permute(1, 2, 0).numpy(), pixels(1, 0, (8, 8)))
+    assert torch.equal(second.images[1:], first.images[1:])
+
+    zipped = zip_tree(make_tree(tmp_path / "z", per_class=(2, 1), ext="bmp"), tmp_path / "z.zip")  # stored
+    first, _, _ = load_dataset("imagefolder", zipped)
+    (tmp_path / "z" / "train" / "ant" / "000.bmp").write_bytes(bee)
+    zip_tree(tmp_path / "z", tmp_path / "z2.zip")
+    replace_keeping_size_and_mtime(zipped, (tmp_path / "z2.zip").read_bytes())
+    second, _, _ = load_dataset("imagefolder", zipped)
+    assert np.array_equal(second.images[0].permute(1, 2, 0).numpy(), pixels(1, 0, (8, 8)))
+
+
+def test_link_from_train_into_test_is_refused(tmp_path):
+    for name, make_link in [
+        ("folder", lambda r: (r / "train" / "cat" / "more").symlink_to(r / "test" / "cat")),
+        ("file", lambda r: (r / "train" / "cat" / "999.png").symlink_to(r / "test" / "bee" / "000.png")),
+        ("split", lambda r: (r / "train" / "ant" / "000.png").unlink() or (r / "train" / "ant" / "000.png").symlink_to(
+            r / "val" / "ant" / "001.png")),
+    ]:
+        root = make_tree(tmp_path / name, test_name="val" if name == "split" else "test")
+        make_link(root)
+        with pytest.raises(DataError) as e:
+            load_dataset("imagefolder", root)
+        msg = one_line_error(e)
+        assert "the splits would overlap" in msg and "remove the link" in msg and "train/" in msg
+    assert not (tmp_path / "cache").exists()
+
+
+def test_link_into_another_class_is_refused(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "ant" / "more").symlink_to(root / "train" / "cat")
+    with pytest.raises(DataError) as e:
+        scan_image_tree(root)
+    assert "train/ant/more is a link into train/cat/" in one_line_error(e) and "two labels" in str(e.value)
+
+
+def test_link_loops_and_duplicate_links_count_each_file_once(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for k in range(2):
+        Image.fromarray(pixels(9, k, (8, 8))).save(outside / f"x{k}.png")
+    (outside / "loop").symlink_to(outside)
+    cat = root / "train" / "cat"
+    (cat / "ext").symlink_to(outside)  # followed: its two images are cat images
+    (cat / "ext2").symlink_to(outside)  # the same real folder again: adds nothing
+    (cat / "again").symlink_to(cat)  # loops, into the class itself and up to the split and the tree
+    (cat / "up").symlink_to(root / "train")
+    (cat / "top").symlink_to(root)
+    (cat / "dup.png").symlink_to(cat / "000.png")
+    train, test, _ = load_dataset("imagefolder", root)
+    assert train.labels.bincount().tolist() == [4, 4, 6] and len(test) == 6
+    extra = [a.permute(1, 2, 0).numpy() for a in train.images[-2:]]  # sorted: cat/000..003, then cat/ext/x0, x1
+    assert np.array_equal(extra[0], pixels(9, 0, (8, 8))) and np.array_equal(extra[1], pixels(9, 1, (8, 8)))
+    assert [n for n, _ in scan_image_tree(root).train][-2:] == ["train/cat/ext/x0.png", "train/cat/ext/x1.png"]
+
+
+def png16(path: Path, a: np.ndarray) -> None:
+    """Writes a 16-bit PNG (grey, grey+alpha, RGB or RGBA by the last axis) of uint16 ``a`` (PIL cannot)."""
+    h, w, c = a.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in a)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def test_16_bit_and_other_modes_decode_to_8_bit_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65536, (4, 4, 4), dtype=np.uint16)
+    folder = tmp_path / "tree" / "train" / "x"
+    folder.mkdir(parents=True)
+    Image.fromarray(a16[..., 0]).save(folder / "a.png")  # mode I;16: PIL's convert("RGB") makes it all white
+    png16(folder / "b.png", a16[..., :3])
+    png16(folder / "c.png", a16)
+    png16(folder / "d.png", a16[..., :2])
+    a8 = pixels(0, 0, (4, 4))
+    palette = Image.fromarray(a8).quantize(4)
+    palette.save(folder / "e.png", transparency=bytes([0, 255, 128, 255]))
+    la = Image.fromarray(np.stack([a8[..., 0], a8[..., 1]], -1), "LA")
+    la.save(folder / "f.png")
+    cmyk = Image.fromarray(a8).convert("CMYK")
+    cmyk.save(folder / "g.tiff")
+    (tmp_path / "tree" / "test" / "x").mkdir(parents=True)
+    Image.fromarray(a8).save(tmp_path / "tree" / "test" / "x" / "0.png")
+    assert Image.open(folder / "a.png").mode == "I;16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from PIL either
+        train, _, _ = load_dataset("imagefolder", tmp_path / "tree")
+    got = train.images.permute(0, 2, 3, 1).numpy()
+    grey = (a16[..., :1] >> 8).astype(np.uint8)
+    assert np.array_equal(got[0], grey.repeat(3, -1))
+    assert np.array_equal(got[1], (a16[..., :3] >> 8).astype(np.uint8))
+    assert np.array_equal(got[2], (a16[..., :3] >> 8).astype(np.uint8))
+    assert np.array_equal(got[3], grey.repeat(3, -1))
+    assert np.array_equal(got[4], np.asarray(palette.convert("RGBA").convert("RGB")))
+    assert np.array_equal(got[5], np.asarray(la.convert("RGB")))
+    assert np.array_equal(got[6], np.asarray(cmyk.convert("RGB")))
+
+
+def test_test_split_missing_classes_warns(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_image_tree(make_tree(tmp_path / "complete"))  # control: no warning
+    root = make_tree(tmp_path / "tree", classes=("ant", "bee", "cat", "dog"))
+    shutil.rmtree(root / "test" / "bee")
+    shutil.rmtree(root / "test" / "dog")
+    with pytest.warns(UserWarning, match="test/ has no images of classes bee, dog: their test accuracy cannot"):
+        train, test, info = load_dataset("imagefolder", root)
+    assert info.num_classes == 4 and test.labels.unique().tolist() == [0, 2]
 
 
 def test_large_tree_decodes_in_a_process_pool(tmp_path):
@@ -251,6 +493,21 @@ def test_corrupt_image_raises_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", root)
     assert "001.png" in one_line_error(e)
+
+
+def test_corrupt_zip_member_raises_one_line(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    zipped = zip_tree(root, tmp_path / "tree.zip")  # stored: the member's bytes lie in the zip as they are
+    member = (root / "train" / "bee" / "003.png").read_bytes()  # no twin in test/
+    raw = bytearray(zipped.read_bytes())
+    at = raw.find(member) + len(member) // 2
+    raw[at] ^= 0xFF
+    zipped.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", zipped)
+    msg = one_line_error(e)
+    assert "train/bee/003.png" in msg and str(zipped) in msg and "intact copy" in msg
+    assert not (tmp_path / "cache").exists()
 
 
 def test_cifar_not_found_without_download(tmp_path):
@@ -315,6 +572,41 @@ def test_build_data_subset_shares_train_and_test(tmp_path):
         with pytest.raises(DataError) as e:
             build_data("imagefolder", root, batch_size=4, subset=bad)
         assert "--subset" in one_line_error(e)
+
+
+def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
+    folder = make_cifar(tmp_path)  # 50 train, 20 test: 70 x 3 x 256 x 256 = 13.8 MB at 256 px
+    monkeypatch.setattr(data, "_available_memory", lambda: 16 * 2**20)  # half: 8 MB
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path, image_size=256, download=False)
+    msg = one_line_error(e)
+    assert "70 images at 256x256 px" in msg and "--image-size" in msg and "--subset" in msg
+    d = build_data("cifar10", tmp_path, batch_size=5, subset=10, image_size=256, download=False)  # 20 x 0.2 MB
+    raw = torch.from_numpy(np.concatenate([raw_pickle(folder / f"data_batch_{i}")["data"] for i in range(1, 6)]))
+    labels = torch.arange(50) % 10
+    idx = balanced_subset(labels, 10, seed=0)
+    assert d.train.images.shape == (10, 3, 256, 256) and d.test.images.shape == (10, 3, 256, 256)
+    assert torch.equal(d.train.images, TF.resize(raw[idx].view(-1, 3, 32, 32), [256, 256], antialias=True))
+    assert torch.equal(d.train.labels, labels[idx]) and sorted(d.train.labels.tolist()) == list(range(10))
+    assert d.info.image_size == 256
+
+
+def test_image_folder_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "tree")  # 18 images; at 64 px 18 x 12 KB = 221 KB
+    monkeypatch.setattr(data, "_available_memory", lambda: 300 * 2**10)
+    monkeypatch.setattr(data, "_decode_images", lambda *a, **k: pytest.fail("decoded before the memory check"))
+    with pytest.raises(DataError) as e:
+        load_dataset("imagefolder", root, image_size=64)
+    assert "18 images at 64x64 px" in one_line_error(e) and "--subset" in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_available_memory", lambda: 300 * 2**10)
+    d = build_data("imagefolder", root, batch_size=3, subset=3, image_size=64)  # 3 + 3 images: 74 KB
+    assert d.train.images.shape == (3, 3, 64, 64) and d.test.images.shape == (3, 3, 64, 64)
+
+
+def test_available_memory_is_read():
+    assert 2**20 < data._available_memory() < 2**50
 
 
 # ----------------------------------------------------------------------------------------------- loader

@@ -6,11 +6,17 @@ Sources (``load_dataset``):
   looked for as ``<root>/cifar-10-batches-py`` (torchvision's pickles), then ``<root>/cifar10-jpeg.zip`` or an
   extracted ``<root>/cifar10-jpeg/`` (class folders of JPEGs), then ``<root>`` itself as a pickle folder;
   CIFAR-100 as ``<root>/cifar-100-python`` or ``<root>`` itself. The pickles are read directly, without
-  torchvision's md5 check, so exact subsets load too. If nothing is found, torchvision's download is tried.
+  torchvision's md5 check, so exact subsets load too; they are unpickled without running any code from them
+  (only numpy arrays, dtypes and plain Python values are admitted) and their fields are checked. If nothing
+  is found, torchvision's download is tried.
 * ``imagefolder``: ``data_dir`` is a folder, or a ``.zip`` of one, holding ``train/`` and ``test/`` (or
   ``val/``) folders of class folders, optionally inside one top-level folder. Images are decoded with PIL
-  once (in a process pool), resized and center-cropped to ``image_size``, and cached as uint8 tensors under
-  ``$REDUCENET_CACHE`` (default ``~/.cache/reducenet``), keyed by the source's path, size and mtime.
+  once (in a process pool), converted to 8-bit RGB, resized and center-cropped to ``image_size``, and cached
+  as uint8 tensors under ``$REDUCENET_CACHE`` (default ``~/.cache/reducenet``), keyed by a hash of the image
+  bytes (of the zip, for a zip), the image size and the crop.
+
+With a subset (``build_data(subset=...)``), the subset is drawn first and only its images are resized or
+decoded; an array that would take more than half of the available memory is refused.
 
 ``DatasetInfo.label`` says how to name results: the JPEG copy of CIFAR-10 is "CIFAR-10 (JPEG q75 copy)" and
 a partial pickle copy is "CIFAR-10 (exact subset, N train / M test)".
@@ -33,10 +39,11 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +66,7 @@ __all__ = [
     "Data",
     "resolve_source",
     "scan_image_tree",
+    "to_rgb",
     "load_dataset",
     "balanced_subset",
     "build_data",
@@ -78,8 +86,22 @@ _PICKLE_FILES = {  # (train files, test files, meta file, label key, class names
 }
 _NICE = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 _JPEG_LABEL = "CIFAR-10 (JPEG q75 copy)"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: keyed on content, 16-bit images scaled
 _WHERE = "pass --data-dir DIR (or set REDUCENET_DATA)"
+_INTACT = "replace it with an intact copy"
+_SPLITS = ("train", "test", "val")
+# Every global a CIFAR pickle may name: numpy arrays, dtypes and scalars (under numpy 1 and numpy 2 names), and
+# the codec numpy's protocol-2 pickles use for their bytes. Builtins (dict, list, str, int, ...) need no global.
+_PICKLE_GLOBALS = frozenset(
+    [(f"{core}.{module}", name) for core in ("numpy.core", "numpy._core")
+     for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every run of whitespace, newlines included, made one space."""
+    return " ".join(text.split())
 
 
 @dataclass
@@ -148,8 +170,17 @@ class ImageTree:
         return self.source.is_file()
 
     def read(self, name: str, archive: zipfile.ZipFile | None = None) -> bytes:
-        """Returns the bytes of the file ``name``, from ``archive`` when the source is a zip."""
-        return archive.read(name) if archive is not None else (self.source / name).read_bytes()
+        """Returns the bytes of the file ``name``, from ``archive`` when the source is a zip.
+
+        Raises:
+            DataError: The file cannot be read, or the zip member is damaged (bad CRC, truncated).
+        """
+        try:
+            return archive.read(name) if archive is not None else (self.source / name).read_bytes()
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            where = f"{name} in {self.source}" if archive is not None else str(self.source / name)
+            fix = "replace the zip with an intact copy" if archive is not None else "remove or replace the file"
+            raise DataError(f"cannot read {where} ({_one_line(str(e))}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -219,51 +250,191 @@ def _download(name: str, root: Path) -> str | None:
         cls(str(root), train=True, download=True)
         return None
     except Exception as e:  # offline machines, proxies, disk full: all mean "not downloaded"
-        return " ".join(f"{type(e).__name__}: {e}".split())
+        return _one_line(f"{type(e).__name__}: {e}")
 
 
 # ----------------------------------------------------------------------------------------------- pickles
 
 
-def _unpickle(path: Path) -> dict:
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python layout, admitting only the globals of :data:`_PICKLE_GLOBALS`, so no code runs."""
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise DataError(
+                f"refusing to load {self.path}: it would run {_one_line(f'{module}.{name}')[:100]}; CIFAR batches "
+                f"hold only arrays, lists and strings: {_INTACT}"
+            )
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> Any:
+    """Reads one pickle of the CIFAR python layout without running code from it.
+
+    Raises:
+        DataError: The file is unreadable or damaged, or names a global that the layout does not hold.
+    """
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({type(e).__name__}); replace it with an intact copy") from None
+            return _CifarUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as e:  # whatever a truncated or damaged pickle raises
+        raise DataError(f"cannot read {path} ({type(e).__name__}); {_INTACT}") from None
 
 
-def _load_pickles(name: str, path: Path, image_size: int) -> tuple[ArrayData, ArrayData, list[str]]:
+def _batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``data`` rows (uint8 ``[N, 3072]``) and int64 labels of one CIFAR batch file, checked.
+
+    Raises:
+        DataError: A key is missing, ``data`` is not uint8 rows of 3072 values, the label count differs from
+            the image count, or a label is not a class number in ``[0, num_classes)``.
+    """
+    b = _unpickle(path)
+    if not isinstance(b, dict) or "data" not in b or label_key not in b:
+        found = f"keys {', '.join(map(repr, b))}"[:100] if isinstance(b, dict) else f"a {type(b).__name__}"
+        raise DataError(f"{path} is not a CIFAR batch: it needs 'data' and {label_key!r} (found {found}); {_INTACT}")
+    x, y = b["data"], b[label_key]
+    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072):
+        found = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, np.ndarray) else f"a {type(x).__name__}"
+        raise DataError(f"{path}: 'data' is {found}, not uint8 rows of 3072 values (32x32 RGB); {_INTACT}")
+    if not (isinstance(y, list) or (isinstance(y, np.ndarray) and y.ndim == 1)):
+        raise DataError(f"{path}: {label_key!r} is a {type(y).__name__}, not a list of class numbers; {_INTACT}")
+    if len(y) != len(x):
+        raise DataError(f"{path} has {len(x)} images but {len(y)} labels; {_INTACT}")
+    bad = [v for v in y if not (isinstance(v, (int, np.integer)) and 0 <= v < num_classes)]
+    if bad:
+        raise DataError(
+            f"{path} has label {_one_line(repr(bad[0]))[:40]}, not a class number in [0, {num_classes}) "
+            f"(the meta file names {num_classes} classes); {_INTACT}"
+        )
+    return x, np.asarray(y, dtype=np.int64)
+
+
+def _load_pickles(name: str, path: Path) -> tuple[ArrayData, ArrayData, list[str]]:
+    """Reads and checks a CIFAR pickle folder: the 32x32 train and test splits, and the class names."""
     train_files, test_files, meta, label_key, names_key = _PICKLE_FILES[name]
+    m = _unpickle(path / meta)
+    classes = m.get(names_key) if isinstance(m, dict) else None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{path / meta} has no list of class names under {names_key!r}; {_INTACT}")
 
     def split(files: list[str]) -> ArrayData:
-        batches = [_unpickle(path / f) for f in files]
-        images = torch.from_numpy(np.concatenate([b["data"] for b in batches])).view(-1, 3, 32, 32)
-        labels = torch.tensor([y for b in batches for y in b[label_key]], dtype=torch.int64)
-        if image_size != 32:
-            images = torch.cat([TF.resize(c, [image_size, image_size], antialias=True) for c in images.split(1024)])
-        return ArrayData(images.contiguous(), labels)
+        batches = [_batch(path / f, label_key, len(classes)) for f in files]
+        images = torch.from_numpy(np.concatenate([x for x, _ in batches])).view(-1, 3, 32, 32)
+        return ArrayData(images, torch.from_numpy(np.concatenate([y for _, y in batches])))
 
-    return split(train_files), split(test_files), list(_unpickle(path / meta)[names_key])
+    return split(train_files), split(test_files), classes
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resizes uint8 ``[N, 3, h, w]`` images to ``size`` x ``size`` (antialiased), a few at a time into one array."""
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    step = max(1, min(1024, 2**25 // (3 * size * size)))  # bounds the float intermediates to ~0.5 GB
+    for i in range(0, len(images), step):
+        out[i : i + step] = TF.resize(images[i : i + step], [size, size], antialias=True)
+    return out
+
+
+def _available_memory() -> int:
+    """Bytes of memory available for new arrays: ``MemAvailable`` of /proc/meminfo, else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such figure here: do not refuse
+        return sys.maxsize
+
+
+def _check_memory(n: int, size: int) -> None:
+    """Refuses to allocate ``n`` uint8 RGB images of ``size`` x ``size`` if they need over half the available memory."""
+    need, available = n * 3 * size * size, _available_memory()
+    if need > available // 2:
+        raise DataError(
+            f"{n} images at {size}x{size} px need {need / 2**30:.1f} GiB, more than half of the "
+            f"{available / 2**30:.1f} GiB of memory available; pass a smaller --image-size or --subset"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- image trees
+
+
+def _place(folder: str) -> tuple[str, str | None] | None:
+    """The ``(split folder, class)`` that a folder of a tree lies in, or None outside every split folder.
+
+    ``top/train/cat/sub`` gives ``("top/train", "cat")``, ``train`` gives ``("train", None)``.
+    """
+    parts = folder.split("/")
+    for depth in (0, 1):  # train/<class>/... or <top>/train/<class>/...
+        if len(parts) > depth and parts[depth] in _SPLITS:
+            return "/".join(parts[: depth + 1]), parts[depth + 1] if len(parts) > depth + 1 else None
+    return None
+
+
+def _walk(folder: Path) -> list[str]:
+    """The files below ``folder`` (``/``-separated paths inside it, sorted), following links safely.
+
+    Links to files and folders are followed, but every real folder is listed and every real file counted once,
+    so a link loop or a second link to the same folder adds nothing. A link that leads elsewhere inside
+    ``folder`` must stay inside its own split and class folder (or be a loop to a folder it lies in). Hidden
+    entries and ``__MACOSX`` are skipped.
+
+    Raises:
+        DataError: A folder cannot be listed, or a link leads into another split or class folder (the splits
+            would overlap, or images would get a second label).
+    """
+    root = os.path.realpath(folder)
+    seen = {root}
+    files: list[str] = []
+
+    def visit(path: str, rel: str, real_dir: str) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"cannot list {path} ({e.strerror}); make it readable or remove it") from None
+        for e in entries:
+            if e.name.startswith(".") or e.name == "__MACOSX":
+                continue
+            name, is_dir, link = rel + e.name, e.is_dir(), e.is_symlink()
+            real = os.path.realpath(e.path) if link else os.path.join(real_dir, e.name)
+            if link and real.startswith(root + os.sep):  # a link to elsewhere in the tree
+                target = os.path.relpath(real, root).replace(os.sep, "/")
+                here = _place(name if is_dir else rel[:-1])
+                there = _place(target if is_dir else os.path.dirname(target))
+                if there is not None and here != there and not name.startswith(target + "/"):  # not a loop
+                    cross = here is None or here[0] != there[0]
+                    why = "the splits would overlap" if cross else "its images would get two labels"
+                    into = "/".join(filter(None, there))
+                    raise DataError(f"{folder}: {name} is a link into {into}/: {why}; remove the link")
+            if real in seen:
+                continue
+            seen.add(real)
+            if is_dir:
+                visit(e.path, name + "/", real)
+            else:
+                files.append(name)
+
+    visit(str(folder), "", root)
+    return files
 
 
 def _list_files(source: Path) -> list[str]:
     if source.is_file():
         try:
             with zipfile.ZipFile(source) as z:
-                return [n for n in z.namelist() if not n.endswith("/")]
+                return list(dict.fromkeys(n for n in z.namelist() if not n.endswith("/")))
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(
                 f"{source} is not a readable zip file ({e}); pass a .zip or folder of train/ and test/ class folders"
             ) from None
-    return [
-        os.path.relpath(os.path.join(d, f), source).replace(os.sep, "/")
-        for d, _, files in os.walk(source, followlinks=True)
-        for f in files
-    ]
+    return _walk(source)
 
 
 def scan_image_tree(source: str | os.PathLike) -> ImageTree:
@@ -272,6 +443,11 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     The tree may sit inside one top-level folder (as in ``cifar10-jpeg.zip``). Files whose extension is not
     an image extension, and hidden or ``__MACOSX`` entries, are ignored. Nothing is decoded.
 
+    In a folder, links are followed, but each real folder is listed and each real file counted once (a link
+    loop adds nothing), and a link into another split or class folder of the tree is refused (a ``train/``
+    link into ``test/`` would train on test images). A class of ``train/`` without test images gives a
+    ``UserWarning``.
+
     Args:
         source: A folder or a ``.zip`` file.
 
@@ -279,22 +455,18 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
         The classes and the per-split ``(path, label)`` lists.
 
     Raises:
-        DataError: The source is missing, not a zip, or not such a tree.
+        DataError: The source is missing, not a zip, or not such a tree, or a link crosses its splits.
     """
     source = Path(source).expanduser().absolute()
     if not source.exists():
         raise DataError(f"{source} does not exist; pass --data-dir DIR with train/ and test/ (or val/) class folders")
-    files = [
-        n for n in _list_files(source)
-        if n.lower().endswith(IMG_EXTENSIONS) and not any(p.startswith(".") or p == "__MACOSX" for p in n.split("/"))
-    ]
     splits: dict[str, dict[str, list[str]]] = {}  # "prefix/split" -> class -> files
-    for n in files:
+    for n in _list_files(source):
         parts = n.split("/")
-        for depth in (0, 1):  # train/<class>/... or <top>/train/<class>/...
-            if len(parts) >= depth + 3 and parts[depth] in ("train", "test", "val"):
-                splits.setdefault("/".join(parts[: depth + 1]), {}).setdefault(parts[depth + 1], []).append(n)
-                break
+        place = _place("/".join(parts[:-1]))
+        if (n.lower().endswith(IMG_EXTENSIONS) and place and place[1] is not None
+                and not any(p.startswith(".") or p == "__MACOSX" for p in parts)):
+            splits.setdefault(place[0], {}).setdefault(place[1], []).append(n)
     prefixes = sorted({k.rpartition("/")[0] for k in splits if k.endswith("train")})
     if len(prefixes) != 1:
         found = "several train/ folders" if prefixes else "no train/<class>/<image> files"
@@ -313,6 +485,13 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
             f"{source}: {test_key}/ has classes missing from {top}train/ ({', '.join(unknown[:5])}); "
             "make the class folders match"
         )
+    untested = [c for c in classes if c not in splits[test_key]]
+    if untested:
+        more = f" and {len(untested) - 10} more" if len(untested) > 10 else ""
+        warnings.warn(
+            f"{test_key}/ has no images of classes {', '.join(untested[:10])}{more}: their test accuracy cannot be "
+            "measured", stacklevel=2
+        )
 
     def items(key: str) -> list[tuple[str, int]]:
         return [(n, y) for y, c in enumerate(classes) for n in sorted(splits[key].get(c, []))]
@@ -320,10 +499,24 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     return ImageTree(source, classes, items(top + "train"), items(test_key))
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Converts a decoded image to 8-bit RGB as PIL does, except where PIL would lose it.
+
+    16-bit (and 32-bit integer) greyscale, which PIL would clip to white, is scaled to 8 bits by ``>> 8``, as
+    PIL itself reads 16-bit RGB(A); a palette image with transparency goes through RGBA (alpha dropped) without
+    PIL's warning. Palette, LA, CMYK and the other modes convert as ``img.convert("RGB")`` does.
+    """
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I
+        img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def _decode(data: bytes, size: int, crop: float) -> np.ndarray:
     """Decodes one image to RGB, resizes its shorter side to ``round(size / crop)``, center-crops ``size``."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+        img = to_rgb(img)
     if img.size != (size, size):
         img = TF.center_crop(TF.resize(img, round(size / crop)), size)
     return np.asarray(img).transpose(2, 0, 1)
@@ -369,15 +562,15 @@ def _cache_dir() -> Path:
 
 
 def _fingerprint(tree: ImageTree) -> str:
-    """Identifies the source's content cheaply: the zip's size and mtime, or every file's name, size and mtime."""
-    h = hashlib.sha1(str(tree.source).encode())
+    """Identifies the images by content: every listed name and label, and the bytes of the zip or of every image."""
+    h = hashlib.sha256("".join(f"{name}\t{y}\n" for name, y in tree.train + tree.test).encode())
     if tree.is_zip:
-        st = tree.source.stat()
-        h.update(f"{st.st_size} {st.st_mtime_ns}".encode())
+        with open(tree.source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     else:
         for name, _ in tree.train + tree.test:
-            st = (tree.source / name).stat()
-            h.update(f"{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+            h.update(hashlib.sha256(tree.read(name)).digest())
     return h.hexdigest()
 
 
@@ -409,7 +602,12 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
 
 
 def _load_tree(tree: ImageTree, image_size: int, crop: float) -> tuple[ArrayData, ArrayData, dict]:
-    """Decodes a tree once and caches it; later calls with the same source and size read the cache."""
+    """Decodes a tree once and caches it; later calls with the same image bytes, size and crop read the cache.
+
+    Raises:
+        DataError: The decoded images would need more than half the available memory, or a file is unreadable.
+    """
+    _check_memory(len(tree.train) + len(tree.test), image_size)
     key = hashlib.sha1(f"{_fingerprint(tree)} {image_size} {crop} {_CACHE_VERSION}".encode()).hexdigest()
     path = _cache_dir() / f"{tree.source.stem}-{image_size}px-{key[:16]}.pt"
     if path.is_file():
@@ -439,8 +637,9 @@ def _default_image_size(tree: ImageTree) -> int:
     """The first training image's size if it is square and at most 64 pixels, else 224."""
     with (zipfile.ZipFile(tree.source) if tree.is_zip else nullcontext()) as archive:
         name = tree.train[0][0]
+        data = tree.read(name, archive)
         try:
-            with Image.open(io.BytesIO(tree.read(name, archive))) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
         except (OSError, ValueError) as e:
             raise DataError(f"cannot decode image {name} ({type(e).__name__}); remove or replace the file") from None
@@ -456,8 +655,10 @@ def load_dataset(
     *,
     image_size: int | None = None,
     download: bool = True,
+    subset: int | None = None,
+    seed: int = 0,
 ) -> tuple[ArrayData, ArrayData, DatasetInfo]:
-    """Loads the train and test splits of a dataset as uint8 tensors on the CPU.
+    """Loads the train and test splits of a dataset, or balanced subsets of them, as uint8 tensors on the CPU.
 
     Args:
         name: One of :data:`DATASETS`.
@@ -467,12 +668,18 @@ def load_dataset(
             image-folder images have their shorter side resized to ``round(image_size * 256 / 224)`` (when
             ``image_size >= 64``, else ``image_size``) and are center-cropped.
         download: For CIFAR, try torchvision's download when no copy is found.
+        subset: Keep this many balanced training samples (see :func:`balanced_subset`) and a balanced test
+            subset of the same share, at least one sample per class. The subsets are drawn from the labels
+            before any image is resized or decoded, so only the kept images are; an image folder's mean and
+            std are then those of the kept training images.
+        seed: Seed of the subsets.
 
     Returns:
         ``(train, test, info)``.
 
     Raises:
-        DataError: Nothing usable was found, or the files are malformed.
+        DataError: Nothing usable was found, the files are malformed, the subset size is out of range, or the
+            images would need more than half of the available memory.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -494,10 +701,16 @@ def load_dataset(
 
     if kind == "pickle":
         size = image_size or 32
-        train, test, classes = _load_pickles(name, path, size)
+        train, test, classes = _load_pickles(name, path)
         full = (len(train), len(test)) == _FULL_SIZES
         label = _NICE[name] if full else f"{_NICE[name]} (exact subset, {len(train)} train / {len(test)} test)"
         mean, std = _STATS[name]
+        if subset is not None:
+            picked = _subset_indices(train.labels, test.labels, subset, seed, len(classes), label)
+            train, test = train.subset(picked[0]), test.subset(picked[1])
+        if size != 32:
+            _check_memory(len(train) + len(test), size)
+            train, test = (ArrayData(_resize(d.images, size), d.labels) for d in (train, test))
     else:
         tree = scan_image_tree(path)
         if name == "cifar10" and tree.classes != CIFAR10_CLASSES:
@@ -507,14 +720,30 @@ def load_dataset(
             )
         size = image_size or (32 if name == "cifar10" else _default_image_size(tree))
         crop = 224 / 256 if name == "imagefolder" and size >= 64 else 1.0
+        label = _JPEG_LABEL if name == "cifar10" else f"{path.stem} (image folder)"
+        if subset is not None:
+            labels = [torch.tensor([y for _, y in items], dtype=torch.int64) for items in (tree.train, tree.test)]
+            picked = _subset_indices(*labels, subset, seed, len(tree.classes), label)
+            kept = [[items[i] for i in p.tolist()] for items, p in zip((tree.train, tree.test), picked)]
+            tree = ImageTree(tree.source, tree.classes, *kept)
         train, test, cached = _load_tree(tree, size, crop)
         classes = tree.classes
-        if name == "cifar10":
-            label, (mean, std) = _JPEG_LABEL, _STATS[name]
-        else:
-            label, mean, std = f"{path.stem} (image folder)", tuple(cached["mean"]), tuple(cached["std"])
+        mean, std = _STATS[name] if name == "cifar10" else (tuple(cached["mean"]), tuple(cached["std"]))
     info = DatasetInfo(name, len(classes), list(classes), tuple(mean), tuple(std), size, str(path), label)
     return train, test, info
+
+
+def _subset_indices(
+    train: torch.Tensor, test: torch.Tensor, n: int, seed: int, num_classes: int, label: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced indices of ``n`` of the ``train`` labels and of the same share of ``test`` (at least one per class)."""
+    if not num_classes <= n <= len(train):
+        raise DataError(
+            f"--subset {n} is outside [{num_classes}, {len(train)}] for {label}; "
+            "pass at least one image per class and at most the training set"
+        )
+    n_test = min(max(round(n * len(test) / len(train)), num_classes), len(test))
+    return balanced_subset(train, n, seed), balanced_subset(test, n_test, seed)
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -699,7 +928,8 @@ def build_data(
         data_dir: The data root (see :func:`load_dataset`).
         batch_size: Training batch size per rank.
         subset: Train on this many balanced training samples (see :func:`balanced_subset`) and test on a
-            balanced test subset of the same share, at least one sample per class.
+            balanced test subset of the same share, at least one sample per class; only they are resized or
+            decoded (see :func:`load_dataset`).
         seed: Seed of the subsets, the shuffling and the augmentation.
         device: Where the data lives and the batches are made.
         rank: This process's rank.
@@ -712,16 +942,9 @@ def build_data(
     Returns:
         The loaders and the dataset info.
     """
-    train, test, info = load_dataset(name, data_dir, image_size=image_size, download=download)
-    if subset is not None:
-        if not info.num_classes <= subset <= len(train):
-            raise DataError(
-                f"--subset {subset} is outside [{info.num_classes}, {len(train)}] for {info.label}; "
-                "pass at least one image per class and at most the training set"
-            )
-        n_test = min(max(round(subset * len(test) / len(train)), info.num_classes), len(test))
-        train = train.subset(balanced_subset(train.labels, subset, seed))
-        test = test.subset(balanced_subset(test.labels, n_test, seed))
+    train, test, info = load_dataset(
+        name, data_dir, image_size=image_size, download=download, subset=subset, seed=seed
+    )
     common = dict(device=device, seed=seed, rank=rank, world_size=world_size, channels_last=channels_last)
     return Data(
         Loader(train, info, batch_size, train=True, **common),

@@ -19,29 +19,24 @@ a teacher whose preprocessing differs gets its own inputs from the same batch.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from models import complexity, create_model, load_checkpoint, read_record, student_from_teacher
-from models.checkpoint import atomic_write_text, resolve
-from models.errors import CheckpointError, ConfigError, DataError, ReparamError, cli_errors
+from models import create_model, load_checkpoint, read_record, student_from_teacher
+from models.checkpoint import resolve
+from models.errors import CheckpointError, ConfigError, DataError, cli_errors
 from models.registry import is_zoo
 from models.weights import load_pretrained
-from reparam import fuse_model
-from reparam.export import export_deploy
 
-from .cli import (common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup, size_line,
-                  train_config)
+from .cli import common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup, train_config
+from .deploy import fuse_check_export
 from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
 from .engine import Trainer
 from .preprocess import Renormalize, normalization
 from .schedules import LambdaSchedule
 from .tasks import Distill, FeatureHooks, stage_outputs
-
-ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accuracy
 
 
 def build_parser():
@@ -219,33 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.resume()
         summary = trainer.fit()
 
-        # Fuse, check on the test set, export.
-        fused = fuse_model(trainer.model)
-        unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
-        teacher_eval = trainer.evaluate(nn.Sequential(task.teacher_input, task.teacher))
-        gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
-        if gap > ACC_TOLERANCE:
-            raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
-                               f"(> {ACC_TOLERANCE}); no deploy files were written")
-        size = (1, *input_size)
-        sizes = {"teacher": complexity(teacher, size), "student": complexity(trainer.model, size),
-                 "fused": complexity(fused, size)}
-        summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
-                       fused_test_acc=fused_eval["test_acc"], sizes=sizes)
-        if info.is_main:
-            if not args.no_export:
-                report = export_deploy(trainer.model, run_dir / "deploy", tuple(input_size),
-                                       metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
-                summary["deploy"] = {k: str(v) for k, v in report.files.items()}
-                summary["export_max_diff"] = report.max_diff
-            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            print(f"data: {data.info.label}, {fused_eval['count']} test images")
-            kind = f" (e{teacher.config['expansion']})" if "expansion" in teacher.config else ""
-            print(size_line(f"teacher {teacher.config['model']}{kind}", sizes["teacher"], teacher_eval["test_acc"]))
-            print(size_line(f"student (LoRA r{args.lora_rank}, {args.kd})", sizes["student"],
-                            unfused_eval["test_acc"]))
-            print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
-            print(f"run: {run_dir}" + ("" if args.no_export else f"; deploy files in {run_dir / 'deploy'}"))
+        fuse_check_export(trainer, teacher, nn.Sequential(task.teacher_input, task.teacher), summary,
+                          not args.no_export, metadata, f"student (LoRA r{args.lora_rank}, {args.kd})")
     finish(info)
     return summary
 

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.errors import DataError
 
-from .data import Data, DatasetInfo, ImageTree, balanced_subset, resolve_source, scan_image_tree
+from . import data as data_module
+from .data import Data, DatasetInfo, ImageTree, balanced_subset, resolve_source, scan_image_tree, to_rgb
 
 CROP_FRACTION = 0.875  # test images: resize to image_size / 0.875, centre-crop image_size (timm's default)
 
@@ -79,7 +80,7 @@ class ImageFiles(Dataset):
         name, label = self.items[index]
         try:
             with Image.open(io.BytesIO(self._read(name))) as img:
-                img = img.convert("RGB")
+                img = to_rgb(img)
                 if self.train:
                     g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
                     top, left, h, w = random_resized_crop_params(*img.size, g)
@@ -174,21 +175,9 @@ class StreamLoader:
             raise DataError(str(e).rstrip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (``MemAvailable``), or 8 GiB when it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 8 << 30
-
-
 def fits_in_memory(num_images: int, image_size: int, share: float = 0.25) -> bool:
     """Whether ``num_images`` decoded uint8 images of ``image_size`` take at most ``share`` of the free memory."""
-    return num_images * 3 * image_size * image_size <= share * available_memory()
+    return num_images * 3 * image_size * image_size <= share * data_module._available_memory()
 
 
 def _stats(tree: ImageTree, items: Sequence[tuple[str, int]], count: int = 1000) -> tuple[list[float], list[float]]:

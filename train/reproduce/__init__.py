@@ -41,7 +41,8 @@ from .report import aggregate, plot_curves, write_table
 from .runner import finished, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
                     original_rows, precision_rows)
-from .speed import measure, speed_table
+from ..timing import measure
+from .speed import speed_table
 
 __all__ = ["main", "build_parser", "train_row", "finished", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
            "stage1", "stage2", "measure"]

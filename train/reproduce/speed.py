@@ -6,9 +6,7 @@ onnxruntime of the fused student. Batch 1 (latency) and 128 (throughput), float3
 """
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 import warnings
 from datetime import date
 from pathlib import Path
@@ -23,6 +21,7 @@ from models.reducenet import ReduceNet
 from reparam import fuse_model
 
 from ..engine import git_commit, hardware
+from ..timing import measure
 from .report import write_table
 from .specs import LORA_RANK
 
@@ -79,30 +78,6 @@ def onnx_runner(model: nn.Module, image_size: int) -> Callable[[torch.Tensor], A
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda t: session.run(None, {"images": t.numpy()})
-
-
-@torch.inference_mode()
-def measure(models: dict[str, Callable[[torch.Tensor], Any]], batch: int, device: torch.device, repeats: int,
-            warmup: int = 10, image_size: int = 32) -> dict[str, float]:
-    """Median seconds of one forward pass at ``batch`` for each model (any callable).
-
-    The models are timed side by side: each round runs every model once, in turn, so that drift in the
-    machine's speed (other processes, clock changes) affects them alike. ``warmup`` rounds are not timed.
-    """
-    models = {k: m.to(device).eval() if isinstance(m, nn.Module) else m for k, m in models.items()}
-    x = torch.randn(batch, 3, image_size, image_size, device=device)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(warmup + repeats):
-        for k, model in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def model_forms(name: str) -> tuple[dict[str, Any], dict[str, nn.Module]]:

@@ -1,0 +1,64 @@
+"""The end of every student's training: fuse it, check the fused model on the test set, export it, report."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch.nn as nn
+
+from models import complexity
+from models.checkpoint import atomic_write_text
+from models.errors import ReparamError
+from reparam import fuse_model
+from reparam.export import export_deploy
+
+from .cli import size_line
+from .engine import Trainer
+
+ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accuracy
+
+
+def fuse_check_export(trainer: Trainer, teacher: nn.Module, teacher_view: nn.Module, summary: dict[str, Any],
+                      export: bool, metadata: dict[str, Any], student_label: str) -> dict[str, Any]:
+    """Fuse ``trainer.model``, compare fused and unfused test accuracy, export to ``RUN/deploy`` and print.
+
+    Args:
+        trainer: the finished trainer (its model, data, run directory and ranks).
+        teacher: the teacher, for its size.
+        teacher_view: the teacher as it sees the student's batches (its own preprocessing), for its accuracy.
+        summary: the training summary; the fusion results are added and ``summary.json`` is rewritten.
+        export: write the deploy files (fused safetensors + JSON, TorchScript, ONNX).
+        metadata: stored with the deploy checkpoint.
+        student_label: how the student is named in the printed lines.
+
+    Raises:
+        ReparamError: the fused model's accuracy differs by more than :data:`ACC_TOLERANCE` points; nothing is
+            exported then.
+    """
+    data, info, run_dir = trainer.data, trainer.dist, trainer.run_dir
+    fused = fuse_model(trainer.model)
+    unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
+    teacher_eval = trainer.evaluate(teacher_view)
+    gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
+    if gap > ACC_TOLERANCE:
+        raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
+                           f"(> {ACC_TOLERANCE}); no deploy files were written")
+    input_size = (3, data.info.image_size, data.info.image_size)
+    sizes = {"teacher": complexity(teacher, (1, *input_size)), "student": complexity(trainer.model, (1, *input_size)),
+             "fused": complexity(fused, (1, *input_size))}
+    summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
+                   fused_test_acc=fused_eval["test_acc"], sizes=sizes)
+    if info.is_main:
+        if export:
+            report = export_deploy(trainer.model, run_dir / "deploy", input_size,
+                                   metadata={**metadata, "fused_test_acc": fused_eval["test_acc"]})
+            summary["deploy"] = {k: str(v) for k, v in report.files.items()}
+            summary["export_max_diff"] = report.max_diff
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(f"data: {data.info.label}, {fused_eval['count']} test images")
+        kind = f" (e{teacher.config['expansion']})" if "expansion" in teacher.config else ""
+        print(size_line(f"teacher {teacher.config['model']}{kind}", sizes["teacher"], teacher_eval["test_acc"]))
+        print(size_line(student_label, sizes["student"], unfused_eval["test_acc"]))
+        print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
+        print(f"run: {run_dir}" + (f"; deploy files in {run_dir / 'deploy'}" if export else ""))
+    return summary
