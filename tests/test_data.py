@@ -576,7 +576,7 @@ def test_build_data_subset_shares_train_and_test(tmp_path):
 
 def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
     folder = make_cifar(tmp_path)  # 50 train, 20 test: 70 x 3 x 256 x 256 = 13.8 MB at 256 px
-    monkeypatch.setattr(data, "_available_memory", lambda: 16 * 2**20)  # half: 8 MB
+    monkeypatch.setattr(data, "available_memory", lambda: 16 * 2**20)  # half: 8 MB
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, image_size=256, download=False)
     msg = one_line_error(e)
@@ -593,20 +593,20 @@ def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
 
 def test_image_folder_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "tree")  # 18 images; at 64 px 18 x 12 KB = 221 KB
-    monkeypatch.setattr(data, "_available_memory", lambda: 300 * 2**10)
+    monkeypatch.setattr(data, "available_memory", lambda: 300 * 2**10)
     monkeypatch.setattr(data, "_decode_images", lambda *a, **k: pytest.fail("decoded before the memory check"))
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", root, image_size=64)
     assert "18 images at 64x64 px" in one_line_error(e) and "--subset" in str(e.value)
     monkeypatch.undo()
     monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_available_memory", lambda: 300 * 2**10)
+    monkeypatch.setattr(data, "available_memory", lambda: 300 * 2**10)
     d = build_data("imagefolder", root, batch_size=3, subset=3, image_size=64)  # 3 + 3 images: 74 KB
     assert d.train.images.shape == (3, 3, 64, 64) and d.test.images.shape == (3, 3, 64, 64)
 
 
-def test_available_memory_is_read():
-    assert 2**20 < data._available_memory() < 2**50
+def testavailable_memory_is_read():
+    assert 2**20 < data.available_memory() < 2**50
 
 
 # ----------------------------------------------------------------------------------------------- loader

@@ -340,7 +340,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def _available_memory() -> int:
+def available_memory() -> int:
     """Bytes of memory available for new arrays: ``MemAvailable`` of /proc/meminfo, else the free physical pages."""
     try:
         with open("/proc/meminfo") as f:
@@ -355,7 +355,7 @@ def _available_memory() -> int:
 
 def _check_memory(n: int, size: int) -> None:
     """Refuses to allocate ``n`` uint8 RGB images of ``size`` x ``size`` if they need over half the available memory."""
-    need, available = n * 3 * size * size, _available_memory()
+    need, available = n * 3 * size * size, available_memory()
     if need > available // 2:
         raise DataError(
             f"{n} images at {size}x{size} px need {need / 2**30:.1f} GiB, more than half of the "

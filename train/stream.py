@@ -177,7 +177,7 @@ class StreamLoader:
 
 def fits_in_memory(num_images: int, image_size: int, share: float = 0.25) -> bool:
     """Whether ``num_images`` decoded uint8 images of ``image_size`` take at most ``share`` of the free memory."""
-    return num_images * 3 * image_size * image_size <= share * data_module._available_memory()
+    return num_images * 3 * image_size * image_size <= share * data_module.available_memory()
 
 
 def _stats(tree: ImageTree, items: Sequence[tuple[str, int]], count: int = 1000) -> tuple[list[float], list[float]]:
