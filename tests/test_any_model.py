@@ -19,6 +19,7 @@ from models.structure import apply_structure, structure_diff
 from models.weights import load_pretrained
 from reparam import fuse_model
 from train import stage1, stage2
+from train.distill import FeatureDistill
 from train.engine import Trainer
 from train.tasks import stage_outputs
 
@@ -132,7 +133,7 @@ def test_feature_adapters_train_save_and_resume_exactly(tmp_path, monkeypatch):
     state = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["task"]
     adapters = {k: v for k, v in state.items() if k.startswith("feature_loss.")}
     assert adapters and not any(k.startswith("teacher") for k in state)
-    fresh = stage2.FeatureDistill([16, 32, 64], [16, 32, 64], "fitnet").state_dict()
+    fresh = FeatureDistill([16, 32, 64], [16, 32, 64], "fitnet").state_dict()
     assert any(not torch.equal(adapters[f"feature_loss.{k}"], v) for k, v in fresh.items() if v.is_floating_point())
     assert whole["feature_kd"].startswith("FeatureDistill")
 

@@ -12,14 +12,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from models.errors import ConfigError
+import torch.nn as nn
+
+from models import load_checkpoint
+from models.checkpoint import resolve
+from models.errors import ConfigError, DataError
 
 from .data import DATASETS, Data, build_data, data_root, resolve_source, scan_image_tree
+from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
 from .engine import Dist, TrainConfig, init_distributed, native_bf16
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
 from .stream import build_stream_data, fits_in_memory
+from .tasks import FeatureHooks, stage_outputs
 
 
 def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup: str) -> argparse.ArgumentParser:
@@ -76,26 +82,27 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None,
+               min_epochs: int = 1) -> argparse.Namespace:
     """Parse ``argv``, fill every option left unset from ``--recipe``'s table for ``stage``, and validate."""
     args = parser.parse_args(argv)
     for key, value in RECIPES[args.recipe][stage].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    validate_common(args)
+    validate_common(args, min_epochs)
     return args
 
 
 MAX_SEED = 2**32 - 1
 
 
-def validate_common(args: argparse.Namespace) -> None:
+def validate_common(args: argparse.Namespace, min_epochs: int = 1) -> None:
     """One-line :class:`ConfigError` for an option no run can use; called before anything is read or written."""
     def bad(option: str, value: Any, want: str) -> ConfigError:
         return ConfigError(f"{option} {value} is not valid: pass {want}")
 
-    if args.epochs < 1:
-        raise bad("--epochs", args.epochs, "1 or more")
+    if args.epochs < min_epochs:
+        raise bad("--epochs", args.epochs, f"{min_epochs} or more")
     if args.batch_size < 1:
         raise bad("--batch-size", args.batch_size, "1 or more")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -209,3 +216,98 @@ def size_line(label: str, size: dict[str, int], acc: float | None) -> str:
 def finish(info: Dist) -> None:
     if info.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- distillation
+def add_distillation_options(p: argparse.ArgumentParser) -> None:
+    """The loss options of every distilling command (stage 2, trim)."""
+    s = p.add_argument_group("distillation")
+    s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="logit distillation loss (none: cross-entropy only)")
+    s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
+    s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
+    s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
+    s.add_argument("--ce-weight", type=float, default=None,
+                   help="kd/mse: weight of the cross-entropy term (default 1 - --kd-alpha; RepDistiller and "
+                        "SemCKD use 1 with --kd-alpha 1)")
+    s.add_argument("--kd-reduction", choices=KD_REDUCTIONS, default=None,
+                   help="kd: batchmean (Hinton) or mean over N*C elements (the original ReduceNet's nn.KLDivLoss(), "
+                        "1/C of it); default: the recipe's")
+    f = p.add_argument_group("feature distillation")
+    f.add_argument("--feature-kd", choices=("none", *FEATURE_MODES), default="none",
+                   help="fitnet: FitNets (MSE after a trained 1x1 conv + BN per layer pair); at: attention transfer; "
+                        "semckd: every student layer learns from every teacher layer, weighted by attention")
+    f.add_argument("--feature-weight", type=float, default=None,
+                   help=f"weight of the feature loss (CIFAR settings of RepDistiller and SemCKD: "
+                        f"{', '.join(f'{k} {v:g}' for k, v in FEATURE_DEFAULTS.items())})")
+    f.add_argument("--feature-layers", nargs="+", default=None,
+                   help="student module paths (default: its last 3 stage outputs)")
+    f.add_argument("--teacher-layers", nargs="+", default=None,
+                   help="teacher module paths, one per student layer (default: its last stage outputs)")
+    p.add_argument("--no-export", action="store_true", help="fuse and check, but write no deploy files")
+
+
+def logit_loss(args: argparse.Namespace) -> DistillLoss:
+    """The logit loss of the options, validated with the options' names."""
+    if args.feature_kd == "none" and (args.feature_layers or args.teacher_layers or args.feature_weight is not None):
+        raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or semckd")
+    try:
+        return DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T, beta=args.kd_beta, reduction=args.kd_reduction,
+                           ce_weight=args.ce_weight)
+    except ConfigError as e:
+        raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta, --ce-weight): {e}") from None
+
+
+def feature_loss(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
+                 input_size: list[int]) -> tuple[nn.Module | None, list[str], list[str]]:
+    """The feature loss of the options and its student and teacher layers, or ``(None, [], [])``."""
+    if args.feature_kd == "none":
+        return None, [], []
+    s_layers = args.feature_layers or stage_outputs(student, input_size)
+    t_layers = args.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers))
+    if len(s_layers) != len(t_layers) and args.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
+        raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
+                          f"{len(t_layers)}: pass --teacher-layers, one per student layer")
+    channels = [_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
+    try:
+        if args.feature_kd == "semckd":
+            loss: nn.Module = SemCKD(channels[0], channels[1], args.batch_size, args.feature_weight)
+        else:
+            loss = FeatureDistill(channels[0], channels[1], args.feature_kd, args.feature_weight)
+    except ConfigError as e:
+        raise ConfigError(f"--feature-kd {args.feature_kd}: {e}") from None
+    return loss, s_layers, t_layers
+
+
+def _channels(model: nn.Module, layers: list[str], input_size: list[int]) -> list[int]:
+    """Channels of each named layer's output, from one forward pass."""
+    hooks = FeatureHooks(model, layers)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+        return [t.shape[1] for t in hooks.take()]
+    finally:
+        hooks.remove()
+        model.train(was)
+
+
+def load_teacher_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], Path]:
+    """A trained model to learn from, in float32 (a float16/float64 checkpoint trains in float32), its
+    checkpoint metadata and path."""
+    p = resolve(path)
+    teacher = load_checkpoint(p).float()
+    return teacher, teacher.checkpoint_metadata, p
+
+
+def use_teachers_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> None:
+    """Default ``--dataset``, ``--data-dir`` and ``--image-size`` to the teacher's, refusing a moved data folder."""
+    args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
+    teacher_data = teacher_meta.get("data_dir")
+    if args.data_dir is None and teacher_data:
+        if not Path(teacher_data).exists():
+            raise DataError(f"the teacher was trained on data in {teacher_data}, which no longer exists; "
+                            "pass --data-dir with the same data")
+        args.data_dir = teacher_data  # the teacher's data root (or image-folder zip)
+    if args.image_size is None and args.dataset == "imagefolder":
+        args.image_size = teacher_meta.get("image_size")

@@ -28,11 +28,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         # fine-tuning an inherited network: warm-up over 5% of the epochs (>= 1) to half the teacher's lr
         "stage2": {"lr": 0.05, "schedule": "cosine", "warmup_epochs": None, "normalize": "dataset",
                    "kd_reduction": "batchmean"},
+        # fine-tuning a trimmed network: Torch-Pruning's CIFAR recipe uses lr 0.01 (step decay); ours is cosine
+        "trim": {"lr": 0.01, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset",
+                 "kd_reduction": "batchmean"},
     },
     "reducenet-paper": {
         "stage1": {"lr": 0.1, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
                    "init": "torch"},
         "stage2": {"lr": 0.1, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
                    "kd_alpha": 0.7, "kd_T": 5.0, "kd_reduction": "mean"},
+        "trim": {"lr": 0.01, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
+                 "kd_alpha": 0.7, "kd_T": 5.0, "kd_reduction": "mean"},
     },
 }

@@ -19,24 +19,22 @@ a teacher whose preprocessing differs gets its own inputs from the same batch.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 import torch.nn as nn
 
-from models import create_model, load_checkpoint, read_record, student_from_teacher
+from models import create_model, read_record, student_from_teacher
 from models.checkpoint import resolve
 from models.errors import CheckpointError, ConfigError, DataError, cli_errors
 from models.registry import is_zoo
 from models.weights import load_pretrained
 
-from .cli import common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup, train_config
+from .cli import (add_distillation_options, common_parser, data_metadata, feature_loss, finish, load_data,
+                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
+                  use_teachers_data)
 from .deploy import fuse_check_export
-from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
 from .engine import Trainer
 from .preprocess import Renormalize, normalization
 from .schedules import LambdaSchedule
-from .tasks import Distill, FeatureHooks, stage_outputs
+from .tasks import Distill
 
 
 def build_parser():
@@ -56,28 +54,7 @@ def build_parser():
                    help="globs over conv names that get LoRA (default: every 3x3 conv inside the blocks)")
     s.add_argument("--lambda-epochs", type=float, default=0.0,
                    help="anneal LambdaReLU in the LoRA branches from 0 to 1 over these first epochs")
-    s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="logit distillation loss")
-    s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
-    s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
-    s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
-    s.add_argument("--ce-weight", type=float, default=None,
-                   help="kd/mse: weight of the cross-entropy term (default 1 - --kd-alpha; RepDistiller and "
-                        "SemCKD use 1 with --kd-alpha 1)")
-    s.add_argument("--kd-reduction", choices=KD_REDUCTIONS, default=None,
-                   help="kd: batchmean (Hinton) or mean over N*C elements (the original ReduceNet's nn.KLDivLoss(), "
-                        "1/C of it); default: the recipe's")
-    f = p.add_argument_group("feature distillation")
-    f.add_argument("--feature-kd", choices=("none", *FEATURE_MODES), default="none",
-                   help="fitnet: FitNets (MSE after a trained 1x1 conv + BN per layer pair); at: attention transfer; "
-                        "semckd: every student layer learns from every teacher layer, weighted by attention")
-    f.add_argument("--feature-weight", type=float, default=None,
-                   help=f"weight of the feature loss (RepDistiller's CIFAR settings: "
-                        f"{', '.join(f'{k} {v:g}' for k, v in FEATURE_DEFAULTS.items())})")
-    f.add_argument("--feature-layers", nargs="+", default=None,
-                   help="student module paths (default: its last 3 stage outputs)")
-    f.add_argument("--teacher-layers", nargs="+", default=None,
-                   help="teacher module paths, one per student layer (default: its last stage outputs)")
-    s.add_argument("--no-export", action="store_true", help="fuse and check, but write no deploy files")
+    add_distillation_options(p)
     return p
 
 
@@ -93,9 +70,7 @@ def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
     if inherit and expected_model and expected_model != config.get("model"):
         raise CheckpointError(f"{p} holds a {config.get('model')} teacher, not {expected_model}; "
                               "pass the matching -m or another --inherit")
-    teacher = load_checkpoint(p)
-    teacher.float()  # a float16/float64 checkpoint trains in float32 (with bf16 autocast where it pays)
-    return teacher, record.get("metadata", {}), p
+    return load_teacher_checkpoint(p)
 
 
 def validate(args) -> None:
@@ -110,8 +85,6 @@ def validate(args) -> None:
     if not 0 <= args.lambda_epochs <= args.epochs:
         raise ConfigError(f"--lambda-epochs {args.lambda_epochs:g} must lie in [0, --epochs {args.epochs}] "
                           "so that lambda reaches 1 before fusion")
-    if args.feature_kd == "none" and (args.feature_layers or args.teacher_layers or args.feature_weight is not None):
-        raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or semckd")
 
 
 def build_student(args, teacher: nn.Module, num_classes: int) -> nn.Module:
@@ -129,60 +102,14 @@ def build_student(args, teacher: nn.Module, num_classes: int) -> nn.Module:
     return student
 
 
-def feature_loss(args, student: nn.Module, teacher: nn.Module, input_size: list[int]):
-    """The feature loss and its layer pairs, or ``(None, [], [])``."""
-    if args.feature_kd == "none":
-        return None, [], []
-    s_layers = args.feature_layers or stage_outputs(student, input_size)
-    t_layers = args.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers))
-    if len(s_layers) != len(t_layers) and args.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
-        raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
-                          f"{len(t_layers)}: pass --teacher-layers, one per student layer")
-    channels = [_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
-    try:
-        if args.feature_kd == "semckd":
-            loss = SemCKD(channels[0], channels[1], args.batch_size, args.feature_weight)
-        else:
-            loss = FeatureDistill(channels[0], channels[1], args.feature_kd, args.feature_weight)
-    except ConfigError as e:
-        raise ConfigError(f"--feature-kd {args.feature_kd}: {e}") from None
-    return loss, s_layers, t_layers
-
-
-def _channels(model: nn.Module, layers: list[str], input_size: list[int]) -> list[int]:
-    """Channels of each named layer's output, from one forward pass."""
-    hooks = FeatureHooks(model, layers)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size))
-        return [t.shape[1] for t in hooks.take()]
-    finally:
-        hooks.remove()
-        model.train(was)
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), "stage2", argv)
     validate(args)
-    try:
-        loss_fn = DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T, beta=args.kd_beta,
-                              reduction=args.kd_reduction, ce_weight=args.ce_weight)
-    except ConfigError as e:
-        raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta, --ce-weight): {e}") from None
+    loss_fn = logit_loss(args)
     teacher, teacher_meta, teacher_path = load_teacher(args.inherit or args.teacher, args.model,
                                                        inherit=bool(args.inherit))
-    args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
-    teacher_data = teacher_meta.get("data_dir")
-    if args.data_dir is None and teacher_data:
-        if not Path(teacher_data).exists():
-            raise DataError(f"the teacher was trained on data in {teacher_data}, which no longer exists; "
-                            "pass --data-dir with the same data")
-        args.data_dir = teacher_data  # the teacher's data root (or image-folder zip)
-    if args.image_size is None and args.dataset == "imagefolder":
-        args.image_size = teacher_meta.get("image_size")
+    use_teachers_data(args, teacher_meta)
     info, device = setup(args)
     name = (teacher.config["model"] if args.inherit else args.model).replace(":", "-")
     data = load_data(args, info, device)
