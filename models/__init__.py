@@ -4,7 +4,7 @@
 >>> teacher = models.create_model("reduce56", num_classes=10, expansion=1)
 >>> student = models.student_from_teacher(teacher, lora_rank=8)
 """
-from . import mobilenetv2, reducenet  # noqa: F401  (registers the families)
+from . import mobilenetv2, reducenet, vgg  # noqa: F401  (registers the families)
 from .checkpoint import load_checkpoint, load_weights, read_record, save_checkpoint
 from .complexity import complexity, count_macs, count_params
 from .errors import CheckpointError, ConfigError, ReduceNetError, ReparamError, UnknownModelError

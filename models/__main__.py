@@ -12,7 +12,7 @@ def zoo_table(num_classes: int = 10, expansion: int = 1, lora_rank: int = 8) -> 
     rows = ["| model | teacher params | teacher MACs | student params | student MACs "
             "| student+LoRA params | fused params | fused MACs |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in list_models():
+    for name in list_models(reducible=True):
         teacher = complexity(create_model(name, num_classes=num_classes, expansion=expansion))
         student = complexity(create_model(name, num_classes=num_classes, expansion=0))
         lora = create_model(name, num_classes=num_classes, expansion=0, lora_rank=lora_rank)
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Zoo at 32x32 input, {args.num_classes} classes, teacher expansion {args.expansion}, "
           f"LoRA rank {args.lora_rank}; MACs counted with torch.utils.flop_counter.")
     print(zoo_table(args.num_classes, args.expansion, args.lora_rank))
+    print("\nOther zoo models (no teacher branch; `python -m train.pyramid` builds their chains):")
+    print("| model | params | MACs |\n|---|---:|---:|")
+    for name in list_models(reducible=False):
+        size = complexity(create_model(name, num_classes=args.num_classes))
+        print(f"| {name} | {size['params']:,} | {size['macs'] / 1e6:.1f}M |")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ class ReduceMobileNetV2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model
+@register_model(reducible=True)
 def reduce_mobilenetv2(**kwargs) -> ReduceMobileNetV2:
     """ReduceMobileNetV2 for CIFAR; the student is MobileNetV2 (2.24M params at width 1, 10 classes)."""
     return ReduceMobileNetV2(**kwargs)

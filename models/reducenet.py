@@ -157,31 +157,31 @@ def _reducenet(name: str, **kwargs) -> ReduceNet:
     return ReduceNet(DEPTHS[name], **kwargs)
 
 
-@register_model
+@register_model(reducible=True)
 def reduce20(**kwargs) -> ReduceNet:
     """ReduceNet-20 (3 blocks per stage); the student is ResNet-20 (272,474 params at 10 classes)."""
     return _reducenet("reduce20", **kwargs)
 
 
-@register_model
+@register_model(reducible=True)
 def reduce32(**kwargs) -> ReduceNet:
     """ReduceNet-32 (5 blocks per stage); the student is ResNet-32."""
     return _reducenet("reduce32", **kwargs)
 
 
-@register_model
+@register_model(reducible=True)
 def reduce44(**kwargs) -> ReduceNet:
     """ReduceNet-44 (7 blocks per stage); the student is ResNet-44."""
     return _reducenet("reduce44", **kwargs)
 
 
-@register_model
+@register_model(reducible=True)
 def reduce56(**kwargs) -> ReduceNet:
     """ReduceNet-56 (9 blocks per stage); the student is ResNet-56 (855,770 params at 10 classes)."""
     return _reducenet("reduce56", **kwargs)
 
 
-@register_model
+@register_model(reducible=True)
 def reduce110(**kwargs) -> ReduceNet:
     """ReduceNet-110 (18 blocks per stage); the student is ResNet-110."""
     return _reducenet("reduce110", **kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import inspect
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -24,13 +25,20 @@ from .errors import ConfigError, UnknownModelError
 from .structure import apply_structure
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_REDUCIBLE: set[str] = set()
 EXTERNAL = ("torchvision", "timm")
 # Keyword arguments timm.create_model passes to every entrypoint; ours take no pretrained weights.
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a factory under its function name, here and in timm."""
+def register_model(fn: Callable[..., nn.Module] | None = None, *, reducible: bool = False):
+    """Register a factory under its function name, here and in timm.
+
+    Use as ``@register_model`` or ``@register_model(reducible=True)``; a *reducible* family has a teacher form
+    (``expansion >= 1``) and a student form (``expansion=0``, with optional LoRA), as ReduceNet does.
+    """
+    if fn is None:
+        return functools.partial(register_model, reducible=reducible)
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -45,13 +53,28 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         return model
 
     _MODELS[name] = factory
+    if reducible:
+        _REDUCIBLE.add(name)
     timm_register_model(factory)
     return factory
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Names of the registered zoo models matching a glob ``pattern``, in registration order."""
-    return [n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)]
+def list_models(pattern: str = "*", reducible: bool | None = None) -> list[str]:
+    """Names of the registered zoo models matching a glob ``pattern``, in registration order; ``reducible=True``
+    keeps the families with a teacher and a student form (ReduceNet's), ``False`` the others."""
+    return [n for n in _MODELS
+            if fnmatch.fnmatchcase(n, pattern) and (reducible is None or (n in _REDUCIBLE) == reducible)]
+
+
+def accepts(name: str, argument: str) -> bool:
+    """Whether the zoo model ``name`` takes ``argument`` (e.g. ``image_size``); False for other models."""
+    return name in _MODELS and argument in inspect.signature(_MODELS[name]).parameters
+
+
+def is_reducible(config_or_name: dict[str, Any] | str) -> bool:
+    """Whether a model is of a zoo family with teacher (``expansion >= 1``) and student forms."""
+    name = config_or_name["model"] if isinstance(config_or_name, dict) else config_or_name
+    return name in _REDUCIBLE
 
 
 def is_zoo(config_or_name: dict[str, Any] | str) -> bool:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .layers import add_lora
-from .registry import model_from_config
+from .registry import is_reducible, model_from_config
 
 
 def student_from_teacher(
@@ -30,8 +30,11 @@ def student_from_teacher(
         The student, on the teacher's device and dtype, in the teacher's train/eval mode.
     """
     config = getattr(teacher, "config", None)
-    if not config or "expansion" not in config:
+    if not config or "model" not in config:
         raise ConfigError("student_from_teacher needs a model built by models.create_model (it has no .config)")
+    if not is_reducible(config):
+        raise ConfigError(f"{config['model']} has no teacher branch to remove: student_from_teacher takes ReduceNet's "
+                          "families (python -m models lists them); distil it with train.stage2 --teacher instead")
     if not config["expansion"]:
         raise ConfigError(f"this {config['model']} is already a student (expansion=0): "
                           "pass a teacher trained with expansion >= 1")

@@ -93,8 +93,8 @@ def fuse_model(model: nn.Module) -> nn.Module:
     if not config:
         return fused
     deploy_config = {k: v for k, v in config.items() if k != "structure"}
-    if zoo:
-        deploy_config.update(expansion=0, lora_rank=0, inference_mode=True)
+    if zoo:  # the plain deploy form: no teacher branch, no LoRA (for the families that have them)
+        deploy_config.update({k: 0 for k in ("expansion", "lora_rank") if k in config}, inference_mode=True)
     deploy = model_from_config(deploy_config)
     patch = structure_diff(fused, deploy)
     if patch:

@@ -20,7 +20,7 @@ from models.layers import LambdaReLU, LoRABranch, LoRAConv2d
 from models import fusion_math as T
 from reparam.export import export_deploy
 
-NAMES = models.list_models()
+NAMES = models.list_models(reducible=True)  # the families with teacher and student forms
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 

@@ -300,9 +300,10 @@ class Trainer:
         return TrainingDiverged(f"{where}: the model diverged; {kept}: run {again}")
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """Test metrics of ``model`` (default: the trained one), summed over all ranks; see :func:`evaluate`."""
-        return evaluate(model or self.model, self.data.test, self.data.info.num_classes, self._autocast,
-                        self.dist, self.device)
+        """Test metrics of ``model`` (default: the trained one) in float32, summed over all ranks; see
+        :func:`evaluate`. Only training uses bf16: reported accuracies are those of the float32 model."""
+        return evaluate(model or self.model, self.data.test, self.data.info.num_classes, nullcontext, self.dist,
+                        self.device)
 
     def fit(self, log: Callable[[str], None] = print) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``cfg.epochs``; returns the summary (also in summary.json)."""

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from models import create_model
 from models.errors import ConfigError, cli_errors
-from models.registry import is_zoo
+from models.registry import accepts, is_reducible
 from models.weights import load_pretrained
 
 from .cli import (common_parser, data_metadata, finish, load_data, make_run_dir, parse_args, setup, size_line,
@@ -48,9 +48,9 @@ def torch_default_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_model(args, num_classes: int) -> tuple[nn.Module, str]:
+def build_model(args, num_classes: int, image_size: int) -> tuple[nn.Module, str]:
     """The model of ``-m`` and its role (teacher, scratch student or model)."""
-    if is_zoo(args.model):
+    if is_reducible(args.model):
         args.expansion = 1 if args.expansion is None else args.expansion
         args.width = 1 if args.width is None else args.width
         model = create_model(args.model, num_classes=num_classes, width=args.width, expansion=args.expansion)
@@ -58,8 +58,9 @@ def build_model(args, num_classes: int) -> tuple[nn.Module, str]:
     else:
         given = [o for o, v in (("--expansion", args.expansion), ("--width", args.width)) if v is not None]
         if given:
-            raise ConfigError(f"{given[0]} belongs to the zoo's families; {args.model} takes neither")
-        model, role = create_model(args.model, num_classes=num_classes), "model"
+            raise ConfigError(f"{given[0]} belongs to ReduceNet's families; {args.model} takes neither")
+        sized = {"image_size": image_size} if accepts(args.model, "image_size") else {}
+        model, role = create_model(args.model, num_classes=num_classes, **sized), "model"
     if args.init == "torch":
         torch_default_init(model)
     if args.weights:
@@ -73,10 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.dataset = args.dataset or "cifar10"
     info, device = setup(args)
     data = load_data(args, info, device)  # before the run directory: bad data must leave --out untouched
-    model, role = build_model(args, data.info.num_classes)
+    model, role = build_model(args, data.info.num_classes, data.info.image_size)
     model.preprocess = normalization(args.normalize, data.info)
     data.normalize(model.preprocess)
-    tag = args.model.replace(":", "-") + (f"-{role}-e{args.expansion}-w{args.width:g}" if is_zoo(args.model) else "")
+    tag = args.model.replace(":", "-") + (f"-{role}-e{args.expansion}-w{args.width:g}" if is_reducible(args.model)
+                                          else "")
     with make_run_dir(args, info, f"{tag}-s{args.seed}", "train.stage1", argv) as run_dir:
         metadata = {"stage": 1, "role": role, **data_metadata(data, args.data_dir)}
         if args.weights:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.resume()
         summary = trainer.fit()
         if info.is_main:
-            kind = f" (e{args.expansion})" if is_zoo(args.model) else ""
+            kind = f" (e{args.expansion})" if is_reducible(args.model) else ""
             print(size_line(f"{role} {args.model}{kind}", {"params": summary["params"], "macs": summary["macs"]},
                             summary["last_test_acc"]))
             print(f"data: {data.info.label}; best {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "

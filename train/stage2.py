@@ -24,7 +24,7 @@ import torch.nn as nn
 from models import create_model, read_record, student_from_teacher
 from models.checkpoint import resolve
 from models.errors import CheckpointError, ConfigError, DataError, cli_errors
-from models.registry import is_zoo
+from models.registry import accepts, is_reducible
 from models.weights import load_pretrained
 
 from .cli import (add_distillation_options, common_parser, data_metadata, feature_loss, finish, load_data,
@@ -63,7 +63,7 @@ def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
     p = resolve(path)
     record = read_record(p)
     config = record["config"]
-    if inherit and not (is_zoo(config) and config.get("expansion")):
+    if inherit and not (is_reducible(config) and config.get("expansion")):
         what = "a student (expansion=0)" if config.get("expansion") == 0 else "not a ReduceNet teacher"
         raise CheckpointError(f"{p} is {what} ({config.get('model')}); --inherit needs a teacher trained by "
                               "train.stage1 with --expansion >= 1 (use --teacher CKPT -m MODEL for plain distillation)")
@@ -87,16 +87,17 @@ def validate(args) -> None:
                           "so that lambda reaches 1 before fusion")
 
 
-def build_student(args, teacher: nn.Module, num_classes: int) -> nn.Module:
+def build_student(args, teacher: nn.Module, num_classes: int, image_size: int) -> nn.Module:
     if args.inherit:
         return student_from_teacher(teacher, lora_rank=args.lora_rank, lora_targets=args.lora_targets)
-    if is_zoo(args.model):
+    if is_reducible(args.model):
         student = create_model(args.model, num_classes=num_classes, expansion=0, lora_rank=args.lora_rank,
                                lora_targets=args.lora_targets)
     elif args.lora_rank:
-        raise ConfigError(f"--lora-rank adds branches to the zoo's ConvBN layers; {args.model} has none")
+        raise ConfigError(f"--lora-rank adds branches to ReduceNet's ConvBN layers; {args.model} has none")
     else:
-        student = create_model(args.model, num_classes=num_classes)
+        sized = {"image_size": image_size} if accepts(args.model, "image_size") else {}
+        student = create_model(args.model, num_classes=num_classes, **sized)
     if args.weights:
         load_pretrained(student, args.weights)
     return student
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
                         f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
     teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)  # checkpoints before 0.2
-    student = build_student(args, teacher, data.info.num_classes)
+    student = build_student(args, teacher, data.info.num_classes, data.info.image_size)
     if not args.inherit:
         student.preprocess = normalization(args.normalize, data.info)
     data.normalize(student.preprocess)

@@ -105,7 +105,7 @@ def speed_rows(args) -> list[dict[str, Any]]:
     """Deploy-speed rows: every zoo model in each of its forms, on the CPU (and the GPU, without onnxruntime)."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
-    for name in args.models or list_models():
+    for name in args.models or list_models(reducible=True):
         forms, sizes = model_forms(name)
         table = {form: {"model": name, "form": form, **complexity(sizes[form])} for form in forms}
         for dev in devices:

@@ -1,0 +1,112 @@
+"""``python -m train.trim --teacher RUN_OR_CKPT --reduce R``: trim a trained classifier, distil it back, fuse, export.
+
+Breed-Net's promise: a trained classifier and a reduction factor in, a faster, lighter network of comparable
+accuracy out, as a complete architecture. The teacher (zoo, torchvision:NAME, timm:NAME, or already trimmed) is
+pruned structurally with Torch-Pruning's dependency graph until its MACs, parameters or measured latency
+(``--by``) are ``1 / R`` of the original's, within 3%, keeping the surviving weights (``--importance`` ranks the
+channels; ``--round-to`` keeps widths hardware-friendly; the classifier is kept). The trimmed network is then
+fine-tuned for ``--epochs`` with distillation from the untrimmed one (``--kd``, ``--feature-kd``; ``--kd none``
+is cross-entropy only; ``--epochs 0`` only trims), fused and exported like a stage-2 student. The run directory
+is a normal one: the trimmed checkpoint rebuilds without pickle and can be trimmed again.
+
+Defaults (``--recipe ours``): lr 0.01, cosine, no warm-up, KD α 0.7 T 5, 100 epochs (Torch-Pruning's CIFAR
+fine-tune uses lr 0.01 for 100 epochs with step decay).
+"""
+from __future__ import annotations
+
+import json
+
+import torch.nn as nn
+
+from models.checkpoint import atomic_write_text, save_checkpoint
+from models.errors import DataError, cli_errors
+from models.trim import COSTS, IMPORTANCES, trim, trim_record
+
+from .cli import (add_distillation_options, common_parser, data_metadata, feature_loss, finish, load_data,
+                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
+                  use_teachers_data)
+from .deploy import fuse_check_export
+from .engine import Trainer, evaluate
+from .preprocess import Renormalize, normalization
+from .tasks import Distill
+from .timing import latency
+
+
+def build_parser():
+    p = common_parser("python -m train.trim", __doc__, epochs=100, lr=0.01, warmup="0")
+    t = p.add_argument_group("trimming")
+    t.add_argument("--teacher", required=True, help="the trained classifier: a run directory or checkpoint")
+    t.add_argument("--reduce", type=float, required=True, help="cost reduction factor R > 1 (2 halves the cost)")
+    t.add_argument("--by", choices=COSTS, default="macs",
+                   help="the cost to divide by R: MACs, parameters, or batch-1 latency measured on --device")
+    t.add_argument("--importance", choices=IMPORTANCES, default="l2",
+                   help="channel ranking: L2/L1 magnitude, LAMP, BatchNorm scale, or random")
+    t.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (e.g. 8)")
+    add_distillation_options(p)
+    return p
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(build_parser(), "trim", argv, min_epochs=0)
+    loss_fn = logit_loss(args)
+    teacher, teacher_meta, teacher_path = load_teacher_checkpoint(args.teacher)
+    use_teachers_data(args, teacher_meta)
+    info, device = setup(args)
+    data = load_data(args, info, device)
+    if teacher.num_classes != data.info.num_classes:
+        raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
+                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
+    teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)  # checkpoints before 0.2
+    size = (1, 3, data.info.image_size, data.info.image_size)
+    result = trim(teacher, args.reduce, args.by, size, args.importance, args.round_to,
+                  latency=lambda m: latency(m, size, device))
+    student = result.model
+    data.normalize(student.preprocess)
+    features, s_layers, t_layers = feature_loss(args, student, teacher, list(size[1:]))
+    task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
+                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
+    name = teacher.config["model"].replace(":", "-")
+    with make_run_dir(args, info, f"{name}-trim{args.reduce:g}-{args.by}-{args.kd}-s{args.seed}", "train.trim",
+                      argv) as run_dir:
+        record = trim_record(result)
+        metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, args.data_dir),
+                    "teacher": str(teacher_path), "trim": record}
+        cfg = train_config(args, 0.0, stage="trim", recipe=args.recipe, teacher=str(teacher_path), trim=record,
+                           kd=repr(loss_fn), feature_kd=repr(features) if features else None)
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata)
+        if args.resume:
+            trainer.resume()
+        if args.epochs:
+            summary = trainer.fit()
+        else:  # trimmed, not fine-tuned: record it like a finished run
+            summary = _untrained(trainer, metadata)
+        summary["trim"] = record
+        if args.by != "latency" and info.is_main:
+            summary["trim"]["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
+        fuse_check_export(trainer, teacher, nn.Sequential(task.teacher_input, task.teacher), summary,
+                          not args.no_export, metadata, f"trimmed {result.reduction:.2f}x by {args.by}, {args.kd}")
+    finish(info)
+    return summary
+
+
+def _untrained(trainer: Trainer, metadata: dict) -> dict:
+    """Evaluate the trimmed model as it is, save it as the run's checkpoint and return the summary."""
+    metrics = evaluate(trainer.model, trainer.data.test, trainer.data.info.num_classes, device=trainer.device)
+    if trainer.dist.is_main:
+        trainer.run.commit()
+        meta = {**metadata, "epoch": 0, "test_acc": metrics["test_acc"]}
+        for name in ("last", "best"):
+            save_checkpoint(trainer.model, trainer.run_dir / f"{name}.safetensors", meta)
+    nan = float("nan")
+    trainer.history = [{"epoch": 0, "lr": 0.0, "train_loss": nan, "train_acc": nan, "test_loss": metrics["test_loss"],
+                        "test_acc": metrics["test_acc"], "images_per_s": nan, "epoch_s": 0.0}]
+    trainer.best_acc, trainer.best_epoch = metrics["test_acc"], 0
+    summary = trainer.summary(0.0)
+    if trainer.dist.is_main:
+        atomic_write_text(trainer.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
