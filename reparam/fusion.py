@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 import torch
 import torch.fx
@@ -104,6 +105,46 @@ def fuse_model(model: nn.Module) -> nn.Module:
     deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
     deploy.preprocess = getattr(model, "preprocess", None)
     return deploy.eval()
+
+
+@torch.no_grad()
+def compare_on(model: nn.Module, fused: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               rtol: float = 1e-3) -> dict[str, float]:
+    """Check ``fused`` against ``model`` on real data: the largest logit difference, and the predictions that differ.
+
+    Rounding can flip a prediction only where the unfused top-2 margin is within twice that sample's largest
+    logit difference; such *near-tie* flips are allowed, any other flip, or a logit difference above ``rtol``
+    times the largest logit magnitude (at least 1), is an error.
+
+    Returns:
+        ``{"max_abs_diff", "flips", "count"}``.
+
+    Raises:
+        ReparamError: the fused model does not compute the model's function.
+    """
+    modes = model.training, fused.training
+    model.eval(), fused.eval()
+    worst, scale, flips, count = 0.0, 1.0, 0, 0
+    try:
+        for x, _ in batches:
+            a, b = model(x).float(), fused(x).float()
+            diff = (a - b).abs().amax(1)
+            top2 = a.topk(2, dim=1).values
+            flipped = a.argmax(1) != b.argmax(1)
+            unexplained = flipped & (top2[:, 0] - top2[:, 1] > 2 * diff)
+            if unexplained.any():
+                raise ReparamError(f"the fused model predicts another class than the unfused one for a sample whose "
+                                   f"logit margin ({(top2[:, 0] - top2[:, 1])[unexplained].min().item():.3g}) is far "
+                                   "above the rounding difference: fusion is wrong for this model")
+            worst, scale = max(worst, diff.max().item()), max(scale, a.abs().max().item())
+            flips += int(flipped.sum())
+            count += len(x)
+    finally:
+        model.train(modes[0]), fused.train(modes[1])
+    if not worst <= rtol * scale:  # also NaN
+        raise ReparamError(f"the fused model's logits differ from the unfused ones by {worst:.3g} "
+                           f"(> {rtol:g} x {scale:.3g}): fusion is wrong for this model")
+    return {"max_abs_diff": worst, "flips": flips, "count": count}
 
 
 @torch.no_grad()

@@ -8,19 +8,20 @@ import torch.nn as nn
 
 from models import complexity
 from models.checkpoint import atomic_write_text
-from models.errors import ReparamError
-from reparam import fuse_model
+from reparam import compare_on, fuse_model
 from reparam.export import export_deploy
 
 from .cli import size_line
 from .engine import Trainer
 
-ACC_TOLERANCE = 0.01  # percentage points between fused and unfused test accuracy
-
 
 def fuse_check_export(trainer: Trainer, teacher: nn.Module, teacher_view: nn.Module, summary: dict[str, Any],
                       export: bool, metadata: dict[str, Any], student_label: str) -> dict[str, Any]:
-    """Fuse ``trainer.model``, compare fused and unfused test accuracy, export to ``RUN/deploy`` and print.
+    """Fuse ``trainer.model``, check it against the unfused model on the test set, export to ``RUN/deploy``, print.
+
+    The check (:func:`reparam.compare_on`) bounds the logit difference and allows a prediction to differ only on a
+    near-tie, where float32 rounding decides: a test accuracy may then differ by such samples, and both
+    accuracies are reported.
 
     Args:
         trainer: the finished trainer (its model, data, run directory and ranks).
@@ -32,22 +33,18 @@ def fuse_check_export(trainer: Trainer, teacher: nn.Module, teacher_view: nn.Mod
         student_label: how the student is named in the printed lines.
 
     Raises:
-        ReparamError: the fused model's accuracy differs by more than :data:`ACC_TOLERANCE` points; nothing is
-            exported then.
+        ReparamError: the fused model does not compute the unfused one's function; nothing is exported then.
     """
     data, info, run_dir = trainer.data, trainer.dist, trainer.run_dir
     fused = fuse_model(trainer.model)
+    check = compare_on(trainer.model, fused, data.test)
     unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
     teacher_eval = trainer.evaluate(teacher_view)
-    gap = abs(fused_eval["test_acc"] - unfused_eval["test_acc"])
-    if gap > ACC_TOLERANCE:
-        raise ReparamError(f"the fused student's test accuracy differs by {gap:.3f} points from the unfused one "
-                           f"(> {ACC_TOLERANCE}); no deploy files were written")
     input_size = (3, data.info.image_size, data.info.image_size)
     sizes = {"teacher": complexity(teacher, (1, *input_size)), "student": complexity(trainer.model, (1, *input_size)),
              "fused": complexity(fused, (1, *input_size))}
     summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
-                   fused_test_acc=fused_eval["test_acc"], sizes=sizes)
+                   fused_test_acc=fused_eval["test_acc"], fused_check=check, sizes=sizes)
     if info.is_main:
         if export:
             report = export_deploy(trainer.model, run_dir / "deploy", input_size,

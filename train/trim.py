@@ -4,7 +4,8 @@ Breed-Net's promise: a trained classifier and a reduction factor in, a faster, l
 accuracy out, as a complete architecture. The teacher (zoo, torchvision:NAME, timm:NAME, or already trimmed) is
 pruned structurally with Torch-Pruning's dependency graph until its MACs, parameters or measured latency
 (``--by``) are ``1 / R`` of the original's, within 3%, keeping the surviving weights (``--importance`` ranks the
-channels; ``--round-to`` keeps widths hardware-friendly; the classifier is kept). The trimmed network is then
+channels; ``--round-to`` keeps widths hardware-friendly; the classifier is kept), and its BatchNorm statistics
+are re-estimated on training batches (``--calibrate-batches``). The trimmed network is then
 fine-tuned for ``--epochs`` with distillation from the untrimmed one (``--kd``, ``--feature-kd``; ``--kd none``
 is cross-entropy only; ``--epochs 0`` only trims), fused and exported like a stage-2 student. The run directory
 is a normal one: the trimmed checkpoint rebuilds without pickle and can be trimmed again.
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import json
 
+import torch
 import torch.nn as nn
 
 from models.checkpoint import atomic_write_text, save_checkpoint
-from models.errors import DataError, cli_errors
+from models.errors import ConfigError, DataError, cli_errors
 from models.trim import COSTS, IMPORTANCES, trim, trim_record
 
 from .cli import (add_distillation_options, common_parser, data_metadata, feature_loss, finish, load_data,
@@ -42,6 +44,9 @@ def build_parser():
     t.add_argument("--importance", choices=IMPORTANCES, default="l2",
                    help="channel ranking: L2/L1 magnitude, LAMP, BatchNorm scale, or random")
     t.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (e.g. 8)")
+    t.add_argument("--calibrate-batches", type=int, default=50,
+                   help="after pruning, re-estimate the BatchNorm statistics on this many training batches "
+                        "(no weight changes; 0 skips it)")
     add_distillation_options(p)
     return p
 
@@ -49,6 +54,8 @@ def build_parser():
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), "trim", argv, min_epochs=0)
+    if args.calibrate_batches < 0:
+        raise ConfigError(f"--calibrate-batches {args.calibrate_batches} is not valid: pass 0 (none) or more")
     loss_fn = logit_loss(args)
     teacher, teacher_meta, teacher_path = load_teacher_checkpoint(args.teacher)
     use_teachers_data(args, teacher_meta)
@@ -63,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
                   latency=lambda m: latency(m, size, device))
     student = result.model
     data.normalize(student.preprocess)
+    if args.calibrate_batches:
+        recalibrate_batchnorms(student.to(device), data.train, args.calibrate_batches)
     features, s_layers, t_layers = feature_loss(args, student, teacher, list(size[1:]))
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
@@ -88,6 +97,35 @@ def main(argv: list[str] | None = None) -> dict:
                           not args.no_export, metadata, f"trimmed {result.reduction:.2f}x by {args.by}, {args.kd}")
     finish(info)
     return summary
+
+
+@torch.no_grad()
+def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches, weights untouched.
+
+    Removing channels shifts what the next layers see, so the statistics the untrimmed network kept no longer
+    fit; averaging them afresh over training batches (augmented as in training, epoch 0) restores much of the
+    accuracy before any fine-tuning. Returns the number of batches used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches
+    was_training = model.training
+    model.train()
+    loader.set_epoch(0)
+    used = 0
+    try:
+        for used, (x, _) in enumerate(loader, 1):
+            model(x)
+            if used == batches:
+                break
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return used
 
 
 def _untrained(trainer: Trainer, metadata: dict) -> dict:

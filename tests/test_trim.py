@@ -1,0 +1,144 @@
+"""Trimming (models/trim.py, python -m train.trim): weights kept, cost met, checkpoints rebuilt, chains of trims."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from _shared import CIFAR10, SHARED, one_line
+from conftest import randomize_model
+from models.convert import from_reducenet_original, read_pth
+from models.errors import ConfigError
+from models.trim import TrimError, trim
+from reparam import fuse_model
+from train import trim as trim_cli
+
+ORIGINAL = SHARED / "reducenet-original" / "reduce20_cifar10_e1_w1_student.pth"
+needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("REDUCENET_DATA", raising=False)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("reduce56", {"expansion": 0}), ("reduce20", {"expansion": 1}), ("reduce_mobilenetv2", {"expansion": 0}),
+    ("torchvision:resnet18", {}), ("torchvision:mobilenet_v2", {}), ("timm:resnet10t", {}),
+])
+def test_trim_meets_the_cost_and_rebuilds(name, kwargs, tmp_path, single_thread):
+    model = randomize_model(models.create_model(name, num_classes=10, **kwargs)).eval()
+    result = trim(model, 2.0, "macs")
+    assert abs(result.cost_after - result.cost_before / 2) <= 0.03 * result.cost_before / 2
+    assert models.count_macs(result.model) == result.cost_after
+    # the structure patch rebuilds it from JSON, and the fused form computes the same function
+    loaded = models.load_checkpoint(models.save_checkpoint(result.model, tmp_path / "t")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.model(x))
+        if name != "reduce20":  # a teacher's branch (b) does not fuse
+            assert (fuse_model(loaded)(x) - loaded(x)).abs().max().item() < 1e-3
+    # and it can be trimmed again
+    again = trim(loaded, 1.5, "params")
+    assert abs(again.cost_after - again.cost_before / 1.5) <= 0.03 * again.cost_before / 1.5
+
+
+def test_trimming_keeps_the_surviving_weights():
+    """The stem's kept filters (its 3 input channels are never pruned) and the classifier's kept columns are the
+    original's, bit for bit: trimming selects, it does not re-initialise."""
+    model = randomize_model(models.create_model("torchvision:resnet18", num_classes=10)).eval()
+    small = trim(model, 1.5, "params").model
+    kept, full = small.conv1.weight, model.conv1.weight
+    assert kept.shape[0] < full.shape[0]
+    assert all(any(torch.equal(k, f) for f in full) for k in kept)
+    cols, all_cols = small.fc.weight.t(), model.fc.weight.t()
+    assert len(cols) < len(all_cols) and all(any(torch.equal(c, a) for a in all_cols) for c in cols)
+    assert torch.equal(small.fc.bias, model.fc.bias)
+
+
+@pytest.mark.skipif(not ORIGINAL.is_file(), reason=f"needs {ORIGINAL}")
+@needs_data
+def test_a_mild_trim_keeps_the_accuracy_and_reinitialising_loses_it(tmp_path):
+    """The original's trained student (93.61%): a 1.1x trim without fine-tuning stays close; re-initialised, chance."""
+    ckpt = models.save_checkpoint(from_reducenet_original(read_pth(ORIGINAL)), tmp_path / "student",
+                                  {"dataset": "cifar10"})
+    argv = ["--teacher", str(ckpt), "--reduce", "1.1", "--epochs", "0", "--data-dir", str(CIFAR10), "--device",
+            "cpu", "--no-export"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = trim_cli.main([*argv, "--out", str(tmp_path / "trim")])
+    assert summary["teacher_test_acc"] == pytest.approx(93.61, abs=0.01)
+    assert summary["trim"]["reduce_reached"] == pytest.approx(1.1, rel=0.03)
+    assert summary["last_test_acc"] > 93.61 - 8, summary["last_test_acc"]
+    trimmed = models.load_checkpoint(tmp_path / "trim")
+    for m in trimmed.modules():  # the same architecture, re-initialised
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    models.save_checkpoint(trimmed, tmp_path / "reinit", {"dataset": "cifar10"})
+    from train import evaluate
+    report = evaluate.run(evaluate.build_parser().parse_args([str(tmp_path / "reinit.safetensors"), "--data-dir",
+                                                              str(CIFAR10)]))
+    assert report["test_acc"] < 20
+
+
+@needs_data
+def test_trim_cli_fine_tunes_fuses_exports_and_chains(tmp_path):
+    teacher = tmp_path / "teacher"
+    args = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu"]
+    from train import stage1
+    with contextlib.redirect_stdout(io.StringIO()):
+        stage1.main(["-m", "reduce20", "--expansion", "0", "--epochs", "1", *args, "--out", str(teacher)])
+        first = trim_cli.main(["--teacher", str(teacher), "--reduce", "2", "--epochs", "1", "--feature-kd", "at",
+                               *args, "--out", str(tmp_path / "t1")])
+        second = trim_cli.main(["--teacher", str(tmp_path / "t1"), "--reduce", "1.5", "--by", "params",
+                                "--kd", "none", "--epochs", "1", *args, "--out", str(tmp_path / "t2")])
+    assert first["trim"]["reduce_reached"] == pytest.approx(2, rel=0.03) and first["last_epoch"] == 1
+    assert first["fused_check"]["max_abs_diff"] < 1e-3
+    deploy = models.load_checkpoint(tmp_path / "t1" / "deploy" / "model.safetensors")
+    assert deploy.config["structure"] and not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+    assert second["trim"]["by"] == "params" and second["params"] < first["params"]
+    record = json.loads((tmp_path / "t2" / "last.json").read_text())
+    assert record["metadata"]["teacher"].endswith("last.safetensors") and record["config"]["structure"]
+
+
+def test_bad_input_is_one_line():
+    model = models.create_model("reduce20", expansion=0)
+    for kwargs, words in (({"reduce": 1.0}, "reduce must be > 1"), ({"reduce": 2, "by": "flops"}, "flops"),
+                          ({"reduce": 2, "importance": "taylor"}, "taylor"), ({"reduce": 2, "by": "latency"},
+                                                                              "latency(model)")):
+        with pytest.raises(ConfigError) as e:
+            trim(model, **kwargs)
+        assert words in one_line(e)
+    with pytest.raises(TrimError) as e:
+        trim(model, 1000.0)
+    assert "no pruning ratio" in one_line(e) or "cannot prune" in one_line(e)
+
+
+def test_a_layer_torch_pruning_cannot_handle_is_named(monkeypatch):
+    """When Torch-Pruning fails, the message names the layer of a kind it does not know."""
+    import torch_pruning as tp
+
+    class Scale(nn.Module):  # a parameter of its own, tied to the channels
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(c, 1, 1))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    model = models.create_model("reduce20", expansion=0)
+    model.layer1[0].conv2.bn = nn.Sequential(model.layer1[0].conv2.bn, Scale(16))
+
+    def fail(self, interactive=False):
+        raise RuntimeError("unsupported operation\nwith a long trace")
+
+    monkeypatch.setattr(tp.pruner.BasePruner, "step", fail)
+    with pytest.raises(TrimError) as e:
+        trim(model, 2.0)
+    msg = one_line(e)
+    assert "layer1.0.conv2.bn.1 (Scale)" in msg and "unsupported operation" in msg
