@@ -62,7 +62,8 @@ def export_deploy(
         input_size: ``(C, H, W)`` of the random check input.
         onnx: also write ONNX (checked with onnxruntime when it is installed).
         torchscript: also write a traced TorchScript file.
-        atol: the largest logit difference accepted, in float32.
+        atol: the largest logit difference accepted, in float32, relative to the largest logit magnitude of the
+            check (at least 1): random input can give an untrained or trimmed model huge logits.
         metadata: stored in the checkpoint's JSON.
     """
     if not isinstance(model, nn.Module):
@@ -87,6 +88,7 @@ def export_deploy(
     staging_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=staging_parent) as tmp_dir:
         tmp = Path(tmp_dir)
+        atol = atol * max(1.0, reference.abs().max().item())
         report.max_diff["fused"] = _check("fused", max_abs_diff(model, fused, x), atol)
         staged = {"safetensors": save_checkpoint(fused, tmp / "model.safetensors", metadata)}
         staged["config"] = tmp / "model.json"

@@ -245,3 +245,16 @@ def test_precision_table_runs_the_same_rows_in_float32_and_bf16(tmp_path):
     assert [r["row"] for r in lines[:4]] == ["teacher, float32", "stage2 + LoRA r8 + LambdaReLU, float32",
                                              "teacher, bf16 autocast", "stage2 + LoRA r8 + LambdaReLU, bf16 autocast"]
     assert [r["precision"] for r in lines[:4]] == ["float32", "float32", "bf16 autocast", "bf16 autocast"]
+
+
+def test_trim_table(tmp_path):
+    run(smoke_argv("trim", tmp_path, "--models", "reduce20"))
+    lines = read_csv(tmp_path / "results" / "trim.csv")
+    names = [r["row"] for r in lines]
+    assert names[0].startswith("untrimmed reduce20") and len(names) == 9
+    assert names[1] == "2x MACs: trimmed, no fine-tuning" and names[-1] == "4x MACs: fine-tuned 1 ep, KD + SemCKD"
+    for r in lines[1:]:
+        want = 2 if r["row"].startswith("2x") else 4
+        assert float(r["macs_reduction"]) == pytest.approx(want, rel=0.03)
+    md = (tmp_path / "results" / "trim.md").read_text()
+    assert "Torch-Pruning" in md and "93.46" in md and "not ours" in md

@@ -10,6 +10,8 @@ Tables:
     cifar100-kd        resnet56 -> resnet20 and resnet110 -> resnet32: scratch, KD, DKD (RepDistiller/mdistiller).
     kd-imagefolder     the knowledge-distillation project's setting: torchvision resnet18 -> mobilenet_v3_small on an
                        image folder at 224 px, the student without distillation, with MSE on logits and with KL.
+    trim               a trained ResNet-56 trimmed 2x and 4x by MACs (Torch-Pruning): without fine-tuning, fine-tuned
+                       with CE only, with KD and with KD + SemCKD; params, MACs, latency ratio, accuracy.
     precision          the same teacher and stage-2 runs in float32 and in bf16 autocast (the CPU default where the
                        CPU has native bf16), accuracies side by side.
     deploy-speed       params, MACs, latency and throughput of every zoo model's forms.
@@ -40,14 +42,15 @@ from ..engine import git_commit
 from .report import aggregate, plot_curves, write_table
 from .runner import finished, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
-                    original_rows, precision_rows)
+                    original_rows, precision_rows, trim_rows)
 from ..timing import measure
 from .speed import speed_table
 
 __all__ = ["main", "build_parser", "train_row", "finished", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
            "stage1", "stage2", "measure"]
 
-TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "precision", "deploy-speed")
+TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "precision",
+          "deploy-speed")
 VALUES = ["last_acc", "best_acc", "train_s", "exact_acc"]
 COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
            ("MACs (M)", "macs_M"), ("last acc (%)", "last_acc"), ("best acc (%)", "best_acc"),
@@ -56,10 +59,14 @@ COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "e
 
 def _line(r: Row) -> dict:
     s = r.result
-    return {"group": r.group, "row": r.name, "seed": r.seed, "epochs": s["epochs"], "params": s["params"],
+    line = {"group": r.group, "row": r.name, "seed": r.seed, "epochs": s["epochs"], "params": s["params"],
             "macs_M": s["macs"] / 1e6, "last_acc": s["last_test_acc"], "best_acc": s["best_test_acc"],
             "best_epoch": s["best_epoch"], "train_s": s["train_s_total"], "precision": s.get("precision"),
             "run": str(r.run)}
+    if "trim" in s:
+        line["macs_reduction"] = s["trim"]["cost_before"] / s["trim"]["cost_after"]
+        line["latency_ratio"] = s["trim"].get("latency_ratio_b1")
+    return line
 
 
 def _fused_line(r: Row) -> dict:
@@ -109,6 +116,11 @@ def _paper_notes(table: str) -> list[str]:
                  "for DKD.", "", "| pair | teacher | scratch | KD | DKD |", "|---|---:|---:|---:|---:|"]
         return lines + [f"| {t} -> {s} | {v['teacher']} | {v['scratch']} | {v['kd']} | {v['dkd']} |"
                         for (t, s), v in PAPER[table].items()]
+    if table == "trim":
+        t = PAPER["trim"]
+        return ["## Published (Torch-Pruning's README, ResNet-56 on the original CIFAR-10, no sparse training, "
+                f"{t['epochs']} epochs) — not ours", "", "| untrimmed | trimmed | MACs speed-up |", "|---:|---:|---:|",
+                f"| {t['untrimmed']} | {t['trimmed']} | {t['speed_up']}x |"]
     return []
 
 
@@ -136,8 +148,10 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
         columns.insert(7, ("exact-subset acc (%)", "exact_acc"))
     if any("cpu_latency_ms_b1" in line for line in lines):
         columns.append(("CPU latency b1 (ms)", "cpu_latency_ms_b1"))
+    if any("macs_reduction" in line for line in lines):
+        columns += [("MACs reduction", "macs_reduction"), ("latency ratio b1 (measured)", "latency_ratio")]
     header = _header(table, args, rows, BUDGETS[table][args.budget])
-    shown = (extra_lines or []) + aggregate(lines, VALUES + ["cpu_latency_ms_b1"])
+    shown = (extra_lines or []) + aggregate(lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
     path = write_table(table, header, shown, columns, Path(args.results), _paper_notes(table),
                        csv_lines=(extra_lines or []) + lines)
     plot_curves(table, rows, Path(args.results))
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> Path:
         path = original_table(args, log)
     else:
         rows = {"cifar10-reducenet": cifar10_rows, "cifar100-kd": cifar100_rows,
-                "kd-imagefolder": kd_folder_rows, "precision": precision_rows}[args.table](args)
+                "kd-imagefolder": kd_folder_rows, "precision": precision_rows, "trim": trim_rows}[args.table](args)
         if not rows:
             raise ConfigError(f"--models {args.models} selects no row of {args.table}")
         path = training_table(args.table, rows, args, log)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import stage1, stage2
+from .. import stage1, stage2, trim
 
 #: Epochs per budget: (stage 1, stage 2). ``medium`` is the CPU budget of the results issue (30 + 30 vs 60
 #: epochs, a few hours per seed on 2 cores); ``short`` shows the pipeline; ``smoke`` is for tests.
@@ -22,6 +22,7 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "cifar100-kd": {"full": (240, 240), "medium": (30, 30), "short": (4, 4), "smoke": (1, 1)},
     "kd-imagefolder": {"full": (30, 30), "medium": (10, 10), "short": (4, 4), "smoke": (1, 1)},
     "precision": {"full": (200, 200), "medium": (30, 30), "short": (5, 5), "smoke": (1, 1)},
+    "trim": {"full": (200, 100), "medium": (30, 10), "short": (15, 5), "smoke": (1, 1)},  # (ResNet-56, fine-tune)
 }
 #: The knowledge-distillation project's setting: an image folder at 224 px (Imagenette there), a torchvision
 #: teacher and a smaller torchvision student, MSE on logits (its loss) or KL.
@@ -32,6 +33,8 @@ PAPER: dict[str, Any] = {  # published numbers, original data, kept apart from o
                           ("reduce20", 2): (93.27, 94.40), ("reduce56", 2): (94.11, 95.27)},
     "cifar100-kd": {("reduce56", "reduce20"): {"teacher": 72.34, "scratch": 69.06, "kd": 70.66, "dkd": 71.97},
                     ("reduce110", "reduce32"): {"teacher": 74.31, "scratch": 71.14, "kd": 73.08, "dkd": 74.11}},
+    # Torch-Pruning's README (Fang et al., CVPR 2023), ResNet-56 on CIFAR-10 without sparse training
+    "trim": {"untrimmed": 93.53, "trimmed": 93.46, "speed_up": 2.11, "epochs": "200 + 100"},
 }
 LORA_RANK = 8
 # RepDistiller / mdistiller CIFAR-100 recipe: SGD momentum 0.9 without Nesterov, lr 0.05, wd 5e-4, batch 64,
@@ -202,4 +205,30 @@ def precision_rows(args: argparse.Namespace) -> list[Row]:
                         ["--inherit", str(teacher), "--epochs", str(e2), "--lora-rank", str(LORA_RANK),
                          "--lambda-epochs", str(max(1, e2 // 2)), amp, *common], stage2.main, seed),
                 ]
+    return rows
+
+
+def trim_rows(args: argparse.Namespace) -> list[Row]:
+    """A ResNet-56 (reduce56 student form) trained from scratch, trimmed 2x and 4x by MACs: without fine-tuning, and
+    fine-tuned for the same epochs with CE only, with KD, and with KD + SemCKD (SemCKD's CIFAR recipe)."""
+    e1, e2 = BUDGETS["trim"][args.budget]
+    runs, rows = Path(args.runs) / "trim", []
+    model = (args.models or ["reduce56"])[0]
+    for seed in args.seeds:
+        common = ["--dataset", "cifar10", *_common(args, seed)]
+        base = runs / f"{model}-s{seed}"
+        rows.append(Row(f"untrimmed {model} student ({e1} ep)", model, base,
+                        ["-m", model, "--expansion", "0", "--epochs", str(e1), *common], stage1.main, seed))
+        for reduce in (2, 4):
+            trim_args = ["--teacher", str(base), "--reduce", str(reduce), "--by", "macs", *common]
+            variants = [
+                ("trimmed, no fine-tuning", "none", ["--epochs", "0", "--kd", "none"]),
+                (f"fine-tuned {e2} ep, CE only", "ce", ["--epochs", str(e2), "--kd", "none"]),
+                (f"fine-tuned {e2} ep, KD", "kd", ["--epochs", str(e2), "--kd", "kd"]),
+                (f"fine-tuned {e2} ep, KD + SemCKD", "semckd",
+                 ["--epochs", str(e2), "--kd", "kd", "--kd-alpha", "1", "--ce-weight", "1", "--kd-T", "4",
+                  "--feature-kd", "semckd"]),
+            ]
+            rows += [Row(f"{reduce}x MACs: {label}", model, Path(f"{base}-trim{reduce}-{tag}"), [*trim_args, *extra],
+                         trim.main, seed) for label, tag, extra in variants]
     return rows
