@@ -38,7 +38,8 @@ def read_csv(path):
 
 
 def smoke_argv(table: str, tmp_path, *extra: str, data=CIFAR10) -> list[str]:
-    return [table, "--budget", "smoke", "--subset", "200", "--data-dir", str(data), "--device", "cpu",
+    subset = [] if "--subset" in extra else ["--subset", "200"]
+    return [table, "--budget", "smoke", *subset, "--data-dir", str(data), "--device", "cpu",
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), *extra]
 
 
@@ -258,3 +259,16 @@ def test_trim_table(tmp_path):
         assert float(r["macs_reduction"]) == pytest.approx(want, rel=0.03)
     md = (tmp_path / "results" / "trim.md").read_text()
     assert "Torch-Pruning" in md and "93.46" in md and "not ours" in md
+
+
+def test_pyramid_table(tmp_path):
+    run(smoke_argv("pyramid", tmp_path, "--losses", "two-stage", "--subset", "130"))
+    lines = read_csv(tmp_path / "results" / "pyramid.csv")
+    assert lines[0]["row"] == "VGG19 (the top)" and float(lines[0]["latency_ratio"]) == 1.0
+    groups = [r["group"] for r in lines[1:]]
+    assert groups[:5] == ["forward: svgg17", "forward: svgg14", "forward: svgg11", "forward: svgg8", "forward: svgg5"]
+    assert len(lines) == 1 + 2 * 5 and {r["row"] for r in lines[1:]} == {"two-stage"}
+    params = [int(r["params"]) for r in lines[1:6]]
+    assert params == sorted(params, reverse=True)  # every level is smaller than the one above
+    md = (tmp_path / "results" / "pyramid.md").read_text()
+    assert "72.18" in md and "not ours" in md and (tmp_path / "results" / "pyramid.png").is_file()

@@ -51,11 +51,13 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     d.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
                    help="input normalisation stored with the model: the dataset's mean/std, none ([0, 1] pixels) "
                         "or ImageNet's (default: the recipe's; stage2 --inherit: the teacher's)")
-    o = p.add_argument_group("optimisation (SGD, momentum 0.9)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                   help="SGD with momentum 0.9 (--nesterov), or Adam (default: the recipe's)")
     o.add_argument("--epochs", type=int, default=epochs)
     o.add_argument("--batch-size", type=int, default=128, help="per process")
     o.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: the recipe's; ours {lr:g})")
-    o.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    o.add_argument("--wd", type=float, default=None, help="weight decay (default: the recipe's; ours 1e-4)")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
     o.add_argument("--schedule", choices=("cosine", "cosine-epoch", "step"), default=None,
                    help="cosine to 0 per step, per epoch (torch's CosineAnnealingLR), or x--gamma at each of "
@@ -200,7 +202,8 @@ def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str, module
 
 def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) -> TrainConfig:
     return TrainConfig(
-        epochs=args.epochs, lr=args.lr, wd=args.wd, nesterov=args.nesterov, schedule=args.schedule, seed=args.seed,
+        epochs=args.epochs, lr=args.lr, wd=args.wd, optimizer=args.optimizer, nesterov=args.nesterov,
+        schedule=args.schedule, seed=args.seed,
         milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=warmup_default if args.warmup_epochs is None else args.warmup_epochs,
         amp=args.amp, compile=args.compile,

@@ -32,6 +32,9 @@ __all__ = [
     "build_distill_loss",
     "FeatureDistill",
     "SemCKD",
+    "hint_mse",
+    "fsp_matrix",
+    "gram_loss",
     "feature_extractor",
 ]
 
@@ -448,6 +451,36 @@ class SemCKD(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, batch_size={self.batch_size}"
+
+
+def hint_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """The Pyramid's stage-1 hint: squared error summed over every element, divided by the batch size.
+
+    The original used ``nn.MSELoss(size_average=False)`` (a sum over the batch too); dividing by the batch keeps
+    the loss of a sample independent of the batch size. The teacher is detached.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"hint shapes differ: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
+    return (student - teacher.detach()).pow(2).sum() / student.shape[0]
+
+
+def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
+    """The Gram / FSP matrix of two feature maps of one network (Yim et al., CVPR 2017): ``[B, C1, C2]`` with
+    ``G[b, i, j] = sum_hw first[b, i, h, w] * second[b, j, h, w] / (h * w)``. A larger ``second`` is average-pooled
+    to ``first``'s size; a smaller one is upsampled (nearest), as the Pyramid did for block 2."""
+    if second.shape[-2:] != first.shape[-2:]:
+        if second.shape[-1] > first.shape[-1]:
+            second = F.adaptive_avg_pool2d(second, first.shape[-2:])
+        else:
+            second = F.interpolate(second, size=first.shape[-2:], mode="nearest")
+    h, w = first.shape[-2:]
+    return torch.einsum("bihw,bjhw->bij", first, second) / (h * w)
+
+
+def gram_loss(student_in: Tensor, student_out: Tensor, teacher_in: Tensor, teacher_out: Tensor) -> Tensor:
+    """MSE between the student's and the teacher's FSP matrices of a block's input and output (the Pyramid's
+    Gram stage 1). The teacher's are detached."""
+    return F.mse_loss(fsp_matrix(student_in, student_out), fsp_matrix(teacher_in, teacher_out).detach())
 
 
 def feature_extractor(model: nn.Module, nodes: list[str]) -> nn.Module:

@@ -58,6 +58,7 @@ class TrainConfig:
     epochs: int = 200
     lr: float = 0.1
     wd: float = 1e-4
+    optimizer: str = "sgd"  # sgd (momentum, Nesterov) | adam (L2 weight decay, as torch.optim.Adam)
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "cosine"  # cosine (per step) | cosine-epoch (per epoch, torch's CosineAnnealingLR) | step
@@ -166,8 +167,12 @@ class Trainer:
             nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
         self.task = task.to_device(self.device, memory_format)
         self.model = task.student
-        self.optimizer = torch.optim.SGD(self.task.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.nesterov, weight_decay=cfg.wd)
+        if cfg.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.task.parameters(), lr=cfg.lr,
+                                                                     weight_decay=cfg.wd)
+        else:
+            self.optimizer = torch.optim.SGD(self.task.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                             nesterov=cfg.nesterov, weight_decay=cfg.wd)
         steps = len(data.train)  # >= 1: a Loader with fewer samples than one batch refuses to be built
         self.total_steps = steps * cfg.epochs
         milestones = tuple(int(m * self.total_steps) for m in cfg.milestones)

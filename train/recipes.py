@@ -23,21 +23,27 @@ from typing import Any
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "ours": {
-        "stage1": {"lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset",
-                   "init": "kaiming"},
+        "stage1": {"lr": 0.1, "wd": 1e-4, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset",
+                   "init": "kaiming", "optimizer": "sgd"},
         # fine-tuning an inherited network: warm-up over 5% of the epochs (>= 1) to half the teacher's lr
-        "stage2": {"lr": 0.05, "schedule": "cosine", "warmup_epochs": None, "normalize": "dataset",
-                   "kd_reduction": "batchmean"},
+        "stage2": {"lr": 0.05, "wd": 1e-4, "schedule": "cosine", "warmup_epochs": None, "normalize": "dataset",
+                   "kd_reduction": "batchmean", "optimizer": "sgd"},
         # fine-tuning a trimmed network: Torch-Pruning's CIFAR recipe uses lr 0.01 (step decay); ours is cosine
-        "trim": {"lr": 0.01, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset",
-                 "kd_reduction": "batchmean"},
+        "trim": {"lr": 0.01, "wd": 1e-4, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset",
+                 "kd_reduction": "batchmean", "optimizer": "sgd"},
+        # the Pyramid's levels: its original's Adam, lr 1e-4, weight decay 5e-4 (with cosine instead of its
+        # ReduceLROnPlateau and early stopping, so that a level has a fixed budget)
+        "pyramid": {"lr": 1e-4, "wd": 5e-4, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset",
+                    "kd_reduction": "batchmean", "optimizer": "adam"},
     },
     "reducenet-paper": {
-        "stage1": {"lr": 0.1, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
-                   "init": "torch"},
-        "stage2": {"lr": 0.1, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
-                   "kd_alpha": 0.7, "kd_T": 5.0, "kd_reduction": "mean"},
-        "trim": {"lr": 0.01, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
-                 "kd_alpha": 0.7, "kd_T": 5.0, "kd_reduction": "mean"},
+        "stage1": {"lr": 0.1, "wd": 1e-4, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
+                   "init": "torch", "optimizer": "sgd"},
+        "stage2": {"lr": 0.1, "wd": 1e-4, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
+                   "kd_alpha": 0.7, "kd_T": 5.0, "kd_reduction": "mean", "optimizer": "sgd"},
+        "trim": {"lr": 0.01, "wd": 1e-4, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none",
+                 "kd_alpha": 0.7, "kd_T": 5.0, "kd_reduction": "mean", "optimizer": "sgd"},
+        "pyramid": {"lr": 1e-4, "wd": 5e-4, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "none",
+                    "kd_reduction": "mean", "optimizer": "adam"},
     },
 }

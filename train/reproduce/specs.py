@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import stage1, stage2, trim
+from .. import pyramid, stage1, stage2, trim
 
 #: Epochs per budget: (stage 1, stage 2). ``medium`` is the CPU budget of the results issue (30 + 30 vs 60
 #: epochs, a few hours per seed on 2 cores); ``short`` shows the pipeline; ``smoke`` is for tests.
@@ -23,7 +23,10 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "kd-imagefolder": {"full": (30, 30), "medium": (10, 10), "short": (4, 4), "smoke": (1, 1)},
     "precision": {"full": (200, 200), "medium": (30, 30), "short": (5, 5), "smoke": (1, 1)},
     "trim": {"full": (200, 100), "medium": (30, 10), "short": (15, 5), "smoke": (1, 1)},  # (ResNet-56, fine-tune)
+    # (VGG19, stage 1, stage 2) per level; the CPU budgets train on a --subset (default PYRAMID_SUBSET)
+    "pyramid": {"full": (60, 10, 30), "medium": (15, 2, 6), "short": (8, 1, 3), "smoke": (1, 1, 1)},
 }
+PYRAMID_SUBSET = {"full": None, "medium": 10000, "short": 5000, "smoke": None}
 #: The knowledge-distillation project's setting: an image folder at 224 px (Imagenette there), a torchvision
 #: teacher and a smaller torchvision student, MSE on logits (its loss) or KL.
 KD_FOLDER = {"teacher": "torchvision:resnet18", "student": "torchvision:mobilenet_v3_small", "image_size": 224}
@@ -33,6 +36,9 @@ PAPER: dict[str, Any] = {  # published numbers, original data, kept apart from o
                           ("reduce20", 2): (93.27, 94.40), ("reduce56", 2): (94.11, 95.27)},
     "cifar100-kd": {("reduce56", "reduce20"): {"teacher": 72.34, "scratch": 69.06, "kd": 70.66, "dkd": 71.97},
                     ("reduce110", "reduce32"): {"teacher": 74.31, "scratch": 71.14, "kd": 73.08, "dkd": 74.11}},
+    # pyramid_compression's table (CIFAR-100 at 96 px; VGG19 80.66): SVGG5 accuracies
+    "pyramid": {"VGG19": 80.66, ("forward", "scratch"): 61.24, ("forward", "gram"): 72.18,
+                ("backward", "scratch"): 61.56, ("backward", "two-stage"): 74.71},
     # Torch-Pruning's README (Fang et al., CVPR 2023), ResNet-56 on CIFAR-10 without sparse training
     "trim": {"untrimmed": 93.53, "trimmed": 93.46, "speed_up": 2.11, "epochs": "200 + 100"},
 }
@@ -231,4 +237,25 @@ def trim_rows(args: argparse.Namespace) -> list[Row]:
             ]
             rows += [Row(f"{reduce}x MACs: {label}", model, Path(f"{base}-trim{reduce}-{tag}"), [*trim_args, *extra],
                          trim.main, seed) for label, tag, extra in variants]
+    return rows
+
+
+def pyramid_rows(args: argparse.Namespace) -> list[Row]:
+    """VGG19 (the top), then each scheme's chain SVGG17 -> SVGG5 with each loss (one row per chain)."""
+    e0, e1, e2 = BUDGETS["pyramid"][args.budget]
+    runs, rows = Path(args.runs) / "pyramid", []
+    size = args.image_size or 32
+    for seed in args.seeds:
+        common = ["--dataset", "cifar10", "--image-size", str(size), *_common(args, seed)]
+        if not args.subset and PYRAMID_SUBSET[args.budget]:
+            common += ["--subset", str(PYRAMID_SUBSET[args.budget])]
+        top = runs / f"vgg19-s{seed}"
+        rows.append(Row("VGG19 (the top)", "pyramid_vgg19", top,
+                        ["-m", "pyramid_vgg19", "--epochs", str(e0), *common], stage1.main, seed))
+        for scheme in ("forward", "backward"):
+            for loss in args.losses:
+                hint = ["--hint-epochs", "0"] if loss == "scratch" else ["--hint-epochs", str(e1)]
+                rows.append(Row(f"{scheme}: {loss}", scheme, runs / f"{scheme}-{loss}-s{seed}",
+                                ["--teacher", str(top), "--scheme", scheme, "--loss", loss, "--epochs", str(e2),
+                                 *hint, *common], pyramid.main, seed))
     return rows

@@ -1,0 +1,109 @@
+"""The Pyramid's chain (python -m train.pyramid) and its stage-1 losses."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from _shared import CIFAR10, one_line
+from train import pyramid, stage1
+from train.distill import fsp_matrix, gram_loss, hint_mse
+from train.engine import Trainer
+
+ARGS = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu", "--image-size", "32"]
+needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("REDUCENET_DATA", raising=False)
+
+
+def test_hint_is_the_per_sample_sum_of_squares():
+    s, t = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    expected = sum(((s[b] - t[b]) ** 2).sum() for b in range(4)) / 4
+    torch.testing.assert_close(hint_mse(s, t), expected)
+    # the original's nn.MSELoss(size_average=False) is the same sum, over the batch
+    torch.testing.assert_close(hint_mse(s, t) * 4, F.mse_loss(s, t, reduction="sum"))
+
+
+def test_fsp_and_gram_match_the_definition():
+    a = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    b = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    g = torch.zeros(2, 3, 5, dtype=torch.float64)
+    for n in range(2):
+        for i in range(3):
+            for j in range(5):
+                g[n, i, j] = (a[n, i] * b[n, j]).sum() / 16
+    torch.testing.assert_close(fsp_matrix(a, b), g)
+    small = torch.randn(2, 5, 2, 2, dtype=torch.float64)  # block 2: the output is upsampled to the input's size
+    torch.testing.assert_close(fsp_matrix(a, small), fsp_matrix(a, small.repeat_interleave(2, 2).repeat_interleave(2, 3)))
+    c, d = torch.randn_like(a), torch.randn_like(b)
+    torch.testing.assert_close(gram_loss(a, b, c, d), ((fsp_matrix(a, b) - fsp_matrix(c, d)) ** 2).mean())
+
+
+def test_teacher_paths_in_vgg19_exist():
+    vgg = dict(models.create_model("pyramid_vgg19").named_modules())
+    for scheme in ("forward", "backward"):
+        for depth in (17, 14, 11, 8, 5):
+            for path in pyramid.teacher_paths(f"svgg{depth}_{scheme}", taught_by_top=True).values():
+                assert path in vgg, (scheme, depth, path)
+
+
+@needs_data
+def test_a_two_level_chain_runs_and_resumes(tmp_path, monkeypatch):
+    top = tmp_path / "vgg19"
+    with contextlib.redirect_stdout(io.StringIO()):
+        stage1.main(["-m", "pyramid_vgg19", "--epochs", "1", *ARGS, "--out", str(top)])
+    argv = ["--teacher", str(top), "--scheme", "forward", "--levels", "svgg17", "svgg14", "--loss", "two-stage",
+            "--epochs", "1", "--hint-epochs", "1", "--no-export", *ARGS]
+    with contextlib.redirect_stdout(io.StringIO()):
+        whole = pyramid.main([*argv, "--out", str(tmp_path / "whole")])
+    assert list(whole["levels"]) == ["svgg17_forward", "svgg14_forward"]
+    s17 = models.load_checkpoint(tmp_path / "whole" / "svgg17_forward")
+    s14 = models.load_checkpoint(tmp_path / "whole" / "svgg14_forward")
+    assert s17.config["model"] == "svgg17_forward" and s14.config["model"] == "svgg14_forward"
+    rows = (tmp_path / "whole" / "svgg14_forward" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].endswith("stage")  # stage 1 (hint), then stage 2 (CE)
+
+    epoch_fn = Trainer.train_epoch
+    calls = {"n": 0}
+
+    def killed_in_level_2(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 4:  # level 1 ran epochs 0 and 1; level 2 is stopped in its second epoch
+            raise KeyboardInterrupt
+        return epoch_fn(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_level_2)
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        pyramid.main([*argv, "--out", str(tmp_path / "split")])
+    monkeypatch.setattr(Trainer, "train_epoch", epoch_fn)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        split = pyramid.main([*argv, "--out", str(tmp_path / "split")])
+    assert "[skip] svgg17_forward" in out.getvalue()
+    for level in ("svgg17_forward", "svgg14_forward"):
+        a = torch.load(tmp_path / "whole" / level / "train_state.pt", weights_only=True)["task"]
+        b = torch.load(tmp_path / "split" / level / "train_state.pt", weights_only=True)["task"]
+        assert all(torch.equal(a[k], b[k]) for k in a), level
+    assert split["levels"]["svgg14_forward"]["last_test_acc"] == whole["levels"]["svgg14_forward"]["last_test_acc"]
+    assert json.loads((tmp_path / "split" / "pyramid.json").read_text())["loss"] == "two-stage"
+
+
+@needs_data
+def test_bad_levels_are_one_line(tmp_path, capsys):
+    for extra, words in ((["--levels", "svgg14", "svgg8"], "without gaps"), (["--levels", "svgg99"], "svgg99"),
+                         (["--loss", "scratch", "--hint-epochs", "1"], "scratch")):
+        with pytest.raises(SystemExit):
+            pyramid.main(["--teacher", str(tmp_path / "nope"), "--scheme", "forward", *extra, *ARGS,
+                          "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and words in err and err.count("\n") == 1, err
