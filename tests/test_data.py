@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
@@ -312,7 +313,7 @@ def test_decoded_tree_is_cached_atomically(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(data, "_decode_images", no_decoding)
+    monkeypatch.setattr(data.folders, "_decode_images", no_decoding)
     second = load_dataset("imagefolder", root)
     assert torch.equal(first[0].images, second[0].images) and first[2] == second[2]
     os.utime(root, (1, 1))  # the same bytes with another mtime: still the cache
@@ -525,7 +526,7 @@ def test_failed_download_raises_one_line(tmp_path, monkeypatch):
             calls.append(root)
             raise RuntimeError("no route to host\n(offline)")
 
-    monkeypatch.setattr(data.torchvision.datasets, "CIFAR100", Offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
     with pytest.raises(DataError) as e:
         load_dataset("cifar100", tmp_path)
     assert calls == [str(tmp_path)] and "download failed" in one_line_error(e)
@@ -576,7 +577,7 @@ def test_build_data_subset_shares_train_and_test(tmp_path):
 
 def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
     folder = make_cifar(tmp_path)  # 50 train, 20 test: 70 x 3 x 256 x 256 = 13.8 MB at 256 px
-    monkeypatch.setattr(data, "available_memory", lambda: 16 * 2**20)  # half: 8 MB
+    monkeypatch.setattr(data.base, "available_memory", lambda: 16 * 2**20)  # half: 8 MB
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, image_size=256, download=False)
     msg = one_line_error(e)
@@ -593,14 +594,14 @@ def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
 
 def test_image_folder_too_big_for_memory_is_refused_before_decoding(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "tree")  # 18 images; at 64 px 18 x 12 KB = 221 KB
-    monkeypatch.setattr(data, "available_memory", lambda: 300 * 2**10)
-    monkeypatch.setattr(data, "_decode_images", lambda *a, **k: pytest.fail("decoded before the memory check"))
+    monkeypatch.setattr(data.base, "available_memory", lambda: 300 * 2**10)
+    monkeypatch.setattr(data.folders, "_decode_images", lambda *a, **k: pytest.fail("decoded before the memory check"))
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", root, image_size=64)
     assert "18 images at 64x64 px" in one_line_error(e) and "--subset" in str(e.value)
     monkeypatch.undo()
     monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "available_memory", lambda: 300 * 2**10)
+    monkeypatch.setattr(data.base, "available_memory", lambda: 300 * 2**10)
     d = build_data("imagefolder", root, batch_size=3, subset=3, image_size=64)  # 3 + 3 images: 74 KB
     assert d.train.images.shape == (3, 3, 64, 64) and d.test.images.shape == (3, 3, 64, 64)
 

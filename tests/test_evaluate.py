@@ -49,7 +49,7 @@ def test_original_checkpoints_score_as_in_the_original(converted, role, accuracy
 
 
 def _test_labels() -> list[int]:
-    from train.data import _unpickle
+    from train.data.cifar import _unpickle
     return list(_unpickle(CIFAR10 / "cifar-10-batches-py" / "test_batch")["labels"])
 
 

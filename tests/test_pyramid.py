@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from _shared import CIFAR10, one_line
+from _shared import CIFAR10
 from train import pyramid, stage1
 from train.distill import fsp_matrix, gram_loss, hint_mse
 from train.engine import Trainer
@@ -43,7 +43,8 @@ def test_fsp_and_gram_match_the_definition():
                 g[n, i, j] = (a[n, i] * b[n, j]).sum() / 16
     torch.testing.assert_close(fsp_matrix(a, b), g)
     small = torch.randn(2, 5, 2, 2, dtype=torch.float64)  # block 2: the output is upsampled to the input's size
-    torch.testing.assert_close(fsp_matrix(a, small), fsp_matrix(a, small.repeat_interleave(2, 2).repeat_interleave(2, 3)))
+    upsampled = small.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    torch.testing.assert_close(fsp_matrix(a, small), fsp_matrix(a, upsampled))
     c, d = torch.randn_like(a), torch.randn_like(b)
     torch.testing.assert_close(gram_loss(a, b, c, d), ((fsp_matrix(a, b) - fsp_matrix(c, d)) ** 2).mean())
 

@@ -11,7 +11,7 @@ from _shared import SHARED
 from train import stage1
 from train.data import DatasetInfo, scan_image_tree
 from train.engine import Trainer
-from train.stream import StreamLoader, build_stream_data, random_resized_crop_params
+from train.data.stream import StreamLoader, build_stream_data, random_resized_crop_params
 
 ZIP = SHARED / "cifar10-jpeg.zip"
 pytestmark = pytest.mark.skipif(not ZIP.is_file(), reason=f"{ZIP} is absent")

@@ -37,7 +37,7 @@ from models.errors import ConfigError, cli_errors
 from .data import ArrayData, DatasetInfo, build_data, scan_image_tree
 from .distill import DistillLoss
 from .engine import TrainConfig, Trainer, hardware, init_distributed, native_bf16
-from .stream import StreamLoader
+from .data.stream import StreamLoader
 from .tasks import Classify, Distill
 
 

@@ -24,7 +24,7 @@ from .engine import Dist, TrainConfig, init_distributed, native_bf16
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
-from .stream import build_stream_data, fits_in_memory
+from .data.stream import build_stream_data, fits_in_memory
 from .tasks import FeatureHooks, stage_outputs
 
 

@@ -21,8 +21,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from models.errors import DataError
 
-from . import data as data_module
-from .data import Data, DatasetInfo, ImageTree, balanced_subset, resolve_source, scan_image_tree, to_rgb
+from . import base
+from .base import DatasetInfo
+from .folders import ImageTree, scan_image_tree, to_rgb
+from .loader import Data
+from .sources import resolve_source
+from .subsets import balanced_subset
 
 CROP_FRACTION = 0.875  # test images: resize to image_size / 0.875, centre-crop image_size (timm's default)
 
@@ -177,7 +181,7 @@ class StreamLoader:
 
 def fits_in_memory(num_images: int, image_size: int, share: float = 0.25) -> bool:
     """Whether ``num_images`` decoded uint8 images of ``image_size`` take at most ``share`` of the free memory."""
-    return num_images * 3 * image_size * image_size <= share * data_module.available_memory()
+    return num_images * 3 * image_size * image_size <= share * base.available_memory()
 
 
 def _stats(tree: ImageTree, items: Sequence[tuple[str, int]], count: int = 1000) -> tuple[list[float], list[float]]:

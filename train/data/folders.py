@@ -1,0 +1,349 @@
+"""Image folders: a ``train/`` + ``test/`` (or ``val/``) tree of class folders, in a folder or a zip.
+
+Scanning follows links safely (each real folder and file once, no link across splits or classes), decoding
+gives 8-bit RGB whatever the file's mode, and a decoded tree is cached as uint8 tensors under
+``$REDUCENET_CACHE`` (default ``~/.cache/reducenet``), keyed by a hash of the image bytes, the size and the crop.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+import sys
+import tempfile
+import warnings
+import zipfile
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from models.errors import DataError
+
+from .base import ArrayData, _check_memory, _one_line
+
+_CACHE_VERSION = 2  # 2: keyed on content, 16-bit images scaled
+_SPLITS = ("train", "test", "val")
+
+
+@dataclass
+class ImageTree:
+    """The image files of a ``train/`` + ``test/`` (or ``val/``) tree of class folders.
+
+    Attributes:
+        source: The folder or ``.zip`` file.
+        classes: Sorted class folder names of ``train/``.
+        train: ``(path inside source, label)`` for every training image, sorted by class then path.
+        test: The same for the test (or validation) images.
+    """
+
+    source: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+    @property
+    def is_zip(self) -> bool:
+        return self.source.is_file()
+
+    def read(self, name: str, archive: zipfile.ZipFile | None = None) -> bytes:
+        """Returns the bytes of the file ``name``, from ``archive`` when the source is a zip.
+
+        Raises:
+            DataError: The file cannot be read, or the zip member is damaged (bad CRC, truncated).
+        """
+        try:
+            return archive.read(name) if archive is not None else (self.source / name).read_bytes()
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            where = f"{name} in {self.source}" if archive is not None else str(self.source / name)
+            fix = "replace the zip with an intact copy" if archive is not None else "remove or replace the file"
+            raise DataError(f"cannot read {where} ({_one_line(str(e))}); {fix}") from None
+
+
+def _place(folder: str) -> tuple[str, str | None] | None:
+    """The ``(split folder, class)`` that a folder of a tree lies in, or None outside every split folder.
+
+    ``top/train/cat/sub`` gives ``("top/train", "cat")``, ``train`` gives ``("train", None)``.
+    """
+    parts = folder.split("/")
+    for depth in (0, 1):  # train/<class>/... or <top>/train/<class>/...
+        if len(parts) > depth and parts[depth] in _SPLITS:
+            return "/".join(parts[: depth + 1]), parts[depth + 1] if len(parts) > depth + 1 else None
+    return None
+
+
+def _walk(folder: Path) -> list[str]:
+    """The files below ``folder`` (``/``-separated paths inside it, sorted), following links safely.
+
+    Links to files and folders are followed, but every real folder is listed and every real file counted once,
+    so a link loop or a second link to the same folder adds nothing. A link that leads elsewhere inside
+    ``folder`` must stay inside its own split and class folder (or be a loop to a folder it lies in). Hidden
+    entries and ``__MACOSX`` are skipped.
+
+    Raises:
+        DataError: A folder cannot be listed, or a link leads into another split or class folder (the splits
+            would overlap, or images would get a second label).
+    """
+    root = os.path.realpath(folder)
+    seen = {root}
+    files: list[str] = []
+
+    def visit(path: str, rel: str, real_dir: str) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            raise DataError(f"cannot list {path} ({e.strerror}); make it readable or remove it") from None
+        for e in entries:
+            if e.name.startswith(".") or e.name == "__MACOSX":
+                continue
+            name, is_dir, link = rel + e.name, e.is_dir(), e.is_symlink()
+            real = os.path.realpath(e.path) if link else os.path.join(real_dir, e.name)
+            if link and real.startswith(root + os.sep):  # a link to elsewhere in the tree
+                target = os.path.relpath(real, root).replace(os.sep, "/")
+                here = _place(name if is_dir else rel[:-1])
+                there = _place(target if is_dir else os.path.dirname(target))
+                if there is not None and here != there and not name.startswith(target + "/"):  # not a loop
+                    cross = here is None or here[0] != there[0]
+                    why = "the splits would overlap" if cross else "its images would get two labels"
+                    into = "/".join(filter(None, there))
+                    raise DataError(f"{folder}: {name} is a link into {into}/: {why}; remove the link")
+            if real in seen:
+                continue
+            seen.add(real)
+            if is_dir:
+                visit(e.path, name + "/", real)
+            else:
+                files.append(name)
+
+    visit(str(folder), "", root)
+    return files
+
+
+def _list_files(source: Path) -> list[str]:
+    if source.is_file():
+        try:
+            with zipfile.ZipFile(source) as z:
+                return list(dict.fromkeys(n for n in z.namelist() if not n.endswith("/")))
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(
+                f"{source} is not a readable zip file ({e}); pass a .zip or folder of train/ and test/ class folders"
+            ) from None
+    return _walk(source)
+
+
+def scan_image_tree(source: str | os.PathLike) -> ImageTree:
+    """Lists the images of a ``train/`` + ``test/`` (or ``val/``) tree of class folders, in a folder or a zip.
+
+    The tree may sit inside one top-level folder (as in ``cifar10-jpeg.zip``). Files whose extension is not
+    an image extension, and hidden or ``__MACOSX`` entries, are ignored. Nothing is decoded.
+
+    In a folder, links are followed, but each real folder is listed and each real file counted once (a link
+    loop adds nothing), and a link into another split or class folder of the tree is refused (a ``train/``
+    link into ``test/`` would train on test images). A class of ``train/`` without test images gives a
+    ``UserWarning``.
+
+    Args:
+        source: A folder or a ``.zip`` file.
+
+    Returns:
+        The classes and the per-split ``(path, label)`` lists.
+
+    Raises:
+        DataError: The source is missing, not a zip, or not such a tree, or a link crosses its splits.
+    """
+    source = Path(source).expanduser().absolute()
+    if not source.exists():
+        raise DataError(f"{source} does not exist; pass --data-dir DIR with train/ and test/ (or val/) class folders")
+    splits: dict[str, dict[str, list[str]]] = {}  # "prefix/split" -> class -> files
+    for n in _list_files(source):
+        parts = n.split("/")
+        place = _place("/".join(parts[:-1]))
+        if (n.lower().endswith(IMG_EXTENSIONS) and place and place[1] is not None
+                and not any(p.startswith(".") or p == "__MACOSX" for p in parts)):
+            splits.setdefault(place[0], {}).setdefault(place[1], []).append(n)
+    prefixes = sorted({k.rpartition("/")[0] for k in splits if k.endswith("train")})
+    if len(prefixes) != 1:
+        found = "several train/ folders" if prefixes else "no train/<class>/<image> files"
+        raise DataError(
+            f"{source} is not an image tree ({found}); it must hold train/ and test/ (or val/) folders of class "
+            "folders of images"
+        )
+    top = prefixes[0] + "/" if prefixes[0] else ""
+    test_key = next((top + s for s in ("test", "val") if top + s in splits), None)
+    if test_key is None:
+        raise DataError(f"{source} has {top}train/ but no {top}test/ or {top}val/ class folders; add the test split")
+    classes = sorted(splits[top + "train"])
+    unknown = sorted(set(splits[test_key]) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{source}: {test_key}/ has classes missing from {top}train/ ({', '.join(unknown[:5])}); "
+            "make the class folders match"
+        )
+    untested = [c for c in classes if c not in splits[test_key]]
+    if untested:
+        more = f" and {len(untested) - 10} more" if len(untested) > 10 else ""
+        warnings.warn(
+            f"{test_key}/ has no images of classes {', '.join(untested[:10])}{more}: their test accuracy cannot be "
+            "measured", stacklevel=2
+        )
+
+    def items(key: str) -> list[tuple[str, int]]:
+        return [(n, y) for y, c in enumerate(classes) for n in sorted(splits[key].get(c, []))]
+
+    return ImageTree(source, classes, items(top + "train"), items(test_key))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Converts a decoded image to 8-bit RGB as PIL does, except where PIL would lose it.
+
+    16-bit (and 32-bit integer) greyscale, which PIL would clip to white, is scaled to 8 bits by ``>> 8``, as
+    PIL itself reads 16-bit RGB(A); a palette image with transparency goes through RGBA (alpha dropped) without
+    PIL's warning. Palette, LA, CMYK and the other modes convert as ``img.convert("RGB")`` does.
+    """
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I
+        img = Image.fromarray((np.asarray(img).clip(0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _decode(data: bytes, size: int, crop: float) -> np.ndarray:
+    """Decodes one image to RGB, resizes its shorter side to ``round(size / crop)``, center-crops ``size``."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = to_rgb(img)
+    if img.size != (size, size):
+        img = TF.center_crop(TF.resize(img, round(size / crop)), size)
+    return np.asarray(img).transpose(2, 0, 1)
+
+
+def _decode_chunk(args: tuple[list[tuple[str, bytes]], int, float]) -> np.ndarray:
+    chunk, size, crop = args
+    out = np.empty((len(chunk), 3, size, size), np.uint8)
+    for i, (name, data) in enumerate(chunk):
+        try:
+            out[i] = _decode(data, size, crop)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"cannot decode image {name} ({type(e).__name__}); remove or replace the file") from None
+    return out
+
+
+def _decode_images(tree: ImageTree, names: Sequence[str], size: int, crop: float, desc: str) -> torch.Tensor:
+    """Decodes ``names`` from ``tree`` into a uint8 ``[N, 3, size, size]`` tensor, in a process pool."""
+    out = torch.empty((len(names), 3, size, size), dtype=torch.uint8)
+    chunk = 256
+    with (zipfile.ZipFile(tree.source) if tree.is_zip else nullcontext()) as archive:
+
+        def tasks() -> Iterator[tuple[list[tuple[str, bytes]], int, float]]:
+            for i in range(0, len(names), chunk):
+                yield [(n, tree.read(n, archive)) for n in names[i : i + chunk]], size, crop
+
+        workers = min(len(os.sched_getaffinity(0)), 8) if len(names) > 4 * chunk else 1
+        pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+        try:
+            results = pool.imap(_decode_chunk, tasks()) if pool else map(_decode_chunk, tasks())
+            with tqdm(total=len(names), desc=desc, unit="img", disable=not sys.stderr.isatty()) as bar:
+                for i, array in enumerate(results):
+                    out[i * chunk : i * chunk + len(array)] = torch.from_numpy(array)
+                    bar.update(len(array))
+        finally:
+            if pool:
+                pool.terminate()
+    return out
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("REDUCENET_CACHE") or Path.home() / ".cache" / "reducenet").expanduser()
+
+
+def _fingerprint(tree: ImageTree) -> str:
+    """Identifies the images by content: every listed name and label, and the bytes of the zip or of every image."""
+    h = hashlib.sha256("".join(f"{name}\t{y}\n" for name, y in tree.train + tree.test).encode())
+    if tree.is_zip:
+        with open(tree.source, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    else:
+        for name, _ in tree.train + tree.test:
+            h.update(hashlib.sha256(tree.read(name)).digest())
+    return h.hexdigest()
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    """Writes ``obj`` with ``torch.save`` to a temporary file next to ``path``, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std, in [0, 1], of a uint8 ``[N, 3, H, W]`` tensor (computed in chunks)."""
+    s = torch.zeros(3, dtype=torch.float64)
+    s2 = torch.zeros(3, dtype=torch.float64)
+    for c in images.split(4096):
+        c = c.double().div_(255)
+        s += c.sum((0, 2, 3))
+        s2 += c.square().sum((0, 2, 3))
+    n = images.numel() // 3
+    mean = s / n
+    std = (s2 / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _load_tree(tree: ImageTree, image_size: int, crop: float) -> tuple[ArrayData, ArrayData, dict]:
+    """Decodes a tree once and caches it; later calls with the same image bytes, size and crop read the cache.
+
+    Raises:
+        DataError: The decoded images would need more than half the available memory, or a file is unreadable.
+    """
+    _check_memory(len(tree.train) + len(tree.test), image_size)
+    key = hashlib.sha1(f"{_fingerprint(tree)} {image_size} {crop} {_CACHE_VERSION}".encode()).hexdigest()
+    path = _cache_dir() / f"{tree.source.stem}-{image_size}px-{key[:16]}.pt"
+    if path.is_file():
+        try:
+            c = torch.load(path, weights_only=True)
+            return ArrayData(c["train_images"], c["train_labels"]), ArrayData(c["test_images"], c["test_labels"]), c
+        except Exception as e:  # a damaged cache file is rebuilt
+            warnings.warn(f"ignoring unreadable cache {path} ({type(e).__name__}); decoding again", stacklevel=3)
+    splits = []
+    for split, items in (("train", tree.train), ("test", tree.test)):
+        images = _decode_images(tree, [n for n, _ in items], image_size, crop, f"decoding {tree.source.name} {split}")
+        splits.append(ArrayData(images, torch.tensor([y for _, y in items], dtype=torch.int64)))
+    mean, std = _channel_stats(splits[0].images)
+    c = {
+        "train_images": splits[0].images, "train_labels": splits[0].labels,
+        "test_images": splits[1].images, "test_labels": splits[1].labels,
+        "classes": tree.classes, "mean": list(mean), "std": list(std),
+    }
+    try:
+        _save_atomic(c, path)
+    except OSError as e:
+        warnings.warn(f"cannot write cache {path} ({e}); set REDUCENET_CACHE to a writable folder", stacklevel=3)
+    return splits[0], splits[1], c
+
+
+def _default_image_size(tree: ImageTree) -> int:
+    """The first training image's size if it is square and at most 64 pixels, else 224."""
+    with (zipfile.ZipFile(tree.source) if tree.is_zip else nullcontext()) as archive:
+        name = tree.train[0][0]
+        data = tree.read(name, archive)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot decode image {name} ({type(e).__name__}); remove or replace the file") from None
+    return w if w == h and w <= 64 else 224

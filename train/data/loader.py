@@ -1,0 +1,132 @@
+"""The in-memory loader: uint8 images on the device, augmented there in whole batches."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from models.errors import DataError
+
+from .base import ArrayData, DatasetInfo
+
+
+class Loader:
+    """Yields ``(x, y)`` batches from a uint8 dataset that lives on ``device``.
+
+    ``x`` is float32 ``[B, 3, H, W]``, normalized by the dataset's mean and std; ``y`` is int64 ``[B]``.
+    Training loaders shuffle, drop the last partial batch and augment (random crop with zero padding of
+    ``image_size // 8``, random horizontal flip), all drawn from a generator seeded with
+    ``seed * 1000003 + epoch``; call :meth:`set_epoch` before each epoch. Test loaders keep the order and
+    the last partial batch. With ``world_size > 1``, a training rank takes ``perm[rank::world_size]`` cut
+    to the same length on every rank, and a test rank takes ``indices[rank::world_size]``.
+
+    Args:
+        data: The split.
+        info: Its dataset info (for mean and std).
+        batch_size: Samples per batch on this rank.
+        train: Shuffle, augment and drop the last partial batch.
+        device: Where the images live and the batches are made.
+        seed: Seed of the shuffling and augmentation.
+        rank: This process's rank.
+        world_size: Number of processes.
+        channels_last: Return ``x`` in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        data: ArrayData,
+        info: DatasetInfo,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size} must be positive; pass --batch-size 1 or more")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}; check the launcher's environment")
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.pad = self.images.shape[-1] // 8
+        self.mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.epoch = 0
+        n = len(self.labels)
+        if train:
+            self.num_samples = n // world_size // batch_size * batch_size
+            if self.num_samples == 0:
+                raise DataError(
+                    f"batch size {batch_size} exceeds the {n // world_size} training samples per rank; "
+                    "pass a smaller --batch-size or a larger --subset"
+                )
+        else:
+            self.num_samples = len(range(rank, n, world_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch whose order and augmentation the next iteration uses."""
+        self.epoch = epoch
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalizes batches by this per-channel ``mean`` and ``std`` (in [0, 1] units) instead of the dataset's."""
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if not self.train:
+            indices = torch.arange(self.rank, n, self.world_size, device=self.device)
+            for idx in indices.split(self.batch_size):
+                yield self._finish(self.images[idx]), self.labels[idx]
+            return
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        perm = torch.randperm(n, generator=g)
+        shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)  # drawn per position in perm
+        flips = torch.rand(n, generator=g) < 0.5
+        mine = slice(self.rank, self.rank + self.world_size * self.num_samples, self.world_size)
+        perm, shifts, flips = (t[mine].to(self.device) for t in (perm, shifts, flips))
+        for start in range(0, self.num_samples, self.batch_size):
+            b = slice(start, start + self.batch_size)
+            x = _crop_flip(self.images[perm[b]], self.pad, shifts[b], flips[b])
+            yield self._finish(x), self.labels[perm[b]]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _crop_flip(x: torch.Tensor, pad: int, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Crops each image of ``x`` from its zero-padded copy at offsets ``shifts`` and mirrors it where ``flips``."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = shifts[:, :1] + torch.arange(h, device=x.device)  # [B, H]
+    cols = shifts[:, 1:] + torch.arange(w, device=x.device)  # [B, W]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # cropping then mirroring reads columns backwards
+    x = padded.gather(2, rows[:, None, :, None].expand(b, c, h, padded.shape[3]))
+    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+@dataclass
+class Data:
+    """The loaders of a run and the dataset's info."""
+
+    train: Loader
+    test: Loader
+    info: DatasetInfo
+
+    def normalize(self, preprocess: dict) -> None:
+        """Normalizes both splits as a model's ``preprocess`` record says (``mean``, ``std`` in [0, 1] units)."""
+        for loader in (self.train, self.test):
+            loader.set_normalization(preprocess["mean"], preprocess["std"])
