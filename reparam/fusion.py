@@ -107,6 +107,48 @@ def fuse_model(model: nn.Module) -> nn.Module:
     return deploy.eval()
 
 
+_FUNCTIONAL = {nn.ReLU: torch.relu, nn.ReLU6: nn.functional.relu6}
+
+
+def flatten(model: nn.Module) -> nn.Module:
+    """The same model as one flat ``torch.fx`` graph: no container, wrapper or ``Identity`` calls left.
+
+    A fused model keeps the module tree of its family (blocks, ``ConvBN`` wrappers whose BatchNorm became
+    ``nn.Identity``); each call through that tree costs a few microseconds of Python, which shows at batch 1.
+    Flattened, its ``forward`` calls only the convs, linears and pools, with ReLUs as functions: what a hand-written
+    net does. The parameters keep their names (the state_dict is the same), and ``config``, ``preprocess`` and
+    ``num_classes`` are carried over, so it saves like the model it came from.
+
+    Raises:
+        ReparamError: the model cannot be traced by ``torch.fx``.
+    """
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many kinds on data-dependent control flow
+        raise ReparamError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}); use it "
+                           "unflattened") from None
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        if isinstance(module, nn.Identity):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        elif type(module) in _FUNCTIONAL:
+            with gm.graph.inserting_after(node):
+                fn = gm.graph.call_function(_FUNCTIONAL[type(module)], node.args)
+            node.replace_all_uses_with(fn)
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    for name in ("config", "preprocess", "num_classes", "checkpoint_metadata"):
+        if hasattr(model, name):
+            setattr(gm, name, getattr(model, name))
+    return gm.train(model.training)
+
+
 @torch.no_grad()
 def compare_on(model: nn.Module, fused: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                rtol: float = 1e-3) -> dict[str, float]:

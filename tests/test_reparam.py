@@ -339,3 +339,17 @@ def test_lambda_just_above_one_is_named_exactly(randomize):
         reparam.fuse_model(model)
     msg = one_line(e)
     assert "lam=1.00000011920928" in msg and "< 1" not in msg  # the float32 value, not a rounded "1"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flatten_keeps_the_function_and_the_weights_and_drops_the_wrappers(name, randomize, make_images):
+    fused = reparam.fuse_model(lora_student(name, randomize, rank=2))
+    flat = reparam.flatten(fused)
+    assert list(flat.state_dict()) == list(fused.state_dict()) and flat.config == fused.config
+    assert not [n for n, m in flat.named_modules() if isinstance(m, (nn.Identity, nn.ReLU, nn.ReLU6))]
+    calls = [n for n in flat.graph.nodes if n.op == "call_module"]
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert len(calls) <= len(convs) + 2  # the convs, the pool and the classifier: nothing else is a module call
+    x = make_images(2)
+    with torch.no_grad():
+        assert torch.equal(flat(x), fused(x))

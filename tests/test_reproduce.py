@@ -170,12 +170,15 @@ def test_deploy_speed_table(tmp_path, single_thread):
     run(["deploy-speed", "--models", "reduce20", "--repeats", "3", "--results", str(tmp_path)])
     rows = read_csv(tmp_path / "deploy-speed.csv")
     assert [r["form"] for r in rows] == ["teacher", "student + LoRA r8 (unfused)", "fused student",
-                                         "hand-written plain net", "fused, TorchScript", "fused, onnxruntime"]
-    fused, plain = rows[2], rows[3]
+                                         "fused, flattened (torch.fx)", "hand-written plain net", "fused, TorchScript",
+                                         "fused, onnxruntime"]
+    fused, plain = rows[3], rows[4]
     assert fused["params"] == plain["params"] and fused["macs"] == plain["macs"]
     ratio = float(fused["cpu_fused_over_plain"])
     assert ratio == pytest.approx(float(fused["cpu_latency_ms_b1"]) / float(plain["cpu_latency_ms_b1"]))
     assert float(rows[0]["macs_teacher_over_fused"]) == pytest.approx(int(rows[0]["macs"]) / int(fused["macs"]))
+    assert float(rows[0]["cpu_teacher_over_fused_b1"]) == pytest.approx(
+        float(rows[0]["cpu_latency_ms_b1"]) / float(fused["cpu_latency_ms_b1"]))
     assert all(float(r["cpu_img_per_s_b128"]) > 0 for r in rows)
 
 
