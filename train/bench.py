@@ -136,7 +136,8 @@ def folder_speed(source: Path, images: int, batch_size: int, workers: int, steps
     items = tree.train[:: max(1, len(tree.train) // images)][:images]
     with tempfile.TemporaryDirectory() as tmp:
         with zipfile.ZipFile(source) if tree.is_zip else nullcontext() as archive:
-            for split, chosen in (("train", items), ("test", items[:len(tree.classes)])):
+            one_per_class = list({label: (name, label) for name, label in items}.values())
+            for split, chosen in (("train", items), ("test", one_per_class)):
                 for name, label in chosen:
                     dest = Path(tmp) / split / tree.classes[label] / Path(name).name
                     dest.parent.mkdir(parents=True, exist_ok=True)
