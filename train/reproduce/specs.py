@@ -24,9 +24,9 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "precision": {"full": (200, 200), "medium": (30, 30), "short": (5, 5), "smoke": (1, 1)},
     "trim": {"full": (200, 100), "medium": (30, 10), "short": (15, 5), "smoke": (1, 1)},  # (ResNet-56, fine-tune)
     # (VGG19, stage 1, stage 2) per level; the CPU budgets train on a --subset (default PYRAMID_SUBSET)
-    "pyramid": {"full": (60, 10, 30), "medium": (15, 2, 6), "short": (8, 1, 3), "smoke": (1, 1, 1)},
+    "pyramid": {"full": (60, 10, 30), "medium": (15, 2, 6), "short": (8, 1, 2), "smoke": (1, 1, 1)},
 }
-PYRAMID_SUBSET = {"full": None, "medium": 10000, "short": 5000, "smoke": None}
+PYRAMID_SUBSET = {"full": None, "medium": 10000, "short": 2500, "smoke": None}
 #: The knowledge-distillation project's setting: an image folder at 224 px (Imagenette there), a torchvision
 #: teacher and a smaller torchvision student, MSE on logits (its loss) or KL.
 KD_FOLDER = {"teacher": "torchvision:resnet18", "student": "torchvision:mobilenet_v3_small", "image_size": 224}
