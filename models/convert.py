@@ -16,13 +16,13 @@ import hashlib
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, ConfigError, cli_errors
 from .reducenet import DEPTHS, ReduceNet
 from .registry import create_model
+from .weights import read_state_dict
 
 SOURCES = ("reducenet-original",)
 #: The original fed ``ToTensor()`` images, without ``Normalize`` (commented out in its main.py).
@@ -44,24 +44,6 @@ _BLOCK_KEYS = {
 _TOP_KEYS = {"conv1.0": "stem.conv", "conv1.1": "stem.bn", "linear": "fc"}
 _FLAGS = re.compile(r"^(layer\d+\.\d+\.)?(scaler|lora)$")
 _BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
-
-
-def read_pth(path: str | Path) -> dict[str, Tensor]:
-    """A ``.pth`` state_dict, read with ``weights_only=True`` onto the CPU; one-line errors otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; pass the .pth file to convert")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusals, truncated zips, non-torch files: all mean "not a state_dict"
-        reason = " ".join(str(e).split())[:160]
-        raise CheckpointError(f"{path} is not a readable PyTorch state_dict ({type(e).__name__}: {reason}); "
-                              "pass a file saved with torch.save(model.state_dict())") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}  # DataParallel prefixes
 
 
 def from_reducenet_original(state: dict[str, Tensor], name: str = "checkpoint") -> ReduceNet:
@@ -156,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         dest = out / f"{f.stem}.safetensors"
         if dest.exists() and not args.overwrite:
             raise CheckpointError(f"{dest} exists; pass --overwrite to replace it or choose another --out")
-        model = from_reducenet_original(read_pth(f), name=str(f))
+        model = from_reducenet_original(read_state_dict(f), name=str(f))
         classes = model.config["num_classes"]
         dataset = args.dataset or {10: "cifar10", 100: "cifar100"}.get(classes)
         meta = {"converted_from": str(f.absolute()), "source": args.source, "sha256": sha256(f),

@@ -1,6 +1,8 @@
 """Shared helpers for the model / reparam / checkpoint tests (no data fixtures)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -76,3 +78,30 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Decode caches under a temporary folder, and no $REDUCENET_DATA from the caller's shell."""
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("REDUCENET_DATA", raising=False)
+
+
+@contextlib.contextmanager
+def training_stopped_at(call: int):
+    """Within the block, the ``call``-th :meth:`Trainer.train_epoch` (1-based, counting every run) raises
+    ``KeyboardInterrupt``, as a user's Ctrl-C in that epoch would: the CLIs then exit with code 130."""
+    from train.engine import Trainer
+
+    epoch_fn = Trainer.train_epoch
+    calls = {"n": 0}
+
+    def train_epoch(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return epoch_fn(self, epoch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_epoch", train_epoch)
+        yield

@@ -13,24 +13,19 @@ from safetensors.torch import load_file
 
 import models
 from _shared import CIFAR10, one_line
-from conftest import randomize_model
+from conftest import randomize_model, training_stopped_at
 from models.errors import CheckpointError, ConfigError, UnknownModelError
 from models.structure import apply_structure, structure_diff
 from models.weights import load_pretrained
 from reparam import fuse_model
 from train import stage1, stage2
 from train.distill import FeatureDistill
-from train.engine import Trainer
 from train.tasks import stage_outputs
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 ARGS = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--epochs", "1", "--device", "cpu"]
 needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("REDUCENET_DATA", raising=False)
 
 
 def run(main, argv):
@@ -124,7 +119,7 @@ def test_stage1_and_stage2_on_external_models(tmp_path):
 
 
 @needs_data
-def test_feature_adapters_train_save_and_resume_exactly(tmp_path, monkeypatch):
+def test_feature_adapters_train_save_and_resume_exactly(tmp_path):
     """FitNets regressors are part of the task: trained, in train_state.pt, and restored by --resume."""
     teacher = tmp_path / "teacher"
     run(stage1.main, ["-m", "reduce20", *ARGS, "--out", str(teacher)])
@@ -137,17 +132,8 @@ def test_feature_adapters_train_save_and_resume_exactly(tmp_path, monkeypatch):
     assert any(not torch.equal(adapters[f"feature_loss.{k}"], v) for k, v in fresh.items() if v.is_floating_point())
     assert whole["feature_kd"].startswith("FeatureDistill")
 
-    epoch_fn = Trainer.train_epoch
-
-    def stop_in_epoch_2(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return epoch_fn(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
-    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+    with training_stopped_at(call=2), pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         run(stage2.main, [*argv, "--out", str(tmp_path / "split")])
-    monkeypatch.setattr(Trainer, "train_epoch", epoch_fn)
     run(stage2.main, [*argv, "--out", str(tmp_path / "split"), "--resume"])
     a = torch.load(tmp_path / "whole" / "train_state.pt", weights_only=True)["task"]
     b = torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)["task"]

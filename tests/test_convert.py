@@ -12,7 +12,8 @@ from _shared import ROOT, SHARED, one_line
 from conftest import randomize_model
 
 import models
-from models.convert import from_reducenet_original, main, read_pth
+from models.convert import from_reducenet_original, main
+from models.weights import read_state_dict
 from models.errors import CheckpointError
 
 ORIGINAL = SHARED / "reducenet-original"
@@ -118,7 +119,7 @@ def test_pickled_code_in_a_pth_is_not_run(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"scaler": Evil()}, path)
     with pytest.raises(CheckpointError) as e:
-        read_pth(path)
+        read_state_dict(path)
     assert "not a readable PyTorch state_dict" in one_line(e)
     assert not marker.exists()
 

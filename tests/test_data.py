@@ -34,18 +34,14 @@ from train.data import (
 
 from _shared import SHARED
 
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
 
 def shared(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} is absent (set REDUCENET_SHARED_DATA to the shared data folder)")
     return path
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("REDUCENET_DATA", raising=False)
 
 
 def pixels(label: int, k: int, size: tuple[int, int]) -> np.ndarray:

@@ -13,16 +13,12 @@ import models
 from _shared import CIFAR10
 from train import pyramid, stage1
 from train.distill import fsp_matrix, gram_loss, hint_mse
-from train.engine import Trainer
+from conftest import training_stopped_at
+
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 ARGS = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu", "--image-size", "32"]
 needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("REDUCENET_DATA", raising=False)
 
 
 def test_hint_is_the_per_sample_sum_of_squares():
@@ -58,7 +54,7 @@ def test_teacher_paths_in_vgg19_exist():
 
 
 @needs_data
-def test_a_two_level_chain_runs_and_resumes(tmp_path, monkeypatch):
+def test_a_two_level_chain_runs_and_resumes(tmp_path):
     top = tmp_path / "vgg19"
     with contextlib.redirect_stdout(io.StringIO()):
         stage1.main(["-m", "pyramid_vgg19", "--epochs", "1", *ARGS, "--out", str(top)])
@@ -73,20 +69,10 @@ def test_a_two_level_chain_runs_and_resumes(tmp_path, monkeypatch):
     rows = (tmp_path / "whole" / "svgg14_forward" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].endswith("stage")  # stage 1 (hint), then stage 2 (CE)
 
-    epoch_fn = Trainer.train_epoch
-    calls = {"n": 0}
-
-    def killed_in_level_2(self, epoch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # level 1 ran epochs 0 and 1; level 2 is stopped in its second epoch
-            raise KeyboardInterrupt
-        return epoch_fn(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", killed_in_level_2)
-    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()), \
+    # level 1 runs epochs 0 and 1; level 2 is stopped in its second epoch
+    with training_stopped_at(call=4), pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         pyramid.main([*argv, "--out", str(tmp_path / "split")])
-    monkeypatch.setattr(Trainer, "train_epoch", epoch_fn)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         split = pyramid.main([*argv, "--out", str(tmp_path / "split")])

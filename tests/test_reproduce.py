@@ -13,16 +13,12 @@ import models
 from _shared import CIFAR10, CIFAR100, SHARED
 from train import reproduce
 
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
 ORIGINAL = SHARED / "reducenet-original"
 
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
     pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("REDUCENET_DATA", raising=False)
 
 
 def run(argv: list[str]) -> str:

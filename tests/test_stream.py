@@ -10,7 +10,7 @@ import torch
 from _shared import SHARED
 from train import stage1
 from train.data import DatasetInfo, scan_image_tree
-from train.engine import Trainer
+from conftest import training_stopped_at
 from train.data.stream import StreamLoader, build_stream_data, random_resized_crop_params
 
 ZIP = SHARED / "cifar10-jpeg.zip"
@@ -53,23 +53,14 @@ def test_random_resized_crop_stays_inside_the_image():
         assert 0 <= top and 0 <= left and top + h <= 30 and left + w <= 40 and h > 0 and w > 0
 
 
-def test_a_streamed_run_resumes_exactly(tmp_path, monkeypatch):
+def test_a_streamed_run_resumes_exactly(tmp_path):
     argv = ["-m", "reduce20", "--expansion", "0", "--dataset", "imagefolder", "--data-dir", str(ZIP), "--loader",
             "stream", "--workers", "0", "--image-size", "32", "--subset", "64", "--batch-size", "32", "--epochs", "2",
             "--device", "cpu"]
     with contextlib.redirect_stdout(io.StringIO()):
         whole = stage1.main([*argv, "--out", str(tmp_path / "whole")])
-        epoch_fn = Trainer.train_epoch
-
-        def stop_in_epoch_2(self, epoch):
-            if epoch == 1:
-                raise KeyboardInterrupt
-            return epoch_fn(self, epoch)
-
-        monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
-        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        with training_stopped_at(call=2), pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             stage1.main([*argv, "--out", str(tmp_path / "split")])
-        monkeypatch.setattr(Trainer, "train_epoch", epoch_fn)
         split = stage1.main([*argv, "--out", str(tmp_path / "split"), "--resume"])
     assert "streamed" in whole["data"]
     assert split["last_test_acc"] == whole["last_test_acc"]

@@ -36,7 +36,7 @@ from models.layers import LambdaReLU, LoRABranch
 from train import stage1, stage2
 from train.data import build_data
 from train.distill import DistillLoss
-from train.engine import Trainer
+from conftest import training_stopped_at
 from train.tasks import Classify
 
 from _shared import CIFAR10, CIFAR100, ROOT
@@ -645,15 +645,7 @@ def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
         assert named in line and "args.json" in line, line
         assert snapshot(out) == before
     # a lower peak lr is honoured on resume and recorded: interrupt a fresh run after its first epoch
-    original = Trainer.train_epoch
-
-    def stop_in_epoch_2(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+    with training_stopped_at(call=2):
         expect_error(capsys, stage1.main, [*argv, "--overwrite"], code=130)
     assert len(metrics(out)) == 1
     run_main(stage1.main, [*argv[:-4], "--lr", "0.01", "--out", str(out), "--resume"])

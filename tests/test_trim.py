@@ -12,20 +12,17 @@ import torch.nn as nn
 import models
 from _shared import CIFAR10, SHARED, one_line
 from conftest import randomize_model
-from models.convert import from_reducenet_original, read_pth
+from models.convert import from_reducenet_original
+from models.weights import read_state_dict
 from models.errors import ConfigError
 from models.trim import TrimError, trim
 from reparam import fuse_model
 from train import trim as trim_cli
 
+pytestmark = pytest.mark.usefixtures("isolated_cache")
+
 ORIGINAL = SHARED / "reducenet-original" / "reduce20_cifar10_e1_w1_student.pth"
 needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("REDUCENET_DATA", raising=False)
 
 
 @pytest.mark.parametrize("name, kwargs", [
@@ -66,7 +63,7 @@ def test_trimming_keeps_the_surviving_weights():
 @needs_data
 def test_a_mild_trim_keeps_the_accuracy_and_reinitialising_loses_it(tmp_path):
     """The original's trained student (93.61%): a 1.1x trim without fine-tuning stays close; re-initialised, chance."""
-    ckpt = models.save_checkpoint(from_reducenet_original(read_pth(ORIGINAL)), tmp_path / "student",
+    ckpt = models.save_checkpoint(from_reducenet_original(read_state_dict(ORIGINAL)), tmp_path / "student",
                                   {"dataset": "cifar10"})
     argv = ["--teacher", str(ckpt), "--reduce", "1.1", "--epochs", "0", "--data-dir", str(CIFAR10), "--device",
             "cpu", "--no-export"]

@@ -21,7 +21,7 @@ from models.errors import ConfigError, DataError
 from .data import DATASETS, Data, build_data, data_root, resolve_source, scan_image_tree
 from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
 from .engine import Dist, TrainConfig, init_distributed, native_bf16
-from .preprocess import NORMALIZATIONS
+from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
 from .data.stream import build_stream_data, fits_in_memory
@@ -301,6 +301,15 @@ def load_teacher_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
     p = resolve(path)
     teacher = load_checkpoint(p).float()
     return teacher, teacher.checkpoint_metadata, p
+
+
+def check_teacher(teacher: nn.Module, data: Data) -> None:
+    """Refuse a teacher of another class count than the data; give a checkpoint written before models recorded
+    their preprocessing the dataset's mean and std, which is what it was trained with."""
+    if teacher.num_classes != data.info.num_classes:
+        raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
+                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
+    teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)
 
 
 def use_teachers_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> None:

@@ -34,15 +34,16 @@ from torch import Tensor
 
 from models import load_checkpoint
 from models.checkpoint import atomic_write_text
-from models.errors import ConfigError, DataError, cli_errors
+from models.errors import ConfigError, cli_errors
 from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
 
-from .cli import (add_distillation_options, common_parser, data_metadata, finish, load_data, load_teacher_checkpoint,
-                  logit_loss, make_run_dir, parse_args, setup, train_config, use_teachers_data)
+from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, finish, load_data,
+                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
+                  use_teachers_data)
 from .deploy import fuse_check_export
 from .distill import DistillLoss, gram_loss, hint_mse
 from .engine import Trainer
-from .preprocess import Renormalize, normalization
+from .preprocess import Renormalize
 from .rundir import options_of_run
 from .tasks import FeatureHooks, Task
 
@@ -171,10 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     use_teachers_data(args, top_meta)
     info, device = setup(args)
     data = load_data(args, info, device)
-    if top.num_classes != data.info.num_classes:
-        raise DataError(f"the teacher has {top.num_classes} classes but {data.info.label} has "
-                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
-    top.preprocess = top.preprocess or normalization("dataset", data.info)
+    check_teacher(top, data)
     out = Path(args.out or Path("runs") / f"pyramid-{args.scheme}-{args.loss}-s{args.seed}")
     parent = top if first_parent == name else None
     if parent is None:  # the chain starts lower: its first parent is the level run before it, in OUT

@@ -23,12 +23,12 @@ import torch.nn as nn
 
 from models import create_model, read_record, student_from_teacher
 from models.checkpoint import resolve
-from models.errors import CheckpointError, ConfigError, DataError, cli_errors
+from models.errors import CheckpointError, ConfigError, cli_errors
 from models.registry import accepts, is_reducible
 from models.weights import load_pretrained
 
-from .cli import (add_distillation_options, common_parser, data_metadata, feature_loss, finish, load_data,
-                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
+from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, feature_loss, finish,
+                  load_data, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
                   use_teachers_data)
 from .deploy import fuse_check_export
 from .engine import Trainer
@@ -114,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     info, device = setup(args)
     name = (teacher.config["model"] if args.inherit else args.model).replace(":", "-")
     data = load_data(args, info, device)
-    if teacher.num_classes != data.info.num_classes:
-        raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
-                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
-    teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)  # checkpoints before 0.2
+    check_teacher(teacher, data)
     student = build_student(args, teacher, data.info.num_classes, data.info.image_size)
     if not args.inherit:
         student.preprocess = normalization(args.normalize, data.info)

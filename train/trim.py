@@ -21,15 +21,15 @@ import torch
 import torch.nn as nn
 
 from models.checkpoint import atomic_write_text, save_checkpoint
-from models.errors import ConfigError, DataError, cli_errors
+from models.errors import ConfigError, cli_errors
 from models.trim import COSTS, IMPORTANCES, trim, trim_record
 
-from .cli import (add_distillation_options, common_parser, data_metadata, feature_loss, finish, load_data,
-                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
+from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, feature_loss, finish,
+                  load_data, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
                   use_teachers_data)
 from .deploy import fuse_check_export
 from .engine import Trainer, evaluate
-from .preprocess import Renormalize, normalization
+from .preprocess import Renormalize
 from .tasks import Distill
 from .timing import latency
 
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     use_teachers_data(args, teacher_meta)
     info, device = setup(args)
     data = load_data(args, info, device)
-    if teacher.num_classes != data.info.num_classes:
-        raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
-                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
-    teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)  # checkpoints before 0.2
+    check_teacher(teacher, data)
     size = (1, 3, data.info.image_size, data.info.image_size)
     result = trim(teacher, args.reduce, args.by, size, args.importance, args.round_to,
                   latency=lambda m: latency(m, size, device))

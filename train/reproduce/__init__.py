@@ -34,7 +34,8 @@ from typing import Callable
 import torch
 
 from models import load_checkpoint
-from models.convert import from_reducenet_original, read_pth
+from models.convert import from_reducenet_original
+from models.weights import read_state_dict
 from models.checkpoint import save_checkpoint
 from models.errors import ConfigError, DataError, cli_errors
 
@@ -251,7 +252,7 @@ def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path
     for role, pth in files.items():
         dest = Path(args.runs) / "original-stage2" / "converted" / f"{pth.stem}.safetensors"
         if not dest.is_file():
-            save_checkpoint(from_reducenet_original(read_pth(pth), str(pth)), dest,
+            save_checkpoint(from_reducenet_original(read_state_dict(pth), str(pth)), dest,
                             {"converted_from": str(pth), "dataset": "cifar10", "role": role})
         converted[role] = dest
     refs = []
