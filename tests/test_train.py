@@ -654,6 +654,15 @@ def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
     assert len(rows) == 3 and float(rows[1]["lr"]) == pytest.approx(0.01 * 0.25)
     resumed = json.loads((out / "args.json").read_text())["resumed"]
     assert resumed[0]["changed"]["lr"] == [0.05, 0.01]
+    # a run made by an older version, without an option this version has, resumes with today's value
+    record = json.loads((out / "args.json").read_text())
+    del record["args"]["loader"]
+    (out / "args.json").write_text(json.dumps(record))
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    state["epoch"], state["history"] = 2, state["history"][:2]
+    torch.save(state, out / "train_state.pt")
+    run_main(stage1.main, [*argv[:-4], "--lr", "0.01", "--out", str(out), "--resume"])
+    assert json.loads((out / "args.json").read_text())["resumed"][-1]["changed"]["loader"] == [None, "memory"]
 
 
 # ----------------------------------------------------------------------------------------------- 6. subsets

@@ -125,8 +125,10 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             raise RunDirError(f"--resume: {self.path / 'args.json'} is missing or damaged, so the run's options "
                               "are unknown; start a new run with --overwrite") from None
-        differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(set(old) | set(new))
+        # an option the run's version did not have yet is taken as today's (it is recorded under "resumed")
+        differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(old)
                   if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+        added = sorted(set(new) - set(old))
         if saved.get("world_size", 1) != self.record.get("world_size", 1):
             differ.append(f"{self.record.get('world_size', 1)} processes (run: {saved.get('world_size', 1)})")
         if differ:
@@ -135,6 +137,7 @@ class RunDir:
                               f"(see {self.path / 'args.json'}), or start a new run with --overwrite or another --out")
         changed = {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES
                    if k in ("lr", "amp", "device") and old.get(k) != new.get(k)}
+        changed.update({k: [None, new[k]] for k in added})
         if changed:
             saved.setdefault("resumed", []).append({"command": self.record.get("command"), "changed": changed})
             atomic_write_text(self.path / "args.json", json.dumps(saved, indent=2, default=str) + "\n")
