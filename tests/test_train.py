@@ -689,3 +689,36 @@ def test_subset_with_a_remainder_is_as_balanced_as_possible(n, seed):
     assert counts.sum().item() == n and counts.max() - counts.min() <= 1
     other = build_data("cifar10", CIFAR10, 1, subset=n, seed=seed)
     assert torch.equal(data.train.images, other.train.images)  # the draw is fixed by the seed
+
+
+def test_out_that_is_a_file_and_a_damaged_train_state_are_one_line(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("mine")
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(target)])
+    assert "is a file" in line and target.read_text() == "mine"
+    run = tmp_path / "run"
+    run_main(stage1.main, [*TINY_ARGS, "--out", str(run)])
+    (run / "train_state.pt").write_bytes(b"\x00not a torch file")
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(run), "--resume"])
+    assert "train_state.pt is damaged" in line and "--overwrite" in line
+
+
+def test_a_nan_teacher_is_named_as_the_cause(teacher, tmp_path, capsys):
+    broken = load_checkpoint(teacher["dir"])
+    with torch.no_grad():
+        broken.fc.weight.fill_(float("nan"))
+    models.checkpoint.save_checkpoint(broken, tmp_path / "nan-teacher", broken.checkpoint_metadata)
+    line = expect_error(capsys, stage2.main, ["--teacher", str(tmp_path / "nan-teacher.safetensors"), "-m", "reduce20",
+                                              *TINY_ARGS[2:], "--out", str(tmp_path / "s")])
+    assert "teacher's outputs are not finite" in line and "--lr" not in line, line
+    assert not (tmp_path / "s" / "args.json").exists()
+
+
+def test_a_moved_teacher_data_folder_is_refused_not_replaced(tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(CIFAR10, data)
+    run_main(stage1.main, [*TINY_ARGS[:2], "--data-dir", str(data), *TINY_ARGS[4:], "--out", str(tmp_path / "t")])
+    shutil.rmtree(data)
+    line = expect_error(capsys, stage2.main, ["--inherit", str(tmp_path / "t"), "--epochs", "1",
+                                              "--out", str(tmp_path / "s")])
+    assert "no longer exists" in line and "--data-dir" in line
