@@ -250,8 +250,10 @@ def pyramid_rows(args: argparse.Namespace) -> list[Row]:
         if not args.subset and PYRAMID_SUBSET[args.budget]:
             common += ["--subset", str(PYRAMID_SUBSET[args.budget])]
         top = runs / f"vgg19-s{seed}"
+        # VGG19 without BatchNorm does not train at SGD's lr 0.1: the original's Adam, lr 1e-4, wd 5e-4
         rows.append(Row("VGG19 (the top)", "pyramid_vgg19", top,
-                        ["-m", "pyramid_vgg19", "--epochs", str(e0), *common], stage1.main, seed))
+                        ["-m", "pyramid_vgg19", "--epochs", str(e0), "--optimizer", "adam", "--lr", "1e-4",
+                         "--wd", "5e-4", *common], stage1.main, seed))
         for scheme in ("forward", "backward"):
             for loss in args.losses:
                 hint = ["--hint-epochs", "0"] if loss == "scratch" else ["--hint-epochs", str(e1)]
