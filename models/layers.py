@@ -160,6 +160,27 @@ class ConvBNAct(ConvBN):
         return self.act(self.bn(y))
 
 
+class NonLinearBranch(nn.Module):
+    """A teacher's removable branch (b): ``Conv3x3(in→mid, stride) → BN → act → Conv1x1(mid→out) → BN``.
+
+    Its output is summed into the student's conv output before their shared BN; no conv can replace it, so
+    fusion refuses it and the student is built without it (``models.student_from_teacher``).
+    """
+
+    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, stride: int = 1,
+                 act_layer: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.conv1 = ConvBNAct(in_chs, mid_chs, 3, stride, act_layer=act_layer)
+        self.conv2 = ConvBN(mid_chs, out_chs, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv1(x))
+
+    def reparameterize(self) -> None:
+        raise ReparamError("it is a teacher's non-linear branch (b), which no conv can replace; "
+                           "build the student with models.student_from_teacher(teacher) and fuse that")
+
+
 def check_int(name: str, value: object, minimum: int, hint: str) -> int:
     """``value`` if it is a whole number >= ``minimum``, else a one-line :class:`ConfigError`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

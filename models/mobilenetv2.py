@@ -23,8 +23,8 @@ import torch.nn as nn
 from timm.layers import make_divisible
 from torch import Tensor
 
-from .errors import ConfigError, ReparamError
-from .layers import ConvBN, ConvBNAct, add_lora, check_family_args
+from .errors import ConfigError
+from .layers import ConvBN, ConvBNAct, NonLinearBranch, add_lora, check_family_args
 from .registry import register_model
 
 # (expand ratio t, out channels, blocks, first stride)
@@ -53,29 +53,13 @@ class InvertedResidual(nn.Module):
         return self.project(self.dw(self.expand(x)))
 
 
-class NonLinearBranch(nn.Module):
-    """Branch (b): ``Conv3x3(in→mid, stride) → BN → ReLU6 → Conv1x1(mid→out) → BN``. Not fusable."""
-
-    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = ConvBNAct(in_chs, mid_chs, 3, stride, act_layer=nn.ReLU6)
-        self.conv2 = ConvBN(mid_chs, out_chs, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.conv1(x))
-
-    def reparameterize(self) -> None:
-        raise ReparamError("it is a teacher's non-linear branch (b), which no conv can replace; "
-                           "build the student with models.student_from_teacher(teacher) and fuse that")
-
-
 class ReduceInvertedResidual(InvertedResidual):
     """Teacher block: :class:`InvertedResidual` with branch (b), of width ``expansion * in_chs``, summed into the
     depthwise conv's output before its BN."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int, expansion: int) -> None:
         super().__init__(in_chs, out_chs, stride, expand_ratio)
-        self.branch_b = NonLinearBranch(in_chs, expansion * in_chs, in_chs * expand_ratio, stride)
+        self.branch_b = NonLinearBranch(in_chs, expansion * in_chs, in_chs * expand_ratio, stride, nn.ReLU6)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.dw.norm_act(self.dw.conv(self.expand(x)) + self.branch_b(x))

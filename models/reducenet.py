@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError, ReparamError
-from .layers import ConvBN, ConvBNAct, add_lora, check_family_args
+from .errors import ConfigError
+from .layers import ConvBN, ConvBNAct, NonLinearBranch, add_lora, check_family_args
 from .registry import register_model
 
 WIDTHS = (1, 2, 4)
@@ -53,29 +53,13 @@ class BasicBlock(nn.Module):
         return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
-class NonLinearBottleneck(nn.Module):
-    """Branch (b): ``Conv3x3(in→mid, stride) → BN → ReLU → Conv1x1(mid→out) → BN``. Not fusable."""
-
-    def __init__(self, in_chs: int, mid_chs: int, out_chs: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = ConvBNAct(in_chs, mid_chs, 3, stride)
-        self.conv2 = ConvBN(mid_chs, out_chs, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv2(self.conv1(x))
-
-    def reparameterize(self) -> None:
-        raise ReparamError("it is a teacher's non-linear bottleneck branch (b), which no conv can replace; "
-                           "build the student with models.student_from_teacher(teacher) and fuse that")
-
-
 class ReduceBlock(BasicBlock):
     """Teacher block: :class:`BasicBlock` with branch (b), of width ``expansion * planes``, summed into
     branch (a)'s conv output before the shared BN."""
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, expansion: int = 1) -> None:
         super().__init__(in_chs, planes, stride)
-        self.branch_b = NonLinearBottleneck(in_chs, expansion * planes, planes, stride)
+        self.branch_b = NonLinearBranch(in_chs, expansion * planes, planes, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1.norm_act(self.conv1.conv(x) + self.branch_b(x))
