@@ -20,7 +20,7 @@ from models.weights import load_pretrained
 from reparam import fuse_model
 from train import stage1, stage2
 from train.distill import FeatureDistill
-from train.tasks import stage_outputs
+from train.tasks import layer_channels, stage_outputs
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -96,6 +96,12 @@ def test_fusion_folds_batchnorms_of_external_models(name, tmp_path, single_threa
 def test_stage_outputs():
     assert stage_outputs(models.create_model("reduce20", expansion=0), [3, 32, 32]) == ["layer1", "layer2", "layer3"]
     assert stage_outputs(models.create_model("torchvision:resnet18"), [3, 224, 224]) == ["layer2", "layer3", "layer4"]
+
+
+def test_layer_channels_probe_on_the_models_dtype_and_keep_its_mode():
+    model = models.create_model("reduce20", expansion=0).double().train()  # a float32 probe would fail here
+    assert layer_channels(model, stage_outputs(model, [3, 32, 32]), [3, 32, 32]) == [16, 32, 64]
+    assert model.training and not any(m._forward_hooks for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -34,6 +34,16 @@ def test_order_and_augmentation_repeat_whatever_the_workers():
     assert sum(len(y) for _, y in test) == len(data0.test.labels) and test[0][0].shape[-1] == 48
 
 
+def test_stream_draws_the_in_memory_paths_subset_and_default_size():
+    from train.data import build_data
+
+    streamed = build_stream_data(str(ZIP), 16, subset=40, seed=3, workers=0)
+    in_memory = build_data("imagefolder", str(ZIP), 16, subset=40, seed=3)
+    assert streamed.info.image_size == in_memory.info.image_size == 32  # CIFAR's 32 px JPEGs, not 224
+    assert torch.equal(torch.as_tensor(streamed.train.labels), in_memory.train.labels.cpu())
+    assert torch.equal(torch.as_tensor(streamed.test.labels), in_memory.test.labels.cpu())
+
+
 def test_ranks_share_the_epoch_without_overlap():
     tree = scan_image_tree(ZIP)
     items = tree.train[:: len(tree.train) // 64][:64]

@@ -18,14 +18,15 @@ from models import load_checkpoint
 from models.checkpoint import resolve
 from models.errors import ConfigError, DataError
 
-from .data import DATASETS, Data, build_data, data_root, resolve_source, scan_image_tree
+from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
+from .data.folders import default_image_size
 from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
 from .engine import Dist, TrainConfig, init_distributed, native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
 from .data.stream import build_stream_data, fits_in_memory
-from .tasks import FeatureHooks, stage_outputs
+from .tasks import layer_channels, stage_outputs
 
 
 def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup: str) -> argparse.ArgumentParser:
@@ -151,16 +152,19 @@ def rank0_first(info: Dist, fn, *a, **kw):
     return result
 
 
-def use_stream(args: argparse.Namespace) -> bool:
-    """Whether ``--loader`` (or its ``auto`` rule) picks the streaming loader: image folders too big for memory."""
-    if args.loader != "auto" or args.dataset != "imagefolder":
-        if args.loader == "stream" and args.dataset != "imagefolder":
-            raise ConfigError(f"--loader stream reads image folders; {args.dataset} is loaded in memory")
-        return args.loader == "stream"
+def use_stream(args: argparse.Namespace) -> ImageTree | None:
+    """The image folder's listing when ``--loader`` (or its ``auto`` rule: image folders too big for memory, at
+    the size they would load at) picks the streaming loader, else None."""
+    if args.loader == "stream" and args.dataset != "imagefolder":
+        raise ConfigError(f"--loader stream reads image folders; {args.dataset} is loaded in memory")
+    if args.loader == "memory" or args.dataset != "imagefolder":
+        return None
     _, path = resolve_source("imagefolder", args.data_dir)
     tree = scan_image_tree(path)
     count = min(args.subset or len(tree.train), len(tree.train)) + len(tree.test)
-    return not fits_in_memory(count, args.image_size or 224)
+    if args.loader == "auto" and fits_in_memory(count, args.image_size or default_image_size(tree)):
+        return None
+    return tree
 
 
 def load_data(args: argparse.Namespace, info: Dist, device: torch.device) -> Data:
@@ -168,9 +172,10 @@ def load_data(args: argparse.Namespace, info: Dist, device: torch.device) -> Dat
         raise ConfigError(f"--workers {args.workers} is not valid: pass 0 or more")
     common = dict(subset=args.subset, seed=args.seed, device=device, rank=info.rank, world_size=info.world_size,
                   image_size=args.image_size, channels_last=args.channels_last)
-    args.loader = "stream" if use_stream(args) else "memory"  # recorded resolved: --resume compares it
-    if args.loader == "stream":
-        return build_stream_data(args.data_dir, args.batch_size, workers=args.workers, **common)
+    tree = use_stream(args)
+    args.loader = "memory" if tree is None else "stream"  # recorded resolved: --resume compares it
+    if tree is not None:
+        return build_stream_data(args.data_dir, args.batch_size, workers=args.workers, tree=tree, **common)
     return rank0_first(info, build_data, args.dataset, args.data_dir, args.batch_size, **common)
 
 
@@ -270,7 +275,7 @@ def feature_loss(args: argparse.Namespace, student: nn.Module, teacher: nn.Modul
     if len(s_layers) != len(t_layers) and args.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
         raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
                           f"{len(t_layers)}: pass --teacher-layers, one per student layer")
-    channels = [_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
+    channels = [layer_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
     try:
         if args.feature_kd == "semckd":
             loss: nn.Module = SemCKD(channels[0], channels[1], args.batch_size, args.feature_weight)
@@ -279,20 +284,6 @@ def feature_loss(args: argparse.Namespace, student: nn.Module, teacher: nn.Modul
     except ConfigError as e:
         raise ConfigError(f"--feature-kd {args.feature_kd}: {e}") from None
     return loss, s_layers, t_layers
-
-
-def _channels(model: nn.Module, layers: list[str], input_size: list[int]) -> list[int]:
-    """Channels of each named layer's output, from one forward pass."""
-    hooks = FeatureHooks(model, layers)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_size))
-        return [t.shape[1] for t in hooks.take()]
-    finally:
-        hooks.remove()
-        model.train(was)
 
 
 def load_teacher_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], Path]:

@@ -87,6 +87,28 @@ class FeatureHooks:
 
 
 @torch.no_grad()
+def _probe(model: nn.Module, input_size: Sequence[int]) -> None:
+    """One eval-mode forward pass of a zero image on the model's device and dtype; the model's mode is kept."""
+    was_training = model.training
+    param = next(model.parameters())
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+
+
+def layer_channels(model: nn.Module, paths: Sequence[str], input_size: Sequence[int]) -> list[int]:
+    """The channels of each named module's output, from one forward pass."""
+    hooks = FeatureHooks(model, paths)
+    try:
+        _probe(model, input_size)
+        return [t.shape[1] for t in hooks.take()]
+    finally:
+        hooks.remove()
+
+
+@torch.no_grad()
 def stage_outputs(model: nn.Module, input_size: Sequence[int], count: int = 3) -> list[str]:
     """The module paths of the model's last ``count`` stage outputs: at each spatial resolution of its forward
     pass, the last top-level module (or child of a top-level ``Sequential``/``ModuleList``) that outputs a feature
@@ -107,13 +129,9 @@ def stage_outputs(model: nn.Module, input_size: Sequence[int], count: int = 3) -
             order.append((candidates[module], tuple(output.shape[-2:])))
 
     handles = [m.register_forward_hook(hook) for m in candidates]
-    was_training = model.training
-    param = next(model.parameters())
     try:
-        model.eval()
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+        _probe(model, input_size)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     last: dict[tuple[int, int], str] = {}

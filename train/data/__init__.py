@@ -42,7 +42,7 @@ from models.errors import DataError
 from .base import (_JPEG_LABEL, _NICE, _STATS, _WHERE, CIFAR10_CLASSES, DATASETS, ArrayData, DatasetInfo,
                    _check_memory, available_memory)
 from .cifar import _FULL_SIZES, _PICKLE_DIRS, _load_pickles, _resize
-from .folders import ImageTree, _default_image_size, _load_tree, scan_image_tree, to_rgb
+from .folders import ImageTree, _load_tree, default_image_size, scan_image_tree, subset_tree, to_rgb
 from .loader import Data, Loader
 from .sources import _download, _find, data_root, resolve_source
 from .subsets import _subset_indices, balanced_subset
@@ -135,14 +135,11 @@ def load_dataset(
                 f"{path} does not hold the CIFAR-10 classes (found {', '.join(tree.classes[:5])}, ...); "
                 "use --dataset imagefolder for other images"
             )
-        size = image_size or (32 if name == "cifar10" else _default_image_size(tree))
+        size = image_size or (32 if name == "cifar10" else default_image_size(tree))
         crop = 224 / 256 if name == "imagefolder" and size >= 64 else 1.0
         label = _JPEG_LABEL if name == "cifar10" else f"{path.stem} (image folder)"
         if subset is not None:
-            labels = [torch.tensor([y for _, y in items], dtype=torch.int64) for items in (tree.train, tree.test)]
-            picked = _subset_indices(*labels, subset, seed, len(tree.classes), label)
-            kept = [[items[i] for i in p.tolist()] for items, p in zip((tree.train, tree.test), picked)]
-            tree = ImageTree(tree.source, tree.classes, *kept)
+            tree = subset_tree(tree, subset, seed, label)
         train, test, cached = _load_tree(tree, size, crop)
         classes = tree.classes
         mean, std = _STATS[name] if name == "cifar10" else (tuple(cached["mean"]), tuple(cached["std"]))

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from models.errors import DataError
 
 from .base import ArrayData, _check_memory, _one_line
+from .subsets import _subset_indices
 
 _CACHE_VERSION = 2  # 2: keyed on content, 16-bit images scaled
 _SPLITS = ("train", "test", "val")
@@ -336,7 +337,15 @@ def _load_tree(tree: ImageTree, image_size: int, crop: float) -> tuple[ArrayData
     return splits[0], splits[1], c
 
 
-def _default_image_size(tree: ImageTree) -> int:
+def subset_tree(tree: ImageTree, n: int, seed: int, label: str) -> ImageTree:
+    """The tree cut to ``n`` class-balanced training images and the same share of its test images (``--subset``)."""
+    labels = [torch.tensor([y for _, y in items], dtype=torch.int64) for items in (tree.train, tree.test)]
+    picked = _subset_indices(*labels, n, seed, len(tree.classes), label)
+    kept = [[items[i] for i in p.tolist()] for items, p in zip((tree.train, tree.test), picked)]
+    return ImageTree(tree.source, tree.classes, *kept)
+
+
+def default_image_size(tree: ImageTree) -> int:
     """The first training image's size if it is square and at most 64 pixels, else 224."""
     with (zipfile.ZipFile(tree.source) if tree.is_zip else nullcontext()) as archive:
         name = tree.train[0][0]

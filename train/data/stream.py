@@ -23,10 +23,9 @@ from models.errors import DataError
 
 from . import base
 from .base import DatasetInfo
-from .folders import ImageTree, scan_image_tree, to_rgb
+from .folders import ImageTree, default_image_size, scan_image_tree, subset_tree, to_rgb
 from .loader import Data
 from .sources import resolve_source
-from .subsets import balanced_subset
 
 CROP_FRACTION = 0.875  # test images: resize to image_size / 0.875, centre-crop image_size (timm's default)
 
@@ -202,24 +201,19 @@ def _stats(tree: ImageTree, items: Sequence[tuple[str, int]], count: int = 1000)
 def build_stream_data(data_dir: str, batch_size: int, *, subset: int | None = None, seed: int = 0,
                       device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                       image_size: int | None = None, channels_last: bool = False, workers: int = 4,
-                      eval_batch_size: int | None = None) -> Data:
+                      eval_batch_size: int | None = None, tree: ImageTree | None = None) -> Data:
     """:class:`train.data.Data` of an image folder (or zip) with :class:`StreamLoader` s.
 
-    ``--subset`` draws the same balanced subsets as the in-memory path. The normalisation is the mean and std
-    of up to 1,000 training images.
+    ``--subset`` draws the same balanced subsets, and the default image size is the same, as the in-memory path's.
+    The normalisation is the mean and std of up to 1,000 training images. ``tree``: the folder's listing, when
+    the caller has already scanned it.
     """
     _, path = resolve_source("imagefolder", data_dir)
-    tree = scan_image_tree(path)
-    train, test = tree.train, tree.test
+    tree = tree or scan_image_tree(path)
+    size = image_size or default_image_size(tree)
     if subset is not None:
-        if not len(tree.classes) <= subset <= len(train):
-            raise DataError(f"--subset {subset} is outside [{len(tree.classes)}, {len(train)}] for {path.name}; "
-                            "pass at least one image per class and at most the training set")
-        n_test = min(max(round(subset * len(test) / len(train)), len(tree.classes)), len(test))
-        pick = lambda items, n: [items[i] for i in balanced_subset(  # noqa: E731
-            torch.tensor([y for _, y in items]), n, seed).tolist()]
-        train, test = pick(train, subset), pick(test, n_test)
-    size = image_size or 224
+        tree = subset_tree(tree, subset, seed, path.name)
+    train, test = tree.train, tree.test
     mean, std = _stats(tree, train)
     info = DatasetInfo("imagefolder", len(tree.classes), list(tree.classes), tuple(mean), tuple(std), size, str(path),
                        f"{path.stem} (image folder, {size} px, streamed)")
