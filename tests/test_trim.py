@@ -72,6 +72,11 @@ def test_a_mild_trim_keeps_the_accuracy_and_reinitialising_loses_it(tmp_path):
     assert summary["teacher_test_acc"] == pytest.approx(93.61, abs=0.01)
     assert summary["trim"]["reduce_reached"] == pytest.approx(1.1, rel=0.03)
     assert summary["last_test_acc"] > 93.61 - 8, summary["last_test_acc"]
+    run = tmp_path / "trim"  # saved as a finished run of 0 epochs, like any other
+    assert {"last.safetensors", "best.safetensors", "metrics.csv", "train_state.pt", "summary.json"} <= {
+        p.name for p in run.iterdir()}
+    assert json.loads((run / "summary.json").read_text())["last_epoch"] == 0
+    assert json.loads((run / "best.json").read_text())["metadata"]["epoch"] == 0
     trimmed = models.load_checkpoint(tmp_path / "trim")
     for m in trimmed.modules():  # the same architecture, re-initialised
         if hasattr(m, "reset_parameters"):

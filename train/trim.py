@@ -15,12 +15,9 @@ fine-tune uses lr 0.01 for 100 epochs with step decay).
 """
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn as nn
 
-from models.checkpoint import atomic_write_text, save_checkpoint
 from models.errors import ConfigError, cli_errors
 from models.trim import COSTS, IMPORTANCES, trim, trim_record
 
@@ -28,7 +25,7 @@ from .cli import (add_distillation_options, check_teacher, common_parser, data_m
                   load_data, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
                   use_teachers_data)
 from .deploy import fuse_check_export
-from .engine import Trainer, evaluate
+from .engine import Trainer
 from .preprocess import Renormalize
 from .tasks import Distill
 from .timing import latency
@@ -86,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.epochs:
             summary = trainer.fit()
         else:  # trimmed, not fine-tuned: record it like a finished run
-            summary = _untrained(trainer, metadata)
+            summary = _untrained(trainer)
         summary["trim"] = record
         if args.by != "latency" and info.is_main:
             summary["trim"]["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
@@ -125,22 +122,15 @@ def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
     return used
 
 
-def _untrained(trainer: Trainer, metadata: dict) -> dict:
-    """Evaluate the trimmed model as it is, save it as the run's checkpoint and return the summary."""
-    metrics = evaluate(trainer.model, trainer.data.test, trainer.data.info.num_classes, device=trainer.device)
-    if trainer.dist.is_main:
-        trainer.run.commit()
-        meta = {**metadata, "epoch": 0, "test_acc": metrics["test_acc"]}
-        for name in ("last", "best"):
-            save_checkpoint(trainer.model, trainer.run_dir / f"{name}.safetensors", meta)
+def _untrained(trainer: Trainer) -> dict:
+    """Evaluate the trimmed model as it is and save it as the run's epoch 0, like a finished run; the summary."""
+    metrics = trainer.evaluate()
     nan = float("nan")
     trainer.history = [{"epoch": 0, "lr": 0.0, "train_loss": nan, "train_acc": nan, "test_loss": metrics["test_loss"],
                         "test_acc": metrics["test_acc"], "images_per_s": nan, "epoch_s": 0.0}]
-    trainer.best_acc, trainer.best_epoch = metrics["test_acc"], 0
-    summary = trainer.summary(0.0)
     if trainer.dist.is_main:
-        atomic_write_text(trainer.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+        trainer._save(0, metrics["test_acc"])
+    return trainer.summary(0.0)
 
 
 if __name__ == "__main__":
