@@ -27,7 +27,8 @@ def fuse_check_export(trainer: Trainer, teacher: nn.Module, teacher_view: nn.Mod
         trainer: the finished trainer (its model, data, run directory and ranks).
         teacher: the teacher, for its size.
         teacher_view: the teacher as it sees the student's batches (its own preprocessing), for its accuracy.
-        summary: the training summary; the fusion results are added and ``summary.json`` is rewritten.
+        summary: the training summary (its last test accuracy and size are the unfused model's); the fusion
+            results are added and ``summary.json`` is rewritten.
         export: write the deploy files (fused safetensors + JSON, TorchScript, ONNX).
         metadata: stored with the deploy checkpoint.
         student_label: how the student is named in the printed lines.
@@ -38,12 +39,14 @@ def fuse_check_export(trainer: Trainer, teacher: nn.Module, teacher_view: nn.Mod
     data, info, run_dir = trainer.data, trainer.dist, trainer.run_dir
     fused = fuse_model(trainer.model)
     check = compare_on(trainer.model, fused, data.test)
-    unfused_eval, fused_eval = trainer.evaluate(trainer.model), trainer.evaluate(fused)
+    unfused_acc = summary["last_test_acc"]  # the trained model's last evaluation, in the same float32 pass
+    fused_eval = trainer.evaluate(fused)
     teacher_eval = trainer.evaluate(teacher_view)
     input_size = (3, data.info.image_size, data.info.image_size)
-    sizes = {"teacher": complexity(teacher, (1, *input_size)), "student": complexity(trainer.model, (1, *input_size)),
+    sizes = {"teacher": complexity(teacher, (1, *input_size)),
+             "student": {"params": summary["params"], "macs": summary["macs"]},
              "fused": complexity(fused, (1, *input_size))}
-    summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_eval["test_acc"],
+    summary.update(teacher_test_acc=teacher_eval["test_acc"], unfused_test_acc=unfused_acc,
                    fused_test_acc=fused_eval["test_acc"], fused_check=check, sizes=sizes)
     if info.is_main:
         if export:
@@ -55,7 +58,7 @@ def fuse_check_export(trainer: Trainer, teacher: nn.Module, teacher_view: nn.Mod
         print(f"data: {data.info.label}, {fused_eval['count']} test images")
         kind = f" (e{teacher.config['expansion']})" if "expansion" in teacher.config else ""
         print(size_line(f"teacher {teacher.config['model']}{kind}", sizes["teacher"], teacher_eval["test_acc"]))
-        print(size_line(student_label, sizes["student"], unfused_eval["test_acc"]))
+        print(size_line(student_label, sizes["student"], unfused_acc))
         print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
         print(f"run: {run_dir}" + (f"; deploy files in {run_dir / 'deploy'}" if export else ""))
     return summary
