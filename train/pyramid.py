@@ -45,13 +45,13 @@ from .distill import DistillLoss, gram_loss, hint_mse
 from .engine import Trainer
 from .preprocess import Renormalize
 from .rundir import options_of_run
-from .tasks import FeatureHooks, Task
+from .tasks import FeatureHooks, Taught
 
 LOSSES = ("two-stage", "gram", "hinton", "fitnet", "gram-direct", "kd", "scratch")
 TAUGHT_BY_TOP = ("fitnet", "gram-direct")
 
 
-class PyramidLevel(Task):
+class PyramidLevel(Taught):
     """One level's training: a stage-1 loss for ``hint_epochs`` epochs, then cross-entropy (or KD for ``kd``).
 
     Args:
@@ -68,11 +68,8 @@ class PyramidLevel(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, loss: str, hint_epochs: int,
                  student_paths: dict[str, str], teacher_paths: dict[str, str], kd: DistillLoss | None = None,
                  teacher_input: nn.Module | None = None) -> None:
-        super().__init__()
-        self.student, self.kind, self.hint_epochs = student, loss, hint_epochs
-        self.kd = kd
-        self.teacher_input = teacher_input or nn.Identity()
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
+        super().__init__(student, teacher, teacher_input)
+        self.kind, self.hint_epochs, self.kd = loss, hint_epochs, kd
         keys = ("input", "prepool") if loss in ("gram", "gram-direct") else ("output",)
         self._keys = keys
         self._hooks = None
@@ -86,18 +83,10 @@ class PyramidLevel(Task):
         if self.kd is not None:
             self.kd.set_epoch(epoch - self.hint_epochs)
 
-    def to_device(self, device: torch.device, memory_format: torch.memory_format) -> PyramidLevel:
-        object.__setattr__(self, "teacher", self.teacher.to(device, memory_format=memory_format))
-        return self.to(device, memory_format=memory_format)
-
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         logits = self.student(x)
         needs_teacher = self.stage == 1 or self.kind == "kd"
-        t_logits = None
-        if needs_teacher:
-            self.teacher.eval()
-            with torch.no_grad():
-                t_logits = self.teacher(self.teacher_input(x))
+        t_logits = self.teacher_logits(x) if needs_teacher else None
         self.last_teacher_logits = t_logits
         s_feats = self._hooks[0].take() if self._hooks else []
         t_feats = self._hooks[1].take() if self._hooks and needs_teacher else []

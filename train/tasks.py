@@ -2,7 +2,7 @@
 
 A task holds everything the optimiser, DDP, checkpoints and resume must hold: the student and any trainable
 adapters of its losses (FitNet regressors, SemCKD embeddings), as registered submodules. A frozen teacher is
-held outside the module tree (:attr:`Distill.teacher`), so it is neither optimised nor saved with the task.
+held outside the module tree (:class:`Taught`), so it is neither optimised nor saved with the task.
 
 Intermediate features come from the models by module path, with forward hooks (:class:`FeatureHooks`): a
 model's ``forward`` is never edited. :func:`stage_outputs` finds a model's stage outputs, the default
@@ -10,8 +10,7 @@ feature-distillation points.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -144,7 +143,37 @@ def stage_outputs(model: nn.Module, input_size: Sequence[int], count: int = 3) -
     return stages[-count:]
 
 
-class Distill(Task):
+class Taught(Task):
+    """Base class of a student learning from a frozen teacher, which is held outside the module tree: neither
+    optimised nor saved with the task, always run in eval mode without gradients.
+
+    Args:
+        student: the model being trained.
+        teacher: the frozen teacher (its inputs prepared by ``teacher_input``).
+        teacher_input: maps the student's batch to the teacher's preprocessing (default: the same batch).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, teacher_input: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher_input = teacher_input or nn.Identity()
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
+        self.last_teacher_logits: Tensor | None = None  # for the engine's diagnosis of a non-finite loss
+
+    def to_device(self, device: torch.device, memory_format: torch.memory_format) -> Taught:
+        object.__setattr__(self, "teacher", self.teacher.to(device, memory_format=memory_format))
+        return self.to(device, memory_format=memory_format)
+
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        """The teacher's logits of the student's batch ``x`` (eval mode, no gradients); kept as
+        ``last_teacher_logits``."""
+        self.teacher.eval()
+        with torch.no_grad():
+            self.last_teacher_logits = self.teacher(self.teacher_input(x))
+        return self.last_teacher_logits
+
+
+class Distill(Taught):
     """A student learning from a frozen teacher: a logit loss, plus an optional feature loss.
 
     Args:
@@ -160,12 +189,9 @@ class Distill(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, loss: DistillLoss,
                  feature_loss: nn.Module | None = None, student_layers: Sequence[str] = (),
                  teacher_layers: Sequence[str] = (), teacher_input: nn.Module | None = None) -> None:
-        super().__init__()
-        self.student = student
+        super().__init__(student, teacher, teacher_input)
         self.loss = loss
         self.feature_loss = feature_loss
-        self.teacher_input = teacher_input or nn.Identity()
-        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
         self._hooks: tuple[FeatureHooks, FeatureHooks] | None = None
         if feature_loss is not None:
             if not student_layers or not teacher_layers:
@@ -176,25 +202,10 @@ class Distill(Task):
     def set_epoch(self, epoch: int) -> None:
         self.loss.set_epoch(epoch)
 
-    def to_device(self, device: torch.device, memory_format: torch.memory_format) -> Distill:
-        object.__setattr__(self, "teacher", self.teacher.to(device, memory_format=memory_format))
-        return self.to(device, memory_format=memory_format)
-
-    @contextmanager
-    def _teacher_eval(self) -> Iterator[None]:
-        self.teacher.eval()
-        with torch.no_grad():
-            yield
-
-    def teacher_logits(self, x: Tensor) -> Tensor:
-        with self._teacher_eval():
-            return self.teacher(self.teacher_input(x))
-
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         logits = self.student(x)
         t_logits = self.teacher_logits(x) if self.loss.needs_teacher or self._hooks else None
         loss = self.loss(logits, y, t_logits)
-        self.last_teacher_logits = t_logits  # for the engine's diagnosis of a non-finite loss
         logs: dict[str, Tensor] = {}
         if self._hooks is not None:
             student_feats, teacher_feats = self._hooks[0].take(), self._hooks[1].take()
