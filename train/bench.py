@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.backends.cudnn.benchmark = True
     data = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size,
                       device=device, channels_last=True)
-    sample = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size)
-    train = ArrayData(sample.train.images, sample.train.labels)
+    train = ArrayData(data.train.images.cpu(), data.train.labels.cpu())  # the same images, for the DataLoader
     compile_ = device.type == "cuda" and not args.no_compile
     print(f"{hardware(device)}; {data.info.label}; batch {args.batch_size}, {args.steps} timed steps per path; "
           f"ours: {'bf16 autocast' if native_bf16(device) else 'float32'}, channels-last"
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     return Classify(make_student())
                 return Distill(make_student(), make_teacher(), DistillLoss("kd"))
 
-            a = plain_loop(make_student(), make_teacher() if make_teacher else None, train, sample.info, device,
+            a = plain_loop(make_student(), make_teacher() if make_teacher else None, train, data.info, device,
                            args.batch_size, args.steps, args.workers)
             b = trainer_speed(make_task, data, device, compile_, fixed=False)
             c = trainer_speed(make_task, data, device, compile_, fixed=True)

@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +174,3 @@ class RunDir:
 
     def __str__(self) -> str:
         return str(self.path)
-
-
-def this_command() -> str:
-    """The command line of this process, for records (``python -m MODULE ARGS`` when run with ``-m``)."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:
-        return command_line(spec.name.removesuffix(".__main__"), sys.argv[1:])
-    return shlex.join(["python", *sys.argv])

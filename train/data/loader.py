@@ -58,8 +58,7 @@ class Loader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.pad = self.images.shape[-1] // 8
-        self.mean = torch.tensor(info.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(info.std, device=self.device).view(1, 3, 1, 1) * 255
+        self.set_normalization(info.mean, info.std)
         self.epoch = 0
         n = len(self.labels)
         if train:
