@@ -44,7 +44,7 @@ from .deploy import fuse_check_export
 from .distill import DistillLoss, gram_loss, hint_mse
 from .engine import Trainer
 from .preprocess import Renormalize
-from .rundir import options_of_run
+from .rundir import finished_summary, mark_done, options_of_run
 from .tasks import FeatureHooks, Taught
 
 LOSSES = ("two-stage", "gram", "hinton", "fitnet", "gram-direct", "kd", "scratch")
@@ -187,11 +187,11 @@ def train_level(args, argv, level: str, parent: nn.Module, top: nn.Module, data,
                 kd: DistillLoss | None) -> dict:
     """Train one level in ``out/<level>`` (skipped when finished with the same options, resumed when begun)."""
     run = out / level
-    done = run / "done"
     record = {"level": level, "argv": options_of_run(sys.argv[1:] if argv is None else list(argv))}
-    if done.is_file() and json.loads(done.read_text()) == record and (run / "summary.json").is_file():
+    summary = finished_summary(run, record)
+    if summary is not None:
         print(f"[skip] {level}: finished in {run}")
-        return json.loads((run / "summary.json").read_text())
+        return summary
     student = svgg_from(parent, level)
     by_top = args.loss in TAUGHT_BY_TOP
     teacher = top if by_top else parent
@@ -215,7 +215,7 @@ def train_level(args, argv, level: str, parent: nn.Module, top: nn.Module, data,
         fuse_check_export(trainer, teacher, nn.Sequential(task.teacher_input, teacher), summary,
                           not args.no_export, metadata, f"{level} ({args.loss})")
         if info.is_main:
-            atomic_write_text(done, json.dumps(record) + "\n")
+            mark_done(run, record)
     return summary
 
 

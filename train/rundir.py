@@ -60,6 +60,22 @@ def command_line(module: str, argv: list[str]) -> str:
     return shlex.join(["python", "-m", module, *argv])
 
 
+def finished_summary(run: str | Path, record: Any) -> dict[str, Any] | None:
+    """The summary of the run in ``run`` if it finished (:func:`mark_done`) with exactly ``record``, else None."""
+    run = Path(run)
+    try:
+        if json.loads((run / "done").read_text()) == record:
+            return json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def mark_done(run: str | Path, record: Any) -> None:
+    """Mark the run in ``run`` finished, made as ``record`` says (the options that made it)."""
+    atomic_write_text(Path(run) / "done", json.dumps(record) + "\n")
+
+
 class RunDir:
     """A run directory.
 

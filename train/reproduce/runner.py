@@ -5,8 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from models.checkpoint import atomic_write_text
-
+from ..rundir import finished_summary, mark_done
 from .specs import Row
 
 
@@ -20,10 +19,7 @@ def _run_argv(run: Path) -> list[str] | None:
 
 def finished(row: Row) -> bool:
     """Whether ``row.run`` holds a finished run made by exactly ``row.argv``."""
-    try:
-        return json.loads((row.run / "done").read_text()) == row.argv and (row.run / "summary.json").is_file()
-    except (OSError, ValueError):
-        return False
+    return finished_summary(row.run, row.argv) is not None
 
 
 def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
@@ -32,13 +28,14 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     A finished run made by another command (another budget, subset or seed) is replaced, not reported under
     this row's label; an interrupted run made by the same command is resumed.
     """
-    if finished(row):
+    summary = finished_summary(row.run, row.argv)
+    if summary is not None:
         log(f"[skip] {row.name}: finished in {row.run}")
-        return json.loads((row.run / "summary.json").read_text())
+        return summary
     resume = (row.run / "train_state.pt").is_file() and _run_argv(row.run) == row.argv
     argv = [*row.argv, "--out", str(row.run)] + (["--resume"] if resume else ["--overwrite"])
     log(f"[{'resume' if resume else 'run'}] {row.name}: python -m train.{row.main.__module__.split('.')[-1]} "
         + " ".join(argv))
     summary = row.main(argv)
-    atomic_write_text(row.run / "done", json.dumps(row.argv) + "\n")
+    mark_done(row.run, row.argv)
     return summary
