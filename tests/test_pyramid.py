@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import models
 from _shared import CIFAR10
 from train import pyramid, stage1
-from train.distill import fsp_matrix, gram_loss, hint_mse
+from train.distill import DistillLoss, fsp_matrix, gram_loss, hint_mse
 from conftest import training_stopped_at
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -43,6 +43,39 @@ def test_fsp_and_gram_match_the_definition():
     torch.testing.assert_close(fsp_matrix(a, small), fsp_matrix(a, upsampled))
     c, d = torch.randn_like(a), torch.randn_like(b)
     torch.testing.assert_close(gram_loss(a, b, c, d), ((fsp_matrix(a, b) - fsp_matrix(c, d)) ** 2).mean())
+
+
+def test_a_head_output_is_a_1x1_map():
+    feats, logits = torch.randn(2, 6, 3, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    expected = torch.einsum("bihw,bj->bij", feats, logits) / 9  # each input channel's mean times each logit
+    torch.testing.assert_close(fsp_matrix(feats, logits), expected)
+
+
+@pytest.mark.parametrize("scheme", ["forward", "backward"])
+def test_every_loss_runs_at_every_level(scheme):
+    """One batch of each level's task with each loss, the teacher being the level above (or VGG19)."""
+    torch.manual_seed(0)
+    top = models.create_model("pyramid_vgg19", num_classes=10, image_size=32)
+    parent, x, y = top, torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    for level in models.vgg.chain(scheme)[1:]:
+        student = models.vgg.svgg_from(parent, level)
+        points = models.vgg.hint_points(level)
+        for loss in pyramid.LOSSES:
+            by_top = loss in pyramid.TAUGHT_BY_TOP
+            kd = DistillLoss("kd") if loss == "kd" else None
+            hint_epochs = 0 if loss == "scratch" else 1  # as the CLI requires
+            task = pyramid.PyramidLevel(student, top if by_top else parent, loss, hint_epochs,
+                                        {"output": points.student_output, "input": points.student_input,
+                                         "prepool": points.student_prepool},
+                                        pyramid.teacher_paths(level, by_top), kd)
+            for epoch in (0, 1):  # stage 1 (its hint; none for scratch), then stage 2
+                task.set_epoch(epoch)
+                value = task(x, y)[0]
+                assert value.ndim == 0 and torch.isfinite(value), (level, loss, epoch)
+                assert task.stage == (1 if epoch < hint_epochs else 2)
+            for hooks in task._hooks or ():
+                hooks.remove()
+        parent = student
 
 
 def test_teacher_paths_in_vgg19_exist():

@@ -467,7 +467,10 @@ def hint_mse(student: Tensor, teacher: Tensor) -> Tensor:
 def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
     """The Gram / FSP matrix of two feature maps of one network (Yim et al., CVPR 2017): ``[B, C1, C2]`` with
     ``G[b, i, j] = sum_hw first[b, i, h, w] * second[b, j, h, w] / (h * w)``. A larger ``second`` is average-pooled
-    to ``first``'s size; a smaller one is upsampled (nearest), as the Pyramid did for block 2."""
+    to ``first``'s size; a smaller one is upsampled (nearest), as the Pyramid did for block 2. A vector ``[B, C]``
+    (a classifier head's output) counts as a 1x1 map, so a head's Gram matrix pairs each input channel with each
+    logit."""
+    first, second = (t[:, :, None, None] if t.dim() == 2 else t for t in (first, second))
     if second.shape[-2:] != first.shape[-2:]:
         if second.shape[-1] > first.shape[-1]:
             second = F.adaptive_avg_pool2d(second, first.shape[-2:])
