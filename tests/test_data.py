@@ -696,3 +696,15 @@ def test_sharding_partitions_samples_across_ranks():
     assert [t.num_samples for t in tests] == [21, 20]
     assert torch.equal(torch.cat(parts).sort().values, arrays.labels)
     assert parts[1].tolist() == list(range(1, 41, 2))
+
+
+def test_data_dir_may_be_the_jpeg_zip_itself_and_another_file_is_one_line(tmp_path):
+    z = tmp_path / "cifar10-jpeg.zip"
+    zipfile.ZipFile(z, "w").close()
+    assert data.resolve_source("cifar10", z) == ("zip", z)
+    other = tmp_path / "cifar-10-python.tar.gz"
+    other.write_bytes(b"not a folder")
+    with pytest.raises(DataError, match="is a file, not a CIFAR-10 folder"):
+        data.build_data("cifar10", str(other), 32)
+    with pytest.raises(DataError, match="is a file, not a CIFAR-100 folder"):
+        data.build_data("cifar100", str(z), 32)

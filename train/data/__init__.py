@@ -106,6 +106,9 @@ def load_dataset(
     if (data_dir is not None or os.environ.get("REDUCENET_DATA")) and not root.exists():
         raise DataError(f"data directory {root} does not exist; {_WHERE} to an existing folder "
                         "(an empty one is fine when torchvision can download into it)")
+    if name != "imagefolder" and root.is_file() and _find(name, root) is None:
+        raise DataError(f"{root} is a file, not a {_NICE[name]} folder; {_WHERE} to the folder holding "
+                        f"{_PICKLE_DIRS[name]}" + (" (or to cifar10-jpeg.zip itself)" if name == "cifar10" else ""))
     if name != "imagefolder" and _find(name, root) is None and download:
         reason = _download(name, root)
         if reason is not None and _find(name, root) is None:

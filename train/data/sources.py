@@ -24,6 +24,8 @@ def _is_pickle_dir(path: Path, name: str) -> bool:
 
 
 def _find(name: str, root: Path) -> tuple[str, Path] | None:
+    if root.is_file():  # the JPEG copy's zip itself
+        return ("zip", root) if name == "cifar10" and root.suffix == ".zip" else None
     candidates = [("pickle", root / _PICKLE_DIRS[name])]
     if name == "cifar10":
         candidates += [("zip", root / "cifar10-jpeg.zip"), ("folder", root / "cifar10-jpeg")]
