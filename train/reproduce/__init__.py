@@ -186,6 +186,8 @@ def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
         for r in chains:
             for lv in levels:
                 s = json.loads((r.run / lv / "summary.json").read_text())
+                r.result.setdefault("commits", [])
+                r.result["commits"] += [c for c in s.get("commits", []) if c not in r.result["commits"]]
                 lines.append({"group": f"{scheme}: {lv.split('_')[0]}", "row": r.name.split(": ")[1],
                               "seed": r.seed, "epochs": s["epochs"], "params": s["params"],
                               "macs_M": s["macs"] / 1e6, "last_acc": s["last_test_acc"],
