@@ -115,7 +115,7 @@ def test_a_two_level_chain_runs_and_resumes(tmp_path):
         b = torch.load(tmp_path / "split" / level / "train_state.pt", weights_only=True)["task"]
         assert all(torch.equal(a[k], b[k]) for k in a), level
     assert split["levels"]["svgg14_forward"]["last_test_acc"] == whole["levels"]["svgg14_forward"]["last_test_acc"]
-    assert json.loads((tmp_path / "split" / "pyramid.json").read_text())["loss"] == "two-stage"
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["loss"] == "two-stage"
 
 
 @needs_data

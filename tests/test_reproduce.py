@@ -261,7 +261,10 @@ def test_trim_table(tmp_path):
 
 
 def test_pyramid_table(tmp_path):
-    run(smoke_argv("pyramid", tmp_path, "--losses", "two-stage", "--subset", "130"))
+    argv = smoke_argv("pyramid", tmp_path, "--losses", "two-stage", "--subset", "130")
+    run(argv)
+    again = run(argv)  # every finished chain is skipped as a whole
+    assert again.count("[skip]") == 3 and "[run]" not in again
     lines = read_csv(tmp_path / "results" / "pyramid.csv")
     assert lines[0]["row"] == "VGG19 (the top)" and float(lines[0]["latency_ratio"]) == 1.0
     groups = [r["group"] for r in lines[1:]]

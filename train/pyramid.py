@@ -4,7 +4,7 @@ pyramid_compression (Ravindran & Fita Sanmartin) compresses VGG19 level by level
 SVGG11 -> SVGG8 -> SVGG5 (``models/vgg.py``), each level inheriting every tensor of the level above but the one
 conv (or head) that replaces a block, and taught by it. Each level is a normal run directory ``OUT/<level>``
 (resume, metrics, TensorBoard, checkpoint, fused and exported model); an interrupted chain resumes where it
-stopped, and finished levels are skipped.
+stopped, and finished levels are skipped. ``OUT/summary.json`` holds the chain's per-level results.
 
 Losses (``--loss``), each level in two stages of ``--hint-epochs`` and ``--epochs`` epochs, as the original:
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         parent = load_checkpoint(out / level).float()
         parent.preprocess = parent.preprocess or top.preprocess
     if info.is_main:
-        atomic_write_text(out / "pyramid.json", json.dumps(chain_summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(chain_summary, indent=2) + "\n")
     finish(info)
     return chain_summary
 
