@@ -274,3 +274,28 @@ def test_pyramid_table(tmp_path):
     assert params == sorted(params, reverse=True)  # every level is smaller than the one above
     md = (tmp_path / "results" / "pyramid.md").read_text()
     assert "72.18" in md and "not ours" in md and (tmp_path / "results" / "pyramid.png").is_file()
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
+def test_rows_trains_part_of_a_table_and_writes_no_table(tmp_path, capsys):
+    argv = smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10))
+    assert reproduce.main([*argv, "--rows", "*-scratch", "*-paper-kd"]) is None
+    runs = tmp_path / "runs" / "original-stage2"
+    trained = sorted(p.name for p in runs.iterdir() if (p / "done").is_file())
+    assert trained == ["reduce20-s0-paper-kd", "reduce20-s0-scratch"]
+    assert not (tmp_path / "results").exists()  # a part of a table is not written as if it were the table
+    assert "run the same command without --rows" in capsys.readouterr().out
+    # the same command without --rows skips the two finished rows and writes the whole table
+    out = run(argv)
+    assert out.count("[skip]") == 2 and len(read_csv(tmp_path / "results" / "original-stage2.csv")) >= 7
+
+
+@pytest.mark.parametrize("extra", [["original-stage2", "--rows", "nothing-*"], ["deploy-speed", "--rows", "*"]])
+def test_rows_that_select_nothing_are_refused(tmp_path, capsys, extra):
+    table, *rest = extra
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([table, *rest, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+                        "--data-dir", str(CIFAR10), "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--rows" in err[0]
+    assert not (tmp_path / "results").exists()

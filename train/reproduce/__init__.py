@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import date
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
@@ -138,10 +139,31 @@ def _evaluate(checkpoint: Path, data_dir: Path | str | None, device: str) -> dic
     return evaluate_cli.run(args)
 
 
-def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: Callable[[str], None],
-                   extra_lines: list[dict] | None = None, exact_dir: Path | None = None) -> Path:
-    for r in rows:
+def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
+    """The rows ``--rows`` selects (by run folder name, shell patterns), or None without ``--rows``."""
+    if not args.rows:
+        return None
+    picked = [r for r in rows if any(fnmatch(r.run.name, p) for p in args.rows)]
+    if not picked:
+        raise ConfigError(f"--rows {' '.join(args.rows)} matches no row of this table: its rows are "
+                          f"{', '.join(r.run.name for r in rows)}")
+    return picked
+
+
+def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], None]) -> bool:
+    """Train the table's rows; with ``--rows`` only those, and False (the table is not written from a part)."""
+    picked = _picked(rows, args)
+    for r in rows if picked is None else picked:
         r.result = train_row(r, log)
+    if picked is not None:
+        log(f"trained {len(picked)} of {len(rows)} rows; run the same command without --rows to write the table")
+    return picked is None
+
+
+def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: Callable[[str], None],
+                   extra_lines: list[dict] | None = None, exact_dir: Path | None = None) -> Path | None:
+    if not _train_rows(rows, args, log):
+        return None
     lines = []
     for r in rows:
         line = _line(r)
@@ -167,11 +189,11 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
     return path
 
 
-def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path | None:
     """VGG19 and each scheme's chain per loss: per level, params, MACs, measured latency ratio to VGG19, accuracy."""
     rows = pyramid_rows(args)
-    for r in rows:
-        r.result = train_row(r, log)
+    if not _train_rows(rows, args, log):
+        return None
     top_row = rows[0]
     top = load_checkpoint(top_row.run)
     size = top.config["image_size"]
@@ -237,7 +259,7 @@ def _plot_pyramid(lines: list[dict], results: Path) -> Path:
     return path
 
 
-def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path | None:
     """Convert the original's checkpoints, train the rows, evaluate on the exact test images and the JPEG copy."""
     root = data_root(args.data_dir)
     original = Path(args.original or root / "reducenet-original")
@@ -291,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", nargs="+", choices=pyramid.LOSSES, default=list(pyramid.LOSSES),
                    help="pyramid: which losses to run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and row")
+    p.add_argument("--rows", nargs="+", default=None, metavar="PATTERN",
+                   help="train only the rows whose run folder matches one of these shell patterns (e.g. "
+                        "'*-scratch'), to split a table across cores or machines; writes no table: the same "
+                        "command without --rows then skips the finished rows and writes it")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
@@ -299,12 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @cli_errors
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
     args = build_parser().parse_args(argv)
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats} is not valid: pass 1 or more timed runs")
     if min(args.seeds) < 0:
         raise ConfigError(f"--seeds {args.seeds} is not valid: pass whole numbers >= 0")
+    if args.rows and args.table == "deploy-speed":
+        raise ConfigError("--rows selects training rows; deploy-speed trains none: leave --rows out")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.table == "deploy-speed":
         path = speed_table(args)
@@ -318,5 +346,6 @@ def main(argv: list[str] | None = None) -> Path:
         if not rows:
             raise ConfigError(f"--models {args.models} selects no row of {args.table}")
         path = training_table(args.table, rows, args, log)
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")
     return path
