@@ -22,10 +22,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import CheckpointError, ReduceNetError
 from .registry import model_from_config
+from .weights import read_state_dict
 
 FORMAT = "reducenet-2"
 _OLD_FORMATS = ("reducenet-1",)
@@ -186,10 +187,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         have = ", ".join(f"{k}={theirs.get(k)}" for k in keys)
         want = ", ".join(f"{k}={mine.get(k)}" for k in keys)
         raise CheckpointError(f"{p} holds another architecture ({have}) than this model ({want})")
-    try:
-        state = load_file(str(p))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{p} is not a readable safetensors file ({e}); it may be truncated") from None
+    state = read_state_dict(p)
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:  # keep the stored precision (e.g. a float64 checkpoint stays float64)
         model.to(dtypes.pop())

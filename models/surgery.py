@@ -1,7 +1,7 @@
 """Model surgery: derive the student from a trained teacher."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -9,6 +9,30 @@ import torch.nn as nn
 from .errors import ConfigError
 from .layers import add_lora
 from .registry import is_reducible, model_from_config
+
+
+def inherit(child: nn.Module, parent: nn.Module, keys: Iterable[str]) -> nn.Module:
+    """Make ``child`` a sub-network of ``parent``: copy the parent's tensors at ``keys`` into it, bit for bit.
+
+    Every other tensor of ``child`` keeps its own initialisation. The child moves to the parent's device and
+    dtype and takes its train/eval mode and ``preprocess`` (the inputs the inherited weights expect).
+
+    Args:
+        child: the smaller model; each key must name a tensor of the same shape in both.
+        parent: the trained model.
+        keys: the state_dict keys to copy.
+
+    Returns:
+        ``child``.
+    """
+    param = next(parent.parameters())
+    child.to(device=param.device, dtype=param.dtype)
+    parent_state, child_state = parent.state_dict(), child.state_dict()
+    with torch.no_grad():
+        child.load_state_dict({**child_state, **{k: parent_state[k] for k in keys}}, strict=True)
+    child.preprocess = getattr(parent, "preprocess", None)
+    child.train(parent.training)
+    return child
 
 
 def student_from_teacher(
@@ -44,15 +68,11 @@ def student_from_teacher(
     missing = [k for k in student_state if k not in teacher_state or teacher_state[k].shape != student_state[k].shape]
     if missing:  # cannot happen for the registered families; guards new ones
         raise ConfigError(f"the teacher lacks the student's tensors {missing[:3]}...; is its family registered?")
-    param = next(teacher.parameters())
-    student.to(device=param.device, dtype=param.dtype)
-    with torch.no_grad():
-        student.load_state_dict({k: teacher_state[k] for k in student_state}, strict=True)
+    inherit(student, teacher, student_state)
     if lora_rank:
         targets = ([lora_targets] if isinstance(lora_targets, str) else list(lora_targets)) if lora_targets \
             else config["lora_targets"]
         add_lora(student, lora_rank, targets)
         student.config.update(lora_rank=lora_rank, lora_targets=targets)
-    student.preprocess = getattr(teacher, "preprocess", None)  # the inputs it inherited its weights for
-    student.train(teacher.training)
+        student.train(teacher.training)  # the new branches too
     return student

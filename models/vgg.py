@@ -75,6 +75,7 @@ from torch import Tensor
 from .errors import ConfigError
 from .layers import ConvBNAct, check_int
 from .registry import model_from_config, register_model
+from .surgery import inherit
 
 CONVS = (2, 2, 4, 4, 4)  # convs in VGG19's blocks 1..5
 CHANNELS = (3, 64, 128, 256, 512, 512)  # block k maps CHANNELS[k - 1] -> CHANNELS[k]
@@ -441,8 +442,6 @@ def svgg_from(parent: nn.Module, level: str) -> PyramidVGG:
     child = model_from_config({"model": level, "num_classes": config["num_classes"],
                                "image_size": config["image_size"], "bn": bn,
                                "inference_mode": bool(config.get("inference_mode", False))})
-    param = next(parent.parameters())
-    child.to(device=param.device, dtype=param.dtype)
     parent_state, child_state = parent.state_dict(), child.state_dict()
     inherited = tuple(k for k in child_state if k in parent_state)
     fresh = tuple(k for k in child_state if k not in parent_state)
@@ -452,11 +451,8 @@ def svgg_from(parent: nn.Module, level: str) -> PyramidVGG:
     wrong += [k for k in fresh if not k.startswith(new_prefix)]
     if wrong:  # cannot happen with the table above; guards edits to it
         raise ConfigError(f"{level} and {spec.parent} disagree on {wrong[:3]}; the level table is inconsistent")
-    with torch.no_grad():
-        child.load_state_dict({**child_state, **{k: parent_state[k] for k in inherited}}, strict=True)
+    inherit(child, parent, inherited)
     child.inherited, child.fresh = inherited, fresh
-    child.preprocess = getattr(parent, "preprocess", None)
-    child.train(parent.training)
     return child  # type: ignore[return-value]
 
 

@@ -29,7 +29,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals, truncated zips, non-torch files: all mean "not a state_dict"
