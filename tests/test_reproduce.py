@@ -301,3 +301,29 @@ def test_rows_that_select_nothing_are_refused(tmp_path, capsys, extra):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--rows" in err[0]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_finished_row_is_found_whatever_the_spelling_of_its_paths(tmp_path, monkeypatch):
+    """`--runs runs/reproduce` and `--runs /abs/runs/reproduce` name the same teacher: nothing is retrained."""
+    from pathlib import Path
+
+    from train.reproduce import Row, train_row
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.safetensors").write_bytes(b"")
+    calls = []
+
+    def main(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text("{}")
+        return {}
+
+    run = tmp_path / "runs" / "row"
+    for teacher in ("teacher.safetensors", str(tmp_path / "teacher.safetensors"), "./teacher.safetensors"):
+        train_row(Row("r", "g", run, ["--inherit", teacher, "--epochs", "1"], main), lambda m: None)
+    assert len(calls) == 1
+    train_row(Row("r", "g", run, ["--inherit", "teacher.safetensors", "--epochs", "2"], main), lambda m: None)
+    train_row(Row("r", "g", run, ["--inherit", "other.safetensors", "--epochs", "2"], main), lambda m: None)
+    assert len(calls) == 3 and calls[-1][-1] == "--overwrite"  # another command still replaces the row

@@ -60,11 +60,32 @@ def command_line(module: str, argv: list[str]) -> str:
     return shlex.join(["python", "-m", module, *argv])
 
 
+def same_record(a: Any, b: Any) -> bool:
+    """Whether two records of how a run was made (option lists, dicts of them) say the same.
+
+    They do when they are equal, except that two different strings naming the same existing file count as equal:
+    ``runs/x`` written from the project folder and ``/home/me/project/runs/x`` are one teacher.
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_record(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_record(x, y) for x, y in zip(a, b))
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        try:
+            return os.path.samefile(a, b)
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 def finished_summary(run: str | Path, record: Any) -> dict[str, Any] | None:
-    """The summary of the run in ``run`` if it finished (:func:`mark_done`) with exactly ``record``, else None."""
+    """The summary of the run in ``run`` if it finished (:func:`mark_done`) made as ``record`` says
+    (:func:`same_record`), else None."""
     run = Path(run)
     try:
-        if json.loads((run / "done").read_text()) == record:
+        if same_record(json.loads((run / "done").read_text()), record):
             return json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
         pass

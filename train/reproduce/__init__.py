@@ -185,7 +185,8 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
     shown = (extra_lines or []) + aggregate(lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
     path = write_table(table, header, shown, columns, Path(args.results), _paper_notes(table),
                        csv_lines=(extra_lines or []) + lines)
-    plot_curves(table, rows, Path(args.results))
+    plot_curves(table, rows, Path(args.results),
+                references={line["row"]: line["last_acc"] for line in extra_lines or [] if line.get("last_acc")})
     return path
 
 

@@ -68,8 +68,12 @@ def write_table(table: str, header: list[str], lines: list[dict[str, Any]], colu
     return results / f"{table}.md"
 
 
-def plot_curves(table: str, rows: list[Row], results: Path) -> Path:
-    """Test accuracy per epoch of every run (one panel per group), and last accuracy against deployed MACs."""
+def plot_curves(table: str, rows: list[Row], results: Path, references: dict[str, float] | None = None) -> Path:
+    """Test accuracy per epoch of every run (one panel per group), and last accuracy against deployed MACs.
+
+    ``references`` (label -> accuracy, e.g. a published checkpoint scored on the same test set) are drawn as
+    dashed horizontal lines in every group's panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +92,9 @@ def plot_curves(table: str, rows: list[Row], results: Path) -> Path:
             ax.plot([int(h["epoch"]) for h in hist], [float(h["test_acc"]) for h in hist], marker=".",
                     color=colors[r.name], label=None if r.name in labelled else r.name)
             labelled.add(r.name)
+        for i, (label, acc) in enumerate((references or {}).items()):
+            ax.axhline(acc, color="k", alpha=0.6, linestyle=("--", ":", "-.")[i % 3], linewidth=1,
+                       label=f"{label}: {acc:.2f}")
         ax.set(title=group, xlabel="epoch", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ..rundir import finished_summary, mark_done
+from ..rundir import finished_summary, mark_done, same_record
 from .specs import Row
 
 
@@ -32,7 +32,7 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     if summary is not None:
         log(f"[skip] {row.name}: finished in {row.run}")
         return summary
-    resume = (row.run / "train_state.pt").is_file() and _run_argv(row.run) == row.argv
+    resume = (row.run / "train_state.pt").is_file() and same_record(_run_argv(row.run), row.argv)
     argv = [*row.argv, "--out", str(row.run)] + (["--resume"] if resume else ["--overwrite"])
     log(f"[{'resume' if resume else 'run'}] {row.name}: python -m train.{row.main.__module__.split('.')[-1]} "
         + " ".join(argv))
