@@ -146,9 +146,20 @@ def test_cifar100_kd_table_on_the_exact_subset(tmp_path):
 
 
 @pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
-def test_original_stage2_table(tmp_path):
-    run(smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10)))
+def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys):
+    argv = smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10))
+    # --rows trains a part of the table (to split it across cores) and writes no table from it
+    assert reproduce.main([*argv, "--rows", "*-scratch", "*-paper-kd"]) is None
+    runs = tmp_path / "runs" / "original-stage2"
+    assert sorted(p.name for p in runs.iterdir() if (p / "done").is_file()) == ["reduce20-s0-paper-kd",
+                                                                              "reduce20-s0-scratch"]
+    assert not (tmp_path / "results").exists()
+    assert "run the same command without --rows" in capsys.readouterr().out
+    # the same command without --rows skips the two finished rows, trains the rest and writes the whole table
+    out = run(argv)
+    assert out.count("[skip]") == 2 and out.count("[run]") == 3
     lines = read_csv(tmp_path / "results" / "original-stage2.csv")
+    assert len(lines) == 2 + 5 + 1  # their two checkpoints, the five rows, the last row's fused model
     teacher, student = lines[0], lines[1]
     # the original's own checkpoints score what the original code gives on the exact test images
     assert float(teacher["exact_acc"]) == pytest.approx(93.41, abs=0.005)
@@ -274,22 +285,6 @@ def test_pyramid_table(tmp_path):
     assert params == sorted(params, reverse=True)  # every level is smaller than the one above
     md = (tmp_path / "results" / "pyramid.md").read_text()
     assert "72.18" in md and "not ours" in md and (tmp_path / "results" / "pyramid.png").is_file()
-
-
-@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
-def test_rows_trains_part_of_a_table_and_writes_no_table(tmp_path, capsys):
-    argv = smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10))
-    assert reproduce.main([*argv, "--rows", "*-scratch", "*-paper-kd"]) is None
-    runs = tmp_path / "runs" / "original-stage2"
-    trained = sorted(p.name for p in runs.iterdir() if (p / "done").is_file())
-    assert trained == ["reduce20-s0-paper-kd", "reduce20-s0-scratch"]
-    assert not (tmp_path / "results").exists()  # a part of a table is not written as if it were the table
-    assert "run the same command without --rows" in capsys.readouterr().out
-    # the same command without --rows skips the two finished rows and writes the whole table
-    out = run(argv)
-    lines = read_csv(tmp_path / "results" / "original-stage2.csv")
-    assert out.count("[skip]") == 2 and out.count("[run]") == 3
-    assert len(lines) == 2 + 5 + 1  # their two checkpoints, the five rows, the last row's fused model
 
 
 @pytest.mark.parametrize("extra", [["original-stage2", "--rows", "nothing-*"], ["deploy-speed", "--rows", "*"]])
