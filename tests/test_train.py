@@ -665,6 +665,20 @@ def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
     assert json.loads((out / "args.json").read_text())["resumed"][-1]["changed"]["loader"] == [None, "memory"]
 
 
+def test_resume_takes_a_teacher_spelled_another_way_as_the_same(tmp_path, monkeypatch):
+    from train.rundir import RunDir, RunDirError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("teacher.safetensors", "other.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"args": {"teacher": "teacher.safetensors"}, "world_size": 1}))
+    RunDir(run, resume=True, record={"args": {"teacher": str(tmp_path / "teacher.safetensors")}})._check_resume()
+    with pytest.raises(RunDirError, match="--teacher"):
+        RunDir(run, resume=True, record={"args": {"teacher": "other.safetensors"}})._check_resume()
+
+
 # ----------------------------------------------------------------------------------------------- 6. subsets
 
 

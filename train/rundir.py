@@ -163,7 +163,7 @@ class RunDir:
                               "are unknown; start a new run with --overwrite") from None
         # an option the run's version did not have yet is taken as today's (it is recorded under "resumed")
         differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(old)
-                  if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+                  if k not in RESUMABLE_CHANGES and not same_record(old.get(k), new.get(k))]
         added = sorted(set(new) - set(old))
         if saved.get("world_size", 1) != self.record.get("world_size", 1):
             differ.append(f"{self.record.get('world_size', 1)} processes (run: {saved.get('world_size', 1)})")
