@@ -146,10 +146,13 @@ def test_cifar100_kd_table_on_the_exact_subset(tmp_path):
 
 
 @pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
-def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys):
+def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys, monkeypatch):
     argv = smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10))
-    # --rows trains a part of the table (to split it across cores) and writes no table from it
-    assert reproduce.main([*argv, "--rows", "*-scratch", "*-paper-kd"]) is None
+    # --rows trains a part of the table (to split it across cores) and writes no table from it; nor does it
+    # score the original's checkpoints, which only the table shows
+    with monkeypatch.context() as m:
+        m.setattr(reproduce, "_evaluate", lambda *a: pytest.fail("--rows scored a checkpoint for the table"))
+        assert reproduce.main([*argv, "--rows", "*-scratch", "*-paper-kd"]) is None
     runs = tmp_path / "runs" / "original-stage2"
     assert sorted(p.name for p in runs.iterdir() if (p / "done").is_file()) == ["reduce20-s0-paper-kd",
                                                                               "reduce20-s0-scratch"]
@@ -322,3 +325,24 @@ def test_a_finished_row_is_found_whatever_the_spelling_of_its_paths(tmp_path, mo
     train_row(Row("r", "g", run, ["--inherit", "teacher.safetensors", "--epochs", "2"], main), lambda m: None)
     train_row(Row("r", "g", run, ["--inherit", "other.safetensors", "--epochs", "2"], main), lambda m: None)
     assert len(calls) == 3 and calls[-1][-1] == "--overwrite"  # another command still replaces the row
+
+
+@pytest.mark.parametrize("macs, xlabel", [((40e6, 40e6), "training time (h)"), ((40e6, 80e6), "MACs (M)")])
+def test_the_cost_panel_plots_against_training_time_when_macs_do_not_differ(tmp_path, macs, xlabel):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train.reproduce import Row
+    from train.reproduce.report import _plot_cost
+
+    rows = [Row(f"row {i}", "g", tmp_path / str(i), [], None, 0) for i in range(2)]
+    for r, m, t in zip(rows, macs, (3600.0, 7200.0)):
+        r.result = {"last_test_acc": 90.0, "macs": m, "train_s_total": t}
+    fig, ax = plt.subplots()
+    _plot_cost(ax, rows, {"row 0": "C0", "row 1": "C1"})
+    xs = sorted(float(c.get_offsets()[0, 0]) for c in ax.collections)
+    plt.close(fig)
+    assert ax.get_xlabel() == xlabel
+    assert xs == ([1.0, 2.0] if xlabel.startswith("training") else [40.0, 80.0])

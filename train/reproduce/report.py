@@ -68,8 +68,32 @@ def write_table(table: str, header: list[str], lines: list[dict[str, Any]], colu
     return results / f"{table}.md"
 
 
+def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:
+    """Last-epoch accuracy against deployed MACs; against training time when every row deploys at the same MACs
+    (then MACs would put every point on one vertical line, and what differs between the rows is their cost)."""
+    points = []
+    for r in rows:
+        acc = r.result.get("fused_test_acc", r.result.get("last_test_acc"))
+        macs = r.result.get("sizes", {}).get("fused", {}).get("macs", r.result.get("macs"))
+        if acc is not None and macs:
+            points.append((r, macs / 1e6, r.result.get("train_s_total"), acc))
+    by_macs = len({round(p[1], 3) for p in points}) > 1 or any(p[2] is None for p in points)
+    for r, macs, train_s, acc in points:
+        x = macs if by_macs else train_s / 3600
+        ax.scatter(x, acc, color=colors[r.name])
+        ax.annotate(f"{r.group}: {r.name} s{r.seed}", (x, acc), fontsize=6)
+    if by_macs:
+        ax.set(title="last-epoch accuracy vs deployed MACs", xlabel="MACs (M)", ylabel="test accuracy (%)")
+    else:
+        macs = f" (every row deploys at {points[0][1]:.2f} M MACs)" if points else ""
+        ax.set(title="last-epoch accuracy vs training time" + macs, xlabel="training time (h)",
+               ylabel="test accuracy (%)")
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(table: str, rows: list[Row], results: Path, references: dict[str, float] | None = None) -> Path:
-    """Test accuracy per epoch of every run (one panel per group), and last accuracy against deployed MACs.
+    """Test accuracy per epoch of every run (one panel per group), and last accuracy against deployed MACs (or
+    training time, where every row has the same MACs).
 
     ``references`` (label -> accuracy, e.g. a published checkpoint scored on the same test set) are drawn as
     dashed horizontal lines in every group's panel.
@@ -98,15 +122,7 @@ def plot_curves(table: str, rows: list[Row], results: Path, references: dict[str
         ax.set(title=group, xlabel="epoch", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    ax = axes[0][-1]
-    for r in rows:
-        acc = r.result.get("fused_test_acc", r.result.get("last_test_acc"))
-        macs = r.result.get("sizes", {}).get("fused", {}).get("macs", r.result.get("macs"))
-        if acc is not None and macs:
-            ax.scatter(macs / 1e6, acc, color=colors[r.name])
-            ax.annotate(f"{r.group}: {r.name} s{r.seed}", (macs / 1e6, acc), fontsize=6)
-    ax.set(title="last-epoch accuracy vs deployed MACs", xlabel="MACs (M)", ylabel="test accuracy (%)")
-    ax.grid(alpha=0.3)
+    _plot_cost(axes[0][-1], rows, colors)
     fig.tight_layout()
     path = results / f"{table}.png"
     fig.savefig(path, dpi=90)
