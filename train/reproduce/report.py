@@ -85,8 +85,8 @@ def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:
     if by_macs:
         ax.set(title="last-epoch accuracy vs deployed MACs", xlabel="MACs (M)", ylabel="test accuracy (%)")
     else:
-        macs = f" (every row deploys at {points[0][1]:.2f} M MACs)" if points else ""
-        ax.set(title="last-epoch accuracy vs training time" + macs, xlabel="training time (h)",
+        same_macs = f" (every row deploys at {points[0][1]:.2f} M MACs)" if points else ""
+        ax.set(title="last-epoch accuracy vs training time" + same_macs, xlabel="training time (h)",
                ylabel="test accuracy (%)")
     ax.grid(alpha=0.3)
 
