@@ -67,6 +67,15 @@ def test_cifar10_reducenet_table_and_resume(tmp_path):
         assert needle in md, needle
     assert (results / "cifar10-reducenet.png").stat().st_size > 10_000
     assert first.count("[run]") == 8
+    # every stage-2 row is set against the scratch student of its recipe and seed, run against run
+    acc = {r["row"]: float(r["last_acc"]) for r in rows}
+    gains = {cells[1]: cells for cells in (line.split(" | ") for line in md.splitlines()) if len(cells) == 6}
+    for recipe in ("paper", "ours"):
+        cells = gains[f"stage2: inherit + KD ({recipe} recipe)"]
+        assert cells[2] == f"student from scratch (2 ep) ({recipe} recipe)"
+        diff = acc[f"stage2: inherit + KD ({recipe} recipe)"] - acc[f"student from scratch (2 ep) ({recipe} recipe)"]
+        assert cells[4] == f"{diff:+.2f}"
+    assert "stage2 + LoRA r8 + LambdaReLU (ours recipe)" in gains and "teacher (stage1) (ours recipe)" not in gains
 
     # a second call skips every finished row and rewrites the same table
     teacher_ckpt = runs / "reduce20-w1-ours-s0-teacher" / "last.safetensors"
@@ -128,6 +137,18 @@ def test_seeds_are_averaged_in_the_markdown_and_listed_in_the_csv(tmp_path):
     md = (tmp_path / "results" / f"{table}.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith(f"| {lines[0]['group']} | {first} |"))
     assert "| 0, 1 |" in row and f"{sum(accs) / 2:.2f} ± " in row
+
+
+def test_rows_are_set_against_their_baselines_seed_by_seed():
+    def line(row, seed, acc, exact):
+        return {"group": "g", "row": row, "seed": seed, "run": f"{row}-s{seed}", "last_acc": acc, "exact_acc": exact}
+
+    lines = [line("scratch", 0, 80.0, 90.0), line("kd", 0, 81.5, 89.0),
+             line("scratch", 1, 82.0, 90.0), line("kd", 1, 82.5, 92.0), line("fused", 0, 81.5, None)]
+    md = reproduce.against_baselines(lines, {"kd-s0": "scratch-s0", "kd-s1": "scratch-s1"}, 10_000)
+    assert "| g | kd | scratch | 0, 1 | +1.00 ± 0.71 | +1.50, +0.50 | +0.50 ± 2.12 | -1.00, +2.00 |" in md
+    assert "near 82% on 10,000 test images is 0.39 points" in " ".join(md)
+    assert reproduce.against_baselines(lines, {"kd-s0": "missing"}, 10_000) == []  # no baseline, no section
 
 
 @pytest.mark.skipif(not (CIFAR100 / "cifar-100-python").is_dir(), reason=f"{CIFAR100} is absent")

@@ -44,7 +44,7 @@ from .. import evaluate as evaluate_cli
 from .. import pyramid, stage1, stage2
 from ..data import data_root
 from ..engine import git_commit
-from .report import aggregate, plot_curves, write_table
+from .report import against_baselines, aggregate, plot_curves, write_table
 from .runner import finished, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
                     original_rows, precision_rows, pyramid_rows, trim_rows)
@@ -52,7 +52,7 @@ from ..timing import measure
 from .speed import speed_table
 
 __all__ = ["main", "build_parser", "train_row", "finished", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
-           "stage1", "stage2", "measure"]
+           "against_baselines", "stage1", "stage2", "measure"]
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
           "deploy-speed")
@@ -189,7 +189,9 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
     e1, e2 = BUDGETS[table][args.budget]
     header = _header(table, args, rows, f"{e1} + {e2} epochs (stage 1 + stage 2)" if e1 else f"{e2} epochs")
     shown = extra_lines + aggregate(lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
-    path = write_table(table, header, shown, columns, Path(args.results), _paper_notes(table),
+    paired = against_baselines(lines, {str(r.run): str(r.baseline) for r in rows if r.baseline},
+                               rows[0].result["test_images"])
+    path = write_table(table, header, shown, columns, Path(args.results), paired + _paper_notes(table),
                        csv_lines=extra_lines + lines)
     plot_curves(table, rows, Path(args.results),
                 references={line["row"]: line["last_acc"] for line in extra_lines if line.get("last_acc")})

@@ -32,6 +32,51 @@ def aggregate(lines: list[dict[str, Any]], keys: list[str]) -> list[dict[str, An
     return list(out.values())
 
 
+def against_baselines(lines: list[dict[str, Any]], baselines: dict[str, str], test_images: int) -> list[str]:
+    """A markdown section: each row's accuracy minus its baseline's (the same seed's run), over seeds.
+
+    Args:
+        lines: one line per run, with ``run``, ``group``, ``row``, ``seed`` and accuracies (``last_acc``, and
+            ``exact_acc`` where the table has it).
+        baselines: run folder -> the run folder of its baseline, for the rows that have one.
+        test_images: the size of the test set of ``last_acc``, for the standard error quoted beside it.
+
+    Returns:
+        The section's lines, or none when no row has a finished baseline.
+    """
+    by_run = {line["run"]: line for line in lines}
+    pairs = [(line, by_run[baselines[line["run"]]]) for line in lines if baselines.get(line["run"]) in by_run]
+    if not pairs:
+        return []
+    keys = [k for k in ("last_acc", "exact_acc")
+            if all(isinstance(x.get(k), (int, float)) for pair in pairs for x in pair)]
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for line, base in pairs:
+        agg = out.setdefault((line["group"], line["row"]), {"baseline": base["row"], "seeds": [],
+                                                            **{k: [] for k in keys}})
+        agg["seeds"].append(line["seed"])
+        for k in keys:
+            agg[k].append(line[k] - base[k])
+    p = statistics.mean(x["last_acc"] for pair in pairs for x in pair) / 100
+    se = 100 * math.sqrt(p * (1 - p) / test_images)
+    names = {"last_acc": "last acc", "exact_acc": "exact-subset acc"}
+    md = ["## Each row against its baseline, seed by seed", "",
+          "The row's last-epoch accuracy minus its baseline's, run against run of the same seed, in points "
+          "(above 0: the row is ahead); mean ± standard deviation over the seeds, then each seed's difference. "
+          f"For scale: one binomial standard error of one accuracy near {100 * p:.0f}% on {test_images:,} test "
+          f"images is {se:.2f} points, of a difference of two independent runs {math.sqrt(2) * se:.2f}.", "",
+          "| group | row | baseline | seeds | " + " | ".join(f"Δ {names[k]} (points) | per seed" for k in keys)
+          + " |", "|" + "---|" * (4 + 2 * len(keys))]
+    for (group, row), agg in out.items():
+        cells = [group, row, agg["baseline"], ", ".join(map(str, agg["seeds"]))]
+        for k in keys:
+            d = agg[k]
+            cells += [f"{statistics.mean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else ""),
+                      ", ".join(f"{x:+.2f}" for x in d)]
+        md.append("| " + " | ".join(cells) + " |")
+    return md + [""]
+
+
 def fmt(v: Any) -> str:
     if v is None:
         return "–"

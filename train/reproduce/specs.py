@@ -62,6 +62,8 @@ class Row:
         argv: the command's options (without ``--out``, ``--resume``, ``--overwrite``).
         main: ``train.stage1.main`` or ``train.stage2.main``.
         seed: the row's seed.
+        baseline: the run this row is measured against, seed by seed (e.g. the scratch student of the same
+            epochs); the table shows the row's accuracy minus the baseline's.
         result: the run's summary, filled by the runner.
     """
 
@@ -71,6 +73,7 @@ class Row:
     argv: list[str]
     main: Callable[[list[str]], dict]
     seed: int = 0
+    baseline: Path | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,30 +99,31 @@ def cifar10_rows(args: argparse.Namespace) -> list[Row]:
                     recipe = ["--recipe", RECIPE_NAMES[short]]
                     common = ["--dataset", "cifar10", *recipe, *_common(args, seed)]
                     prefix = runs / f"{group}-{short}-s{seed}"
-                    teacher = Path(f"{prefix}-teacher")
+                    teacher, scratch = Path(f"{prefix}-teacher"), Path(f"{prefix}-scratch")
                     s2 = ["--inherit", str(teacher), "--epochs", str(e2), *common]
                     tag = f" ({short} recipe)"
                     rows += [
                         Row("teacher (stage1)" + tag, group, teacher,
                             ["-m", model, "--width", str(w), "--expansion", "1", "--epochs", str(e1), *common],
                             stage1.main, seed),
-                        Row(f"student from scratch ({e1 + e2} ep)" + tag, group, Path(f"{prefix}-scratch"),
+                        Row(f"student from scratch ({e1 + e2} ep)" + tag, group, scratch,
                             ["-m", model, "--width", str(w), "--expansion", "0", "--epochs", str(e1 + e2), *common],
                             stage1.main, seed),
                         Row("stage2: inherit + KD" + tag, group, Path(f"{prefix}-kd"), [*s2, "--kd", "kd"],
-                            stage2.main, seed),
+                            stage2.main, seed, baseline=scratch),
                     ]
                     if short == "ours":
-                        rows += _lora_rows(group, prefix, s2, e2, tag, seed)
+                        rows += _lora_rows(group, prefix, s2, e2, tag, seed, scratch)
     return rows
 
 
-def _lora_rows(group: str, prefix: Path, s2: list[str], e2: int, tag: str, seed: int) -> list[Row]:
+def _lora_rows(group: str, prefix: Path, s2: list[str], e2: int, tag: str, seed: int, baseline: Path) -> list[Row]:
     lora = [*s2, "--kd", "kd", "--lora-rank", str(LORA_RANK)]
     return [
-        Row(f"stage2 + LoRA r{LORA_RANK}" + tag, group, Path(f"{prefix}-kd-lora"), lora, stage2.main, seed),
+        Row(f"stage2 + LoRA r{LORA_RANK}" + tag, group, Path(f"{prefix}-kd-lora"), lora, stage2.main, seed,
+            baseline=baseline),
         Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU" + tag, group, Path(f"{prefix}-kd-lora-lambda"),
-            [*lora, "--lambda-epochs", str(max(1, e2 // 2))], stage2.main, seed),
+            [*lora, "--lambda-epochs", str(max(1, e2 // 2))], stage2.main, seed, baseline=baseline),
     ]
 
 
@@ -132,14 +136,15 @@ def original_rows(args: argparse.Namespace, teacher: Path) -> list[Row]:
         prefix = runs / f"reduce20-s{seed}"
         paper = ["--inherit", str(teacher), "--epochs", str(e2), "--recipe", "reducenet-paper", *common]
         ours = ["--inherit", str(teacher), "--epochs", str(e2), *common]
+        scratch = Path(f"{prefix}-scratch")
         rows += [
-            Row(f"student from scratch ({e2} ep, ours)", group, Path(f"{prefix}-scratch"),
+            Row(f"student from scratch ({e2} ep, ours)", group, scratch,
                 ["-m", "reduce20", "--expansion", "0", "--epochs", str(e2), *common], stage1.main, seed),
             Row("stage2: inherit + KD (paper recipe)", group, Path(f"{prefix}-paper-kd"), [*paper, "--kd", "kd"],
-                stage2.main, seed),
+                stage2.main, seed, baseline=scratch),
             Row("stage2: inherit + KD (ours recipe)", group, Path(f"{prefix}-ours-kd"), [*ours, "--kd", "kd"],
-                stage2.main, seed),
-            *_lora_rows(group, Path(f"{prefix}-ours"), ours, e2, " (ours recipe)", seed),
+                stage2.main, seed, baseline=scratch),
+            *_lora_rows(group, Path(f"{prefix}-ours"), ours, e2, " (ours recipe)", seed, scratch),
         ]
     return rows
 
@@ -155,17 +160,18 @@ def cifar100_rows(args: argparse.Namespace) -> list[Row]:
         group = f"{big}->{small}"
         for seed in args.seeds:
             common = ["--dataset", "cifar100", "--epochs", str(epochs), *KD_RECIPE, *_common(args, seed)]
-            teacher = runs / f"{big}-teacher-s{seed}"
+            teacher, scratch = runs / f"{big}-teacher-s{seed}", runs / f"{small}-scratch-s{seed}"
             kd = ["--teacher", str(teacher), "-m", small, "--no-export", *common]
             rows += [
                 Row(f"teacher {big} (scratch)", group, teacher, ["-m", big, "--expansion", "0", *common],
                     stage1.main, seed),
-                Row(f"student {small} scratch", group, runs / f"{small}-scratch-s{seed}",
-                    ["-m", small, "--expansion", "0", *common], stage1.main, seed),
+                Row(f"student {small} scratch", group, scratch, ["-m", small, "--expansion", "0", *common],
+                    stage1.main, seed),
                 Row(f"student {small} KD", group, runs / f"{small}-kd-from-{big}-s{seed}",
-                    [*kd, "--kd", "kd", "--kd-alpha", "0.9", "--kd-T", "4"], stage2.main, seed),
+                    [*kd, "--kd", "kd", "--kd-alpha", "0.9", "--kd-T", "4"], stage2.main, seed, baseline=scratch),
                 Row(f"student {small} DKD", group, runs / f"{small}-dkd-from-{big}-s{seed}",
-                    [*kd, "--kd", "dkd", "--kd-beta", str(DKD_BETA[(big, small)])], stage2.main, seed),
+                    [*kd, "--kd", "dkd", "--kd-beta", str(DKD_BETA[(big, small)])], stage2.main, seed,
+                    baseline=scratch),
             ]
     return rows
 
@@ -180,17 +186,17 @@ def kd_folder_rows(args: argparse.Namespace) -> list[Row]:
     group = f"{teacher_name.split(':')[1]}->{student_name.split(':')[1]}"
     for seed in args.seeds:
         common = ["--dataset", "imagefolder", "--image-size", str(size), "--loader", "stream", *_common(args, seed)]
-        teacher = runs / f"teacher-s{seed}"
+        teacher, scratch = runs / f"teacher-s{seed}", runs / f"student-scratch-s{seed}"
         kd = ["--teacher", str(teacher), "-m", student_name, "--epochs", str(e2), *common]
         rows += [
             Row(f"teacher {teacher_name}", group, teacher, ["-m", teacher_name, "--epochs", str(e1), *common],
                 stage1.main, seed),
-            Row(f"student {student_name}, no distillation", group, runs / f"student-scratch-s{seed}",
+            Row(f"student {student_name}, no distillation", group, scratch,
                 ["-m", student_name, "--epochs", str(e2), *common], stage1.main, seed),
             Row(f"student {student_name}, KD: MSE on logits", group, runs / f"student-mse-s{seed}",
-                [*kd, "--kd", "mse"], stage2.main, seed),
+                [*kd, "--kd", "mse"], stage2.main, seed, baseline=scratch),
             Row(f"student {student_name}, KD: KL (T 5)", group, runs / f"student-kl-s{seed}", [*kd, "--kd", "kd"],
-                stage2.main, seed),
+                stage2.main, seed, baseline=scratch),
         ]
     return rows
 
@@ -202,15 +208,19 @@ def precision_rows(args: argparse.Namespace) -> list[Row]:
     for model in args.models or ["reduce20"]:
         for seed in args.seeds:
             common = ["--dataset", "cifar10", *_common(args, seed)]
+            fp32 = runs / f"{model}-float32-s{seed}"  # bf16 is measured against float32
             for amp, label in (("--no-amp", "float32"), ("--amp", "bf16 autocast")):
                 teacher = runs / f"{model}-{label.split()[0]}-s{seed}-teacher"
+                bf16 = amp == "--amp"
                 rows += [
                     Row(f"teacher, {label}", model, teacher,
-                        ["-m", model, "--expansion", "1", "--epochs", str(e1), amp, *common], stage1.main, seed),
+                        ["-m", model, "--expansion", "1", "--epochs", str(e1), amp, *common], stage1.main, seed,
+                        baseline=Path(f"{fp32}-teacher") if bf16 else None),
                     Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU, {label}", model,
                         runs / f"{model}-{label.split()[0]}-s{seed}-stage2",
                         ["--inherit", str(teacher), "--epochs", str(e2), "--lora-rank", str(LORA_RANK),
-                         "--lambda-epochs", str(max(1, e2 // 2)), amp, *common], stage2.main, seed),
+                         "--lambda-epochs", str(max(1, e2 // 2)), amp, *common], stage2.main, seed,
+                        baseline=Path(f"{fp32}-stage2") if bf16 else None),
                 ]
     return rows
 
@@ -236,8 +246,10 @@ def trim_rows(args: argparse.Namespace) -> list[Row]:
                  ["--epochs", str(e2), "--kd", "kd", "--kd-alpha", "1", "--ce-weight", "1", "--kd-T", "4",
                   "--feature-kd", "semckd"]),
             ]
+            ce = Path(f"{base}-trim{reduce}-ce")  # distillation is measured against fine-tuning with CE only
             rows += [Row(f"{reduce}x MACs: {label}", model, Path(f"{base}-trim{reduce}-{tag}"), [*trim_args, *extra],
-                         trim.main, seed) for label, tag, extra in variants]
+                         trim.main, seed, baseline=ce if tag in ("kd", "semckd") else None)
+                     for label, tag, extra in variants]
     return rows
 
 
