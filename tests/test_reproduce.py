@@ -280,6 +280,11 @@ def test_precision_table_runs_the_same_rows_in_float32_and_bf16(tmp_path):
     assert [r["row"] for r in lines[:4]] == ["teacher, float32", "stage2 + LoRA r8 + LambdaReLU, float32",
                                              "teacher, bf16 autocast", "stage2 + LoRA r8 + LambdaReLU, bf16 autocast"]
     assert [r["precision"] for r in lines[:4]] == ["float32", "float32", "bf16 autocast", "bf16 autocast"]
+    acc = {r["row"]: float(r["last_acc"]) for r in lines}
+    md = (tmp_path / "results" / "precision.md").read_text()
+    for stage in ("teacher", "stage2 + LoRA r8 + LambdaReLU"):  # bf16 against float32, run against run
+        diff = acc[f"{stage}, bf16 autocast"] - acc[f"{stage}, float32"]
+        assert f"| reduce20 | {stage}, bf16 autocast | {stage}, float32 | 0 | {diff:+.2f} |" in md
 
 
 def test_trim_table(tmp_path):

@@ -208,19 +208,21 @@ def precision_rows(args: argparse.Namespace) -> list[Row]:
     for model in args.models or ["reduce20"]:
         for seed in args.seeds:
             common = ["--dataset", "cifar10", *_common(args, seed)]
-            fp32 = runs / f"{model}-float32-s{seed}"  # bf16 is measured against float32
+            def run(precision: str, stage: str) -> Path:
+                return runs / f"{model}-{precision}-s{seed}-{stage}"
+
             for amp, label in (("--no-amp", "float32"), ("--amp", "bf16 autocast")):
-                teacher = runs / f"{model}-{label.split()[0]}-s{seed}-teacher"
-                bf16 = amp == "--amp"
+                precision = label.split()[0]
+                teacher = run(precision, "teacher")
+                bf16 = precision == "bf16"  # measured against float32
                 rows += [
                     Row(f"teacher, {label}", model, teacher,
                         ["-m", model, "--expansion", "1", "--epochs", str(e1), amp, *common], stage1.main, seed,
-                        baseline=Path(f"{fp32}-teacher") if bf16 else None),
-                    Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU, {label}", model,
-                        runs / f"{model}-{label.split()[0]}-s{seed}-stage2",
+                        baseline=run("float32", "teacher") if bf16 else None),
+                    Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU, {label}", model, run(precision, "stage2"),
                         ["--inherit", str(teacher), "--epochs", str(e2), "--lora-rank", str(LORA_RANK),
                          "--lambda-epochs", str(max(1, e2 // 2)), amp, *common], stage2.main, seed,
-                        baseline=Path(f"{fp32}-stage2") if bf16 else None),
+                        baseline=run("float32", "stage2") if bf16 else None),
                 ]
     return rows
 
