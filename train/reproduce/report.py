@@ -50,13 +50,8 @@ def against_baselines(lines: list[dict[str, Any]], baselines: dict[str, str], te
         return []
     keys = [k for k in ("last_acc", "exact_acc")
             if all(isinstance(x.get(k), (int, float)) for pair in pairs for x in pair)]
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for line, base in pairs:
-        agg = out.setdefault((line["group"], line["row"]), {"baseline": base["row"], "seeds": [],
-                                                            **{k: [] for k in keys}})
-        agg["seeds"].append(line["seed"])
-        for k in keys:
-            agg[k].append(line[k] - base[k])
+    diffs = [{"group": line["group"], "row": line["row"], "seed": line["seed"], "baseline": base["row"],
+              **{k: line[k] - base[k] for k in keys}} for line, base in pairs]
     p = statistics.mean(x["last_acc"] for pair in pairs for x in pair) / 100
     se = 100 * math.sqrt(p * (1 - p) / test_images)
     names = {"last_acc": "last acc", "exact_acc": "exact-subset acc"}
@@ -67,12 +62,12 @@ def against_baselines(lines: list[dict[str, Any]], baselines: dict[str, str], te
           f"images is {se:.2f} points, of a difference of two independent runs {math.sqrt(2) * se:.2f}.", "",
           "| group | row | baseline | seeds | " + " | ".join(f"Δ {names[k]} (points) | per seed" for k in keys)
           + " |", "|" + "---|" * (4 + 2 * len(keys))]
-    for (group, row), agg in out.items():
-        cells = [group, row, agg["baseline"], ", ".join(map(str, agg["seeds"]))]
+    for agg in aggregate(diffs, keys):
+        per_seed = [d for d in diffs if (d["group"], d["row"]) == (agg["group"], agg["row"])]
+        cells = [agg["group"], agg["row"], agg["baseline"], agg["seeds"]]
         for k in keys:
-            d = agg[k]
-            cells += [f"{statistics.mean(d):+.2f}" + (f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else ""),
-                      ", ".join(f"{x:+.2f}" for x in d)]
+            cells += [f"{agg[k]:+.2f}" + (f" ± {agg[k + '_std']:.2f}" if agg[k + "_std"] is not None else ""),
+                      ", ".join(f"{d[k]:+.2f}" for d in per_seed)]
         md.append("| " + " | ".join(cells) + " |")
     return md + [""]
 
