@@ -102,6 +102,19 @@ def test_a_row_made_by_another_command_is_not_reported_as_this_one(tmp_path):
     assert summary["train_images"] == 128 and reproduce.finished(other)  # 150 images, one batch of 128
 
 
+def test_no_lora_rows_leaves_out_only_the_lora_rows_and_says_so(tmp_path):
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--seeds", "0", "1")
+    full = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))
+    args = reproduce.build_parser().parse_args([*argv, "--no-lora-rows"])
+    short = reproduce.cifar10_rows(args)
+    assert len(full) == 16 and len(short) == 12
+    assert [(r.run, r.argv) for r in short] == [(r.run, r.argv) for r in full if "LoRA" not in r.name]
+    for r in short:
+        r.result = {"data": "d", "train_images": 1, "test_images": 1, "hardware": "h", "commits": ["c"]}
+    command = reproduce._header("cifar10-reducenet", args, short, "1 + 1 epochs")[0]
+    assert "--recipes paper ours --no-lora-rows --data-dir" in command
+
+
 def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
     argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "ours")
     rows = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))

@@ -91,6 +91,7 @@ def _header(table: str, args: argparse.Namespace, rows: list[Row], budget: str) 
                + (f" --subset {args.subset}" if args.subset else "")
                + (f" --models {' '.join(args.models)}" if args.models else "")
                + (f" --recipes {' '.join(args.recipes)}" if table == "cifar10-reducenet" else "")
+               + (" --no-lora-rows" if table == "cifar10-reducenet" and not getattr(args, "lora_rows", True) else "")
                + (f" --losses {' '.join(args.losses)}" if table == "pyramid" else "")
                + (f" --image-size {args.image_size}" if args.image_size else "")
                + (f" --data-dir {args.data_dir}" if args.data_dir else ""))
@@ -315,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, help="restrict to these models (e.g. reduce20)")
     p.add_argument("--recipes", nargs="+", choices=tuple(RECIPE_NAMES), default=list(RECIPE_NAMES),
                    help="cifar10-reducenet: which recipes to run")
+    p.add_argument("--lora-rows", action=argparse.BooleanOptionalAction, default=True,
+                   help="cifar10-reducenet: also stage 2 + LoRA and + LoRA + LambdaReLU with our recipe (default); "
+                        "--no-lora-rows leaves them out (they train longest) and keeps every other row as it is")
     p.add_argument("--data-dir", default=None, help="data root (default $REDUCENET_DATA, else ./data)")
     p.add_argument("--original", default=None,
                    help="original-stage2: folder of the original ReduceNet's .pth files "

@@ -87,7 +87,11 @@ def _common(args: argparse.Namespace, seed: int) -> list[str]:
 
 
 def cifar10_rows(args: argparse.Namespace) -> list[Row]:
-    """Teacher, scratch student with the same total epochs, and stage 2, per recipe, model, width and seed."""
+    """Teacher, scratch student with the same total epochs, and stage 2, per recipe, model, width and seed.
+
+    With our recipe stage 2 also runs with LoRA and with LoRA + LambdaReLU, unless ``args.lora_rows`` is False;
+    leaving them out changes no other row's command, so finished rows count either way.
+    """
     e1, e2 = BUDGETS["cifar10-reducenet"][args.budget]
     widths = [1, 2] if torch.cuda.is_available() and args.device != "cpu" else [1]
     runs, rows = Path(args.runs) / "cifar10-reducenet", []
@@ -112,7 +116,7 @@ def cifar10_rows(args: argparse.Namespace) -> list[Row]:
                         Row("stage2: inherit + KD" + tag, group, Path(f"{prefix}-kd"), [*s2, "--kd", "kd"],
                             stage2.main, seed, baseline=scratch),
                     ]
-                    if short == "ours":
+                    if short == "ours" and getattr(args, "lora_rows", True):
                         rows += _lora_rows(group, prefix, s2, e2, tag, seed, scratch)
     return rows
 
