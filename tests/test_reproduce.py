@@ -12,6 +12,7 @@ import torch
 import models
 from _shared import CIFAR10, CIFAR100, SHARED
 from train import reproduce
+from train.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -132,6 +133,15 @@ def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
     assert not (runs / "reduce20-w1-ours-s0-kd" / "done").exists()
     # a half-finished row (train_state.pt but no done marker) is resumed, not restarted
     (runs / "reduce20-w1-ours-s0-scratch" / "done").unlink()
+    plan = run([*argv, "--plan"])  # says so before anything runs, and trains nothing
+    states = dict(line.split(maxsplit=1) for line in plan.splitlines()[1:])
+    assert plan.splitlines()[0] == "1 of 5 rows finished; nothing trained (--plan)"
+    assert states == {"reduce20-w1-ours-s0-teacher": "finished", "reduce20-w1-ours-s0-scratch": "resumes (2/2 epochs)",
+                      "reduce20-w1-ours-s0-kd": "not started", "reduce20-w1-ours-s0-kd-lora": "not started",
+                      "reduce20-w1-ours-s0-kd-lora-lambda": "not started"}
+    assert not (runs / "reduce20-w1-ours-s0-kd").exists() and not (tmp_path / "results").exists()
+    with RunDir(runs / "reduce20-w1-ours-s0-scratch", overwrite=True).open():  # a running process holds it
+        assert reproduce.row_state(rows[1]) == "running (2/2 epochs)"
     log: list[str] = []
     summary = reproduce.train_row(rows[1], log.append)
     assert log[0].startswith("[resume] ") and "--resume" in log[0]
@@ -241,6 +251,7 @@ def test_the_hand_written_net_computes_the_fused_students_function(single_thread
 
 @pytest.mark.parametrize("main, argv, words", [
     ("reproduce", ["deploy-speed", "--repeats", "0"], "--repeats 0"),
+    ("reproduce", ["deploy-speed", "--plan"], "--plan"),
     ("reproduce", ["cifar10-reducenet", "--seeds", "-1"], "--seeds"),
     ("bench", ["--steps", "0"], "--steps 0"),
     ("bench", ["--workers", "-1"], "--workers -1"),

@@ -97,6 +97,21 @@ def mark_done(run: str | Path, record: Any) -> None:
     atomic_write_text(Path(run) / "done", json.dumps(record) + "\n")
 
 
+def in_use(run: str | Path) -> bool:
+    """Whether a running process holds the lock of the run directory ``run`` (tested without waiting or writing)."""
+    try:
+        fd = os.open(Path(run) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+
+
 class RunDir:
     """A run directory.
 

@@ -45,13 +45,13 @@ from .. import pyramid, stage1, stage2
 from ..data import data_root
 from ..engine import git_commit
 from .report import against_baselines, aggregate, plot_curves, write_table
-from .runner import finished, train_row
+from .runner import finished, row_state, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
                     original_rows, precision_rows, pyramid_rows, trim_rows)
 from ..timing import measure
 from .speed import speed_table
 
-__all__ = ["main", "build_parser", "train_row", "finished", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
+__all__ = ["main", "build_parser", "train_row", "finished", "row_state", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
            "against_baselines", "stage1", "stage2", "measure"]
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
@@ -154,7 +154,14 @@ def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
 def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], None]) -> bool:
     """Train the table's rows; with ``--rows`` only those, and False (the table is not written from a part)."""
     picked = _picked(rows, args)
-    for r in rows if picked is None else picked:
+    chosen = rows if picked is None else picked
+    if args.plan:
+        states = [row_state(r) for r in chosen]
+        log(f"{states.count('finished')} of {len(chosen)} rows finished; nothing trained (--plan)")
+        for r, state in zip(chosen, states):
+            log(f"  {r.run.name:<40} {state}")
+        return False
+    for r in chosen:
         r.result = train_row(r, log)
     if picked is not None:
         log(f"trained {len(picked)} of {len(rows)} rows; run the same command without --rows to write the table")
@@ -285,7 +292,7 @@ def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path
     converted = {}
     for role, pth in files.items():
         dest = Path(args.runs) / "original-stage2" / "converted" / f"{pth.stem}.safetensors"
-        if not dest.is_file():
+        if not dest.is_file() and not args.plan:
             save_checkpoint(from_reducenet_original(read_state_dict(pth), str(pth)), dest,
                             {"converted_from": str(pth), "dataset": "cifar10", "role": role})
         converted[role] = dest
@@ -335,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only the rows whose run folder matches one of these shell patterns (e.g. "
                         "'*-scratch'), to split a table across cores or machines; writes no table: the same "
                         "command without --rows then skips the finished rows and writes it")
+    p.add_argument("--plan", action="store_true",
+                   help="train nothing: list the table's rows (those --rows selects) and what a run would do with "
+                        "each (finished, running, resumes at epoch k, not started)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
@@ -349,8 +359,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         raise ConfigError(f"--repeats {args.repeats} is not valid: pass 1 or more timed runs")
     if min(args.seeds) < 0:
         raise ConfigError(f"--seeds {args.seeds} is not valid: pass whole numbers >= 0")
-    if args.rows and args.table == "deploy-speed":
-        raise ConfigError("--rows selects training rows; deploy-speed trains none: leave --rows out")
+    if (args.rows or args.plan) and args.table == "deploy-speed":
+        raise ConfigError(f"{'--rows' if args.rows else '--plan'} is about training rows; deploy-speed trains none: "
+                          "leave it out")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.table == "deploy-speed":
         path = speed_table(args)

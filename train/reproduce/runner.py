@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ..rundir import finished_summary, mark_done, same_record
+from ..rundir import finished_summary, in_use, mark_done, same_record
 from .specs import Row
 
 
@@ -39,3 +39,26 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     summary = row.main(argv)
     mark_done(row.run, row.argv)
     return summary
+
+
+def _epochs_done(run: Path) -> int:
+    """Epochs the run in ``run`` has logged (lines of its ``metrics.csv`` after the header)."""
+    try:
+        return max(0, len((run / "metrics.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def row_state(row: Row) -> str:
+    """What :func:`train_row` would do with ``row`` now, in a few words: finished, resumes at epoch k, ..."""
+    if finished(row):
+        return "finished"
+    progress = (f" ({_epochs_done(row.run)}/{row.argv[row.argv.index('--epochs') + 1]} epochs)"
+                if "--epochs" in row.argv else "")
+    if in_use(row.run):
+        return "running" + progress
+    if not (row.run / "args.json").is_file():
+        return "not started"
+    if not same_record(_run_argv(row.run), row.argv):
+        return "made by another command: will be replaced"
+    return "resumes" + progress if (row.run / "train_state.pt").is_file() else "will restart"
