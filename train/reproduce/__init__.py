@@ -51,8 +51,8 @@ from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_ro
 from ..timing import measure
 from .speed import speed_table
 
-__all__ = ["main", "build_parser", "train_row", "finished", "row_state", "Row", "cifar10_rows", "cifar100_rows", "original_rows",
-           "against_baselines", "stage1", "stage2", "measure"]
+__all__ = ["main", "build_parser", "train_row", "finished", "row_state", "Row", "cifar10_rows", "cifar100_rows",
+           "original_rows", "against_baselines", "stage1", "stage2", "measure"]
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
           "deploy-speed")
