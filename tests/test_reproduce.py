@@ -325,7 +325,7 @@ def test_trim_table(tmp_path):
 
 
 def test_pyramid_table(tmp_path):
-    argv = smoke_argv("pyramid", tmp_path, "--losses", "two-stage", "--subset", "130")
+    argv = smoke_argv("pyramid", tmp_path, "--losses", "two-stage", "--subset", "130", "--repeats", "3")
     run(argv)
     again = run(argv)  # every finished chain is skipped as a whole
     assert again.count("[skip]") == 3 and "[run]" not in again

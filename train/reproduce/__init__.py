@@ -74,11 +74,11 @@ def _line(r: Row) -> dict:
     return line
 
 
-def _fused_line(r: Row) -> dict:
-    """The fused deploy model of a stage-2 row, with its measured batch-1 CPU latency."""
+def _fused_line(r: Row, repeats: int) -> dict:
+    """The fused deploy model of a stage-2 row, with its measured batch-1 CPU latency (median of ``repeats``)."""
     s, fused = r.result, r.result["sizes"]["fused"]
     deploy = load_checkpoint(r.run / "deploy" / "model.safetensors")
-    latency = 1e3 * measure({"fused": deploy}, 1, torch.device("cpu"), 30)["fused"]
+    latency = 1e3 * measure({"fused": deploy}, 1, torch.device("cpu"), repeats)["fused"]
     return {"group": r.group, "row": f"fused deploy model of: {r.name}", "seed": r.seed, "epochs": s["epochs"],
             "params": fused["params"], "macs_M": fused["macs"] / 1e6, "last_acc": s["fused_test_acc"],
             "best_acc": None, "train_s": None, "cpu_latency_ms_b1": latency, "run": str(r.run / "deploy")}
@@ -186,7 +186,7 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
         lines.append(line)
         last_stage2 = r.main is stage2.main and r is [x for x in rows if x.group == r.group and x.seed == r.seed][-1]
         if last_stage2 and "fused_test_acc" in r.result and (r.run / "deploy").is_dir():
-            lines.append(_fused_line(r))
+            lines.append(_fused_line(r, args.repeats))
     columns = list(COLUMNS)
     if exact_dir is not None:
         columns.insert(7, ("exact-subset acc (%)", "exact_acc"))
@@ -215,15 +215,15 @@ def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path 
     top = load_checkpoint(top_row.run)
     size = top.config["image_size"]
     lines = [{**_line(top_row), "group": "top", "latency_ratio": 1.0}]
-    for scheme in ("forward", "backward"):
-        chains = [r for r in rows[1:] if r.group == scheme]
-        if not chains:
-            continue
-        levels = list(chains[0].result["levels"])
-        nets = {"top": top, **{lv: load_checkpoint(chains[0].run / lv) for lv in levels}}
-        times = measure(nets, 1, torch.device("cpu"), 20, image_size=size)
-        for r in chains:
-            for lv in levels:
+    chains = {scheme: [r for r in rows[1:] if r.group == scheme] for scheme in ("forward", "backward")}
+    levels = {scheme: list(rs[0].result["levels"]) for scheme, rs in chains.items() if rs}
+    # every level's architecture timed once (its first loss's run), all beside VGG19 in one run
+    nets = {"top": top, **{f"{scheme}/{lv}": load_checkpoint(chains[scheme][0].run / lv)
+                           for scheme, lvs in levels.items() for lv in lvs}}
+    times = measure(nets, 1, torch.device("cpu"), args.repeats, image_size=size)
+    for scheme, lvs in levels.items():
+        for r in chains[scheme]:
+            for lv in lvs:
                 s = json.loads((r.run / lv / "summary.json").read_text())
                 r.result.setdefault("commits", [])
                 r.result["commits"] += [c for c in s.get("commits", []) if c not in r.result["commits"]]
@@ -231,7 +231,7 @@ def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path 
                               "seed": r.seed, "epochs": s["epochs"], "params": s["params"],
                               "macs_M": s["macs"] / 1e6, "last_acc": s["last_test_acc"],
                               "best_acc": s["best_test_acc"], "train_s": s["train_s_total"],
-                              "latency_ratio": times["top"] / times[lv], "run": str(r.run / lv)})
+                              "latency_ratio": times["top"] / times[f"{scheme}/{lv}"], "run": str(r.run / lv)})
     columns = [("level", "group"), ("loss", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
                ("MACs (M)", "macs_M"), ("VGG19 latency / this (CPU b1)", "latency_ratio"),
                ("last acc (%)", "last_acc"), ("best acc (%)", "best_acc"), ("train time (s)", "train_s")]
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
-    p.add_argument("--repeats", type=int, default=30, help="deploy-speed: timed runs at batch 1")
+    p.add_argument("--repeats", type=int, default=30,
+                   help="timed runs at batch 1 behind every latency the table reports (their median)")
     return p
 
 
