@@ -148,6 +148,22 @@ def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
     assert summary["last_epoch"] == 2
 
 
+def test_jobs_train_rows_at_once_each_after_the_row_it_inherits_from(tmp_path):
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper")
+    out = run([*argv, "--jobs", "2"])
+    teacher, scratch, kd = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))
+    assert reproduce.parallel.inherits_from(kd, [teacher, scratch, kd]) == [teacher]
+    events = [line.split()[:2] for line in out.splitlines() if line.startswith(("[start]", "[done]"))]
+    assert events[:2] == [["[start]", teacher.run.name], ["[start]", scratch.run.name]]  # two at once
+    assert events.index(["[done]", teacher.run.name]) < events.index(["[start]", kd.run.name])
+    assert sorted(events) == sorted([e, r.run.name] for e in ("[start]", "[done]") for r in (teacher, scratch, kd))
+    logs = tmp_path / "runs" / "cifar10-reducenet" / "logs"
+    assert sorted(p.stem for p in logs.iterdir()) == sorted(r.run.name for r in (teacher, scratch, kd))
+    assert "trained 1 of 3 rows" in (logs / f"{kd.run.name}.log").read_text()
+    assert [r["row"] for r in read_csv(tmp_path / "results" / "cifar10-reducenet.csv")][:3] == [
+        teacher.name, scratch.name, kd.name]
+
+
 def test_seeds_are_averaged_in_the_markdown_and_listed_in_the_csv(tmp_path):
     run(smoke_argv("cifar100-kd", tmp_path, "--models", "reduce20", "--seeds", "0", "1", data=CIFAR100)
         if (CIFAR100 / "cifar-100-python").is_dir() else
@@ -160,6 +176,56 @@ def test_seeds_are_averaged_in_the_markdown_and_listed_in_the_csv(tmp_path):
     md = (tmp_path / "results" / f"{table}.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith(f"| {lines[0]['group']} | {first} |"))
     assert "| 0, 1 |" in row and f"{sum(accs) / 2:.2f} ± " in row
+
+
+def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
+    from train.rundir import mark_done
+
+    rows = reproduce.cifar10_rows(reproduce.build_parser().parse_args(
+        smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper")))
+    teacher, scratch, kd = rows
+    slots = []
+
+    class Job:  # a process that ends at its second poll: the teacher with an error, the others finished
+        def __init__(self, row, slot):
+            self.row, self.polls = row, 0
+            slots.append((row.run.name, slot))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            if self.row is teacher:
+                return 1
+            self.row.run.mkdir(parents=True, exist_ok=True)
+            (self.row.run / "summary.json").write_text("{}")
+            mark_done(self.row.run, self.row.argv)
+            return 0
+
+        def terminate(self):
+            raise AssertionError("nothing to stop")
+
+    log: list[str] = []
+    with pytest.raises(reproduce.RowsFailed, match="2 of 3 rows did not finish"):
+        reproduce.train_parallel(rows, [], 2, "cpu", log.append, launch=lambda a, row, slot, j, d: Job(row, slot),
+                                 poll_s=0)
+    assert slots == [(teacher.run.name, 0), (scratch.run.name, 1)]  # kd never started: its teacher failed
+    assert reproduce.finished(scratch) and not reproduce.finished(kd)
+    assert any(line.startswith(f"[failed] {teacher.run.name}") for line in log)
+    assert f"[not started] {kd.run.name}: a row it inherits from failed" in log
+
+
+def test_each_job_gets_its_own_cores(monkeypatch):
+    from train.reproduce.parallel import slot_env
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert [slot_env(k, 2, "cpu")[1] for k in (0, 1)] == [{0, 1}, {2, 3}]
+    env, cores = slot_env(2, 3, "cpu")
+    assert cores == {2} and env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert slot_env(0, 3, "auto")[1] is None and slot_env(0, 3, "cpu")[1] == {0}  # --device cpu stays on cores
+    assert [slot_env(k, 3, "auto")[0]["CUDA_VISIBLE_DEVICES"] for k in (0, 1, 2)] == ["4", "6", "4"]
 
 
 def test_rows_are_set_against_their_baselines_seed_by_seed():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import date
 from fnmatch import fnmatch
 from pathlib import Path
@@ -45,14 +46,15 @@ from .. import pyramid, stage1, stage2
 from ..data import data_root
 from ..engine import git_commit
 from .report import against_baselines, aggregate, plot_curves, write_table
+from .parallel import RowsFailed, train_parallel
 from .runner import finished, row_state, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
                     original_rows, precision_rows, pyramid_rows, trim_rows)
 from ..timing import measure
 from .speed import speed_table
 
-__all__ = ["main", "build_parser", "train_row", "finished", "row_state", "Row", "cifar10_rows", "cifar100_rows",
-           "original_rows", "against_baselines", "stage1", "stage2", "measure"]
+__all__ = ["main", "build_parser", "train_row", "train_parallel", "RowsFailed", "finished", "row_state", "Row",
+           "cifar10_rows", "cifar100_rows", "original_rows", "against_baselines", "stage1", "stage2", "measure"]
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
           "deploy-speed")
@@ -161,7 +163,9 @@ def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], 
         for r, state in zip(chosen, states):
             log(f"  {r.run.name:<40} {state}")
         return False
-    for r in chosen:
+    if args.jobs > 1:
+        train_parallel(chosen, args.argv, args.jobs, args.device, log)
+    for r in chosen:  # after --jobs every row has finished: this reads their summaries
         r.result = train_row(r, log)
     if picked is not None:
         log(f"trained {len(picked)} of {len(rows)} rows; run the same command without --rows to write the table")
@@ -342,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only the rows whose run folder matches one of these shell patterns (e.g. "
                         "'*-scratch'), to split a table across cores or machines; writes no table: the same "
                         "command without --rows then skips the finished rows and writes it")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train up to N rows at once, each in its own process (a stage-2 row once its teacher row "
+                        "has finished): on a CPU each gets its share of the cores, with GPUs job k uses GPU k mod "
+                        "count; logs in RUNS/TABLE/logs/")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: list the table's rows (those --rows selects) and what a run would do with "
                         "each (finished, running, resumes at epoch k, not started)")
@@ -356,13 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> Path | None:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what each --jobs process repeats
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} is not valid: pass 1 or more processes")
     if args.repeats < 1:
         raise ConfigError(f"--repeats {args.repeats} is not valid: pass 1 or more timed runs")
     if min(args.seeds) < 0:
         raise ConfigError(f"--seeds {args.seeds} is not valid: pass whole numbers >= 0")
-    if (args.rows or args.plan) and args.table == "deploy-speed":
-        raise ConfigError(f"{'--rows' if args.rows else '--plan'} is about training rows; deploy-speed trains none: "
-                          "leave it out")
+    if (args.rows or args.plan or args.jobs > 1) and args.table == "deploy-speed":
+        option = "--rows" if args.rows else "--plan" if args.plan else "--jobs"
+        raise ConfigError(f"{option} is about training rows; deploy-speed trains none: leave it out")
     log = lambda m: print(m, flush=True)  # noqa: E731
     if args.table == "deploy-speed":
         path = speed_table(args)

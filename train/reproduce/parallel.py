@@ -1,0 +1,121 @@
+"""``--jobs N``: a table's rows in N processes at once, each row once the rows it inherits from have finished.
+
+Each job is the same ``python -m train.reproduce`` command restricted to one row (``--rows NAME --jobs 1``), so a
+row trains, resumes and is skipped exactly as it would in one process, and the parent writes the table when all
+have finished. On a CPU every job gets its own share of the cores (affinity and ``OMP_NUM_THREADS``); with GPUs,
+job slot k runs on visible GPU ``k mod count`` (several jobs may share one: small CIFAR models leave most of a
+large GPU idle). Each job's output goes to ``RUNS/TABLE/logs/ROW.log``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from models.errors import ReduceNetError
+
+from .runner import finished
+from .specs import Row
+
+#: Where the ``train`` package lives, so that a job runs the parent's code even without an installed package.
+_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+class RowsFailed(ReduceNetError):
+    """One or more rows of a parallel run failed; the finished ones are kept."""
+
+
+class Job(Protocol):
+    def poll(self) -> int | None: ...
+    def terminate(self) -> None: ...
+    def wait(self) -> int: ...
+
+
+def inherits_from(row: Row, rows: list[Row]) -> list[Row]:
+    """The rows whose run ``row`` reads (its command names their folder or a file in it): they train first."""
+    def names(run: Path, token: str) -> bool:
+        return token == str(run) or token.startswith(str(run) + os.sep)
+
+    return [r for r in rows if r is not row and any(names(r.run, t) for t in row.argv)]
+
+
+def slot_env(slot: int, jobs: int, device: str) -> tuple[dict[str, str], set[int] | None]:
+    """Environment and CPU affinity of job slot ``slot``: GPU ``slot mod count`` where CUDA is used, else its cores."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    if device in ("auto", "cuda") and torch.cuda.is_available():  # an explicit cuda:N is kept for every job
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        return {**env, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}, None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not cores:
+        return env, None
+    per = max(1, len(cores) // jobs)
+    mine = {cores[(slot * per + i) % len(cores)] for i in range(per)}
+    return {**env, "OMP_NUM_THREADS": str(per), "MKL_NUM_THREADS": str(per)}, mine
+
+
+def _launch(argv: list[str], row: Row, slot: int, jobs: int, device: str) -> subprocess.Popen:
+    env, cores = slot_env(slot, jobs, device)
+    log = row.run.parent / "logs" / f"{row.run.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "train.reproduce", *argv, "--rows", row.run.name,
+                                 "--jobs", "1"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+
+
+def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log: Callable[[str], None],
+                   launch: Callable[[list[str], Row, int, int, str], Job] = _launch, poll_s: float = 2.0) -> None:
+    """Train ``rows`` (those not finished yet) in up to ``jobs`` processes running ``argv`` one row each.
+
+    Raises:
+        RowsFailed: a job exited with an error (its log is named); rows that inherit from it were not started.
+            Every row that finished stays finished, so the same command continues from there.
+    """
+    pending = [r for r in rows if not finished(r)]
+    running: dict[int, tuple[Row, Job, float]] = {}  # slot -> row, job, start time
+    failed: list[Row] = []
+    try:
+        while pending or running:
+            for slot, (row, job, start) in list(running.items()):
+                code = job.poll()
+                if code is None:
+                    continue
+                del running[slot]
+                if code == 0 and finished(row):
+                    log(f"[done] {row.run.name} in {(time.monotonic() - start) / 60:.1f} min")
+                else:
+                    failed.append(row)
+                    log(f"[failed] {row.run.name} (exit {code}): see {row.run.parent / 'logs' / row.run.name}.log")
+            for row in list(pending):
+                needs = inherits_from(row, rows)
+                busy = [r for r, _, _ in running.values()]
+                if any(d in failed for d in needs):
+                    pending.remove(row)
+                    failed.append(row)
+                    log(f"[not started] {row.run.name}: a row it inherits from failed")
+                elif len(running) < jobs and all(finished(d) and d not in busy for d in needs):
+                    slot = min(set(range(jobs)) - set(running))
+                    pending.remove(row)
+                    running[slot] = (row, launch(argv, row, slot, jobs, device), time.monotonic())
+                    log(f"[start] {row.run.name} (job {slot + 1} of {jobs})")
+            if running and not any(job.poll() is not None for _, job, _ in running.values()):
+                time.sleep(poll_s)
+            elif pending and not running:  # nothing runs and nothing can start: a dependency outside the table
+                raise RowsFailed(f"{', '.join(r.run.name for r in pending)} wait for runs that are neither finished "
+                                 "nor rows of this table")
+    except BaseException:
+        for _, job, _ in running.values():  # a stopped job resumes from its last epoch next time
+            job.terminate()
+        for _, job, _ in running.values():
+            job.wait()
+        raise
+    if failed:
+        raise RowsFailed(f"{len(failed)} of {len(rows)} rows did not finish ({', '.join(r.run.name for r in failed)}); "
+                         f"logs in {failed[0].run.parent / 'logs'}; run the same command again after fixing the cause: "
+                         "finished rows are kept")
