@@ -59,9 +59,14 @@ def slot_env(slot: int, jobs: int, device: str) -> tuple[dict[str, str], set[int
     return {**env, "OMP_NUM_THREADS": str(per), "MKL_NUM_THREADS": str(per)}, mine
 
 
+def log_path(row: Row) -> Path:
+    """Where the job of ``row`` writes its output (appended to on every try)."""
+    return row.run.parent / "logs" / f"{row.run.name}.log"
+
+
 def _launch(argv: list[str], row: Row, slot: int, jobs: int, device: str) -> subprocess.Popen:
     env, cores = slot_env(slot, jobs, device)
-    log = row.run.parent / "logs" / f"{row.run.name}.log"
+    log = log_path(row)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen([sys.executable, "-m", "train.reproduce", *argv, "--rows", row.run.name,
@@ -91,7 +96,7 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
                     log(f"[done] {row.run.name} in {(time.monotonic() - start) / 60:.1f} min")
                 else:
                     failed.append(row)
-                    log(f"[failed] {row.run.name} (exit {code}): see {row.run.parent / 'logs' / row.run.name}.log")
+                    log(f"[failed] {row.run.name} (exit {code}): see {log_path(row)}")
             for row in list(pending):
                 needs = inherits_from(row, rows)
                 busy = [r for r, _, _ in running.values()]
@@ -106,9 +111,6 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
                     log(f"[start] {row.run.name} (job {slot + 1} of {jobs})")
             if running and not any(job.poll() is not None for _, job, _ in running.values()):
                 time.sleep(poll_s)
-            elif pending and not running:  # nothing runs and nothing can start: a dependency outside the table
-                raise RowsFailed(f"{', '.join(r.run.name for r in pending)} wait for runs that are neither finished "
-                                 "nor rows of this table")
     except BaseException:
         for _, job, _ in running.values():  # a stopped job resumes from its last epoch next time
             job.terminate()
@@ -117,5 +119,5 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
         raise
     if failed:
         raise RowsFailed(f"{len(failed)} of {len(rows)} rows did not finish ({', '.join(r.run.name for r in failed)}); "
-                         f"logs in {failed[0].run.parent / 'logs'}; run the same command again after fixing the cause: "
+                         f"logs in {log_path(failed[0]).parent}; run the same command again after fixing the cause: "
                          "finished rows are kept")
