@@ -197,7 +197,6 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
                 return None
             if self.row is teacher:
                 return 1
-            self.row.run.mkdir(parents=True, exist_ok=True)
             (self.row.run / "summary.json").write_text("{}")
             mark_done(self.row.run, self.row.argv)
             return 0
@@ -205,11 +204,13 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
         def terminate(self):
             raise AssertionError("nothing to stop")
 
+    scratch.run.mkdir(parents=True)
+    (scratch.run / "train_state.pt").write_bytes(b"")  # an interrupted run: it resumes before new rows start
     log: list[str] = []
     with pytest.raises(reproduce.RowsFailed, match="2 of 3 rows did not finish"):
         reproduce.train_parallel(rows, [], 2, "cpu", log.append, launch=lambda a, row, slot, j, d: Job(row, slot),
                                  poll_s=0)
-    assert slots == [(teacher.run.name, 0), (scratch.run.name, 1)]  # kd never started: its teacher failed
+    assert slots == [(scratch.run.name, 0), (teacher.run.name, 1)]  # kd never started: its teacher failed
     assert reproduce.finished(scratch) and not reproduce.finished(kd)
     assert any(line.startswith(f"[failed] {teacher.run.name}") for line in log)
     assert f"[not started] {kd.run.name}: a row it inherits from failed" in log

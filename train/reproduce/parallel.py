@@ -78,11 +78,15 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
                    launch: Callable[[list[str], Row, int, int, str], Job] = _launch, poll_s: float = 2.0) -> None:
     """Train ``rows`` (those not finished yet) in up to ``jobs`` processes running ``argv`` one row each.
 
+    Rows that resume an interrupted run start first, then the others in table order, each as soon as a job is
+    free and the rows it inherits from have finished.
+
     Raises:
         RowsFailed: a job exited with an error (its log is named); rows that inherit from it were not started.
             Every row that finished stays finished, so the same command continues from there.
     """
-    pending = [r for r in rows if not finished(r)]
+    # rows that resume first (a stopped --jobs run continues its rows before it starts others), then table order
+    pending = sorted((r for r in rows if not finished(r)), key=lambda r: not (r.run / "train_state.pt").is_file())
     running: dict[int, tuple[Row, Job, float]] = {}  # slot -> row, job, start time
     failed: list[Row] = []
     try:
