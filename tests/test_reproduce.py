@@ -216,6 +216,37 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
     assert f"[not started] {kd.run.name}: a row it inherits from failed" in log
 
 
+def test_a_killed_jobs_run_stops_its_jobs(tmp_path):
+    import os
+    import signal
+
+    rows = reproduce.cifar10_rows(reproduce.build_parser().parse_args(
+        smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper")))
+    jobs = []
+
+    class Job:  # the parent gets SIGTERM (`kill`) while two jobs run
+        def __init__(self):
+            self.stopped = False
+            jobs.append(self)
+
+        def poll(self):
+            if len(jobs) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return None
+
+        def terminate(self):
+            self.stopped = True
+
+        def wait(self):
+            return -15
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.train_parallel(rows, [], 2, "cpu", lambda m: None, launch=lambda *a: Job(), poll_s=0)
+    assert len(jobs) == 2 and all(j.stopped for j in jobs)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_each_job_gets_its_own_cores(monkeypatch):
     from train.reproduce.parallel import slot_env
 

@@ -9,8 +9,10 @@ large GPU idle). Each job's output goes to ``RUNS/TABLE/logs/ROW.log``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
@@ -74,6 +76,10 @@ def _launch(argv: list[str], row: Row, slot: int, jobs: int, device: str) -> sub
                                 preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log: Callable[[str], None],
                    launch: Callable[[list[str], Row, int, int, str], Job] = _launch, poll_s: float = 2.0) -> None:
     """Train ``rows`` (those not finished yet) in up to ``jobs`` processes running ``argv`` one row each.
@@ -84,11 +90,15 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
     Raises:
         RowsFailed: a job exited with an error (its log is named); rows that inherit from it were not started.
             Every row that finished stays finished, so the same command continues from there.
+        KeyboardInterrupt: on Ctrl-C or SIGTERM, after stopping the running jobs (their rows resume next time).
     """
     # rows that resume first (a stopped --jobs run continues its rows before it starts others), then table order
     pending = sorted((r for r in rows if not finished(r)), key=lambda r: not (r.run / "train_state.pt").is_file())
     running: dict[int, tuple[Row, Job, float]] = {}  # slot -> row, job, start time
     failed: list[Row] = []
+    # a `kill` stops the jobs as Ctrl-C does, instead of leaving them training without a parent
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
         while pending or running:
             for slot, (row, job, start) in list(running.items()):
@@ -121,6 +131,9 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
         for _, job, _ in running.values():
             job.wait()
         raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         raise RowsFailed(f"{len(failed)} of {len(rows)} rows did not finish ({', '.join(r.run.name for r in failed)}); "
                          f"logs in {log_path(failed[0]).parent}; run the same command again after fixing the cause: "
