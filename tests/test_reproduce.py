@@ -288,6 +288,14 @@ def test_cifar100_kd_table_on_the_exact_subset(tmp_path):
 
 
 @pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
+def test_plan_writes_nothing_not_even_the_converted_teacher(tmp_path):
+    out = run([*smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10)),
+               "--plan"])
+    assert out.splitlines()[0] == "0 of 5 rows finished; nothing trained (--plan)"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
 def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys, monkeypatch):
     argv = smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10))
     # --rows trains a part of the table (to split it across cores) and writes no table from it; nor does it
