@@ -118,10 +118,18 @@ def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:
         if acc is not None and macs:
             points.append((r, macs / 1e6, r.result.get("train_s_total"), acc))
     by_macs = len({round(p[1], 3) for p in points}) > 1 or any(p[2] is None for p in points)
-    for r, macs, train_s, acc in points:
-        x = macs if by_macs else train_s / 3600
-        ax.scatter(x, acc, color=colors[r.name])
-        ax.annotate(f"{r.group}: {r.name} s{r.seed}", (x, acc), fontsize=6)
+    several_groups = len({r.group for r in rows}) > 1
+    seeds = sorted({r.seed for r in rows})
+    marker = {seed: "o^sDv"[i % 5] for i, seed in enumerate(seeds)}
+    labelled: set[str] = set()
+    for r, macs, train_s, acc in points:  # a legend, not a label at every point: points of one MACs value overlap
+        name = f"{r.group}: {r.name}" if several_groups else r.name
+        ax.scatter(macs if by_macs else train_s / 3600, acc, color=colors[r.name], marker=marker[r.seed],
+                   label=None if name in labelled else name)
+        labelled.add(name)
+    if points:
+        seeds_note = f"markers {' '.join(marker.values())}: seeds {', '.join(map(str, seeds))}"
+        ax.legend(fontsize=6, title=seeds_note if len(seeds) > 1 else None, title_fontsize=6)
     if by_macs:
         ax.set(title="last-epoch accuracy vs deployed MACs", xlabel="MACs (M)", ylabel="test accuracy (%)")
     else:
