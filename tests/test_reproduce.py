@@ -253,7 +253,7 @@ def test_each_job_gets_its_own_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert [slot_env(k, 2, "cpu")[1] for k in (0, 1)] == [{0, 1}, {2, 3}]
     env, cores = slot_env(2, 3, "cpu")
-    assert cores == {2} and env["OMP_NUM_THREADS"] == "1"
+    assert cores == {2} and env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
     assert slot_env(0, 3, "auto")[1] is None and slot_env(0, 3, "cpu")[1] == {0}  # --device cpu stays on cores

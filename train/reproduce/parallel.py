@@ -48,7 +48,8 @@ def inherits_from(row: Row, rows: list[Row]) -> list[Row]:
 
 def slot_env(slot: int, jobs: int, device: str) -> tuple[dict[str, str], set[int] | None]:
     """Environment and CPU affinity of job slot ``slot``: GPU ``slot mod count`` where CUDA is used, else its cores."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p),
+           "PYTHONUNBUFFERED": "1"}  # the log shows each epoch when it ends, not when a buffer fills
     if device in ("auto", "cuda") and torch.cuda.is_available():  # an explicit cuda:N is kept for every job
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
