@@ -205,7 +205,9 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
             raise AssertionError("nothing to stop")
 
     scratch.run.mkdir(parents=True)
-    (scratch.run / "train_state.pt").write_bytes(b"")  # an interrupted run: it resumes before new rows start
+    # an interrupted run of the same command: it resumes before new rows start
+    (scratch.run / "args.json").write_text(json.dumps({"argv": scratch.argv}))
+    (scratch.run / "train_state.pt").write_bytes(b"")
     log: list[str] = []
     with pytest.raises(reproduce.RowsFailed, match="2 of 3 rows did not finish"):
         reproduce.train_parallel(rows, [], 2, "cpu", log.append, launch=lambda a, row, slot, j, d: Job(row, slot),

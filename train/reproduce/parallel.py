@@ -21,7 +21,7 @@ import torch
 
 from models.errors import ReduceNetError
 
-from .runner import finished
+from .runner import finished, resumable
 from .specs import Row
 
 #: Where the ``train`` package lives, so that a job runs the parent's code even without an installed package.
@@ -94,7 +94,7 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
         KeyboardInterrupt: on Ctrl-C or SIGTERM, after stopping the running jobs (their rows resume next time).
     """
     # rows that resume first (a stopped --jobs run continues its rows before it starts others), then table order
-    pending = sorted((r for r in rows if not finished(r)), key=lambda r: not (r.run / "train_state.pt").is_file())
+    pending = sorted((r for r in rows if not finished(r)), key=lambda r: not resumable(r))
     running: dict[int, tuple[Row, Job, float]] = {}  # slot -> row, job, start time
     failed: list[Row] = []
     # a `kill` stops the jobs as Ctrl-C does, instead of leaving them training without a parent

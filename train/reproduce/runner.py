@@ -22,6 +22,11 @@ def finished(row: Row) -> bool:
     return finished_summary(row.run, row.argv) is not None
 
 
+def resumable(row: Row) -> bool:
+    """Whether ``row.run`` holds an interrupted run (its ``train_state.pt``) that ``row.argv`` started."""
+    return (row.run / "train_state.pt").is_file() and same_record(_run_argv(row.run), row.argv)
+
+
 def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     """Run (or skip, or resume) one row; returns its summary.
 
@@ -32,7 +37,7 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     if summary is not None:
         log(f"[skip] {row.name}: finished in {row.run}")
         return summary
-    resume = (row.run / "train_state.pt").is_file() and same_record(_run_argv(row.run), row.argv)
+    resume = resumable(row)
     argv = [*row.argv, "--out", str(row.run)] + (["--resume"] if resume else ["--overwrite"])
     log(f"[{'resume' if resume else 'run'}] {row.name}: python -m train.{row.main.__module__.split('.')[-1]} "
         + " ".join(argv))
@@ -61,4 +66,4 @@ def row_state(row: Row) -> str:
         return "not started"
     if not same_record(_run_argv(row.run), row.argv):
         return "made by another command: will be replaced"
-    return "resumes" + progress if (row.run / "train_state.pt").is_file() else "will restart"
+    return "resumes" + progress if resumable(row) else "will restart"
