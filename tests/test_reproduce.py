@@ -485,6 +485,17 @@ def test_a_finished_row_is_found_whatever_the_spelling_of_its_paths(tmp_path, mo
     assert len(calls) == 3 and calls[-1][-1] == "--overwrite"  # another command still replaces the row
 
 
+def test_train_time_does_not_count_a_paused_epoch(tmp_path):
+    from train.reproduce.report import train_seconds
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # the third epoch's process was stopped for 15 minutes (kill -STOP while the tests ran)
+    (run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,100.0\n2,60,102.0\n3,65,1000.0\n4,70,98.0\n")
+    assert train_seconds(run, {"train_s_total": 1300.0}) == pytest.approx(4 * 101.0)
+    assert train_seconds(tmp_path / "no-metrics", {"train_s_total": 1300.0}) == 1300.0  # falls back to the sum
+
+
 @pytest.mark.parametrize("macs, xlabel", [((40e6, 40e6), "training time (h)"), ((40e6, 80e6), "MACs (M)")])
 def test_the_cost_panel_plots_against_training_time_when_macs_do_not_differ(tmp_path, macs, xlabel):
     import matplotlib

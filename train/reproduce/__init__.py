@@ -45,7 +45,7 @@ from .. import evaluate as evaluate_cli
 from .. import pyramid, stage1, stage2
 from ..data import data_root
 from ..engine import git_commit
-from .report import against_baselines, aggregate, plot_curves, write_table
+from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
 from .runner import finished, row_state, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
@@ -68,7 +68,7 @@ def _line(r: Row) -> dict:
     s = r.result
     line = {"group": r.group, "row": r.name, "seed": r.seed, "epochs": s["epochs"], "params": s["params"],
             "macs_M": s["macs"] / 1e6, "last_acc": s["last_test_acc"], "best_acc": s["best_test_acc"],
-            "best_epoch": s["best_epoch"], "train_s": s["train_s_total"], "precision": s.get("precision"),
+            "best_epoch": s["best_epoch"], "train_s": train_seconds(r.run, s), "precision": s.get("precision"),
             "run": str(r.run)}
     if "trim" in s:
         line["macs_reduction"] = s["trim"]["cost_before"] / s["trim"]["cost_after"]
@@ -109,6 +109,8 @@ def _header(table: str, args: argparse.Namespace, rows: list[Row], budget: str) 
         "standard deviation over the seeds, the CSV has every run.",
         "- `last acc` is the test accuracy after the last epoch (what we report); `best acc` is the best epoch,"
         " shown for comparison only (choosing it would select on the test set).",
+        "- `train time` is a run's epochs times its median epoch's wall-clock time, so that a paused or restarted"
+        " process does not count (each epoch's time is in the run's `metrics.csv`).",
     ]
     if table in ("cifar10-reducenet", "original-stage2"):
         lines.append("- Teacher block: the published ReduceNet block (branches summed before the shared BN). Recipes: "
@@ -234,7 +236,7 @@ def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path 
                 lines.append({"group": f"{scheme}: {lv.split('_')[0]}", "row": r.name.split(": ")[1],
                               "seed": r.seed, "epochs": s["epochs"], "params": s["params"],
                               "macs_M": s["macs"] / 1e6, "last_acc": s["last_test_acc"],
-                              "best_acc": s["best_test_acc"], "train_s": s["train_s_total"],
+                              "best_acc": s["best_test_acc"], "train_s": train_seconds(r.run / lv, s),
                               "latency_ratio": times["top"] / times[f"{scheme}/{lv}"], "run": str(r.run / lv)})
     columns = [("level", "group"), ("loss", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
                ("MACs (M)", "macs_M"), ("VGG19 latency / this (CPU b1)", "latency_ratio"),

@@ -108,6 +108,22 @@ def write_table(table: str, header: list[str], lines: list[dict[str, Any]], colu
     return results / f"{table}.md"
 
 
+def train_seconds(run: Path, summary: dict[str, Any]) -> float | None:
+    """The training time of the run in ``run``: its epochs times the median epoch's wall-clock time.
+
+    A run's summed epoch times (``train_s_total``) count every pause of its process in the epoch it fell in: a
+    job stopped while the tests ran, a machine suspended, the epoch a killed run was interrupted in and redid.
+    The median epoch is not moved by a few such epochs, so rows trained with and without pauses compare. Falls
+    back to the summed time where ``metrics.csv`` has no epoch times.
+    """
+    try:
+        with open(run / "metrics.csv", newline="") as f:
+            times = [float(r["epoch_s"]) for r in csv.DictReader(f)]
+    except (OSError, KeyError, TypeError, ValueError):
+        times = []
+    return statistics.median(times) * len(times) if times else summary.get("train_s_total")
+
+
 def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:
     """Last-epoch accuracy against deployed MACs; against training time when every row deploys at the same MACs
     (then MACs would put every point on one vertical line, and what differs between the rows is their cost)."""
@@ -116,7 +132,7 @@ def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:
         acc = r.result.get("fused_test_acc", r.result.get("last_test_acc"))
         macs = r.result.get("sizes", {}).get("fused", {}).get("macs", r.result.get("macs"))
         if acc is not None and macs:
-            points.append((r, macs / 1e6, r.result.get("train_s_total"), acc))
+            points.append((r, macs / 1e6, train_seconds(r.run, r.result), acc))
     by_macs = len({round(p[1], 3) for p in points}) > 1 or any(p[2] is None for p in points)
     several_groups = len({r.group for r in rows}) > 1
     seeds = sorted({r.seed for r in rows})
