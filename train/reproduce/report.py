@@ -108,18 +108,26 @@ def write_table(table: str, header: list[str], lines: list[dict[str, Any]], colu
     return results / f"{table}.md"
 
 
+def epochs(run: Path) -> list[dict[str, str]]:
+    """The rows of the run's ``metrics.csv``, one per epoch; none where the file is absent."""
+    try:
+        with open(run / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
 def train_seconds(run: Path, summary: dict[str, Any]) -> float | None:
     """The training time of the run in ``run``: its epochs times the median epoch's wall-clock time.
 
     A run's summed epoch times (``train_s_total``) count every pause of its process in the epoch it fell in: a
-    job stopped while the tests ran, a machine suspended, the epoch a killed run was interrupted in and redid.
-    The median epoch is not moved by a few such epochs, so rows trained with and without pauses compare. Falls
-    back to the summed time where ``metrics.csv`` has no epoch times.
+    job stopped while the tests ran, a machine suspended or busy with something else for a while. The median
+    epoch is not moved by a few such epochs, so rows trained with and without pauses compare. Falls back to the
+    summed time where ``metrics.csv`` has no epoch times.
     """
     try:
-        with open(run / "metrics.csv", newline="") as f:
-            times = [float(r["epoch_s"]) for r in csv.DictReader(f)]
-    except (OSError, KeyError, TypeError, ValueError):
+        times = [float(e["epoch_s"]) for e in epochs(run)]
+    except (KeyError, TypeError, ValueError):
         times = []
     return statistics.median(times) * len(times) if times else summary.get("train_s_total")
 
@@ -173,10 +181,9 @@ def plot_curves(table: str, rows: list[Row], results: Path, references: dict[str
     for ax, group in zip(axes[0], groups):
         labelled: set[str] = set()
         for r in rows:
-            if r.group != group or not (r.run / "metrics.csv").is_file():
+            hist = epochs(r.run) if r.group == group else []
+            if not hist:
                 continue
-            with open(r.run / "metrics.csv") as f:
-                hist = list(csv.DictReader(f))
             ax.plot([int(h["epoch"]) for h in hist], [float(h["test_acc"]) for h in hist], marker=".",
                     color=colors[r.name], label=None if r.name in labelled else r.name)
             labelled.add(r.name)
