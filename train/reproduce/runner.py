@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..rundir import finished_summary, in_use, mark_done, same_record
+from .report import epochs
 from .specs import Row
 
 
@@ -46,19 +47,11 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     return summary
 
 
-def _epochs_done(run: Path) -> int:
-    """Epochs the run in ``run`` has logged (lines of its ``metrics.csv`` after the header)."""
-    try:
-        return max(0, len((run / "metrics.csv").read_text().splitlines()) - 1)
-    except OSError:
-        return 0
-
-
 def row_state(row: Row) -> str:
     """What :func:`train_row` would do with ``row`` now, in a few words: finished, resumes at epoch k, ..."""
     if finished(row):
         return "finished"
-    progress = (f" ({_epochs_done(row.run)}/{row.argv[row.argv.index('--epochs') + 1]} epochs)"
+    progress = (f" ({len(epochs(row.run))}/{row.argv[row.argv.index('--epochs') + 1]} epochs)"
                 if "--epochs" in row.argv else "")
     if in_use(row.run):
         return "running" + progress
