@@ -605,17 +605,18 @@ def test_a_typo_with_overwrite_loses_nothing(main, bad, teacher, tmp_path, capsy
 def test_one_run_directory_one_process(tmp_path, capsys):
     """A second run into a folder in use stops at once; once the first ends (or is killed) the folder is free."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.stage1", *TINY_ARGS, "--epochs", "30", "--out", str(out)]
+    cmd = [sys.executable, "-m", "train.stage1", *TINY_ARGS, "--epochs", "3", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline and not (out / "train_state.pt").is_file():
-            time.sleep(0.05)
+            time.sleep(0.01)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.kill(proc.pid, signal.SIGSTOP)  # a stopped job still runs (and holds its folder) until it is killed
         record = (out / "args.json").read_text()
         line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out), "--overwrite"])
         assert "in use by a running job" in line and f"pid {proc.pid}" in line, line
-        line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--epochs", "30", "--out", str(out), "--resume"])
+        line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--epochs", "3", "--out", str(out), "--resume"])
         assert "in use" in line
         assert (out / "args.json").read_text() == record  # the intruder replaced nothing
         os.kill(proc.pid, signal.SIGKILL)
@@ -626,9 +627,9 @@ def test_one_run_directory_one_process(tmp_path, capsys):
             proc.wait()
     # the killed run's lock is gone with it
     (out / ".last.safetensors.stale.tmp").write_bytes(b"")  # what a kill inside a write leaves
-    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--epochs", "30", "--out", str(out), "--resume",
+    summary, _ = run_main(stage1.main, [*TINY_ARGS, "--epochs", "3", "--out", str(out), "--resume",
                                         "--device", "cpu"])
-    assert summary["last_epoch"] == 30 and not hidden_files(out)
+    assert summary["last_epoch"] == 3 and not hidden_files(out)
 
 
 def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):

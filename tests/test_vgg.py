@@ -16,6 +16,7 @@ import reparam
 from _shared import one_line
 from models import ConfigError
 from models.vgg import LEVELS, chain, hint_points, next_level, svgg_from
+from reparam.export import export_deploy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SVGG = [n for n in LEVELS if n.startswith("svgg")]
@@ -287,6 +288,29 @@ def test_fuse_bn_model_float32_and_checkpoint(name, randomize, make_images, tmp_
     assert loaded.config == fused.config
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), fused(x))
+
+
+@pytest.mark.parametrize("name", ["svgg5_forward", "svgg8_backward"])
+def test_a_trained_level_exports_files_that_compute_it(name, randomize, make_images, tmp_path):
+    """The deploy files of a Pyramid level (what train.pyramid writes unless --no-export) compute the unfused net."""
+    import onnxruntime as ort
+
+    model = randomize(bn_model(name)).eval()
+    x = make_images(3, seed=5)
+    with torch.no_grad():
+        ref = model(x)
+    atol = 1e-4 * max(1.0, ref.abs().max().item())
+    report = export_deploy(model, tmp_path / "deploy")
+    assert {p.name for p in report.files.values()} == {"model.safetensors", "model.json", "model.ts", "model.onnx"}
+    assert set(report.max_diff) == {"fused", "torchscript", "onnx"}
+    with torch.no_grad():
+        assert (torch.jit.load(str(report.files["torchscript"]))(x) - ref).abs().max().item() <= atol
+        deploy = models.load_checkpoint(report.files["safetensors"]).eval()
+        assert deploy.config["model"] == name and not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+        assert (deploy(x) - ref).abs().max().item() <= atol
+    session = ort.InferenceSession(str(report.files["onnx"]), providers=["CPUExecutionProvider"])
+    onnx_out = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert (onnx_out - ref).abs().max().item() <= atol
 
 
 @pytest.mark.parametrize("name", ["pyramid_vgg19_bn", "svgg11_backward"])

@@ -190,6 +190,8 @@ def kd_folder_rows(args: argparse.Namespace) -> list[Row]:
     group = f"{teacher_name.split(':')[1]}->{student_name.split(':')[1]}"
     for seed in args.seeds:
         common = ["--dataset", "imagefolder", "--image-size", str(size), "--loader", "stream", *_common(args, seed)]
+        if args.budget == "smoke":  # (tests) a few hundred images: starting loader workers costs more than it saves
+            common += ["--workers", "0"]
         teacher, scratch = runs / f"teacher-s{seed}", runs / f"student-scratch-s{seed}"
         kd = ["--teacher", str(teacher), "-m", student_name, "--epochs", str(e2), *common]
         rows += [
@@ -273,10 +275,12 @@ def pyramid_rows(args: argparse.Namespace) -> list[Row]:
         rows.append(Row("VGG19 (the top)", "pyramid_vgg19", top,
                         ["-m", "pyramid_vgg19", "--epochs", str(e0), "--optimizer", "adam", "--lr", "1e-4",
                          "--wd", "5e-4", *common], stage1.main, seed))
+        # the table reads no deploy files; the smoke budget (tests) leaves out writing them for ten levels
+        no_export = ["--no-export"] if args.budget == "smoke" else []
         for scheme in ("forward", "backward"):
             for loss in args.losses:
                 hint = ["--hint-epochs", "0"] if loss == "scratch" else ["--hint-epochs", str(e1)]
                 rows.append(Row(f"{scheme}: {loss}", scheme, runs / f"{scheme}-{loss}-s{seed}",
                                 ["--teacher", str(top), "--scheme", scheme, "--loss", loss, "--epochs", str(e2),
-                                 *hint, *common], pyramid.main, seed))
+                                 *hint, *no_export, *common], pyramid.main, seed))
     return rows
