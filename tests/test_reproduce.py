@@ -412,8 +412,9 @@ def test_kd_imagefolder_table_plots_the_student_with_and_without_distillation(tm
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10-jpeg.zip").is_file(), reason="needs the CIFAR-10 JPEG zip")
-def test_bench_prints_the_three_paths_and_their_ratios(single_thread, capsys):
+def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
     from train import bench
+    from train.engine import native_bf16
     rows = bench.main(["--models", "reduce20", "--steps", "2", "--batch-size", "16", "--workers", "0",
                        "--data-dir", str(CIFAR10), "--device", "cpu", "--folder", str(SHARED / "cifar10-jpeg.zip"),
                        "--folder-images", "40"])
@@ -421,7 +422,11 @@ def test_bench_prints_the_three_paths_and_their_ratios(single_thread, capsys):
     assert [r["job"] for r in rows[:3]] == ["teacher (stage 1)", "student (stage 1)", "student (stage 2, KD)"]
     for r in rows[:3]:
         assert r["ours_over_dataloader"] == pytest.approx(r["ours"] / r["dataloader"]) and r["compute"] > 0
-    assert "(b)/(c)" in out and "streaming loader" in out and rows[3]["stream"] > 0
+        if native_bf16(torch.device("cpu")):  # (d): the same path in float32, beside it
+            assert r["ours_float32"] > 0 and r["ours_over_float32"] == pytest.approx(r["ours"] / r["ours_float32"])
+        else:
+            assert r["ours_float32"] is None and r["ours_over_float32"] is None
+    assert "(b)/(c)" in out and "(b)/(d)" in out and "streaming loader" in out and rows[3]["stream"] > 0
 
 
 def test_precision_table_runs_the_same_rows_in_float32_and_bf16(tmp_path):

@@ -8,9 +8,10 @@ distilled from the teacher), on the current device:
 (b) the project's path as shipped: :class:`train.engine.Trainer` on :class:`train.data.Loader` (uint8 data on the
     device, augmented there in batches) with the defaults (bf16 autocast where native, channels-last;
     torch.compile on CUDA);
-(c) pure compute: the same trainer and settings on batches already in memory, no data pipeline: the ceiling.
+(c) pure compute: the same trainer and settings on batches already in memory, no data pipeline: the ceiling;
+(d) where (b) trains in bf16 autocast: (b) in float32, all else the same,
 
-and prints (b)/(a) and (b)/(c). With ``--folder`` (an image-folder zip or folder) it also times the data alone
+and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys). With ``--folder`` (an image-folder zip or folder) it also times the data alone
 at 224 px: the project's streaming loader against torchvision's ``ImageFolder`` + ``DataLoader`` with the same
 augmentation and workers. Each path runs one warm-up epoch, then ``--steps`` timed steps. A benchmark, not a
 test: the numbers depend on the machine and on what else runs on it.
@@ -107,9 +108,10 @@ class FixedBatches:
         return iter(self.batches)
 
 
-def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: bool) -> float:
-    """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults, after one warm-up epoch."""
-    cfg = TrainConfig(epochs=2, amp=native_bf16(device), compile=compile_, channels_last=True)
+def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: bool, amp: bool) -> float:
+    """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults (``amp``: bf16 autocast), after one warm-up
+    epoch."""
+    cfg = TrainConfig(epochs=2, amp=amp, compile=compile_, channels_last=True)
     if fixed:
         data = type(data)(FixedBatches(data.train), data.test, data.info)
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,11 +194,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       device=device, channels_last=True)
     train = ArrayData(data.train.images.cpu(), data.train.labels.cpu())  # the same images, for the DataLoader
     compile_ = device.type == "cuda" and not args.no_compile
+    bf16 = native_bf16(device)
     print(f"{hardware(device)}; {data.info.label}; batch {args.batch_size}, {args.steps} timed steps per path; "
-          f"ours: {'bf16 autocast' if native_bf16(device) else 'float32'}, channels-last"
-          + (", torch.compile" if compile_ else ""))
-    print("| model | job | (a) DataLoader fp32 img/s | (b) ours img/s | (c) pure compute img/s | (b)/(a) | (b)/(c) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          f"ours: {'bf16 autocast' if bf16 else 'float32'}, channels-last" + (", torch.compile" if compile_ else ""))
+    print("| model | job | (a) DataLoader fp32 img/s | (b) ours img/s | (c) pure compute img/s | (d) ours in fp32 "
+          "img/s | (b)/(a) | (b)/(c) | (b)/(d) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in args.models:
         for job, (make_student, make_teacher) in jobs(name, data.info.num_classes).items():
@@ -207,11 +210,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             a = plain_loop(make_student(), make_teacher() if make_teacher else None, train, data.info, device,
                            args.batch_size, args.steps, args.workers)
-            b = trainer_speed(make_task, data, device, compile_, fixed=False)
-            c = trainer_speed(make_task, data, device, compile_, fixed=True)
-            rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c,
-                         "ours_over_dataloader": b / a, "ours_over_compute": b / c})
-            print(f"| {name} | {job} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {b / a:.2f} | {b / c:.2f} |", flush=True)
+            b = trainer_speed(make_task, data, device, compile_, fixed=False, amp=bf16)
+            c = trainer_speed(make_task, data, device, compile_, fixed=True, amp=bf16)
+            d = trainer_speed(make_task, data, device, compile_, fixed=False, amp=False) if bf16 else None
+            rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c, "ours_float32": d,
+                         "ours_over_dataloader": b / a, "ours_over_compute": b / c,
+                         "ours_over_float32": b / d if d else None})
+            fp32 = f"{d:,.0f} | " if d else "– (b is fp32) | "
+            print(f"| {name} | {job} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {fp32}{b / a:.2f} | {b / c:.2f} | "
+                  f"{f'{b / d:.2f}' if d else '–'} |", flush=True)
     if args.folder:
         batch = min(64, args.folder_images)
         tv, ours = folder_speed(Path(args.folder), args.folder_images, batch, args.workers, args.steps)
