@@ -11,10 +11,10 @@ distilled from the teacher), on the current device:
 (c) pure compute: the same trainer and settings on batches already in memory, no data pipeline: the ceiling;
 (d) where (b) trains in bf16 autocast: (b) in float32, all else the same,
 
-and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys). With ``--folder`` (an image-folder zip or folder) it also times the data alone
-at 224 px: the project's streaming loader against torchvision's ``ImageFolder`` + ``DataLoader`` with the same
-augmentation and workers. Each path runs one warm-up epoch, then ``--steps`` timed steps. A benchmark, not a
-test: the numbers depend on the machine and on what else runs on it.
+and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys). With ``--folder`` (an image-folder zip or
+folder) it also times the data alone at 224 px: the project's streaming loader against torchvision's
+``ImageFolder`` + ``DataLoader`` with the same augmentation and workers. Each path runs one warm-up epoch, then
+``--steps`` timed steps. A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
@@ -216,9 +216,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c, "ours_float32": d,
                          "ours_over_dataloader": b / a, "ours_over_compute": b / c,
                          "ours_over_float32": b / d if d else None})
-            fp32 = f"{d:,.0f} | " if d else "– (b is fp32) | "
-            print(f"| {name} | {job} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {fp32}{b / a:.2f} | {b / c:.2f} | "
-                  f"{f'{b / d:.2f}' if d else '–'} |", flush=True)
+            fp32, bf16_gain = (f"{d:,.0f}", f"{b / d:.2f}") if d else ("– (b is fp32)", "–")
+            print(f"| {name} | {job} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {fp32} | {b / a:.2f} | {b / c:.2f} | "
+                  f"{bf16_gain} |", flush=True)
     if args.folder:
         batch = min(64, args.folder_images)
         tv, ours = folder_speed(Path(args.folder), args.folder_images, batch, args.workers, args.steps)
