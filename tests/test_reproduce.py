@@ -538,3 +538,26 @@ def test_the_cost_panel_plots_against_training_time_when_macs_do_not_differ(tmp_
     plt.close(fig)
     assert ax.get_xlabel() == xlabel
     assert xs == ([1.0, 2.0] if xlabel.startswith("training") else [40.0, 80.0])
+
+
+def test_a_stage2_curve_continues_after_its_teachers_epochs(tmp_path):
+    from train.reproduce import Row
+    from train.reproduce.report import curve
+
+    def row(name: str, argv: list[str], accs: list[float]) -> Row:
+        r = Row(name, "g", tmp_path / name, argv, None, 0)
+        r.run.mkdir()
+        lines = [f"{e},{a},1.0" for e, a in enumerate(accs, 1)]
+        (r.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n" + "\n".join(lines) + "\n")
+        return r
+
+    teacher = row("teacher", ["--epochs", "3"], [50, 60, 70])
+    scratch = row("scratch", ["--epochs", "5"], [40, 50, 55, 60, 65])
+    kd = row("kd", ["--inherit", str(tmp_path / "teacher"), "--epochs", "2"], [72, 74])
+    again = row("again", ["--inherit", str(tmp_path / "kd" / "model.safetensors")], [75])  # a chain of stages
+    rows = [teacher, scratch, kd, again]
+    assert curve(scratch, rows) == ([1, 2, 3, 4, 5], [40, 50, 55, 60, 65])
+    assert curve(kd, rows) == ([4, 5], [72.0, 74.0])  # on the scratch student's axis of total epochs
+    assert curve(again, rows) == ([6], [75.0])
+    (teacher.run / "metrics.csv").unlink()  # a teacher without its history: the stage's own epochs
+    assert curve(kd, rows) == ([1, 2], [72.0, 74.0])

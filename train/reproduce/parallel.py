@@ -22,7 +22,7 @@ import torch
 from models.errors import ReduceNetError
 
 from .runner import finished, resumable
-from .specs import Row
+from .specs import Row, inherits_from
 
 #: Where the ``train`` package lives, so that a job runs the parent's code even without an installed package.
 _ROOT = str(Path(__file__).resolve().parents[2])
@@ -36,14 +36,6 @@ class Job(Protocol):
     def poll(self) -> int | None: ...
     def terminate(self) -> None: ...
     def wait(self) -> int: ...
-
-
-def inherits_from(row: Row, rows: list[Row]) -> list[Row]:
-    """The rows whose run ``row`` reads (its command names their folder or a file in it): they train first."""
-    def names(run: Path, token: str) -> bool:
-        return token == str(run) or token.startswith(str(run) + os.sep)
-
-    return [r for r in rows if r is not row and any(names(r.run, t) for t in row.argv)]
 
 
 def slot_env(slot: int, jobs: int, device: str) -> tuple[dict[str, str], set[int] | None]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from models.checkpoint import atomic_write_text
 
-from .specs import Row
+from .specs import Row, inherits_from
 
 
 def aggregate(lines: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
@@ -163,9 +163,24 @@ def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:
     ax.grid(alpha=0.3)
 
 
+def curve(row: Row, rows: list[Row]) -> tuple[list[int], list[float]]:
+    """The test accuracy of ``row`` per epoch, each epoch counted after those of the rows it inherits from.
+
+    A stage-2 run's epoch 1 follows its teacher's last epoch, so a pipeline of 30 + 30 epochs and a scratch
+    student of 60 share one axis of total epochs (an inherited row's own offset counts too).
+    """
+    def start(r: Row) -> int:
+        before = [d for d in inherits_from(r, rows) if epochs(d.run)]
+        return max((start(d) + int(epochs(d.run)[-1]["epoch"]) for d in before), default=0)
+
+    hist = epochs(row.run)
+    offset = start(row) if hist else 0
+    return [offset + int(h["epoch"]) for h in hist], [float(h["test_acc"]) for h in hist]
+
+
 def plot_curves(table: str, rows: list[Row], results: Path, references: dict[str, float] | None = None) -> Path:
-    """Test accuracy per epoch of every run (one panel per group), and last accuracy against deployed MACs (or
-    training time, where every row has the same MACs).
+    """Test accuracy per epoch of every run (one panel per group; a stage-2 run's epochs continue its
+    teacher's), and last accuracy against deployed MACs (or training time, where every row has the same MACs).
 
     ``references`` (label -> accuracy, e.g. a published checkpoint scored on the same test set) are drawn as
     dashed horizontal lines in every group's panel.
@@ -180,17 +195,19 @@ def plot_curves(table: str, rows: list[Row], results: Path, references: dict[str
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(r.name for r in rows))}
     for ax, group in zip(axes[0], groups):
         labelled: set[str] = set()
+        continued = False
         for r in rows:
-            hist = epochs(r.run) if r.group == group else []
-            if not hist:
+            x, acc = curve(r, rows) if r.group == group else ([], [])
+            if not x:
                 continue
-            ax.plot([int(h["epoch"]) for h in hist], [float(h["test_acc"]) for h in hist], marker=".",
-                    color=colors[r.name], label=None if r.name in labelled else r.name)
+            continued |= x[0] > 1
+            ax.plot(x, acc, marker=".", color=colors[r.name], label=None if r.name in labelled else r.name)
             labelled.add(r.name)
         for i, (label, acc) in enumerate((references or {}).items()):
             ax.axhline(acc, color="k", alpha=0.6, linestyle=("--", ":", "-.")[i % 3], linewidth=1,
                        label=f"{label}: {acc:.2f}")
-        ax.set(title=group, xlabel="epoch", ylabel="test accuracy (%)")
+        xlabel = "total epochs (a stage-2 run's continue its teacher's)" if continued else "epoch"
+        ax.set(title=group, xlabel=xlabel, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _plot_cost(axes[0][-1], rows, colors)

@@ -6,6 +6,7 @@ treats a row as finished only when the run in its folder was made by exactly tha
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,14 @@ class Row:
     seed: int = 0
     baseline: Path | None = None
     result: dict[str, Any] = field(default_factory=dict)
+
+
+def inherits_from(row: Row, rows: list[Row]) -> list[Row]:
+    """The rows whose run ``row`` reads (its command names their folder or a file in it): they train first."""
+    def names(run: Path, token: str) -> bool:
+        return token == str(run) or token.startswith(str(run) + os.sep)
+
+    return [r for r in rows if r is not row and any(names(r.run, t) for t in row.argv)]
 
 
 def _common(args: argparse.Namespace, seed: int) -> list[str]:
