@@ -67,9 +67,9 @@ def make_tree(
     return root
 
 
-def zip_tree(folder: Path, dest: Path, top: str | None = None) -> Path:
+def zip_tree(folder: Path, dest: Path, top: str | None = None, compression: int = zipfile.ZIP_STORED) -> Path:
     """Zips ``folder``'s contents, optionally under one top-level folder, listing files only (like cifar10-jpeg.zip)."""
-    with zipfile.ZipFile(dest, "w") as z:
+    with zipfile.ZipFile(dest, "w", compression) as z:
         for p in sorted(folder.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(folder).as_posix()
@@ -287,6 +287,46 @@ def test_imagefolder_zip_with_top_folder_and_val_split_equals_folder(tmp_path):
     b_train, b_test, b_info = load_dataset("imagefolder", zip_tree(root, tmp_path / "tree.zip", top="mydata"))
     assert torch.equal(a_train.images, b_train.images) and torch.equal(a_test.labels, b_test.labels)
     assert a_info.classes == b_info.classes and b_info.source == str(tmp_path / "tree.zip")
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2])
+def test_zip_members_are_read_at_the_scans_offsets_without_parsing_the_zip_again(tmp_path, monkeypatch, compression):
+    root = make_tree(tmp_path / "tree")
+    zipped = zip_tree(root, tmp_path / "tree.zip", top="top", compression=compression)
+    with zipfile.ZipFile(zipped, "a", compression) as z, warnings.catch_warnings():  # a name twice: the last counts
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        z.writestr("top/train/ant/000.png", (root / "train" / "bee" / "001.png").read_bytes())
+    tree = scan_image_tree(zipped)
+    names = [n for n, _ in tree.train + tree.test]
+    assert names.count("top/train/ant/000.png") == 1 and set(tree.members) == set(names)
+    with zipfile.ZipFile(zipped) as z:
+        expected = {n: z.read(n) for n in names}
+    if compression != zipfile.ZIP_BZIP2:  # bzip2 and LZMA members are left to zipfile
+        monkeypatch.setattr(zipfile, "ZipFile", None)  # opening the zip with zipfile again would fail
+    with tree.opened() as handle:
+        assert {n: tree.read(n, handle) for n in names} == expected
+    assert tree.read(names[0]) == expected[names[0]]
+
+
+def test_a_damaged_deflated_member_and_an_encrypted_zip_are_one_line(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    zipped = zip_tree(root, tmp_path / "tree.zip", compression=zipfile.ZIP_DEFLATED)
+    tree = scan_image_tree(zipped)
+    name = "train/bee/003.png"
+    offset, compressed, *_ = tree.members[name]
+    raw = bytearray(zipped.read_bytes())
+    raw[offset + 30 + len(name) + compressed // 2] ^= 0xFF  # inside the deflated data, after the local header
+    zipped.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        tree.read("train/bee/003.png")
+    assert "train/bee/003.png" in one_line_error(e) and "intact copy" in one_line_error(e)
+    raw = bytearray(zip_tree(root, tmp_path / "plain.zip").read_bytes())
+    at = raw.find(b"PK\x01\x02")  # the first central directory entry: set its "encrypted" flag
+    raw[at + 8] |= 0x1
+    (tmp_path / "locked.zip").write_bytes(bytes(raw))
+    with pytest.raises(DataError) as e:
+        scan_image_tree(tmp_path / "locked.zip")
+    assert "encrypted" in one_line_error(e)
 
 
 def test_imagefolder_resizes_and_center_crops(tmp_path):

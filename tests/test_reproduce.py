@@ -5,7 +5,6 @@ import contextlib
 import csv
 import io
 import json
-import zipfile
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import models
 from _shared import CIFAR10, CIFAR100, SHARED
 from train import reproduce
+from train.data import extract_images, scan_image_tree
 from train.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
@@ -383,13 +383,10 @@ def small_jpeg_tree(dest: Path, per_split: dict[str, int]) -> Path:
     Streaming the whole zip would list its 60,000 entries in every loader worker of every row; the zip itself is
     streamed in test_stream.py.
     """
-    with zipfile.ZipFile(SHARED / "cifar10-jpeg.zip") as z:
-        for name in z.namelist():
-            *_, split, cls, file = PurePosixPath(name).parts
-            if split in per_split and int(PurePosixPath(file).stem) < per_split[split]:
-                (dest / split / cls).mkdir(parents=True, exist_ok=True)
-                (dest / split / cls / file).write_bytes(z.read(name))
-    return dest
+    tree = scan_image_tree(SHARED / "cifar10-jpeg.zip")
+    chosen = {split: [(name, y) for name, y in items if int(PurePosixPath(name).stem) < per_split[split]]
+              for split, items in (("train", tree.train), ("test", tree.test)) if split in per_split}
+    return extract_images(tree, chosen, dest)
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10-jpeg.zip").is_file(), reason="needs the CIFAR-10 JPEG zip")

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import zipfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from torchvision import datasets, transforms
 from models import create_model, student_from_teacher
 from models.errors import ConfigError, cli_errors
 
-from .data import ArrayData, DatasetInfo, build_data, scan_image_tree
+from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .distill import DistillLoss
 from .engine import TrainConfig, Trainer, hardware, init_distributed, native_bf16
 from .data.stream import StreamLoader
@@ -137,13 +135,8 @@ def folder_speed(source: Path, images: int, batch_size: int, workers: int, steps
     tree = scan_image_tree(source)
     items = tree.train[:: max(1, len(tree.train) // images)][:images]
     with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(source) if tree.is_zip else nullcontext() as archive:
-            one_per_class = list({label: (name, label) for name, label in items}.values())
-            for split, chosen in (("train", items), ("test", one_per_class)):
-                for name, label in chosen:
-                    dest = Path(tmp) / split / tree.classes[label] / Path(name).name
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(tree.read(name, archive))
+        one_per_class = list({label: (name, label) for name, label in items}.values())
+        extract_images(tree, {"train": items, "test": one_per_class}, tmp)
         local = scan_image_tree(tmp)
         mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
         info = DatasetInfo("imagefolder", len(local.classes), local.classes, mean, std, 224, tmp, "bench")

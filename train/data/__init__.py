@@ -42,7 +42,8 @@ from models.errors import DataError
 from .base import (_JPEG_LABEL, _NICE, _STATS, _WHERE, CIFAR10_CLASSES, DATASETS, ArrayData, DatasetInfo,
                    _check_memory, available_memory)
 from .cifar import _FULL_SIZES, _PICKLE_DIRS, _load_pickles, _resize
-from .folders import ImageTree, _load_tree, default_image_size, scan_image_tree, subset_tree, to_rgb
+from .folders import (ImageTree, _load_tree, default_image_size, extract_images, scan_image_tree, subset_tree,
+                      to_rgb)
 from .loader import Data, Loader
 from .sources import _download, _find, data_root, resolve_source
 from .subsets import _subset_indices, balanced_subset
@@ -58,6 +59,7 @@ __all__ = [
     "data_root",
     "resolve_source",
     "scan_image_tree",
+    "extract_images",
     "to_rgb",
     "available_memory",
     "load_dataset",

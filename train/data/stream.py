@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-import zipfile
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -65,18 +64,26 @@ class ImageFiles(Dataset):
     def __init__(self, tree: ImageTree, items: Sequence[tuple[str, int]], image_size: int, train: bool,
                  seed: int) -> None:
         self.tree, self.items, self.size, self.train, self.seed = tree, list(items), image_size, train, seed
-        self._zip: zipfile.ZipFile | None = None  # opened in each worker
+        self._file: BinaryIO | None = None  # the zip, opened in each worker
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}  # a worker opens its own
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _read(self, name: str) -> bytes:
-        if self.tree.is_zip and self._zip is None:
-            self._zip = zipfile.ZipFile(self.tree.source)
-        try:
-            return self.tree.read(name, self._zip)
-        except (OSError, zipfile.BadZipFile) as e:
-            raise DataError(f"cannot read {name} from {self.tree.source} ({e}); replace the file") from None
+        if self.tree.is_zip and self._file is None:
+            try:
+                self._file = open(self.tree.source, "rb")
+            except OSError as e:
+                raise DataError(f"cannot open {self.tree.source} ({e.strerror}); make it readable") from None
+        return self.tree.read(name, self._file)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key
@@ -189,10 +196,13 @@ def _stats(tree: ImageTree, items: Sequence[tuple[str, int]], count: int = 1000)
     files = ImageFiles(tree, items[::step][:count], 64, train=False, seed=0)
     s = torch.zeros(3, dtype=torch.float64)
     s2 = torch.zeros(3, dtype=torch.float64)
-    for i in range(len(files)):
-        x = files[(i, 0)][0].double().div_(255)
-        s += x.mean((1, 2))
-        s2 += x.square().mean((1, 2))
+    try:
+        for i in range(len(files)):
+            x = files[(i, 0)][0].double().div_(255)
+            s += x.mean((1, 2))
+            s2 += x.square().mean((1, 2))
+    finally:
+        files.close()
     mean = s / len(files)
     std = (s2 / len(files) - mean.square()).clamp_min(1e-6).sqrt()
     return mean.tolist(), std.tolist()
