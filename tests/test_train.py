@@ -737,3 +737,21 @@ def test_a_moved_teacher_data_folder_is_refused_not_replaced(tmp_path, capsys):
     line = expect_error(capsys, stage2.main, ["--inherit", str(tmp_path / "t"), "--epochs", "1",
                                               "--out", str(tmp_path / "s")])
     assert "no longer exists" in line and "--data-dir" in line
+
+
+def test_the_recorded_commit_is_dirty_only_when_the_code_changed(tmp_path):
+    from train.engine import describe_checkout
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for path in ("train/x.py", "results/table.md", "README.md"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results" / "table.md").write_text("rewritten by a table\n")
+    (tmp_path / "README.md").write_text("2\n")
+    assert describe_checkout(tmp_path / "train") == commit  # a table or the README changes no run
+    (tmp_path / "train" / "x.py").write_text("2\n")
+    assert describe_checkout(tmp_path / "results") == commit + "+dirty"

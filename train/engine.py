@@ -402,18 +402,29 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             "per_class_acc": [100.0 * h / n if n else float("nan") for h, n in zip(hits, seen)]}
 
 
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    """The short commit of the code that runs, with ``+dirty`` when it has uncommitted changes; ``unknown`` outside
-    a git checkout. Read once per process: later edits of the checkout do not change the code already loaded."""
-    here = Path(__file__).resolve().parent
+#: The project's code, whose uncommitted changes make :func:`git_commit` say ``+dirty``.
+CODE_PACKAGES = ("models", "reparam", "train")
+
+
+def describe_checkout(folder: Path) -> str:
+    """The short commit of the git checkout holding ``folder``, with ``+dirty`` when its code has uncommitted
+    changes; ``unknown`` outside a checkout. Only :data:`CODE_PACKAGES` and ``pyproject.toml`` count: a results
+    table or README rewritten since the last commit changes no run."""
     try:
-        run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, cwd=here, timeout=10)
+        run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, cwd=folder, timeout=10)
         commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        code = [f":(top){p}" for p in (*CODE_PACKAGES, "pyproject.toml")]
+        dirty = run(["git", "status", "--porcelain", "--untracked-files=no", "--", *code]).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """:func:`describe_checkout` of the code that runs. Read once per process: later edits of the checkout do not
+    change the code already loaded."""
+    return describe_checkout(Path(__file__).resolve().parent)
 
 
 git_commit()  # now, while the checkout holds the code this process loaded
