@@ -110,11 +110,12 @@ class ImageTree:
         Raises:
             DataError: The file cannot be read, or the zip member is damaged (bad CRC, truncated).
         """
-        if self.is_zip and handle is None:
+        zipped = self.is_zip
+        if zipped and handle is None:
             with self.opened() as handle:
                 return self.read(name, handle)
         try:
-            if not self.is_zip:
+            if not zipped:
                 return (self.source / name).read_bytes()
             member = self.members.get(name)
             data = read_member(handle, member) if member is not None else None
@@ -123,8 +124,8 @@ class ImageTree:
                     data = z.read(name)
             return data
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
-            where = f"{name} in {self.source}" if self.is_zip else str(self.source / name)
-            fix = "replace the zip with an intact copy" if self.is_zip else "remove or replace the file"
+            where = f"{name} in {self.source}" if zipped else str(self.source / name)
+            fix = "replace the zip with an intact copy" if zipped else "remove or replace the file"
             raise DataError(f"cannot read {where} ({_one_line(str(e))}); {fix}") from None
 
 
@@ -309,11 +310,11 @@ def _decode_images(tree: ImageTree, names: Sequence[str], size: int, crop: float
     """Decodes ``names`` from ``tree`` into a uint8 ``[N, 3, size, size]`` tensor, in a process pool."""
     out = torch.empty((len(names), 3, size, size), dtype=torch.uint8)
     chunk = 256
-    with tree.opened() as archive:
+    with tree.opened() as handle:
 
         def tasks() -> Iterator[tuple[list[tuple[str, bytes]], int, float]]:
             for i in range(0, len(names), chunk):
-                yield [(n, tree.read(n, archive)) for n in names[i : i + chunk]], size, crop
+                yield [(n, tree.read(n, handle)) for n in names[i : i + chunk]], size, crop
 
         workers = min(len(os.sched_getaffinity(0)), 8) if len(names) > 4 * chunk else 1
         pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None

@@ -170,8 +170,11 @@ def curve(row: Row, rows: list[Row]) -> tuple[list[int], list[float]]:
     student of 60 share one axis of total epochs (an inherited row's own offset counts too).
     """
     def start(r: Row) -> int:
-        before = [d for d in inherits_from(r, rows) if epochs(d.run)]
-        return max((start(d) + int(epochs(d.run)[-1]["epoch"]) for d in before), default=0)
+        ends = []
+        for d in inherits_from(r, rows):
+            if hist := epochs(d.run):
+                ends.append(start(d) + int(hist[-1]["epoch"]))
+        return max(ends, default=0)
 
     hist = epochs(row.run)
     offset = start(row) if hist else 0
