@@ -558,3 +558,17 @@ def test_a_stage2_curve_continues_after_its_teachers_epochs(tmp_path):
     assert curve(again, rows) == ([6], [75.0])
     (teacher.run / "metrics.csv").unlink()  # a teacher without its history: the stage's own epochs
     assert curve(kd, rows) == ([1, 2], [72.0, 74.0])
+
+
+def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
+    from train.reproduce import Row
+    from train.reproduce.runner import row_state
+
+    row = Row("r", "g", tmp_path / "r", ["--epochs", "30"], None, 0)
+    row.run.mkdir()
+    (row.run / "args.json").write_text(json.dumps({"argv": row.argv}))
+    (row.run / "train_state.pt").write_bytes(b"")
+    (row.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,200\n2,60,2000\n3,65,220\n")  # one paused
+    assert row_state(row) == "resumes (3/30 epochs, about 1.6 h left at 220 s an epoch)"
+    (row.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n" + "".join(f"{e},60,20\n" for e in range(1, 29)))
+    assert row_state(row) == "resumes (28/30 epochs, about 1 min left at 20 s an epoch)"

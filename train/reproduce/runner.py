@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,12 +48,25 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     return summary
 
 
+def _progress(run: Path, total: int) -> str:
+    """`` (k/N epochs)``, with the time the rest would take at the run's median epoch time so far."""
+    done = epochs(run)
+    try:
+        per_epoch = statistics.median(float(e["epoch_s"]) for e in done) if done else None
+    except (KeyError, TypeError, ValueError):
+        per_epoch = None
+    if per_epoch is None or len(done) >= total:
+        return f" ({len(done)}/{total} epochs)"
+    left = (total - len(done)) * per_epoch
+    left_text = f"{left / 3600:.1f} h" if left >= 3600 else f"{max(1, round(left / 60))} min"
+    return f" ({len(done)}/{total} epochs, about {left_text} left at {per_epoch:.0f} s an epoch)"
+
+
 def row_state(row: Row) -> str:
     """What :func:`train_row` would do with ``row`` now, in a few words: finished, resumes at epoch k, ..."""
     if finished(row):
         return "finished"
-    progress = (f" ({len(epochs(row.run))}/{row.argv[row.argv.index('--epochs') + 1]} epochs)"
-                if "--epochs" in row.argv else "")
+    progress = _progress(row.run, int(row.argv[row.argv.index("--epochs") + 1])) if "--epochs" in row.argv else ""
     if in_use(row.run):
         return "running" + progress
     if not (row.run / "args.json").is_file():
