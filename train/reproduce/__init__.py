@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "count; logs in RUNS/TABLE/logs/")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: list the table's rows (those --rows selects) and what a run would do with "
-                        "each (finished, running, resumes at epoch k, not started)")
+                        "each (finished, running, resumes at epoch k, not started), with the time a started row "
+                        "has left at its own pace")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
