@@ -125,11 +125,17 @@ def train_seconds(run: Path, summary: dict[str, Any]) -> float | None:
     epoch is not moved by a few such epochs, so rows trained with and without pauses compare. Falls back to the
     summed time where ``metrics.csv`` has no epoch times.
     """
+    hist = epochs(run)
+    per_epoch = median_epoch_seconds(hist)
+    return per_epoch * len(hist) if per_epoch is not None else summary.get("train_s_total")
+
+
+def median_epoch_seconds(hist: list[dict[str, str]]) -> float | None:
+    """The median wall-clock time of the epochs of a ``metrics.csv`` (see :func:`epochs`); None without times."""
     try:
-        times = [float(e["epoch_s"]) for e in epochs(run)]
+        return statistics.median(float(e["epoch_s"]) for e in hist) if hist else None
     except (KeyError, TypeError, ValueError):
-        times = []
-    return statistics.median(times) * len(times) if times else summary.get("train_s_total")
+        return None
 
 
 def _plot_cost(ax, rows: list[Row], colors: dict[str, str]) -> None:

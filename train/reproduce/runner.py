@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 from ..rundir import finished_summary, in_use, mark_done, same_record
-from .report import epochs
+from .report import epochs, median_epoch_seconds
 from .specs import Row
 
 
@@ -51,10 +50,7 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
 def _progress(run: Path, total: int) -> str:
     """`` (k/N epochs)``, with the time the rest would take at the run's median epoch time so far."""
     done = epochs(run)
-    try:
-        per_epoch = statistics.median(float(e["epoch_s"]) for e in done) if done else None
-    except (KeyError, TypeError, ValueError):
-        per_epoch = None
+    per_epoch = median_epoch_seconds(done)
     if per_epoch is None or len(done) >= total:
         return f" ({len(done)}/{total} epochs)"
     left = (total - len(done)) * per_epoch
