@@ -207,6 +207,11 @@ def _list_files(source: Path) -> tuple[list[str], dict[str, ZipMember]]:
     return list(members), members
 
 
+def _members_of(members: dict[str, ZipMember], *splits: Sequence[tuple[str, int]]) -> dict[str, ZipMember]:
+    """The zip members of the images listed in ``splits`` (none for a folder): a tree carries only its own."""
+    return {n: members[n] for items in splits for n, _ in items} if members else {}
+
+
 def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     """Lists the images of a ``train/`` + ``test/`` (or ``val/``) tree of class folders, in a folder or a zip.
 
@@ -268,8 +273,7 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
         return [(n, y) for y, c in enumerate(classes) for n in sorted(splits[key].get(c, []))]
 
     train, test = items(top + "train"), items(test_key)
-    kept = {n: members[n] for n, _ in train + test} if members else {}
-    return ImageTree(source, classes, train, test, kept)
+    return ImageTree(source, classes, train, test, _members_of(members, train, test))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -411,8 +415,7 @@ def subset_tree(tree: ImageTree, n: int, seed: int, label: str) -> ImageTree:
     labels = [torch.tensor([y for _, y in items], dtype=torch.int64) for items in (tree.train, tree.test)]
     picked = _subset_indices(*labels, n, seed, len(tree.classes), label)
     kept = [[items[i] for i in p.tolist()] for items, p in zip((tree.train, tree.test), picked)]
-    members = {n: tree.members[n] for items in kept for n, _ in items} if tree.members else {}
-    return ImageTree(tree.source, tree.classes, *kept, members)
+    return ImageTree(tree.source, tree.classes, *kept, _members_of(tree.members, *kept))
 
 
 def extract_images(tree: ImageTree, splits: dict[str, Sequence[tuple[str, int]]], dest: str | os.PathLike) -> Path:
