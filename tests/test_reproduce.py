@@ -66,7 +66,8 @@ def test_cifar10_reducenet_table_and_resume(tmp_path):
     assert models.load_checkpoint(runs / "reduce20-w1-paper-s0-teacher").preprocess["std"] == [1.0] * 3
     md = (results / "cifar10-reducenet.md").read_text()
     for needle in ("python -m train.reproduce cifar10-reducenet --budget smoke", "CIFAR-10 (exact subset",
-                   "Hardware: CPU", "seeds 0", "last", "Published numbers", "91.97", "published ReduceNet block"):
+                   "Hardware: CPU", "seeds 0", "last", "Published numbers", "91.97", "published ReduceNet block",
+                   "timed side by side"):
         assert needle in md, needle
     assert (results / "cifar10-reducenet.png").stat().st_size > 10_000
     assert first.count("[run]") == 8
@@ -277,6 +278,26 @@ def test_rows_are_set_against_their_baselines_seed_by_seed():
 
 
 @pytest.mark.skipif(not (CIFAR100 / "cifar-100-python").is_dir(), reason=f"{CIFAR100} is absent")
+def test_the_fused_models_of_a_table_are_timed_side_by_side(tmp_path, monkeypatch):
+    lines = [{"row": "teacher", "run": "t"}]
+    for seed in (0, 1):
+        run = tmp_path / f"s{seed}" / "deploy"
+        models.save_checkpoint(models.create_model("reduce20"), run / "model")
+        lines.append({"row": "fused", "run": str(run), "cpu_latency_ms_b1": None})
+    calls = []
+
+    def measure(nets, batch, device, repeats):
+        calls.append((sorted(nets), batch, repeats))
+        return {k: 0.001 * (i + 2) for i, k in enumerate(nets)}
+
+    monkeypatch.setattr(reproduce, "measure", measure)
+    note = reproduce._time_fused(lines, 7)
+    assert calls == [([lines[1]["run"], lines[2]["run"]], 1, 7)]  # one run: a round times each model once
+    assert [line.get("cpu_latency_ms_b1") for line in lines] == [None, pytest.approx(2.0), pytest.approx(3.0)]
+    assert "over 7 rounds" in note and "side by side" in note
+    assert reproduce._time_fused(lines[:1], 7) is None and calls == calls[:1]  # nothing fused: nothing timed
+
+
 def test_cifar100_kd_table_on_the_exact_subset(tmp_path):
     run(smoke_argv("cifar100-kd", tmp_path, "--models", "reduce20", data=CIFAR100))
     rows = read_csv(tmp_path / "results" / "cifar100-kd.csv")

@@ -76,14 +76,32 @@ def _line(r: Row) -> dict:
     return line
 
 
-def _fused_line(r: Row, repeats: int) -> dict:
-    """The fused deploy model of a stage-2 row, with its measured batch-1 CPU latency (median of ``repeats``)."""
+def _fused_line(r: Row) -> dict:
+    """The fused deploy model of a stage-2 row; its latency is filled in by :func:`_time_fused`."""
     s, fused = r.result, r.result["sizes"]["fused"]
-    deploy = load_checkpoint(r.run / "deploy" / "model.safetensors")
-    latency = 1e3 * measure({"fused": deploy}, 1, torch.device("cpu"), repeats)["fused"]
     return {"group": r.group, "row": f"fused deploy model of: {r.name}", "seed": r.seed, "epochs": s["epochs"],
             "params": fused["params"], "macs_M": fused["macs"] / 1e6, "last_acc": s["fused_test_acc"],
-            "best_acc": None, "train_s": None, "cpu_latency_ms_b1": latency, "run": str(r.run / "deploy")}
+            "best_acc": None, "train_s": None, "cpu_latency_ms_b1": None, "run": str(r.run / "deploy")}
+
+
+def _time_fused(lines: list[dict], repeats: int) -> str | None:
+    """Fill the batch-1 CPU latency of every fused deploy model in ``lines``, all timed in one side-by-side run;
+    return the header line that says how (None where ``lines`` has no fused model).
+
+    Each round runs every model once, so drift in the host's speed between two timings cannot show as a
+    spread between seeds of one architecture (timed one after another, two seeds' identical fused reduce20s
+    measured 2.99 and 4.09 ms here, with trainings running).
+    """
+    fused = [line for line in lines if "cpu_latency_ms_b1" in line]
+    if not fused:
+        return None
+    deploys = {line["run"]: load_checkpoint(Path(line["run"]) / "model.safetensors") for line in fused}
+    seconds = measure(deploys, 1, torch.device("cpu"), repeats)
+    for line in fused:
+        line["cpu_latency_ms_b1"] = 1e3 * seconds[line["run"]]
+    return (f"- `CPU latency b1` is a fused model's median batch-1 float32 forward time over {repeats} rounds on "
+            f"{torch.get_num_threads()} threads, timed when the table was written; all fused models of the table are "
+            "timed side by side (each round runs each once), so they share the host's drift.")
 
 
 def _header(table: str, args: argparse.Namespace, rows: list[Row], budget: str) -> list[str]:
@@ -192,7 +210,8 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
         lines.append(line)
         last_stage2 = r.main is stage2.main and r is [x for x in rows if x.group == r.group and x.seed == r.seed][-1]
         if last_stage2 and "fused_test_acc" in r.result and (r.run / "deploy").is_dir():
-            lines.append(_fused_line(r, args.repeats))
+            lines.append(_fused_line(r))
+    timing = _time_fused(lines, args.repeats)
     columns = list(COLUMNS)
     if exact_dir is not None:
         columns.insert(7, ("exact-subset acc (%)", "exact_acc"))
@@ -202,6 +221,7 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
         columns += [("MACs reduction", "macs_reduction"), ("latency ratio b1 (measured)", "latency_ratio")]
     e1, e2 = BUDGETS[table][args.budget]
     header = _header(table, args, rows, f"{e1} + {e2} epochs (stage 1 + stage 2)" if e1 else f"{e2} epochs")
+    header += [timing] if timing else []
     shown = extra_lines + aggregate(lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
     paired = against_baselines(lines, {str(r.run): str(r.baseline) for r in rows if r.baseline},
                                rows[0].result["test_images"])
