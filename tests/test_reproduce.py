@@ -137,8 +137,9 @@ def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
     # a half-finished row (train_state.pt but no done marker) is resumed, not restarted
     (runs / "reduce20-w1-ours-s0-scratch" / "done").unlink()
     plan = run([*argv, "--plan"])  # says so before anything runs, and trains nothing
-    states = dict(line.split(maxsplit=1) for line in plan.splitlines()[1:])
+    states = dict(line.split(maxsplit=1) for line in plan.splitlines()[1:-1])
     assert plan.splitlines()[0] == "1 of 5 rows finished; nothing trained (--plan)"
+    assert plan.splitlines()[-1] == "3 row(s) not timed: no run of theirs has timed an epoch yet"
     assert states == {"reduce20-w1-ours-s0-teacher": "finished", "reduce20-w1-ours-s0-scratch": "resumes (2/2 epochs)",
                       "reduce20-w1-ours-s0-kd": "not started", "reduce20-w1-ours-s0-kd-lora": "not started",
                       "reduce20-w1-ours-s0-kd-lora-lambda": "not started"}
@@ -593,3 +594,27 @@ def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
     assert row_state(row) == "resumes (3/30 epochs, about 1.6 h left at 220 s an epoch)"
     (row.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n" + "".join(f"{e},60,20\n" for e in range(1, 29)))
     assert row_state(row) == "resumes (28/30 epochs, about 1 min left at 20 s an epoch)"
+
+
+def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
+    from train.reproduce import Row
+    from train.reproduce.runner import row_state
+
+    def row(name, seed, argv=("--epochs", "10")):
+        return Row(name, "g", tmp_path / f"{name}-s{seed}", [*argv, "--seed", str(seed)], None, seed)
+
+    done, waiting, other_label = row("kd", 0), row("kd", 1), row("scratch", 1)
+    done.run.mkdir()
+    (done.run / "args.json").write_text(json.dumps({"argv": done.argv}))
+    (done.run / "train_state.pt").write_bytes(b"")
+    (done.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,360\n2,60,360\n")
+    rows = [done, waiting, other_label]
+    assert row_state(waiting, rows) == "not started (about 1.0 h at 360 s an epoch, the pace of kd-s0)"
+    assert row_state(other_label, rows) == "not started"  # another row's pace says nothing of this one's
+    assert row_state(waiting) == "not started"
+    assert reproduce._time_left(rows, rows, 2) == (
+        "about 1.8 h of training left, rows one after another; with --jobs 2, at least 54 min (a stage-2 row waits "
+        "for its teacher); 1 row(s) not timed: no run of theirs has timed an epoch yet")
+    # a run of the other seed made by another command (another budget) does not set the pace
+    (done.run / "args.json").write_text(json.dumps({"argv": ["--epochs", "99", "--seed", "0"]}))
+    assert row_state(waiting, rows) == "not started"

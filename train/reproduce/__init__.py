@@ -47,7 +47,7 @@ from ..data import data_root
 from ..engine import git_commit
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
-from .runner import finished, row_state, train_row
+from .runner import duration, finished, row_state, seconds_left, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
                     original_rows, precision_rows, pyramid_rows, trim_rows)
 from ..timing import measure
@@ -173,15 +173,29 @@ def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
     return picked
 
 
+def _time_left(chosen: list[Row], rows: list[Row], jobs: int) -> str:
+    """The --plan's last line: the training time left in all, at each row's pace (see ``seconds_left``)."""
+    left = [seconds_left(r, rows) for r in chosen]
+    known = sum(t for t in left if t is not None)
+    unknown = sum(t is None for t in left)
+    parts = [f"about {duration(known)} of training left, rows one after another"] if known else []
+    if known and jobs > 1:
+        parts[0] += f"; with --jobs {jobs}, at least {duration(known / jobs)} (a stage-2 row waits for its teacher)"
+    if unknown:
+        parts.append(f"{unknown} row(s) not timed: no run of theirs has timed an epoch yet")
+    return "; ".join(parts) or "nothing left to train"
+
+
 def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], None]) -> bool:
     """Train the table's rows; with ``--rows`` only those, and False (the table is not written from a part)."""
     picked = _picked(rows, args)
     chosen = rows if picked is None else picked
     if args.plan:
-        states = [row_state(r) for r in chosen]
+        states = [row_state(r, rows) for r in chosen]
         log(f"{states.count('finished')} of {len(chosen)} rows finished; nothing trained (--plan)")
         for r, state in zip(chosen, states):
             log(f"  {r.run.name:<40} {state}")
+        log(_time_left(chosen, rows, args.jobs))
         return False
     if args.jobs > 1:
         train_parallel(chosen, args.argv, args.jobs, args.device, log)
@@ -375,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "count; logs in RUNS/TABLE/logs/")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: list the table's rows (those --rows selects) and what a run would do with "
-                        "each (finished, running, resumes at epoch k, not started), with the time a started row "
-                        "has left at its own pace")
+                        "each (finished, running, resumes at epoch k, not started), with the time each row has "
+                        "left at its own pace (a row not started: at its other seed's), and the total")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ..rundir import finished_summary, in_use, mark_done, same_record
 from .report import epochs, median_epoch_seconds
@@ -47,26 +47,74 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     return summary
 
 
-def _progress(run: Path, total: int) -> str:
-    """`` (k/N epochs)``, with the time the rest would take at the run's median epoch time so far."""
-    done = epochs(run)
-    per_epoch = median_epoch_seconds(done)
-    if per_epoch is None or len(done) >= total:
-        return f" ({len(done)}/{total} epochs)"
-    left = (total - len(done)) * per_epoch
-    left_text = f"{left / 3600:.1f} h" if left >= 3600 else f"{max(1, round(left / 60))} min"
-    return f" ({len(done)}/{total} epochs, about {left_text} left at {per_epoch:.0f} s an epoch)"
+def duration(seconds: float) -> str:
+    """``1.6 h`` or ``25 min`` (at least 1 min)."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
 
 
-def row_state(row: Row) -> str:
-    """What :func:`train_row` would do with ``row`` now, in a few words: finished, resumes at epoch k, ..."""
+def _total_epochs(row: Row) -> int | None:
+    return int(row.argv[row.argv.index("--epochs") + 1]) if "--epochs" in row.argv else None
+
+
+def _pace(row: Row, rows: Sequence[Row]) -> tuple[float, Row] | None:
+    """The median epoch time of ``row``'s run so far, else of a run of the same row for another seed (the same
+    group and label, started by its own command), with the row it was measured on; None where no run has one."""
+    siblings = [s for s in rows if s is not row and s.group == row.group and s.name == row.name]
+    for r in [row, *siblings]:
+        if same_record(_run_argv(r.run), r.argv):
+            per_epoch = median_epoch_seconds(epochs(r.run))
+            if per_epoch is not None:
+                return per_epoch, r
+    return None
+
+
+def _left(row: Row, rows: Sequence[Row]) -> tuple[float, float, Row] | None:
+    """Seconds the rest of an unfinished ``row`` would train, the epoch time used and the row it was measured on."""
+    total, pace = _total_epochs(row), _pace(row, rows)
+    if total is None or pace is None:
+        return None
+    done = len(epochs(row.run)) if resumable(row) or in_use(row.run) else 0
+    return max(0, total - done) * pace[0], *pace
+
+
+def seconds_left(row: Row, rows: Sequence[Row] = ()) -> float | None:
+    """How long the rest of ``row`` would train: its epochs left times its median epoch time, or, for a row
+    that has not started, a sibling's (see :func:`_pace`); 0 for a finished row, None where nothing tells."""
+    if finished(row):
+        return 0.0
+    left = _left(row, rows)
+    return None if left is None else left[0]
+
+
+def _progress(row: Row, rows: Sequence[Row]) -> str:
+    """`` (k/N epochs)``, with the time the rest would take at the run's median epoch time so far (or, before
+    its first epoch, at its other seed's)."""
+    total, done = _total_epochs(row), len(epochs(row.run))
+    if total is None:
+        return ""
+    left = _left(row, rows)
+    if left is None or done >= total:
+        return f" ({done}/{total} epochs)"
+    seconds, per_epoch, measured_on = left
+    whose = "" if measured_on is row else f", the pace of {measured_on.run.name}"
+    return f" ({done}/{total} epochs, about {duration(seconds)} left at {per_epoch:.0f} s an epoch{whose})"
+
+
+def row_state(row: Row, rows: Sequence[Row] = ()) -> str:
+    """What :func:`train_row` would do with ``row`` now, in a few words: finished, resumes at epoch k, ...; with
+    the time the rest would take (a row not started yet: at the pace of the same row's run for another seed in
+    ``rows``, where one has run)."""
     if finished(row):
         return "finished"
-    progress = _progress(row.run, int(row.argv[row.argv.index("--epochs") + 1])) if "--epochs" in row.argv else ""
     if in_use(row.run):
-        return "running" + progress
+        return "running" + _progress(row, rows)
     if not (row.run / "args.json").is_file():
-        return "not started"
+        left = _left(row, rows)
+        if left is None:
+            return "not started"
+        seconds, per_epoch, measured_on = left
+        return (f"not started (about {duration(seconds)} at {per_epoch:.0f} s an epoch, "
+                f"the pace of {measured_on.run.name})")
     if not same_record(_run_argv(row.run), row.argv):
         return "made by another command: will be replaced"
-    return "resumes" + progress if resumable(row) else "will restart"
+    return "resumes" + _progress(row, rows) if resumable(row) else "will restart"
