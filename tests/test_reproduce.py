@@ -612,7 +612,7 @@ def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
     assert row_state(waiting, rows) == "not started (about 1.0 h at 360 s an epoch, the pace of kd-s0)"
     assert row_state(other_label, rows) == "not started"  # another row's pace says nothing of this one's
     assert row_state(waiting) == "not started"
-    assert reproduce._time_left(rows, rows, 2) == (
+    assert reproduce._time_left([reproduce.plan_row(r, rows)[1] for r in rows], 2) == (
         "about 1.8 h of training left, rows one after another; with --jobs 2, at least 54 min (a stage-2 row waits "
         "for its teacher); 1 row(s) not timed: no run of theirs has timed an epoch yet")
     # a run of the other seed made by another command (another budget) does not set the pace

@@ -47,14 +47,14 @@ from ..data import data_root
 from ..engine import git_commit
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
-from .runner import duration, finished, row_state, seconds_left, train_row
+from .runner import duration, finished, plan_row, row_state, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
                     original_rows, precision_rows, pyramid_rows, trim_rows)
 from ..timing import measure
 from .speed import speed_table
 
-__all__ = ["main", "build_parser", "train_row", "train_parallel", "RowsFailed", "finished", "row_state", "Row",
-           "cifar10_rows", "cifar100_rows", "original_rows", "against_baselines", "stage1", "stage2", "measure"]
+__all__ = ["main", "build_parser", "train_row", "train_parallel", "RowsFailed", "finished", "row_state", "plan_row",
+           "Row", "cifar10_rows", "cifar100_rows", "original_rows", "against_baselines", "stage1", "stage2", "measure"]
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
           "deploy-speed")
@@ -173,9 +173,8 @@ def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
     return picked
 
 
-def _time_left(chosen: list[Row], rows: list[Row], jobs: int) -> str:
-    """The --plan's last line: the training time left in all, at each row's pace (see ``seconds_left``)."""
-    left = [seconds_left(r, rows) for r in chosen]
+def _time_left(left: list[float | None], jobs: int) -> str:
+    """The --plan's last line: the training time left in all, from each row's time left (see ``plan_row``)."""
     known = sum(t for t in left if t is not None)
     unknown = sum(t is None for t in left)
     parts = [f"about {duration(known)} of training left, rows one after another"] if known else []
@@ -191,11 +190,11 @@ def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], 
     picked = _picked(rows, args)
     chosen = rows if picked is None else picked
     if args.plan:
-        states = [row_state(r, rows) for r in chosen]
+        states, left = zip(*(plan_row(r, rows) for r in chosen))
         log(f"{states.count('finished')} of {len(chosen)} rows finished; nothing trained (--plan)")
         for r, state in zip(chosen, states):
             log(f"  {r.run.name:<40} {state}")
-        log(_time_left(chosen, rows, args.jobs))
+        log(_time_left(list(left), args.jobs))
         return False
     if args.jobs > 1:
         train_parallel(chosen, args.argv, args.jobs, args.device, log)

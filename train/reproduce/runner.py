@@ -77,44 +77,41 @@ def _left(row: Row, rows: Sequence[Row]) -> tuple[float, float, Row] | None:
     return max(0, total - done) * pace[0], *pace
 
 
-def seconds_left(row: Row, rows: Sequence[Row] = ()) -> float | None:
-    """How long the rest of ``row`` would train: its epochs left times its median epoch time, or, for a row
-    that has not started, a sibling's (see :func:`_pace`); 0 for a finished row, None where nothing tells."""
+def plan_row(row: Row, rows: Sequence[Row] = ()) -> tuple[str, float | None]:
+    """What :func:`train_row` would do with ``row`` now, in a few words (finished, resumes at epoch k, ...), and
+    how long the rest of it would train: its epochs left times its median epoch time, or, for a row not started
+    yet, the median epoch time of the same row's run for another seed in ``rows`` (see :func:`_pace`); 0 for a
+    finished row, None where nothing tells. Each run's records are read once."""
     if finished(row):
-        return 0.0
+        return "finished", 0.0
     left = _left(row, rows)
-    return None if left is None else left[0]
+    seconds = None if left is None else left[0]
+    if in_use(row.run):
+        return "running" + _progress(row, left), seconds
+    if not (row.run / "args.json").is_file():
+        if left is None:
+            return "not started", None
+        _, per_epoch, measured_on = left
+        return (f"not started (about {duration(seconds)} at {per_epoch:.0f} s an epoch, "
+                f"the pace of {measured_on.run.name})"), seconds
+    if not same_record(_run_argv(row.run), row.argv):
+        return "made by another command: will be replaced", seconds
+    return ("resumes" + _progress(row, left) if resumable(row) else "will restart"), seconds
 
 
-def _progress(row: Row, rows: Sequence[Row]) -> str:
-    """`` (k/N epochs)``, with the time the rest would take at the run's median epoch time so far (or, before
-    its first epoch, at its other seed's)."""
+def row_state(row: Row, rows: Sequence[Row] = ()) -> str:
+    """What :func:`train_row` would do with ``row`` now, in a few words (see :func:`plan_row`)."""
+    return plan_row(row, rows)[0]
+
+
+def _progress(row: Row, left: tuple[float, float, Row] | None) -> str:
+    """`` (k/N epochs)``, with the time the rest would take (``left``, from :func:`_left`): at the run's median
+    epoch time so far, or, before its first epoch, at its other seed's."""
     total, done = _total_epochs(row), len(epochs(row.run))
     if total is None:
         return ""
-    left = _left(row, rows)
     if left is None or done >= total:
         return f" ({done}/{total} epochs)"
     seconds, per_epoch, measured_on = left
     whose = "" if measured_on is row else f", the pace of {measured_on.run.name}"
     return f" ({done}/{total} epochs, about {duration(seconds)} left at {per_epoch:.0f} s an epoch{whose})"
-
-
-def row_state(row: Row, rows: Sequence[Row] = ()) -> str:
-    """What :func:`train_row` would do with ``row`` now, in a few words: finished, resumes at epoch k, ...; with
-    the time the rest would take (a row not started yet: at the pace of the same row's run for another seed in
-    ``rows``, where one has run)."""
-    if finished(row):
-        return "finished"
-    if in_use(row.run):
-        return "running" + _progress(row, rows)
-    if not (row.run / "args.json").is_file():
-        left = _left(row, rows)
-        if left is None:
-            return "not started"
-        seconds, per_epoch, measured_on = left
-        return (f"not started (about {duration(seconds)} at {per_epoch:.0f} s an epoch, "
-                f"the pace of {measured_on.run.name})")
-    if not same_record(_run_argv(row.run), row.argv):
-        return "made by another command: will be replaced"
-    return "resumes" + _progress(row, rows) if resumable(row) else "will restart"
