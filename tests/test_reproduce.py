@@ -596,6 +596,29 @@ def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
     assert row_state(row) == "resumes (28/30 epochs, about 1 min left at 20 s an epoch)"
 
 
+def test_plan_bounds_the_time_with_jobs_by_the_longest_chain_of_rows_that_wait_for_one_another(tmp_path):
+    from train.reproduce import Row
+
+    def row(name, *argv):
+        return Row(name, "g", tmp_path / name, list(argv), None)
+
+    teacher, other = row("teacher"), row("other")
+    student = row("student", "--inherit", str(teacher.run / "model.safetensors"))
+    rows = [teacher, student, other]
+    hour = 3600.0
+    # 3 h in all: shared evenly by 2 jobs 1.5 h, but the student cannot start before its teacher's 1 h is over
+    assert reproduce._time_left(rows, [hour, hour, hour], 2) == (
+        "about 3.0 h of training left, rows one after another; with --jobs 2, at least 2.0 h (its longest row, "
+        "or chain of rows that wait for one another)")
+    # a long row the others do not wait for: no job count finishes it sooner
+    assert reproduce._time_left(rows, [0.5 * hour, 0.5 * hour, 3 * hour], 4).endswith(
+        "at least 3.0 h (its longest row, or chain of rows that wait for one another)")
+    # rows enough to keep both jobs busy longer than any chain: the even share bounds it
+    assert reproduce._time_left([*rows, row("more")], [0.5 * hour, 0.5 * hour, hour, hour], 2).endswith(
+        "with --jobs 2, at least 1.5 h (if the rows share the jobs evenly)")
+    assert reproduce._time_left(rows, [0.0, 0.0, 0.0], 2) == "nothing left to train"
+
+
 def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
     from train.reproduce import Row
     from train.reproduce.runner import row_state
@@ -612,9 +635,12 @@ def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
     assert row_state(waiting, rows) == "not started (about 1.0 h at 360 s an epoch, the pace of kd-s0)"
     assert row_state(other_label, rows) == "not started"  # another row's pace says nothing of this one's
     assert row_state(waiting) == "not started"
-    assert reproduce._time_left([reproduce.plan_row(r, rows)[1] for r in rows], 2) == (
-        "about 1.8 h of training left, rows one after another; with --jobs 2, at least 54 min (a stage-2 row waits "
-        "for its teacher); 1 row(s) not timed: no run of theirs has timed an epoch yet")
+    assert reproduce._time_left(rows, [reproduce.plan_row(r, rows)[1] for r in rows], 2) == (
+        "about 1.8 h of training left, rows one after another; with --jobs 2, at least 1.0 h (its longest row, or "
+        "chain of rows that wait for one another); 1 row(s) not timed: no run of theirs has timed an epoch yet")
+    assert reproduce._time_left(rows, [reproduce.plan_row(r, rows)[1] for r in rows], 3).endswith(
+        "with --jobs 3, at least 1.0 h (its longest row, or chain of rows that wait for one another); 1 row(s) not "
+        "timed: no run of theirs has timed an epoch yet")
     # a run of the other seed made by another command (another budget) does not set the pace
     (done.run / "args.json").write_text(json.dumps({"argv": ["--epochs", "99", "--seed", "0"]}))
     assert row_state(waiting, rows) == "not started"

@@ -49,7 +49,7 @@ from .report import against_baselines, aggregate, plot_curves, train_seconds, wr
 from .parallel import RowsFailed, train_parallel
 from .runner import duration, finished, plan_row, row_state, train_row
 from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
-                    original_rows, precision_rows, pyramid_rows, trim_rows)
+                    inherits_from, original_rows, precision_rows, pyramid_rows, trim_rows)
 from ..timing import measure
 from .speed import speed_table
 
@@ -173,13 +173,32 @@ def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
     return picked
 
 
-def _time_left(left: list[float | None], jobs: int) -> str:
-    """The --plan's last line: the training time left in all, from each row's time left (see ``plan_row``)."""
+def _longest_chain(chosen: list[Row], left: list[float | None]) -> float:
+    """The longest training time left of one row and the rows it waits for (a stage 2 for its teacher, a Pyramid
+    level for the one above), and theirs: with any number of jobs the rows cannot finish sooner."""
+    seconds = {id(r): t or 0.0 for r, t in zip(chosen, left)}
+    chain: dict[int, float] = {}
+
+    def through(row: Row) -> float:
+        if id(row) not in chain:
+            chain[id(row)] = seconds[id(row)] + max((through(d) for d in inherits_from(row, chosen)), default=0.0)
+        return chain[id(row)]
+
+    return max((through(r) for r in chosen), default=0.0)
+
+
+def _time_left(chosen: list[Row], left: list[float | None], jobs: int) -> str:
+    """The --plan's last line: the training time left in all, from each row's time left (see ``plan_row``), and
+    with ``jobs`` at once the least it can take: the rows shared evenly, or their longest chain, whichever is
+    longer."""
     known = sum(t for t in left if t is not None)
     unknown = sum(t is None for t in left)
     parts = [f"about {duration(known)} of training left, rows one after another"] if known else []
     if known and jobs > 1:
-        parts[0] += f"; with --jobs {jobs}, at least {duration(known / jobs)} (a stage-2 row waits for its teacher)"
+        chain = _longest_chain(chosen, left)
+        why = ("its longest row, or chain of rows that wait for one another" if chain > known / jobs
+               else "if the rows share the jobs evenly")
+        parts[0] += f"; with --jobs {jobs}, at least {duration(max(chain, known / jobs))} ({why})"
     if unknown:
         parts.append(f"{unknown} row(s) not timed: no run of theirs has timed an epoch yet")
     return "; ".join(parts) or "nothing left to train"
@@ -194,7 +213,7 @@ def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], 
         log(f"{states.count('finished')} of {len(chosen)} rows finished; nothing trained (--plan)")
         for r, state in zip(chosen, states):
             log(f"  {r.run.name:<40} {state}")
-        log(_time_left(list(left), args.jobs))
+        log(_time_left(chosen, list(left), args.jobs))
         return False
     if args.jobs > 1:
         train_parallel(chosen, args.argv, args.jobs, args.device, log)
@@ -389,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="train nothing: list the table's rows (those --rows selects) and what a run would do with "
                         "each (finished, running, resumes at epoch k, not started), with the time each row has "
-                        "left at its own pace (a row not started: at its other seed's), and the total")
+                        "left at its own pace (a row not started: at its other seed's), the total, and with "
+                        "--jobs N the least it can take (the total shared by N, or the longest chain of rows "
+                        "that wait for one another)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
