@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DATA   ?= ../shared/data
 RUN    ?= runs/demo
 
-.PHONY: install demo test zoo clean
+.PHONY: install demo test zoo gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,24 @@ test: install
 
 zoo: install
 	$(PY) -m models
+
+# A GPU's checks in one call of at most 10 minutes (the speed issue's item 4): train.bench on CUDA, then a
+# 200-epoch reduce20 teacher with torch.compile, each under its own time limit so that the call always returns
+# what it measured (a teacher cut short leaves its metrics.csv: the epochs it trained and their times).
+# OUT gets the logs; DATA must hold cifar10-jpeg.zip. Runs with the python that holds torch (no install: the
+# GPU machine has every package stage1 and bench import).
+OUT        ?= runs/gpu-check
+BENCH_S    ?= 200
+TEACHER_S  ?= 330
+GPU        ?= cuda
+gpu-check:
+	mkdir -p $(OUT)
+	-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $(OUT)/gpu.txt 2>&1
+	-PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 \
+		--data-dir $(DATA) > $(OUT)/bench.txt 2>&1
+	-PYTHONUNBUFFERED=1 timeout $(TEACHER_S) $(PYTHON) -m train.stage1 -m reduce20 --epochs 200 --compile \
+		--device $(GPU) --data-dir $(DATA) --out runs/gpu-teacher --overwrite > $(OUT)/teacher.log 2>&1
+	-cp runs/gpu-teacher/metrics.csv runs/gpu-teacher/args.json runs/gpu-teacher/summary.json $(OUT)/
 
 clean:
 	rm -rf $(VENV) runs
