@@ -56,24 +56,26 @@ def _total_epochs(row: Row) -> int | None:
     return int(row.argv[row.argv.index("--epochs") + 1]) if "--epochs" in row.argv else None
 
 
-def _pace(row: Row, rows: Sequence[Row]) -> tuple[float, Row] | None:
-    """The median epoch time of ``row``'s run so far, else of a run of the same row for another seed (the same
-    group and label, started by its own command), with the row it was measured on; None where no run has one."""
+def _pace(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[float, Row] | None:
+    """The median epoch time of ``row``'s run so far (its epochs: ``own``), else of a run of the same row for
+    another seed (the same group and label, started by its own command), with the row it was measured on; None
+    where no run has one."""
     siblings = [s for s in rows if s is not row and s.group == row.group and s.name == row.name]
     for r in [row, *siblings]:
         if same_record(_run_argv(r.run), r.argv):
-            per_epoch = median_epoch_seconds(epochs(r.run))
+            per_epoch = median_epoch_seconds(own if r is row else epochs(r.run))
             if per_epoch is not None:
                 return per_epoch, r
     return None
 
 
-def _left(row: Row, rows: Sequence[Row]) -> tuple[float, float, Row] | None:
-    """Seconds the rest of an unfinished ``row`` would train, the epoch time used and the row it was measured on."""
-    total, pace = _total_epochs(row), _pace(row, rows)
+def _left(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[float, float, Row] | None:
+    """Seconds the rest of an unfinished ``row`` (its epochs so far: ``own``) would train, the epoch time used and
+    the row it was measured on."""
+    total, pace = _total_epochs(row), _pace(row, rows, own)
     if total is None or pace is None:
         return None
-    done = len(epochs(row.run)) if resumable(row) or in_use(row.run) else 0
+    done = len(own) if resumable(row) or in_use(row.run) else 0
     return max(0, total - done) * pace[0], *pace
 
 
@@ -81,13 +83,14 @@ def plan_row(row: Row, rows: Sequence[Row] = ()) -> tuple[str, float | None]:
     """What :func:`train_row` would do with ``row`` now, in a few words (finished, resumes at epoch k, ...), and
     how long the rest of it would train: its epochs left times its median epoch time, or, for a row not started
     yet, the median epoch time of the same row's run for another seed in ``rows`` (see :func:`_pace`); 0 for a
-    finished row, None where nothing tells. Each run's records are read once."""
+    finished row, None where nothing tells. The run's metrics.csv is read once for both."""
     if finished(row):
         return "finished", 0.0
-    left = _left(row, rows)
+    own = epochs(row.run)
+    left = _left(row, rows, own)
     seconds = None if left is None else left[0]
     if in_use(row.run):
-        return "running" + _progress(row, left), seconds
+        return "running" + _progress(row, len(own), left), seconds
     if not (row.run / "args.json").is_file():
         if left is None:
             return "not started", None
@@ -96,7 +99,7 @@ def plan_row(row: Row, rows: Sequence[Row] = ()) -> tuple[str, float | None]:
                 f"the pace of {measured_on.run.name})"), seconds
     if not same_record(_run_argv(row.run), row.argv):
         return "made by another command: will be replaced", seconds
-    return ("resumes" + _progress(row, left) if resumable(row) else "will restart"), seconds
+    return ("resumes" + _progress(row, len(own), left) if resumable(row) else "will restart"), seconds
 
 
 def row_state(row: Row, rows: Sequence[Row] = ()) -> str:
@@ -104,10 +107,10 @@ def row_state(row: Row, rows: Sequence[Row] = ()) -> str:
     return plan_row(row, rows)[0]
 
 
-def _progress(row: Row, left: tuple[float, float, Row] | None) -> str:
-    """`` (k/N epochs)``, with the time the rest would take (``left``, from :func:`_left`): at the run's median
-    epoch time so far, or, before its first epoch, at its other seed's."""
-    total, done = _total_epochs(row), len(epochs(row.run))
+def _progress(row: Row, done: int, left: tuple[float, float, Row] | None) -> str:
+    """`` (k/N epochs)`` (``done`` = k), with the time the rest would take (``left``, from :func:`_left`): at the
+    run's median epoch time so far, or, before its first epoch, at its other seed's."""
+    total = _total_epochs(row)
     if total is None:
         return ""
     if left is None or done >= total:
