@@ -301,11 +301,28 @@ def test_zip_members_are_read_at_the_scans_offsets_without_parsing_the_zip_again
     assert names.count("top/train/ant/000.png") == 1 and set(tree.members) == set(names)
     with zipfile.ZipFile(zipped) as z:
         expected = {n: z.read(n) for n in names}
+    parsed = []  # each time zipfile parses the zip's central directory
     if compression != zipfile.ZIP_BZIP2:  # bzip2 and LZMA members are left to zipfile
         monkeypatch.setattr(zipfile, "ZipFile", None)  # opening the zip with zipfile again would fail
+    else:
+        monkeypatch.setattr(zipfile, "ZipFile", lambda *a, _zf=zipfile.ZipFile: parsed.append(1) or _zf(*a))
     with tree.opened() as handle:
         assert {n: tree.read(n, handle) for n in names} == expected
+    assert len(parsed) == (compression == zipfile.ZIP_BZIP2)  # once per handle, not once per member
     assert tree.read(names[0]) == expected[names[0]]
+
+
+def test_a_bzip2_zip_streams_the_batches_of_its_folder_in_worker_processes(tmp_path):
+    from train.data.stream import build_stream_data
+
+    root = make_tree(tmp_path / "tree")
+    zipped = zip_tree(root, tmp_path / "tree.zip", compression=zipfile.ZIP_BZIP2)
+    folder, zip_data = (build_stream_data(str(p), 4, workers=w) for p, w in ((root, 0), (zipped, 2)))
+    for loader in (folder.train, zip_data.train, folder.test, zip_data.test):
+        loader.set_epoch(1)
+    for a, b in ((folder.train, zip_data.train), (folder.test, zip_data.test)):
+        pairs = list(zip(a, b))
+        assert pairs and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in pairs)
 
 
 def test_a_damaged_deflated_member_and_an_encrypted_zip_are_one_line(tmp_path):

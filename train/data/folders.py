@@ -77,6 +77,37 @@ def read_member(f: BinaryIO, m: ZipMember) -> bytes | None:
     return data
 
 
+class ZipHandle:
+    """An open zip, for :meth:`ImageTree.read`: its file, read at the offsets the scan found, and ``zipfile``'s
+    reader for members of another compression (bzip2, LZMA), made at its first use and kept, so that the central
+    directory is parsed once per handle rather than once per member.
+
+    Raises:
+        OSError: The zip cannot be opened.
+    """
+
+    def __init__(self, source: Path) -> None:
+        self.file: BinaryIO = open(source, "rb")
+        self._zip: zipfile.ZipFile | None = None
+
+    def zip(self) -> zipfile.ZipFile:
+        """``zipfile``'s reader of this zip (it reads through :attr:`file`, seeking before every read)."""
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.file)
+        return self._zip
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()  # leaves a file it was given open
+        self.file.close()
+
+    def __enter__(self) -> ZipHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
 class ImageTree:
     """The image files of a ``train/`` + ``test/`` (or ``val/``) tree of class folders.
@@ -99,11 +130,11 @@ class ImageTree:
     def is_zip(self) -> bool:
         return self.source.is_file()
 
-    def opened(self) -> AbstractContextManager[BinaryIO | None]:
-        """A handle for :meth:`read`: the zip file, open for reading, or None for a folder."""
-        return open(self.source, "rb") if self.is_zip else nullcontext()
+    def opened(self) -> AbstractContextManager[ZipHandle | None]:
+        """A handle for :meth:`read`: the zip, open for reading (a :class:`ZipHandle`), or None for a folder."""
+        return ZipHandle(self.source) if self.is_zip else nullcontext()
 
-    def read(self, name: str, handle: BinaryIO | None = None) -> bytes:
+    def read(self, name: str, handle: ZipHandle | None = None) -> bytes:
         """Returns the bytes of the file ``name``; for a zip, read through ``handle`` (see :meth:`opened`) or a
         handle opened for this one call.
 
@@ -118,10 +149,9 @@ class ImageTree:
             if not zipped:
                 return (self.source / name).read_bytes()
             member = self.members.get(name)
-            data = read_member(handle, member) if member is not None else None
+            data = read_member(handle.file, member) if member is not None else None
             if data is None:  # another compression, or a tree not made by the scan: zipfile reads it
-                with zipfile.ZipFile(self.source) as z:
-                    data = z.read(name)
+                data = handle.zip().read(name)
             return data
         except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError) as e:
             where = f"{name} in {self.source}" if zipped else str(self.source / name)

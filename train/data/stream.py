@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import BinaryIO, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -22,7 +22,7 @@ from models.errors import DataError
 
 from . import base
 from .base import DatasetInfo
-from .folders import ImageTree, default_image_size, scan_image_tree, subset_tree, to_rgb
+from .folders import ImageTree, ZipHandle, default_image_size, scan_image_tree, subset_tree, to_rgb
 from .loader import Data
 from .sources import resolve_source
 
@@ -64,26 +64,26 @@ class ImageFiles(Dataset):
     def __init__(self, tree: ImageTree, items: Sequence[tuple[str, int]], image_size: int, train: bool,
                  seed: int) -> None:
         self.tree, self.items, self.size, self.train, self.seed = tree, list(items), image_size, train, seed
-        self._file: BinaryIO | None = None  # the zip, opened in each worker
+        self._zip: ZipHandle | None = None  # opened in each worker
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None}  # a worker opens its own
+        return {**self.__dict__, "_zip": None}  # a worker opens its own
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
 
     def _read(self, name: str) -> bytes:
-        if self.tree.is_zip and self._file is None:
+        if self.tree.is_zip and self._zip is None:
             try:
-                self._file = open(self.tree.source, "rb")
+                self._zip = ZipHandle(self.tree.source)
             except OSError as e:
                 raise DataError(f"cannot open {self.tree.source} ({e.strerror}); make it readable") from None
-        return self.tree.read(name, self._file)
+        return self.tree.read(name, self._zip)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key
