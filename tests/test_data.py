@@ -325,6 +325,22 @@ def test_a_bzip2_zip_streams_the_batches_of_its_folder_in_worker_processes(tmp_p
         assert pairs and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in pairs)
 
 
+def test_a_zip_that_cannot_be_opened_is_one_line_wherever_it_is_read(tmp_path, monkeypatch):
+    from train.data import folders
+    from train.data.stream import ImageFiles
+
+    tree = scan_image_tree(zip_tree(make_tree(tmp_path / "tree"), tmp_path / "tree.zip"))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(folders, "open", denied, raising=False)  # as for a user without read access
+    for read in (lambda: tree.read(tree.train[0][0]), lambda: ImageFiles(tree, tree.train, 8, False, 0)[0, 0]):
+        with pytest.raises(DataError) as e:
+            read()
+        assert one_line_error(e) == f"cannot open {tmp_path / 'tree.zip'} (Permission denied); make it readable"
+
+
 def test_a_damaged_deflated_member_and_an_encrypted_zip_are_one_line(tmp_path):
     root = make_tree(tmp_path / "tree")
     zipped = zip_tree(root, tmp_path / "tree.zip", compression=zipfile.ZIP_DEFLATED)
@@ -337,6 +353,10 @@ def test_a_damaged_deflated_member_and_an_encrypted_zip_are_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         tree.read("train/bee/003.png")
     assert "train/bee/003.png" in one_line_error(e) and "intact copy" in one_line_error(e)
+    from train.data.stream import ImageFiles  # the streaming loader says the same, not "cannot decode image"
+    with pytest.raises(DataError) as streamed:
+        ImageFiles(tree, tree.train, 8, False, 0)[[n for n, _ in tree.train].index(name), 0]
+    assert one_line_error(streamed) == one_line_error(e)
     raw = bytearray(zip_tree(root, tmp_path / "plain.zip").read_bytes())
     at = raw.find(b"PK\x01\x02")  # the first central directory entry: set its "encrypted" flag
     raw[at + 8] |= 0x1

@@ -83,11 +83,14 @@ class ZipHandle:
     directory is parsed once per handle rather than once per member.
 
     Raises:
-        OSError: The zip cannot be opened.
+        DataError: The zip cannot be opened.
     """
 
     def __init__(self, source: Path) -> None:
-        self.file: BinaryIO = open(source, "rb")
+        try:
+            self.file: BinaryIO = open(source, "rb")
+        except OSError as e:
+            raise DataError(f"cannot open {source} ({e.strerror}); make it readable") from None
         self._zip: zipfile.ZipFile | None = None
 
     def zip(self) -> zipfile.ZipFile:

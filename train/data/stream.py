@@ -79,17 +79,15 @@ class ImageFiles(Dataset):
 
     def _read(self, name: str) -> bytes:
         if self.tree.is_zip and self._zip is None:
-            try:
-                self._zip = ZipHandle(self.tree.source)
-            except OSError as e:
-                raise DataError(f"cannot open {self.tree.source} ({e.strerror}); make it readable") from None
+            self._zip = ZipHandle(self.tree.source)
         return self.tree.read(name, self._zip)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key
         name, label = self.items[index]
+        data = self._read(name)  # its own one-line errors: a damaged or unreadable zip is not a bad image
         try:
-            with Image.open(io.BytesIO(self._read(name))) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 img = to_rgb(img)
                 if self.train:
                     g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
