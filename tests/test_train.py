@@ -755,3 +755,27 @@ def test_the_recorded_commit_is_dirty_only_when_the_code_changed(tmp_path):
     assert describe_checkout(tmp_path / "train") == commit  # a table or the README changes no run
     (tmp_path / "train" / "x.py").write_text("2\n")
     assert describe_checkout(tmp_path / "results") == commit + "+dirty"
+
+
+def test_device_cuda_without_index_is_the_current_gpu(monkeypatch):
+    """``--device cuda`` (and ``auto`` on a GPU machine) trains on the current GPU: ``torch.cuda.set_device`` gets
+    an indexed device (torch 2.11 refuses a bare "cuda"; found on the first GPU run), and an index past the
+    visible GPUs is one line naming the ones there are. The CUDA calls are stood in for, so this runs on CPU."""
+    from train.engine import init_distributed
+    from models.errors import ReduceNetError
+    chosen = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+
+    def set_device(dev):
+        assert isinstance(dev, torch.device) and dev.index is not None, dev
+        chosen.append(dev)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for asked, expected in (("cuda", "cuda:1"), ("auto", "cuda:1"), ("cuda:0", "cuda:0")):
+        _, dev = init_distributed(asked)
+        assert dev == torch.device(expected) and chosen[-1] == dev
+    with pytest.raises(ReduceNetError, match=r"only 2 GPU\(s\) are visible; use cuda:0 to cuda:1"):
+        init_distributed("cuda:2")

@@ -128,6 +128,11 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ReduceNetError("--device cuda was asked for but no GPU is visible; use --device cpu")
+        if dev.index is None:  # torch.cuda.set_device needs an index: plain "cuda" is the current GPU
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ReduceNetError(f"--device {device!r}: only {torch.cuda.device_count()} GPU(s) are visible; "
+                                 f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
