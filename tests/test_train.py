@@ -36,6 +36,8 @@ from models.layers import LambdaReLU, LoRABranch
 from train import stage1, stage2
 from train.data import build_data
 from train.distill import DistillLoss
+from train.engine import init_distributed
+from models.errors import ReduceNetError
 from conftest import training_stopped_at
 from train.tasks import Classify
 
@@ -761,8 +763,6 @@ def test_device_cuda_without_index_is_the_current_gpu(monkeypatch):
     """``--device cuda`` (and ``auto`` on a GPU machine) trains on the current GPU: ``torch.cuda.set_device`` gets
     an indexed device (torch 2.11 refuses a bare "cuda"; found on the first GPU run), and an index past the
     visible GPUs is one line naming the ones there are. The CUDA calls are stood in for, so this runs on CPU."""
-    from train.engine import init_distributed
-    from models.errors import ReduceNetError
     chosen = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
