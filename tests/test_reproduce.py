@@ -60,6 +60,13 @@ def test_cifar10_reducenet_table_and_resume(tmp_path):
     runs = tmp_path / "runs" / "cifar10-reducenet"
     summary = json.loads((runs / "reduce20-w1-ours-s0-kd-lora-lambda" / "summary.json").read_text())
     assert summary["fused_test_acc"] == pytest.approx(float(fused["last_acc"]))
+    # every stage-2 row shows its own fused deploy model's accuracy, not only the last one of its seed
+    stage2_rows = [r for r in rows if r["row"].startswith("stage2")]
+    assert len(stage2_rows) == 4
+    for r in stage2_rows:
+        s2 = json.loads((Path(r["run"]) / "summary.json").read_text())
+        assert float(r["fused_acc"]) == pytest.approx(s2["fused_test_acc"]), r["row"]
+    assert all(r["fused_acc"] == "" for r in rows if not r["row"].startswith("stage2"))
     # the paper recipe really ran without normalisation and with the original's KD reduction
     paper = json.loads((runs / "reduce20-w1-paper-s0-kd" / "args.json").read_text())["args"]
     assert paper["recipe"] == "reducenet-paper" and paper["kd_reduction"] == "mean" and paper["lr"] == 0.1
@@ -67,7 +74,7 @@ def test_cifar10_reducenet_table_and_resume(tmp_path):
     md = (results / "cifar10-reducenet.md").read_text()
     for needle in ("python -m train.reproduce cifar10-reducenet --budget smoke", "CIFAR-10 (exact subset",
                    "Hardware: CPU", "seeds 0", "last", "Published numbers", "91.97", "published ReduceNet block",
-                   "timed side by side"):
+                   "timed side by side", "`fused acc` is a stage-2 row", "| fused acc (%) | best acc (%) |"):
         assert needle in md, needle
     assert (results / "cifar10-reducenet.png").stat().st_size > 10_000
     assert first.count("[run]") == 8

@@ -58,7 +58,7 @@ __all__ = ["main", "build_parser", "train_row", "train_parallel", "RowsFailed", 
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
           "deploy-speed")
-VALUES = ["last_acc", "best_acc", "train_s", "exact_acc"]
+VALUES = ["last_acc", "fused_acc", "best_acc", "train_s", "exact_acc"]
 COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
            ("MACs (M)", "macs_M"), ("last acc (%)", "last_acc"), ("best acc (%)", "best_acc"),
            ("train time (s)", "train_s")]
@@ -70,6 +70,8 @@ def _line(r: Row) -> dict:
             "macs_M": s["macs"] / 1e6, "last_acc": s["last_test_acc"], "best_acc": s["best_test_acc"],
             "best_epoch": s["best_epoch"], "train_s": train_seconds(r.run, s), "precision": s.get("precision"),
             "run": str(r.run)}
+    if "fused_test_acc" in s:  # a stage-2 row: its own fused deploy model, on the same test images
+        line["fused_acc"] = s["fused_test_acc"]
     if "trim" in s:
         line["macs_reduction"] = s["trim"]["cost_before"] / s["trim"]["cost_after"]
         line["latency_ratio"] = s["trim"].get("latency_ratio_b1")
@@ -247,13 +249,20 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
     columns = list(COLUMNS)
     if exact_dir is not None:
         columns.insert(7, ("exact-subset acc (%)", "exact_acc"))
+    if any("fused_acc" in line for line in lines):
+        columns.insert(columns.index(("best acc (%)", "best_acc")), ("fused acc (%)", "fused_acc"))
+        header_fused = ["- `fused acc` is a stage-2 row's deploy model (every linear branch and BatchNorm fused into "
+                        "plain convs) on the same test images as `last acc`; a `fused deploy model` row gives that "
+                        "model's size and latency."]
+    else:
+        header_fused = []
     if any("cpu_latency_ms_b1" in line for line in lines):
         columns.append(("CPU latency b1 (ms)", "cpu_latency_ms_b1"))
     if any("macs_reduction" in line for line in lines):
         columns += [("MACs reduction", "macs_reduction"), ("latency ratio b1 (measured)", "latency_ratio")]
     e1, e2 = BUDGETS[table][args.budget]
     header = _header(table, args, rows, f"{e1} + {e2} epochs (stage 1 + stage 2)" if e1 else f"{e2} epochs")
-    header += [timing] if timing else []
+    header += header_fused + ([timing] if timing else [])
     shown = extra_lines + aggregate(lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
     paired = against_baselines(lines, {str(r.run): str(r.baseline) for r in rows if r.baseline},
                                rows[0].result["test_images"])
