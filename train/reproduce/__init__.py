@@ -62,6 +62,9 @@ VALUES = ["last_acc", "fused_acc", "best_acc", "train_s", "exact_acc"]
 COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
            ("MACs (M)", "macs_M"), ("last acc (%)", "last_acc"), ("best acc (%)", "best_acc"),
            ("train time (s)", "train_s")]
+FUSED_ACC_NOTE = ("- `fused acc` is a stage-2 row's deploy model (every linear branch and BatchNorm fused into plain "
+                  "convs) on the same test images as `last acc`; a `fused deploy model` row gives that model's size "
+                  "and latency.")
 
 
 def _line(r: Row) -> dict:
@@ -249,20 +252,17 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
     columns = list(COLUMNS)
     if exact_dir is not None:
         columns.insert(7, ("exact-subset acc (%)", "exact_acc"))
-    if any("fused_acc" in line for line in lines):
+    fused_acc = any("fused_acc" in line for line in lines)
+    if fused_acc:
         columns.insert(columns.index(("best acc (%)", "best_acc")), ("fused acc (%)", "fused_acc"))
-        header_fused = ["- `fused acc` is a stage-2 row's deploy model (every linear branch and BatchNorm fused into "
-                        "plain convs) on the same test images as `last acc`; a `fused deploy model` row gives that "
-                        "model's size and latency."]
-    else:
-        header_fused = []
     if any("cpu_latency_ms_b1" in line for line in lines):
         columns.append(("CPU latency b1 (ms)", "cpu_latency_ms_b1"))
     if any("macs_reduction" in line for line in lines):
         columns += [("MACs reduction", "macs_reduction"), ("latency ratio b1 (measured)", "latency_ratio")]
     e1, e2 = BUDGETS[table][args.budget]
     header = _header(table, args, rows, f"{e1} + {e2} epochs (stage 1 + stage 2)" if e1 else f"{e2} epochs")
-    header += header_fused + ([timing] if timing else [])
+    header += [FUSED_ACC_NOTE] if fused_acc else []
+    header += [timing] if timing else []
     shown = extra_lines + aggregate(lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
     paired = against_baselines(lines, {str(r.run): str(r.baseline) for r in rows if r.baseline},
                                rows[0].result["test_images"])
