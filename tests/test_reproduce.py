@@ -443,7 +443,7 @@ def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
     from train.engine import native_bf16
     rows = bench.main(["--models", "reduce20", "--steps", "2", "--batch-size", "16", "--workers", "0",
                        "--data-dir", str(CIFAR10), "--device", "cpu", "--folder", str(SHARED / "cifar10-jpeg.zip"),
-                       "--folder-images", "40"])
+                       "--folder-images", "40", "--pack", "2"])
     out = capsys.readouterr().out
     assert [r["job"] for r in rows[:3]] == ["teacher (stage 1)", "student (stage 1)", "student (stage 2, KD)"]
     for r in rows[:3]:
@@ -452,7 +452,13 @@ def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
             assert r["ours_float32"] > 0 and r["ours_over_float32"] == pytest.approx(r["ours"] / r["ours_float32"])
         else:
             assert r["ours_float32"] is None and r["ours_over_float32"] is None
-    assert "(b)/(c)" in out and "(b)/(d)" in out and "streaming loader" in out and rows[3]["stream"] > 0
+        assert r["wall_ms_per_step"] == pytest.approx(1e3 * 16 / r["ours"])
+        assert r["kernel_ms_per_step"] is None  # the GPU's kernel time: on CUDA only
+    assert "(b)/(c)" in out and "(b)/(d)" in out and "kernel / wall" in out
+    packed = rows[3]  # two teachers trained at once, in two processes
+    assert packed["pack"] == 2 and packed["aggregate_img_s"] > 0 and packed["median_img_s"] > 0
+    assert "| 2 |" in out and "all runs together" in out
+    assert "streaming loader" in out and rows[4]["stream"] > 0
 
 
 def test_precision_table_runs_the_same_rows_in_float32_and_bf16(tmp_path):

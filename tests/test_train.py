@@ -538,6 +538,72 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     assert summary["last_epoch"] == 2 and len(metrics(out)) == 2
 
 
+#: What makes the host wait for the device (a value read back, a copy to the host, a synchronize).
+HOST_SYNCS = [(torch.Tensor, name) for name in ("item", "__bool__", "__float__", "__int__", "tolist", "cpu", "numpy")]
+
+
+@contextlib.contextmanager
+def syncs_per_step(monkeypatch):
+    """Within the block, every training step's host-device synchronisations are counted: yields a list of
+    ``(epoch, step, steps, calls)``, one per step, where ``calls`` names what was called between the start of that
+    step and the start of the next (the last step of an epoch also holds the epoch's end)."""
+    from train.engine import Trainer
+
+    windows: list[list] = []
+
+    class Marker:
+        def on_step(self, epoch, step, steps):
+            windows.append([epoch, step, steps, []])
+
+    def counted(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if windows:
+                windows[-1][3].append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for owner, name in HOST_SYNCS:
+        monkeypatch.setattr(owner, name, counted(owner, name))
+    monkeypatch.setattr(torch.cuda, "synchronize", counted(torch.cuda, "synchronize"))
+    init = Trainer.__init__
+
+    def with_marker(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.callbacks.append(Marker())  # last: the schedules' own work of a step falls in that step
+
+    monkeypatch.setattr(Trainer, "__init__", with_marker)
+    yield windows
+
+
+@pytest.mark.parametrize("stage, extra", [
+    ("stage1", []),
+    ("stage2", ["--feature-kd", "fitnet", "--lora-rank", "2", "--lambda-epochs", "1"]),
+    ("stage2", ["--kd", "dkd", "--feature-kd", "semckd", "--feature-weight", "1", "--lora-rank", "2",
+                "--lambda-epochs", "2"]),
+])
+def test_no_host_device_sync_in_a_steady_state_step(teacher, stage, extra, tmp_path, monkeypatch):
+    """Between the read-backs (every Trainer.sync_every steps and at the end of an epoch), a training step queues
+    work and never waits for the device: no .item(), no bool(tensor), no copy to the host, no synchronize."""
+    from train.engine import Trainer
+
+    monkeypatch.setattr(Trainer, "sync_every", 4)
+    args = (["-m", "reduce20", "--data-dir", str(CIFAR10)] if stage == "stage1" else
+            ["--inherit", str(teacher["dir"])])
+    args += ["--subset", "320", "--batch-size", "32", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path / "r"),
+             *extra]
+    with syncs_per_step(monkeypatch) as windows:
+        run_main(stage1.main if stage == "stage1" else stage2.main, args)
+    assert [(e, s) for e, s, _, _ in windows] == [(e, s) for e in range(2) for s in range(10)]
+    for epoch, step, steps, calls in windows:
+        read_back = (step + 1) % Trainer.sync_every == 0 or step + 1 == steps
+        if not read_back:
+            assert calls == [], f"epoch {epoch + 1}, step {step + 1} waited for the device: {calls}"
+    # the read-backs themselves are one transfer each
+    assert [calls for _, step, _, calls in windows if (step + 1) % 4 == 0][0] == ["tolist"]
+
+
 def test_nan_loss_from_a_huge_lr(tmp_path, capsys):
     """--lr 1e30 really diverges within the first epoch; nothing is written, and the corrected command just runs."""
     out = tmp_path / "run"

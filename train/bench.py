@@ -11,7 +11,10 @@ distilled from the teacher), on the current device:
 (c) pure compute: the same trainer and settings on batches already in memory, no data pipeline: the ceiling;
 (d) where (b) trains in bf16 autocast: (b) in float32, all else the same,
 
-and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys). With ``--folder`` (an image-folder zip or
+and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys), and (b)'s wall time per step beside the GPU's
+kernel time per step (from ``torch.profiler``, on CUDA only; ``--profile-dir`` keeps each path's top kernels).
+``--pack 1 2 4 8`` also trains that many copies of (b) (the first model's teacher) at once, one process each,
+and prints the images/s of all of them together against one alone. With ``--folder`` (an image-folder zip or
 folder) it also times the data alone at 224 px: the project's streaming loader against torchvision's
 ``ImageFolder`` + ``DataLoader`` with the same augmentation and workers. Each path runs one warm-up epoch, then
 ``--steps`` timed steps. A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
@@ -19,9 +22,13 @@ folder) it also times the data alone at 224 px: the project's streaming loader a
 from __future__ import annotations
 
 import argparse
+import re
+import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,11 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from models import create_model, student_from_teacher
-from models.errors import ConfigError, cli_errors
+from models.errors import ConfigError, ReduceNetError, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .distill import DistillLoss
-from .engine import TrainConfig, Trainer, hardware, init_distributed, native_bf16
+from .engine import COMPILE_MODES, TrainConfig, Trainer, hardware, init_distributed, native_bf16
 from .data.stream import StreamLoader
 from .tasks import Classify, Distill
 
@@ -106,16 +113,86 @@ class FixedBatches:
         return iter(self.batches)
 
 
-def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: bool, amp: bool) -> float:
+def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: bool, amp: bool,
+                  compile_mode: str = "default", profile: bool = False) -> dict[str, Any]:
     """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults (``amp``: bf16 autocast), after one warm-up
-    epoch."""
-    cfg = TrainConfig(epochs=2, amp=amp, compile=compile_, channels_last=True)
+    epoch: ``{"img_s", "wall_ms"}`` (milliseconds per step), and with ``profile`` on a GPU ``"kernel_ms"`` (the GPU's
+    kernel time per step, from one more epoch under ``torch.profiler``) and ``"top_kernels"``."""
+    cfg = TrainConfig(epochs=3, amp=amp, compile=compile_, compile_mode=compile_mode, channels_last=True)
     if fixed:
         data = type(data)(FixedBatches(data.train), data.test, data.info)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(make_task(), data, cfg, tmp, device=device)
         trainer.train_epoch(0)
-        return trainer.train_epoch(1)["images_per_s"]
+        img_s = trainer.train_epoch(1)["images_per_s"]
+        out: dict[str, Any] = {"img_s": img_s, "wall_ms": 1e3 * data.train.num_samples / len(data.train) / img_s}
+        if profile and device.type == "cuda":
+            out.update(kernel_time(trainer, 2))
+        return out
+
+
+def kernel_time(trainer: Trainer, epoch: int) -> dict[str, Any]:
+    """The GPU's kernel time per step over one epoch of ``trainer`` under ``torch.profiler``, and the kernels
+    that take most of it (``[(name, ms per step)]``): what the chip computes, against the wall time per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.train_epoch(epoch)
+    steps = len(trainer.data.train)
+    per_kernel: Counter[str] = Counter()
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            per_kernel[event.name] += event.time_range.elapsed_us() / 1e3 / steps
+    return {"kernel_ms": sum(per_kernel.values()), "top_kernels": per_kernel.most_common(10)}
+
+
+def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
+    """One of ``--pack N`` processes: (b) of ``job``, timed over one epoch that starts when every process has
+    warmed up; puts ``(index, images, start, end, error)`` on ``results``."""
+    try:
+        torch.set_num_threads(job["threads"])
+        _, device = init_distributed(job["device"])
+        data = build_data(job["dataset"], job["data_dir"], job["batch_size"], subset=job["steps"] * job["batch_size"],
+                          device=device, channels_last=True)
+        make_student, make_teacher = jobs(job["model"], data.info.num_classes)[job["job"]]
+        task = Classify(make_student()) if make_teacher is None else Distill(make_student(), make_teacher(),
+                                                                             DistillLoss("kd"))
+        cfg = TrainConfig(epochs=2, amp=job["amp"], compile=job["compile"], compile_mode=job["compile_mode"],
+                          channels_last=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(task, data, cfg, tmp, device=device)
+            trainer.train_epoch(0)
+            barrier.wait()
+            start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of this machine
+            trainer.train_epoch(1)
+            results.put((index, data.train.num_samples, start, time.perf_counter(), None))
+    except Exception as e:  # reported by the parent, which names the process
+        barrier.abort()
+        results.put((index, 0, 0.0, 0.0, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+
+
+def packed_speed(n: int, job: dict[str, Any]) -> dict[str, Any]:
+    """Images/s of ``n`` copies of ``job`` trained at once, each in its own process: all images over the time
+    from the first start to the last end, and the median of each process's own rate."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_pack_worker, args=(i, barrier, results, job), daemon=True) for i in range(n)]
+    for proc in procs:
+        proc.start()
+    done = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    errors = [f"process {i}: {err}" for i, _, _, _, err in done if err]
+    if errors:
+        raise ReduceNetError(f"--pack {n}: {errors[0]}")
+    images = sum(d[1] for d in done)
+    span = max(d[3] for d in done) - min(d[2] for d in done)
+    return {"runs": n, "aggregate_img_s": images / span,
+            "median_img_s": statistics.median(d[1] / (d[3] - d[2]) for d in done)}
 
 
 def jobs(name: str, num_classes: int):
@@ -173,11 +250,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop and the folders")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the project path on CUDA")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile's mode for the project path on CUDA (reduce-overhead: CUDA graphs)")
+    p.add_argument("--pack", type=int, nargs="+", default=[], metavar="N",
+                   help="also train N copies of (b) at once (the first model's teacher), one process each")
+    p.add_argument("--profile-dir", default=None,
+                   help="write each path's top GPU kernels here (CUDA only)")
     p.add_argument("--folder", default=None, help="also time the streaming loader on this image folder or zip")
     p.add_argument("--folder-images", type=int, default=1024, help="images of --folder to use")
     args = p.parse_args(argv)
     for option, value, least in (("--steps", args.steps, 1), ("--workers", args.workers, 0),
-                                 ("--batch-size", args.batch_size, 1), ("--folder-images", args.folder_images, 1)):
+                                 ("--batch-size", args.batch_size, 1), ("--folder-images", args.folder_images, 1),
+                                 *(("--pack", n, 1) for n in args.pack)):
         if value < least:
             raise ConfigError(f"{option} {value} is not valid: pass {least} or more")
     _, device = init_distributed(args.device)
@@ -188,11 +272,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train = ArrayData(data.train.images.cpu(), data.train.labels.cpu())  # the same images, for the DataLoader
     compile_ = device.type == "cuda" and not args.no_compile
     bf16 = native_bf16(device)
+    mode = f", torch.compile (mode {args.compile_mode})" if compile_ else ""
     print(f"{hardware(device)}; {data.info.label}; batch {args.batch_size}, {args.steps} timed steps per path; "
-          f"ours: {'bf16 autocast' if bf16 else 'float32'}, channels-last" + (", torch.compile" if compile_ else ""))
+          f"ours: {'bf16 autocast' if bf16 else 'float32'}, channels-last{mode}")
     print("| model | job | (a) DataLoader fp32 img/s | (b) ours img/s | (c) pure compute img/s | (d) ours in fp32 "
-          "img/s | (b)/(a) | (b)/(c) | (b)/(d) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "img/s | (b)/(a) | (b)/(c) | (b)/(d) | (b) wall ms/step | (b) GPU kernel ms/step | kernel / wall |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in args.models:
         for job, (make_student, make_teacher) in jobs(name, data.info.num_classes).items():
@@ -203,15 +288,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             a = plain_loop(make_student(), make_teacher() if make_teacher else None, train, data.info, device,
                            args.batch_size, args.steps, args.workers)
-            b = trainer_speed(make_task, data, device, compile_, fixed=False, amp=bf16)
-            c = trainer_speed(make_task, data, device, compile_, fixed=True, amp=bf16)
-            d = trainer_speed(make_task, data, device, compile_, fixed=False, amp=False) if bf16 else None
+            ours = trainer_speed(make_task, data, device, compile_, fixed=False, amp=bf16,
+                                 compile_mode=args.compile_mode, profile=True)
+            b = ours["img_s"]
+            c = trainer_speed(make_task, data, device, compile_, fixed=True, amp=bf16,
+                              compile_mode=args.compile_mode)["img_s"]
+            d = (trainer_speed(make_task, data, device, compile_, fixed=False, amp=False,
+                               compile_mode=args.compile_mode)["img_s"] if bf16 else None)
+            kernel = ours.get("kernel_ms")
             rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c, "ours_float32": d,
                          "ours_over_dataloader": b / a, "ours_over_compute": b / c,
-                         "ours_over_float32": b / d if d else None})
+                         "ours_over_float32": b / d if d else None, "wall_ms_per_step": ours["wall_ms"],
+                         "kernel_ms_per_step": kernel, "top_kernels": ours.get("top_kernels")})
+            if args.profile_dir and kernel is not None:
+                folder = Path(args.profile_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                lines = [f"{ms:9.4f} ms/step  {k}" for k, ms in ours["top_kernels"]]
+                (folder / f"{name}-{re.sub(r'[^a-z0-9]+', '-', job).strip('-')}.txt").write_text(
+                    f"{name}, {job}: wall {ours['wall_ms']:.3f} ms/step, kernels {kernel:.3f} ms/step\n"
+                    + "\n".join(lines) + "\n")
             fp32, bf16_gain = (f"{d:,.0f}", f"{b / d:.2f}") if d else ("– (b is fp32)", "–")
+            gpu = (f"{kernel:.3f} | {kernel / ours['wall_ms']:.2f}" if kernel is not None else "– | –")
             print(f"| {name} | {job} | {a:,.0f} | {b:,.0f} | {c:,.0f} | {fp32} | {b / a:.2f} | {b / c:.2f} | "
-                  f"{bf16_gain} |", flush=True)
+                  f"{bf16_gain} | {ours['wall_ms']:.2f} | {gpu} |", flush=True)
+    if args.pack:
+        job = {"model": args.models[0], "job": "teacher (stage 1)", "dataset": args.dataset, "data_dir": args.data_dir,
+               "batch_size": args.batch_size, "steps": args.steps, "device": str(device), "amp": bf16,
+               "compile": compile_, "compile_mode": args.compile_mode,
+               "threads": max(1, torch.get_num_threads() // max(args.pack)) if device.type == "cpu" else 1}
+        print(f"\n{args.models[0]} teacher (stage 1), path (b), N runs at once (one process each, "
+              f"{args.steps} timed steps after a warm-up epoch)")
+        print("| runs at once | img/s per run (median) | all runs together img/s | together / one run alone |")
+        print("|---:|---:|---:|---:|")
+        alone = None
+        for n in args.pack:
+            packed = packed_speed(n, job)
+            alone = alone or (packed["aggregate_img_s"] if n == 1 else None)
+            ratio = f"{packed['aggregate_img_s'] / alone:.2f}" if alone else "–"
+            rows.append({"pack": n, **packed})
+            print(f"| {n} | {packed['median_img_s']:,.0f} | {packed['aggregate_img_s']:,.0f} | {ratio} |", flush=True)
     if args.folder:
         batch = min(64, args.folder_images)
         tv, ours = folder_speed(Path(args.folder), args.folder_images, batch, args.workers, args.steps)

@@ -21,7 +21,7 @@ from models.errors import ConfigError, DataError
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size
 from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
-from .engine import Dist, TrainConfig, init_distributed, native_bf16
+from .engine import COMPILE_MODES, Dist, TrainConfig, init_distributed, native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run
@@ -77,6 +77,8 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
                    help="bf16 autocast (default: on where the device computes bf16 natively: recent GPUs, "
                         "CPUs with AVX-512 BF16 or AMX)")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     r.add_argument("--sync-bn", action="store_true",
                    help="torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); without it "
                         "each process normalises with its own batch's statistics")
@@ -211,7 +213,7 @@ def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) 
         schedule=args.schedule, seed=args.seed,
         milestones=tuple(args.milestones), gamma=args.gamma,
         warmup_epochs=warmup_default if args.warmup_epochs is None else args.warmup_epochs,
-        amp=args.amp, compile=args.compile,
+        amp=args.amp, compile=args.compile, compile_mode=args.compile_mode,
         channels_last=args.channels_last, sync_bn=args.sync_bn, extra=extra,
     )
 

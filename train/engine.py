@@ -47,6 +47,10 @@ from .tasks import Task
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "epoch_s")
 
 
+#: torch.compile's modes; ``reduce-overhead`` replays each compiled graph as a CUDA graph (no per-kernel launches).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class TrainingDiverged(ReduceNetError):
     """The loss became NaN or infinite."""
 
@@ -68,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # one of COMPILE_MODES
     channels_last: bool = False
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in summary.json
@@ -88,6 +93,59 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: tup
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return gamma ** sum(step >= m for m in milestones)
+
+
+class EpochSums:
+    """What a training epoch adds up, kept on the device so that a step never waits for it.
+
+    Per step (:meth:`add`): the loss and correct predictions weighted by the batch size, the task's logged terms,
+    and the first step whose loss was not finite, with what the diagnosis of that step needs (its loss, and
+    whether the model's and the teacher's outputs were finite). Nothing is read back to the host until
+    :meth:`read`, which the loop calls at a slow, fixed interval and at the end of the epoch.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        zero = functools.partial(torch.zeros, (), device=device)
+        self.loss, self.correct = zero(dtype=torch.float64), zero(dtype=torch.int64)
+        self.steps, self.seen = zero(dtype=torch.int64), 0
+        self.terms: dict[str, torch.Tensor] = {}
+        # the first non-finite step: its index (-1: none yet), loss, and whether logits / teacher logits were finite
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = zero(dtype=torch.float32)
+        self.bad_flags = torch.ones(2, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
+            teacher_logits: torch.Tensor | None = None) -> None:
+        """Add one step (asynchronous: no value leaves the device)."""
+        n = y.numel()
+        loss = loss.detach()
+        self.loss += loss.double() * n
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0) + v.detach().double() * n
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, self.steps, self.bad_step)
+        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+        flags = torch.stack([torch.isfinite(logits.detach()).all(),
+                             torch.isfinite(teacher_logits).all() if teacher_logits is not None
+                             else torch.ones((), dtype=torch.bool, device=loss.device)])
+        self.bad_flags = torch.where(first, flags, self.bad_flags)
+        self.steps += 1
+        self.seen += n
+
+    def read(self) -> dict[str, Any]:
+        """The sums on the host, in one transfer: ``loss``, ``correct``, ``terms`` (sums weighted by batch size),
+        ``seen``, and ``bad`` (None, or the first non-finite step's ``step``, ``loss``, ``logits_finite``,
+        ``teacher_finite``)."""
+        keys = sorted(self.terms)
+        packed = torch.stack([self.loss, self.correct.double(), self.bad_step.double(), self.bad_loss.double(),
+                              *self.bad_flags.double(), *(self.terms[k] for k in keys)]).tolist()
+        loss, correct, bad_step, bad_loss, logits_ok, teacher_ok = packed[:6]
+        bad = None if bad_step < 0 else {"step": int(bad_step), "loss": bad_loss, "logits_finite": bool(logits_ok),
+                                         "teacher_finite": bool(teacher_ok)}
+        return {"loss": loss, "correct": correct, "seen": self.seen, "bad": bad,
+                "terms": dict(zip(keys, packed[6:]))}
 
 
 @dataclass
@@ -156,7 +214,16 @@ class Trainer:
         device: where to train.
         metadata: stored in every checkpoint (dataset, stage, ...).
         callbacks: objects with ``on_step(epoch, step, steps) -> dict`` called before every step.
+
+    A training step never waits for the device: the loss, accuracy, logged terms and a non-finite-loss record
+    are summed there (:class:`EpochSums`) and read back every :attr:`sync_every` steps (progress bar, divergence
+    check) and at the end of the epoch. A non-finite loss therefore stops the run at the next read-back, with
+    the step where it happened; the epoch is not saved, so the last good checkpoint stays.
     """
+
+    #: Steps between read-backs of the running sums (progress bar, divergence check); each one makes the host
+    #: wait for the device, so it is rare on a GPU and costs nothing on a CPU.
+    sync_every = 50
 
     def __init__(self, task: Task, data: Data, cfg: TrainConfig, run_dir: RunDir | str | Path,
                  dist_info: Dist | None = None, device: torch.device | str = "cpu",
@@ -172,12 +239,13 @@ class Trainer:
             nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
         self.task = task.to_device(self.device, memory_format)
         self.model = task.student
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for all parameters
         if cfg.optimizer == "adam":
             self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.task.parameters(), lr=cfg.lr,
-                                                                     weight_decay=cfg.wd)
+                                                                     weight_decay=cfg.wd, **fused)
         else:
             self.optimizer = torch.optim.SGD(self.task.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                             nesterov=cfg.nesterov, weight_decay=cfg.wd)
+                                             nesterov=cfg.nesterov, weight_decay=cfg.wd, **fused)
         steps = len(data.train)  # >= 1: a Loader with fewer samples than one batch refuses to be built
         self.total_steps = steps * cfg.epochs
         milestones = tuple(int(m * self.total_steps) for m in cfg.milestones)
@@ -188,7 +256,7 @@ class Trainer:
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward_task = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
-        self.forward_task = torch.compile(forward_task) if cfg.compile else forward_task
+        self.forward_task = torch.compile(forward_task, mode=cfg.compile_mode) if cfg.compile else forward_task
         self.history: list[dict[str, float]] = []
         self.commits = [git_commit()]  # the code of each call that trained this run
         self.start_epoch = 0
@@ -260,54 +328,49 @@ class Trainer:
         steps = len(self.data.train)
         bar = tqdm(self.data.train, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        log_sums: dict[str, torch.Tensor] = {}
+        sums = EpochSums(self.device)
         step_logs: dict[str, float] = {}
-        seen, start = 0, time.perf_counter()
+        start = time.perf_counter()
         for step, (x, y) in enumerate(bar):
             for callback in self.callbacks:
                 step_logs.update(callback.on_step(epoch, step, steps) or {})
             with self._autocast():
                 loss, logits, logs = self.forward_task(x, y)
-            if not torch.isfinite(loss):
-                raise self._diverged(loss, logits, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
-            loss_sum += loss.detach().double() * y.numel()
-            correct += (logits.detach().argmax(1) == y).sum()
-            for k, v in logs.items():
-                log_sums[k] = log_sums.get(k, 0) + v.detach().double() * y.numel()
-            seen += y.numel()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            sums.add(loss, logits, y, logs, getattr(self.task, "last_teacher_logits", None))
+            if (step + 1) % self.sync_every == 0 and step + 1 < steps:
+                done = self._check(sums.read(), epoch)
+                bar.set_postfix(loss=f"{done['loss'] / done['seen']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
+        done = self._check(sums.read(), epoch)  # waits for the device: the epoch's work is finished after it
         elapsed = time.perf_counter() - start
-        keys = sorted(log_sums)
-        totals = self.dist.sum([loss_sum.item(), correct.item(), seen, *(log_sums[k].item() for k in keys)],
+        keys = sorted(done["terms"])
+        totals = self.dist.sum([done["loss"], done["correct"], done["seen"], *(done["terms"][k] for k in keys)],
                                self.device)
         total_loss, total_correct, total_seen = totals[:3]
         return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
                 "images_per_s": total_seen / elapsed, "lr": self.scheduler.get_last_lr()[0], **step_logs,
                 **{k: v / total_seen for k, v in zip(keys, totals[3:])}}
 
-    def _diverged(self, loss: torch.Tensor, logits: torch.Tensor, epoch: int, step: int) -> TrainingDiverged:
-        """The error for a non-finite loss, naming the likely cause and what is kept."""
-        t_logits = getattr(self.task, "last_teacher_logits", None)
-        where = f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}"
+    def _check(self, done: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """``done`` (an :meth:`EpochSums.read`), or the one-line error for its first non-finite loss, naming the
+        likely cause and what is kept."""
+        bad = done["bad"]
+        if bad is None:
+            return done
+        where = f"loss became {bad['loss']} at epoch {epoch + 1}, step {bad['step'] + 1}"
         kept = (f"the last good checkpoint (epoch {self.start_epoch}) in {self.run_dir} is kept"
                 if self.start_epoch else "no epoch had finished, so nothing was written")
-        if t_logits is not None and not torch.isfinite(t_logits).all():
-            return TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
-                                    f"or was not trained on these inputs; check --inherit/--teacher ({kept})")
-        if torch.isfinite(logits).all():
-            return TrainingDiverged(f"{where} while the model's outputs are finite: the loss options overflow "
-                                    f"(e.g. --kd-T, --kd-alpha); choose moderate values ({kept})")
+        if not bad["teacher_finite"]:
+            raise TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
+                                   f"or was not trained on these inputs; check --inherit/--teacher ({kept})")
+        if bad["logits_finite"]:
+            raise TrainingDiverged(f"{where} while the model's outputs are finite: the loss options overflow "
+                                   f"(e.g. --kd-T, --kd-alpha); choose moderate values ({kept})")
         again = "--resume with a lower --lr (or --no-amp)" if self.start_epoch else "the command with a lower --lr"
-        return TrainingDiverged(f"{where}: the model diverged; {kept}: run {again}")
+        raise TrainingDiverged(f"{where}: the model diverged; {kept}: run {again}")
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
         """Test metrics of ``model`` (default: the trained one) in float32, summed over all ranks; see
@@ -375,6 +438,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
              device: torch.device | str = "cpu") -> dict[str, Any]:
     """Classification metrics of ``model`` over ``batches`` of ``(x, y)``, in eval mode (its mode is restored).
 
+    The sums stay on the batches' device until the last batch, so no batch waits for the one before.
+
     Returns:
         ``test_loss`` (mean cross-entropy), ``test_acc`` and ``top5_acc`` (%), ``count``, and
         ``per_class_acc`` (%, NaN for a class without test images), summed over all ranks of ``dist_info``.
@@ -382,23 +447,26 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     dist_info = dist_info or Dist()
     was_training = model.training
     model.eval()
-    loss_sum, correct, correct5 = 0.0, 0, 0
-    hits = torch.zeros(num_classes, dtype=torch.float64)
-    seen = torch.zeros(num_classes, dtype=torch.float64)
+    sums: torch.Tensor | None = None  # [loss, top-1, top-5]
+    hits = seen = None  # per class
     try:
         for x, y in batches:
             with autocast():
                 logits = model(x).float()
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            if sums is None:
+                sums = torch.zeros(3, dtype=torch.float64, device=logits.device)
+                hits = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+                seen = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             right = top[:, 0] == y
-            correct += right.sum().item()
-            correct5 += (top == y[:, None]).any(1).sum().item()
-            seen += torch.bincount(y.cpu(), minlength=num_classes)[:num_classes].double()
-            hits += torch.bincount(y[right].cpu(), minlength=num_classes)[:num_classes].double()
+            sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                                 right.sum().double(), (top == y[:, None]).any(1).sum().double()])
+            seen.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))  # no bincount: it syncs on a GPU
+            hits.index_add_(0, y, right.double())
     finally:
         model.train(was_training)
-    totals = dist_info.sum([loss_sum, correct, correct5, *hits.tolist(), *seen.tolist()], torch.device(device))
+    local = [0.0] * (3 + 2 * num_classes) if sums is None else torch.cat([sums, hits, seen]).tolist()
+    totals = dist_info.sum(local, torch.device(device))
     loss_sum, correct, correct5 = totals[:3]
     hits, seen = totals[3:3 + num_classes], totals[3 + num_classes:]
     count = int(sum(seen))

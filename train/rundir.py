@@ -32,8 +32,8 @@ from models.errors import ReduceNetError
 RUN_FILES = ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
              "metrics.csv", "summary.json", "tb", "deploy", "done")
 #: Options that may differ on ``--resume``: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "channels_last", "no_export",
-                     "data_dir", "workers", "lr")
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "compile_mode", "channels_last",
+                     "no_export", "data_dir", "workers", "lr")
 LOCK = "run.lock"
 
 

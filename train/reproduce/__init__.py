@@ -44,7 +44,7 @@ from models.errors import ConfigError, DataError, cli_errors
 from .. import evaluate as evaluate_cli
 from .. import pyramid, stage1, stage2
 from ..data import data_root
-from ..engine import git_commit
+from ..engine import COMPILE_MODES, git_commit
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
 from .runner import duration, finished, plan_row, row_state, train_row
@@ -421,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--jobs N the least it can take (the total shared by N, or the longest chain of rows "
                         "that wait for one another)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--widths", type=int, nargs="+", choices=(1, 2, 4), default=None,
+                   help="cifar10-reducenet: ReduceNet widths (default 1 and 2 on a GPU, 1 on a CPU)")
+    p.add_argument("--compile", action="store_true", help="every row: torch.compile (with --compile-mode)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
     p.add_argument("--repeats", type=int, default=30,

@@ -92,6 +92,8 @@ def _common(args: argparse.Namespace, seed: int) -> list[str]:
         out += ["--data-dir", args.data_dir]
     if args.subset:
         out += ["--subset", str(args.subset)]
+    if getattr(args, "compile", False):
+        out += ["--compile", "--compile-mode", args.compile_mode]
     return out
 
 
@@ -102,7 +104,7 @@ def cifar10_rows(args: argparse.Namespace) -> list[Row]:
     leaving them out changes no other row's command, so finished rows count either way.
     """
     e1, e2 = BUDGETS["cifar10-reducenet"][args.budget]
-    widths = [1, 2] if torch.cuda.is_available() and args.device != "cpu" else [1]
+    widths = getattr(args, "widths", None) or ([1, 2] if torch.cuda.is_available() and args.device != "cpu" else [1])
     runs, rows = Path(args.runs) / "cifar10-reducenet", []
     for model in args.models or ["reduce20", "reduce56"]:
         for w in widths:

@@ -1,0 +1,135 @@
+"""Unit tests of the training loop (train/engine.py) on tiny in-memory tasks: no data folder, no CLI, a few seconds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from train.data import ArrayData, Data, DatasetInfo, Loader
+from train.engine import EpochSums, TrainConfig, Trainer, TrainingDiverged, evaluate
+from train.tasks import Classify
+
+from _shared import one_line
+
+NUM_CLASSES, SIZE = 3, 8
+
+
+def tiny_data(n_train: int = 48, n_test: int = 20, batch: int = 8) -> Data:
+    """Random uint8 images of three classes, a batch of ``batch``: ``n_train / batch`` steps an epoch."""
+    g = torch.Generator().manual_seed(0)
+    info = DatasetInfo("tiny", NUM_CLASSES, ["a", "b", "c"], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), SIZE, "memory",
+                       "tiny (test)")
+
+    def split(n: int) -> ArrayData:
+        return ArrayData(torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8),
+                         torch.randint(0, NUM_CLASSES, (n,), generator=g))
+
+    return Data(Loader(split(n_train), info, batch, train=True), Loader(split(n_test), info, batch, train=False),
+                info)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, NUM_CLASSES))
+    model.config = {"model": "tiny"}
+    return model
+
+
+class NaNAt(Classify):
+    """Classification whose loss is NaN at one (0-based) global step."""
+
+    def __init__(self, model: nn.Module, at: int) -> None:
+        super().__init__(model)
+        self.at, self.calls = at, 0
+
+    def forward(self, x, y):
+        loss, logits, logs = super().forward(x, y)
+        self.calls += 1
+        return (loss * float("nan") if self.calls - 1 == self.at else loss), logits, logs
+
+
+def test_epoch_sums_add_up_on_the_device_and_keep_the_first_bad_step():
+    sums = EpochSums(torch.device("cpu"))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    y = torch.tensor([0, 0, 0])  # two right
+    sums.add(torch.tensor(1.5), logits, y, {"term": torch.tensor(0.5)})
+    sums.add(torch.tensor(float("inf")), logits, y, {"term": torch.tensor(1.0)}, teacher_logits=logits)
+    sums.add(torch.tensor(float("nan")), logits * float("nan"), y, {"term": torch.tensor(1.0)})
+    done = sums.read()
+    assert done["seen"] == 9 and done["correct"] == 2 + 2 + 3  # argmax takes NaN as the largest: class 0
+    assert done["terms"] == {"term": pytest.approx(3 * 0.5 + 3 + 3)}
+    assert math.isinf(done["loss"]) or math.isnan(done["loss"])
+    assert done["bad"] == {"step": 1, "loss": math.inf, "logits_finite": True, "teacher_finite": True}
+
+
+def test_epoch_sums_name_a_non_finite_teacher():
+    sums = EpochSums(torch.device("cpu"))
+    logits, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    sums.add(torch.tensor(0.1), logits, y, {})
+    sums.add(torch.tensor(float("nan")), logits, y, {}, teacher_logits=torch.full((2, 3), float("nan")))
+    assert sums.read()["bad"] == {"step": 1, "loss": pytest.approx(float("nan"), nan_ok=True),
+                                  "logits_finite": True, "teacher_finite": False}
+
+
+@pytest.mark.parametrize("sync_every", [1, 4, 1000])
+def test_a_nan_stops_at_the_next_read_back_naming_its_step(tmp_path, sync_every, monkeypatch):
+    """Epoch 2 has a NaN at its step 2: whatever the read-back interval, the error names that step and the
+    checkpoint of epoch 1 stays as it was."""
+    monkeypatch.setattr(Trainer, "sync_every", sync_every)
+    data = tiny_data()  # 6 steps an epoch
+    trainer = Trainer(NaNAt(tiny_model(), at=6 + 1), data, TrainConfig(epochs=3, lr=0.05), tmp_path)
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.fit(log=lambda line: None)
+    msg = one_line(e)
+    assert "epoch 2, step 2" in msg and "(epoch 1)" in msg and "outputs are finite" in msg, msg
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and len(trainer.history) == 1
+
+
+def test_read_backs_come_every_sync_every_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "sync_every", 4)
+    trainer = Trainer(Classify(tiny_model()), tiny_data(n_train=80), TrainConfig(epochs=1), tmp_path)  # 10 steps
+    reads = []
+    original = EpochSums.read
+
+    def counted(self):
+        reads.append(int(self.steps))
+        return original(self)
+
+    monkeypatch.setattr(EpochSums, "read", counted)
+    row = trainer.train_epoch(0)
+    assert reads == [4, 8, 10]
+    assert row["train_acc"] >= 0 and math.isfinite(row["train_loss"]) and row["images_per_s"] > 0
+
+
+def test_evaluate_matches_a_direct_computation():
+    data = tiny_data()
+    model = tiny_model().eval()
+    with torch.no_grad():
+        batches = list(data.test)
+        logits = torch.cat([model(x) for x, _ in batches])
+        y = torch.cat([t for _, t in batches])
+    got = evaluate(model, data.test, NUM_CLASSES)
+    right = logits.argmax(1) == y
+    assert got["count"] == len(y)
+    assert got["test_acc"] == pytest.approx(100 * right.double().mean().item())
+    assert got["test_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert got["top5_acc"] == 100.0  # 3 classes
+    for c in range(NUM_CLASSES):
+        mine = y == c
+        want = 100 * right[mine].double().mean().item() if mine.any() else float("nan")
+        assert got["per_class_acc"][c] == pytest.approx(want, nan_ok=True)
+
+
+def test_kernel_time_profiles_one_epoch(tmp_path):
+    """bench's kernel-time column: one epoch under torch.profiler; a CPU has no GPU kernels to count."""
+    from train.bench import kernel_time
+
+    trainer = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1), tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    got = kernel_time(trainer, 0)
+    assert got == {"kernel_ms": 0, "top_kernels": []}
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # it trained
