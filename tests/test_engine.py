@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
+from train.callbacks import Callback
 from train.data import ArrayData, Data, DatasetInfo, Loader
 from train.engine import EpochSums, TrainConfig, Trainer, TrainingDiverged, evaluate
 from train.tasks import Classify
 
-from _shared import one_line
+from _shared import ROOT, one_line
 
 NUM_CLASSES, SIZE = 3, 8
 
@@ -46,9 +49,9 @@ class NaNAt(Classify):
         self.at, self.calls = at, 0
 
     def forward(self, x, y):
-        loss, logits, logs = super().forward(x, y)
+        out = super().forward(x, y)
         self.calls += 1
-        return (loss * float("nan") if self.calls - 1 == self.at else loss), logits, logs
+        return {**out, "loss": out["loss"] * float("nan")} if self.calls - 1 == self.at else out
 
 
 def test_epoch_sums_add_up_on_the_device_and_keep_the_first_bad_step():
@@ -80,9 +83,10 @@ def test_a_nan_stops_at_the_next_read_back_naming_its_step(tmp_path, sync_every,
     checkpoint of epoch 1 stays as it was."""
     monkeypatch.setattr(Trainer, "sync_every", sync_every)
     data = tiny_data()  # 6 steps an epoch
-    trainer = Trainer(NaNAt(tiny_model(), at=6 + 1), data, TrainConfig(epochs=3, lr=0.05), tmp_path)
+    trainer = Trainer(NaNAt(tiny_model(), at=6 + 1), data, TrainConfig(epochs=3, lr=0.05), tmp_path,
+                      log=lambda line: None)
     with pytest.raises(TrainingDiverged) as e:
-        trainer.fit(log=lambda line: None)
+        trainer.fit()
     msg = one_line(e)
     assert "epoch 2, step 2" in msg and "(epoch 1)" in msg and "outputs are finite" in msg, msg
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
@@ -133,3 +137,86 @@ def test_kernel_time_profiles_one_epoch(tmp_path):
     got = kernel_time(trainer, 0)
     assert got == {"kernel_ms": 0, "top_kernels": []}
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # it trained
+
+
+class CountEpochs(Callback):
+    """A callback with state: the epochs it has seen, across a resume."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_epoch_end(self, trainer, row):
+        self.seen.append(int(row["epoch"]))
+
+    def state_dict(self):
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state):
+        self.seen = list(state["seen"])
+
+
+class StopAfter(Callback):
+    """Ctrl-C right after epoch ``epoch`` is saved (it runs after the run directory's writers)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_restores_the_callbacks_state_and_ends_bit_exact(tmp_path):
+    """3 epochs straight, or 1 epoch, a Ctrl-C, and --resume: the same weights, history and callback state."""
+    cfg = TrainConfig(epochs=3, lr=0.05)
+    straight = Trainer(Classify(tiny_model()), tiny_data(), cfg, tmp_path / "a", callbacks=[CountEpochs()],
+                       log=lambda line: None)
+    straight.fit()
+    first = Trainer(Classify(tiny_model()), tiny_data(), cfg, tmp_path / "b", callbacks=[CountEpochs(), StopAfter(1)],
+                    log=lambda line: None)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    again = Trainer(Classify(tiny_model()), tiny_data(), cfg, tmp_path / "b", callbacks=[CountEpochs()],
+                    log=lambda line: None)
+    again.resume()
+    assert again.epoch == 1 and again.callbacks[0].seen == [1]
+    summary = again.fit()
+    assert again.callbacks[0].seen == straight.callbacks[0].seen == [1, 2, 3]
+    for a, b in zip(straight.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(a, b)
+    drop = ("images_per_s", "epoch_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again.history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in straight.history]
+    assert summary["last_epoch"] == 3 and len(summary["commits"]) == 1  # one commit, recorded by both calls
+
+
+def test_zero_epochs_evaluates_and_records_epoch_0(tmp_path):
+    trainer = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=0), tmp_path, log=lambda line: None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    assert summary["last_epoch"] == 0 and summary["last_test_acc"] == trainer.evaluate()["test_acc"]
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert (tmp_path / "last.safetensors").is_file() and (tmp_path / "summary.json").is_file()
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["epoch"] == 0
+
+
+def test_without_a_run_directory_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1))
+    assert trainer.fit()["last_epoch"] == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_importing_the_training_code_runs_no_git():
+    """The commit is read when a run starts, not at import (the design review's finding)."""
+    code = ("import subprocess\n"
+            "calls = []\n"
+            "real = subprocess.Popen.__init__\n"
+            "def spy(self, args, *a, **k):\n"
+            "    calls.append(args) if 'git' in str(args) else None\n"
+            "    real(self, args, *a, **k)\n"
+            "subprocess.Popen.__init__ = spy\n"
+            "import train.engine, train.stage1, train.stage2, train.trim, train.pyramid, train.reproduce, train.bench\n"
+            "print(calls)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]", out

@@ -70,7 +70,7 @@ def test_every_loss_runs_at_every_level(scheme):
                                         pyramid.teacher_paths(level, by_top), kd)
             for epoch in (0, 1):  # stage 1 (its hint; none for scratch), then stage 2
                 task.set_epoch(epoch)
-                value = task(x, y)[0]
+                value = task(x, y)["loss"]
                 assert value.ndim == 0 and torch.isfinite(value), (level, loss, epoch)
                 assert task.stage == (1 if epoch < hint_epochs else 2)
             for hooks in task._hooks or ():

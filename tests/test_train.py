@@ -514,11 +514,11 @@ def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
 
     def nan_at_epoch2_step2(self, x, y):
         calls["n"] += 1
-        loss, logits, logs = original(self, x, y)
+        result = original(self, x, y)
         if calls["n"] == 4:  # 2 steps per epoch: epoch 2, step 2
             kept.update(snapshot(out))
-            return loss * float("nan"), logits, logs
-        return loss, logits, logs
+            return {**result, "loss": result["loss"] * float("nan")}
+        return result
 
     monkeypatch.setattr(Classify, "forward", nan_at_epoch2_step2)
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)])
@@ -547,11 +547,12 @@ def syncs_per_step(monkeypatch):
     """Within the block, every training step's host-device synchronisations are counted: yields a list of
     ``(epoch, step, steps, calls)``, one per step, where ``calls`` names what was called between the start of that
     step and the start of the next (the last step of an epoch also holds the epoch's end)."""
+    from train.callbacks import Callback
     from train.engine import Trainer
 
     windows: list[list] = []
 
-    class Marker:
+    class Marker(Callback):
         def on_step(self, epoch, step, steps):
             windows.append([epoch, step, steps, []])
 
@@ -808,7 +809,7 @@ def test_a_moved_teacher_data_folder_is_refused_not_replaced(tmp_path, capsys):
 
 
 def test_the_recorded_commit_is_dirty_only_when_the_code_changed(tmp_path):
-    from train.engine import describe_checkout
+    from train.provenance import describe_checkout
 
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     for path in ("train/x.py", "results/table.md", "README.md"):

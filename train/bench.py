@@ -42,7 +42,8 @@ from models.errors import ConfigError, ReduceNetError, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .distill import DistillLoss
-from .engine import COMPILE_MODES, TrainConfig, Trainer, hardware, init_distributed, native_bf16
+from .engine import COMPILE_MODES, TrainConfig, Trainer, init_distributed
+from .provenance import hardware, native_bf16
 from .data.stream import StreamLoader
 from .tasks import Classify, Distill
 
@@ -121,14 +122,13 @@ def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: 
     cfg = TrainConfig(epochs=3, amp=amp, compile=compile_, compile_mode=compile_mode, channels_last=True)
     if fixed:
         data = type(data)(FixedBatches(data.train), data.test, data.info)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(make_task(), data, cfg, tmp, device=device)
-        trainer.train_epoch(0)
-        img_s = trainer.train_epoch(1)["images_per_s"]
-        out: dict[str, Any] = {"img_s": img_s, "wall_ms": 1e3 * data.train.num_samples / len(data.train) / img_s}
-        if profile and device.type == "cuda":
-            out.update(kernel_time(trainer, 2))
-        return out
+    trainer = Trainer(make_task(), data, cfg, device=device)
+    trainer.train_epoch(0)
+    img_s = trainer.train_epoch(1)["images_per_s"]
+    out: dict[str, Any] = {"img_s": img_s, "wall_ms": 1e3 * data.train.num_samples / len(data.train) / img_s}
+    if profile and device.type == "cuda":
+        out.update(kernel_time(trainer, 2))
+    return out
 
 
 def kernel_time(trainer: Trainer, epoch: int) -> dict[str, Any]:
@@ -161,13 +161,12 @@ def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
                                                                              DistillLoss("kd"))
         cfg = TrainConfig(epochs=2, amp=job["amp"], compile=job["compile"], compile_mode=job["compile_mode"],
                           channels_last=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(task, data, cfg, tmp, device=device)
-            trainer.train_epoch(0)
-            barrier.wait()
-            start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of this machine
-            trainer.train_epoch(1)
-            results.put((index, data.train.num_samples, start, time.perf_counter(), None))
+        trainer = Trainer(task, data, cfg, device=device)
+        trainer.train_epoch(0)
+        barrier.wait()
+        start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of this machine
+        trainer.train_epoch(1)
+        results.put((index, data.train.num_samples, start, time.perf_counter(), None))
     except Exception as e:  # reported by the parent, which names the process
         barrier.abort()
         results.put((index, 0, 0.0, 0.0, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))

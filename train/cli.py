@@ -21,7 +21,8 @@ from models.errors import ConfigError, DataError
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size
 from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
-from .engine import COMPILE_MODES, Dist, TrainConfig, init_distributed, native_bf16
+from .engine import COMPILE_MODES, Dist, TrainConfig, init_distributed
+from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES
 from .rundir import RunDir, command_line, options_of_run

@@ -1,11 +1,12 @@
-"""The one training loop: train, evaluate, log, checkpoint, resume, DDP. stage1 and stage2 are thin CLIs over it.
+"""The one training loop: train, evaluate, resume, DDP; what it writes comes from callbacks (:mod:`train.callbacks`).
 
 A run directory holds::
 
     args.json            the resolved options and command line
     last.safetensors     the model after the last finished epoch (+ last.json), models.checkpoint format
     best.safetensors     the epoch with the best test accuracy (+ best.json)
-    train_state.pt       everything --resume needs (model, optimizer, scheduler, epoch, history, RNG), one file
+    train_state.pt       everything --resume needs (model, optimizer, scheduler, epoch, history, RNG,
+                         the callbacks' states), one file
     metrics.csv          one row per epoch
     tb/                  TensorBoard events
     summary.json         best and last accuracy, params, MACs, images/s, wall time
@@ -15,14 +16,9 @@ metrics as an uninterrupted one: each epoch's data order and augmentation depend
 """
 from __future__ import annotations
 
-import csv
 import functools
-import io
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -35,17 +31,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from models import complexity, save_checkpoint
-from models.checkpoint import atomic_write, atomic_write_text
+from models import complexity
 from models.errors import ReduceNetError
 
+from .callbacks import Callback, run_dir_callbacks
 from .data import Data
+from .provenance import hardware
 from .rundir import RunDir
-from .tasks import Task
-
-#: Columns of metrics.csv; what tasks and schedules log (lambda, loss terms) follows them.
-METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "epoch_s")
-
+from .tasks import TASK_OUTPUTS, Task
 
 #: torch.compile's modes; ``reduce-overhead`` replays each compiled graph as a CUDA graph (no per-kernel launches).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -123,7 +116,7 @@ class EpochSums:
         self.loss += loss.double() * n
         self.correct += (logits.detach().argmax(1) == y).sum()
         for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0) + v.detach().double() * n
+            self.terms[k] = self.terms.get(k, 0) + v.detach().to(self.loss.device, torch.float64) * n
         first = ~torch.isfinite(loss) & (self.bad_step < 0)
         self.bad_step = torch.where(first, self.steps, self.bad_step)
         self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
@@ -201,19 +194,23 @@ class Trainer:
     """Trains a :class:`~train.tasks.Task` on ``data``: the one loop of every stage.
 
     The loop knows nothing of a model's family: the task computes the loss (and what to log) from a batch and
-    holds everything that is optimised, saved and resumed (the student and any trainable adapters of its losses);
-    schedules such as the LambdaReLU anneal plug in as ``callbacks`` (:mod:`train.schedules`).
+    holds everything that is optimised, saved and resumed (the student and any trainable adapters of its losses).
+    Everything else is a :class:`~train.callbacks.Callback` with its own state: the run directory's writers
+    (checkpoints, metrics, the console line, the summary; added when ``run_dir`` is given) and schedules such as
+    the LambdaReLU anneal (:mod:`train.schedules`).
 
     Args:
         task: what to train; ``task.student`` is the model that is checkpointed and evaluated.
         data: train/test loaders from :func:`train.data.build_data`.
         cfg: optimisation settings.
         run_dir: where checkpoints and logs go (only rank 0 writes): a :class:`~train.rundir.RunDir`, whose
-            ``commit()`` is called before the first write, or a plain folder.
+            ``commit()`` is called before the first write, or a plain folder; None writes nothing.
         dist_info: this process's rank, from :func:`init_distributed`.
         device: where to train.
         metadata: stored in every checkpoint (dataset, stage, ...).
-        callbacks: objects with ``on_step(epoch, step, steps) -> dict`` called before every step.
+        callbacks: called before the run directory's writers, in this order (one that adds to the summary
+            comes before the writer of ``summary.json``).
+        log: where the run directory's console line goes.
 
     A training step never waits for the device: the loss, accuracy, logged terms and a non-finite-loss record
     are summed there (:class:`EpochSums`) and read back every :attr:`sync_every` steps (progress bar, divergence
@@ -225,15 +222,19 @@ class Trainer:
     #: wait for the device, so it is rare on a GPU and costs nothing on a CPU.
     sync_every = 50
 
-    def __init__(self, task: Task, data: Data, cfg: TrainConfig, run_dir: RunDir | str | Path,
+    def __init__(self, task: Task, data: Data, cfg: TrainConfig, run_dir: RunDir | str | Path | None = None,
                  dist_info: Dist | None = None, device: torch.device | str = "cpu",
-                 metadata: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> None:
-        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        self.cfg, self.data, self.run_dir = cfg, data, self.run.path
+                 metadata: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
+                 log: Callable[[str], None] = print) -> None:
+        self.run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
+        self.cfg, self.data = cfg, data
+        self.run_dir = self.run.path if self.run is not None else None
         self.dist = dist_info or Dist()
         self.device = torch.device(device)
-        self.metadata = metadata or {}
-        self.callbacks = list(callbacks)
+        self.callbacks = [*callbacks, *(run_dir_callbacks(self.run, metadata, log) if self.run is not None else [])]
+        keys = [cb.state_key for cb in self.callbacks]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two callbacks share a state key: {keys}; give one a state_key of its own")
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         if self.dist.world_size > 1 and cfg.sync_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
@@ -258,62 +259,49 @@ class Trainer:
             forward_task = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         self.forward_task = torch.compile(forward_task, mode=cfg.compile_mode) if cfg.compile else forward_task
         self.history: list[dict[str, float]] = []
-        self.commits = [git_commit()]  # the code of each call that trained this run
-        self.start_epoch = 0
-        self.best_acc, self.best_epoch = -1.0, 0
+        self.epoch = 0  # epochs finished
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """Everything ``--resume`` needs: the task, optimizer, scheduler, epoch, history, RNG and the callbacks'
+        states."""
         return {"task": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "epoch": self.start_epoch, "history": self.history,
-                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "commits": self.commits,
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "history": self.history,
+                "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
 
-    def resume(self) -> None:
-        """Load ``train_state.pt`` of the run directory (student and adapters, optimizer, scheduler, epoch, RNG).
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (also the format of runs written before callbacks had state).
 
         The peak learning rate is ``cfg.lr``, which may differ from the run's (after a NaN, say): the schedule
         continues from the same step with the new peak.
         """
-        path = self.run_dir / "train_state.pt"
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            if "task" in state:
-                self.task.load_state_dict(state["task"])
-            else:  # written before tasks existed: the model alone
-                self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.start_epoch, self.history = state["epoch"], state["history"]
-            self.commits = [*state.get("commits", []), *self.commits[-1:]]
-            self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
-            torch.set_rng_state(state["torch_rng"].cpu())
-        except Exception as e:  # a torn, truncated or foreign file: all mean "cannot resume from it"
-            reason = " ".join(str(e).split())[:120]
-            raise ReduceNetError(f"--resume: {path} is damaged or from another model ({type(e).__name__}: "
-                                 f"{reason}); start the run again with --overwrite") from None
+        if "task" in state:
+            self.task.load_state_dict(state["task"])
+        else:  # written before tasks existed: the model alone
+            self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        states = state.get("callbacks", {"SummaryFile": {"commits": state.get("commits", [])}})
+        for cb in self.callbacks:
+            if cb.state_key in states:
+                cb.load_state_dict(states[cb.state_key])
+        torch.set_rng_state(state["torch_rng"].cpu())
         self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.lr
             group["lr"] = self.cfg.lr * self.lr_factor(self.scheduler.last_epoch)
 
-    def _save(self, epoch: int, test_acc: float) -> None:
-        self.run.commit()
-        meta = {**self.metadata, "epoch": epoch, "test_acc": test_acc}
-        save_checkpoint(self.model, self.run_dir / "last.safetensors", meta)
-        if test_acc > self.best_acc:
-            self.best_acc, self.best_epoch = test_acc, epoch
-            save_checkpoint(self.model, self.run_dir / "best.safetensors", meta)
-        self.start_epoch = epoch
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        atomic_write(self.run_dir / "train_state.pt", lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
-        out = io.StringIO()
-        extra = sorted({k for row in self.history for k in row} - set(METRIC_FIELDS))
-        writer = csv.DictWriter(out, fieldnames=[*METRIC_FIELDS, *extra])
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run_dir / "metrics.csv", out.getvalue())
+    def resume(self) -> None:
+        """Load ``train_state.pt`` of the run directory: :meth:`load_state_dict`."""
+        path = self.run_dir / "train_state.pt"
+        try:
+            self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        except Exception as e:  # a torn, truncated or foreign file: all mean "cannot resume from it"
+            reason = " ".join(str(e).split())[:120]
+            raise ReduceNetError(f"--resume: {path} is damaged or from another model ({type(e).__name__}: "
+                                 f"{reason}); start the run again with --overwrite") from None
 
     # ----------------------------------------------------------------------------------------------- loops
     def _autocast(self):
@@ -322,9 +310,13 @@ class Trainer:
         return nullcontext()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train the (0-based) ``epoch``; its metrics row: train loss and accuracy, images/s, lr, what the task
+        and the callbacks log."""
         self.task.train()
         self.data.train.set_epoch(epoch)
         self.task.set_epoch(epoch)
+        for callback in self.callbacks:
+            callback.on_epoch_start(self, epoch)
         steps = len(self.data.train)
         bar = tqdm(self.data.train, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
                    disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
@@ -335,12 +327,14 @@ class Trainer:
             for callback in self.callbacks:
                 step_logs.update(callback.on_step(epoch, step, steps) or {})
             with self._autocast():
-                loss, logits, logs = self.forward_task(x, y)
+                out = self.forward_task(x, y)
+            loss = out["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
-            sums.add(loss, logits, y, logs, getattr(self.task, "last_teacher_logits", None))
+            sums.add(loss, out["logits"], y, {k: v for k, v in out.items() if k not in TASK_OUTPUTS},
+                     out.get("teacher_logits"))
             if (step + 1) % self.sync_every == 0 and step + 1 < steps:
                 done = self._check(sums.read(), epoch)
                 bar.set_postfix(loss=f"{done['loss'] / done['seen']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
@@ -361,15 +355,15 @@ class Trainer:
         if bad is None:
             return done
         where = f"loss became {bad['loss']} at epoch {epoch + 1}, step {bad['step'] + 1}"
-        kept = (f"the last good checkpoint (epoch {self.start_epoch}) in {self.run_dir} is kept"
-                if self.start_epoch else "no epoch had finished, so nothing was written")
+        kept = (f"the last good checkpoint (epoch {self.epoch}) in {self.run_dir} is kept"
+                if self.epoch and self.run_dir else "no epoch had finished, so nothing was written")
         if not bad["teacher_finite"]:
             raise TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
                                    f"or was not trained on these inputs; check --inherit/--teacher ({kept})")
         if bad["logits_finite"]:
             raise TrainingDiverged(f"{where} while the model's outputs are finite: the loss options overflow "
                                    f"(e.g. --kd-T, --kd-alpha); choose moderate values ({kept})")
-        again = "--resume with a lower --lr (or --no-amp)" if self.start_epoch else "the command with a lower --lr"
+        again = "--resume with a lower --lr (or --no-amp)" if self.epoch else "the command with a lower --lr"
         raise TrainingDiverged(f"{where}: the model diverged; {kept}: run {again}")
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, Any]:
@@ -378,58 +372,57 @@ class Trainer:
         return evaluate(model or self.model, self.data.test, self.data.info.num_classes, nullcontext, self.dist,
                         self.device)
 
-    def fit(self, log: Callable[[str], None] = print) -> dict[str, Any]:
-        """Train from ``start_epoch`` to ``cfg.epochs``; returns the summary (also in summary.json)."""
-        writer = None
+    def fit(self) -> dict[str, Any]:
+        """Train from the epoch reached to ``cfg.epochs``, each epoch evaluated and handed to the callbacks;
+        returns the summary (:meth:`summary`, which the callbacks may add to at the end).
+
+        With ``cfg.epochs == 0`` the model is evaluated as it is and recorded as epoch 0 (a trimmed network that
+        is not fine-tuned, say): its row has no training metrics (NaN).
+        """
         wall = time.perf_counter()
-        for epoch in range(self.start_epoch, self.cfg.epochs):
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        if self.cfg.epochs == 0 and not self.history:
+            nan = float("nan")
+            self._finish_epoch({"lr": 0.0, "train_loss": nan, "train_acc": nan, "images_per_s": nan}, 0, wall)
+        for epoch in range(self.epoch, self.cfg.epochs):
             t0 = time.perf_counter()
-            row = self.train_epoch(epoch)
-            metrics = self.evaluate()
-            row.update(test_loss=metrics["test_loss"], test_acc=metrics["test_acc"])
-            row["epoch"] = epoch + 1
-            row["epoch_s"] = time.perf_counter() - t0
-            self.history.append(row)
-            if self.dist.is_main:
-                self._save(epoch + 1, row["test_acc"])
-                if writer is None:  # created only now: a run that fails earlier leaves no tb/ behind
-                    from torch.utils.tensorboard import SummaryWriter
-                    writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=epoch + 1)
-                for k, v in row.items():
-                    if k != "epoch" and math.isfinite(v):
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-                lam = f" lambda {row['lambda']:.2f}" if "lambda" in row else ""
-                log(f"epoch {epoch + 1:3d}/{self.cfg.epochs} loss {row['train_loss']:.4f} "
-                    f"train {row['train_acc']:5.2f}% test {row['test_acc']:5.2f}% "
-                    f"lr {row['lr']:.4f}{lam} {row['images_per_s']:.0f} img/s")
-            else:
-                self.start_epoch = epoch + 1
-        if writer is not None:
-            writer.close()
-        return self.summary(time.perf_counter() - wall)
+            self._finish_epoch(self.train_epoch(epoch), epoch + 1, t0)
+        summary = self.summary(time.perf_counter() - wall)
+        for callback in self.callbacks:
+            callback.on_fit_end(self, summary)
+        return summary
+
+    def _finish_epoch(self, row: dict[str, float], epoch: int, t0: float) -> None:
+        """Evaluate, complete ``row`` as epoch ``epoch`` (1-based; 0 before any training) and hand it on."""
+        metrics = self.evaluate()
+        row.update(test_loss=metrics["test_loss"], test_acc=metrics["test_acc"], epoch=epoch,
+                   epoch_s=time.perf_counter() - t0)
+        self.history.append(row)
+        self.epoch = epoch
+        for callback in self.callbacks:
+            callback.on_epoch_end(self, row)
 
     def summary(self, wall_s: float) -> dict[str, Any]:
+        """What the run reached: best and last test accuracy, size, speed, data, precision, hardware."""
         last = self.history[-1] if self.history else {}
+        best = max(self.history, key=lambda r: r["test_acc"], default={})  # the first of equal bests
         size = complexity(self.model, (1, 3, self.data.info.image_size, self.data.info.image_size))
-        summary = {
+        return {
             "model": self.model.config, "data": self.data.info.label, "dataset": self.data.info.name,
             "train_images": self.data.train.num_samples * self.dist.world_size,
             "test_images": len(self.data.test.labels),
             "epochs": self.cfg.epochs, "seed": self.cfg.seed,
-            "best_test_acc": self.best_acc, "best_epoch": self.best_epoch,
+            "best_test_acc": best.get("test_acc", -1.0), "best_epoch": best.get("epoch", 0),
             "last_test_acc": last.get("test_acc"), "last_epoch": last.get("epoch"),
             "params": size["params"], "macs": size["macs"],
             "images_per_s": sum(r["images_per_s"] for r in self.history) / max(1, len(self.history)),
             "wall_s_this_call": wall_s, "train_s_total": sum(r["epoch_s"] for r in self.history),
             "hardware": hardware(self.device), "world_size": self.dist.world_size,
             "precision": "bf16 autocast" if self.cfg.amp else "float32", "channels_last": self.cfg.channels_last,
-            "torch": torch.__version__, "command": " ".join(sys.argv), "commits": list(dict.fromkeys(self.commits)),
+            "torch": torch.__version__, "command": " ".join(sys.argv),
             **self.cfg.extra,
         }
-        if self.dist.is_main:
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        return summary
 
 
 @torch.no_grad()
@@ -473,62 +466,3 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return {"test_loss": loss_sum / max(count, 1), "test_acc": 100.0 * correct / max(count, 1),
             "top5_acc": 100.0 * correct5 / max(count, 1), "count": count,
             "per_class_acc": [100.0 * h / n if n else float("nan") for h, n in zip(hits, seen)]}
-
-
-#: The project's code, whose uncommitted changes make :func:`git_commit` say ``+dirty``.
-CODE_PACKAGES = ("models", "reparam", "train")
-
-
-def describe_checkout(folder: Path) -> str:
-    """The short commit of the git checkout holding ``folder``, with ``+dirty`` when its code has uncommitted
-    changes; ``unknown`` outside a checkout. Only :data:`CODE_PACKAGES` and ``pyproject.toml`` count: a results
-    table or README rewritten since the last commit changes no run."""
-    try:
-        run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, cwd=folder, timeout=10)
-        commit = run(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
-        code = [f":(top){p}" for p in (*CODE_PACKAGES, "pyproject.toml")]
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no", "--", *code]).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    """:func:`describe_checkout` of the code that runs. Read once per process: later edits of the checkout do not
-    change the code already loaded."""
-    return describe_checkout(Path(__file__).resolve().parent)
-
-
-git_commit()  # now, while the checkout holds the code this process loaded
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively: a GPU that supports it, or a CPU with AVX-512 BF16 or AMX.
-
-    Without native support, bf16 autocast is emulated and slower than float32, so it is not a default there.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def hardware(device: torch.device) -> str:
-    """A short description of what ran the job, e.g. 'NVIDIA H100 80GB HBM3' or 'CPU x86_64, 2 threads'."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    threads = torch.get_num_threads()
-    return f"CPU {name}, {threads} thread{'s' if threads != 1 else ''}"

@@ -19,7 +19,8 @@ from models import load_checkpoint
 from models.errors import ConfigError, DataError, cli_errors
 
 from .data import DATASETS, Loader, load_dataset
-from .engine import evaluate, hardware, init_distributed, native_bf16
+from .engine import evaluate, init_distributed
+from .provenance import hardware, native_bf16
 from .preprocess import normalization
 
 

@@ -40,7 +40,7 @@ from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
 from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, finish, load_data,
                   load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
                   use_teachers_data)
-from .deploy import fuse_check_export
+from .deploy import FuseCheckExport
 from .distill import DistillLoss, gram_loss, hint_mse
 from .engine import Trainer
 from .preprocess import Renormalize
@@ -83,11 +83,13 @@ class PyramidLevel(Taught):
         if self.kd is not None:
             self.kd.set_epoch(epoch - self.hint_epochs)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = self.student(x)
         needs_teacher = self.stage == 1 or self.kind == "kd"
         t_logits = self.teacher_logits(x) if needs_teacher else None
-        self.last_teacher_logits = t_logits
+        out = {"logits": logits, "stage": logits.new_tensor(float(self.stage))}
+        if t_logits is not None:
+            out["teacher_logits"] = t_logits
         s_feats = self._hooks[0].take() if self._hooks else []
         t_feats = self._hooks[1].take() if self._hooks and needs_teacher else []
         if self.stage == 1:
@@ -97,10 +99,11 @@ class PyramidLevel(Taught):
                 loss = gram_loss(s_feats[0], s_feats[1], t_feats[0], t_feats[1])
             else:
                 loss = hint_mse(s_feats[0], t_feats[0])
-            return loss, logits, {"stage": torch.tensor(1.0)}
-        if self.kind == "kd":
-            return self.kd(logits, y, t_logits), logits, {"stage": torch.tensor(2.0)}
-        return nn.functional.cross_entropy(logits, y), logits, {"stage": torch.tensor(2.0)}
+        elif self.kind == "kd":
+            loss = self.kd(logits, y, t_logits)
+        else:
+            loss = nn.functional.cross_entropy(logits, y)
+        return {"loss": loss, **out}
 
 
 def teacher_paths(level: str, taught_by_top: bool) -> dict[str, str]:
@@ -208,12 +211,13 @@ def train_level(args, argv, level: str, parent: nn.Module, top: nn.Module, data,
                     "scheme": args.scheme, "teacher": "VGG19 (--teacher)" if by_top else LEVELS[level].parent}
         cfg = train_config(level_args, 0.0, stage="pyramid", recipe=args.recipe, level=level, loss=args.loss,
                            hint_epochs=args.hint_epochs)
-        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata)
+        export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, teacher), not args.no_export, metadata,
+                                 f"{level} ({args.loss})")
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                          callbacks=[export])
         if level_args.resume:
             trainer.resume()
         summary = trainer.fit()
-        fuse_check_export(trainer, teacher, nn.Sequential(task.teacher_input, teacher), summary,
-                          not args.no_export, metadata, f"{level} ({args.loss})")
         if info.is_main:
             mark_done(run, record)
     return summary

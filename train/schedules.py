@@ -1,7 +1,7 @@
-"""Schedules that plug into the training loop from outside: each is called before every optimizer step.
+"""Schedules that plug into the training loop from outside, as callbacks (:class:`train.callbacks.Callback`).
 
-A schedule has ``on_step(epoch, step, steps) -> dict`` (0-based epoch and step, ``steps`` per epoch); what it
-returns is logged (the value after the epoch's last step).
+A schedule's ``on_step(epoch, step, steps)`` runs before every optimizer step; what it returns is logged (the
+value after the epoch's last step). Its value is a function of the step, so a resumed run continues it exactly.
 """
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch.nn as nn
 
 from models import set_lambda
 
+from .callbacks import Callback
 
-class LambdaSchedule:
+
+class LambdaSchedule(Callback):
     """VanillaNet's anneal: every ``LambdaReLU`` of ``model`` goes linearly from 0 (ReLU) to 1 (identity) over the
     first ``epochs`` epochs, per step, and stays at 1, so the LoRA branches end linear and fusable."""
 

@@ -30,7 +30,7 @@ from models.weights import load_pretrained
 from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, feature_loss, finish,
                   load_data, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
                   use_teachers_data)
-from .deploy import fuse_check_export
+from .deploy import FuseCheckExport
 from .engine import Trainer
 from .preprocess import Renormalize, normalization
 from .schedules import LambdaSchedule
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> dict:
     features, s_layers, t_layers = feature_loss(args, student, teacher, input_size)
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
-    callbacks = [LambdaSchedule(student, args.lambda_epochs)] if args.lambda_epochs else []
     # only now, so that bad options, data or a mismatched teacher leave --out untouched
     with make_run_dir(args, info, f"{name}-student-r{args.lora_rank}-{args.kd}-s{args.seed}",
                       "train.stage2", argv) as run_dir:
@@ -133,14 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = train_config(args, warmup, stage=2, recipe=args.recipe, teacher=str(teacher_path), kd=repr(loss_fn),
                            feature_kd=repr(features) if features else None, feature_layers=[s_layers, t_layers],
                            lora_rank=args.lora_rank, lambda_epochs=args.lambda_epochs)
+        callbacks = [LambdaSchedule(student, args.lambda_epochs)] if args.lambda_epochs else []
+        callbacks.append(FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher),
+                                         not args.no_export, metadata, f"student (LoRA r{args.lora_rank}, {args.kd})"))
         trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
                           callbacks=callbacks)
         if args.resume:
             trainer.resume()
         summary = trainer.fit()
-
-        fuse_check_export(trainer, teacher, nn.Sequential(task.teacher_input, task.teacher), summary,
-                          not args.no_export, metadata, f"student (LoRA r{args.lora_rank}, {args.kd})")
     finish(info)
     return summary
 

@@ -22,8 +22,15 @@ from models.errors import ConfigError
 from .distill import DistillLoss
 
 
+#: The keys of a task's output that are not logged terms.
+TASK_OUTPUTS = ("loss", "logits", "teacher_logits")
+
+
 class Task(nn.Module):
-    """Base class: ``forward(x, y) -> (loss, logits, logs)``; ``student`` is the model being trained."""
+    """Base class: ``forward(x, y) -> dict``, as timm's tasks: ``loss`` (what is optimised), ``logits`` (the
+    student's), ``teacher_logits`` where a teacher ran (for the diagnosis of a non-finite loss), and any other
+    0-dim tensors, which are logged as named terms (``metrics.csv`` columns). ``student`` is the model being
+    trained."""
 
     student: nn.Module
 
@@ -41,10 +48,9 @@ class Classify(Task):
         super().__init__()
         self.student = model
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = self.student(x)
-        loss = F.cross_entropy(logits, y)
-        return loss, logits, {}
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
 
 
 class FeatureHooks:
@@ -158,19 +164,16 @@ class Taught(Task):
         self.student = student
         self.teacher_input = teacher_input or nn.Identity()
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule
-        self.last_teacher_logits: Tensor | None = None  # for the engine's diagnosis of a non-finite loss
 
     def to_device(self, device: torch.device, memory_format: torch.memory_format) -> Taught:
         object.__setattr__(self, "teacher", self.teacher.to(device, memory_format=memory_format))
         return self.to(device, memory_format=memory_format)
 
     def teacher_logits(self, x: Tensor) -> Tensor:
-        """The teacher's logits of the student's batch ``x`` (eval mode, no gradients); kept as
-        ``last_teacher_logits``."""
+        """The teacher's logits of the student's batch ``x`` (eval mode, no gradients)."""
         self.teacher.eval()
         with torch.no_grad():
-            self.last_teacher_logits = self.teacher(self.teacher_input(x))
-        return self.last_teacher_logits
+            return self.teacher(self.teacher_input(x))
 
 
 class Distill(Taught):
@@ -202,14 +205,15 @@ class Distill(Taught):
     def set_epoch(self, epoch: int) -> None:
         self.loss.set_epoch(epoch)
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = self.student(x)
-        t_logits = self.teacher_logits(x) if self.loss.needs_teacher or self._hooks else None
-        loss = self.loss(logits, y, t_logits)
-        logs: dict[str, Tensor] = {}
+        out = {"logits": logits}
+        if self.loss.needs_teacher or self._hooks:
+            out["teacher_logits"] = self.teacher_logits(x)
+        loss = self.loss(logits, y, out.get("teacher_logits"))
         if self._hooks is not None:
             student_feats, teacher_feats = self._hooks[0].take(), self._hooks[1].take()
             feat = self.feature_loss(student_feats, teacher_feats)
-            logs = {"loss_logits": loss.detach(), "loss_features": feat.detach()}
+            out.update(loss_logits=loss.detach(), loss_features=feat.detach())
             loss = loss + feat
-        return loss, logits, logs
+        return {"loss": loss, **out}

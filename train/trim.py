@@ -24,7 +24,7 @@ from models.trim import COSTS, IMPORTANCES, trim, trim_record
 from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, feature_loss, finish,
                   load_data, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
                   use_teachers_data)
-from .deploy import fuse_check_export
+from .deploy import FuseCheckExport
 from .engine import Trainer
 from .preprocess import Renormalize
 from .tasks import Distill
@@ -73,22 +73,19 @@ def main(argv: list[str] | None = None) -> dict:
     with make_run_dir(args, info, f"{name}-trim{args.reduce:g}-{args.by}-{args.kd}-s{args.seed}", "train.trim",
                       argv) as run_dir:
         record = trim_record(result)
+        if args.by != "latency" and info.is_main:
+            record["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
         metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, args.data_dir),
                     "teacher": str(teacher_path), "trim": record}
         cfg = train_config(args, 0.0, stage="trim", recipe=args.recipe, teacher=str(teacher_path), trim=record,
                            kd=repr(loss_fn), feature_kd=repr(features) if features else None)
-        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata)
+        export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), not args.no_export,
+                                 metadata, f"trimmed {result.reduction:.2f}x by {args.by}, {args.kd}")
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                          callbacks=[export])
         if args.resume:
             trainer.resume()
-        if args.epochs:
-            summary = trainer.fit()
-        else:  # trimmed, not fine-tuned: record it like a finished run
-            summary = _untrained(trainer)
-        summary["trim"] = record
-        if args.by != "latency" and info.is_main:
-            summary["trim"]["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
-        fuse_check_export(trainer, teacher, nn.Sequential(task.teacher_input, task.teacher), summary,
-                          not args.no_export, metadata, f"trimmed {result.reduction:.2f}x by {args.by}, {args.kd}")
+        summary = trainer.fit()  # --epochs 0: the trimmed network as it is, recorded as epoch 0
     finish(info)
     return summary
 
@@ -120,17 +117,6 @@ def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
             bn.momentum = momentum
         model.train(was_training)
     return used
-
-
-def _untrained(trainer: Trainer) -> dict:
-    """Evaluate the trimmed model as it is and save it as the run's epoch 0, like a finished run; the summary."""
-    metrics = trainer.evaluate()
-    nan = float("nan")
-    trainer.history = [{"epoch": 0, "lr": 0.0, "train_loss": nan, "train_acc": nan, "test_loss": metrics["test_loss"],
-                        "test_acc": metrics["test_acc"], "images_per_s": nan, "epoch_s": 0.0}]
-    if trainer.dist.is_main:
-        trainer._save(0, metrics["test_acc"])
-    return trainer.summary(0.0)
 
 
 if __name__ == "__main__":

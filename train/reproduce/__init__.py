@@ -44,7 +44,8 @@ from models.errors import ConfigError, DataError, cli_errors
 from .. import evaluate as evaluate_cli
 from .. import pyramid, stage1, stage2
 from ..data import data_root
-from ..engine import COMPILE_MODES, git_commit
+from ..engine import COMPILE_MODES
+from ..provenance import git_commit
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
 from .runner import duration, finished, plan_row, row_state, train_row
