@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,9 @@ from .engine import COMPILE_MODES, Dist, TrainConfig, init_distributed
 from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES
-from .rundir import RunDir, command_line, options_of_run
 from .data.stream import build_stream_data, fits_in_memory
+from .rundir import RunDir, command_line, options_of_run
+from .spec import DataSpec, LossSpec, RuntimeSpec, load_spec, make_train_config, options_of, spec_parts
 from .tasks import layer_channels, stage_outputs
 
 
@@ -70,6 +71,9 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     o.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warm-up; default {warmup}")
     o.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation and --subset draw")
     r = p.add_argument_group("run")
+    r.add_argument("--config", default=None,
+                   help="a run spec (JSON) or a run directory (its spec.json): its options, which the options "
+                        "given here override; --config RUN --out NEW reruns that run exactly")
     r.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -88,61 +92,53 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None,
-               min_epochs: int = 1) -> argparse.Namespace:
-    """Parse ``argv``, fill every option left unset from ``--recipe``'s table for ``stage``, and validate."""
+def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None, kinds: tuple[str, ...]) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE`` (a spec or a run directory, of one of ``kinds``) the spec's options are
+    the defaults, which the command line's own options override (timm's ``--config``). Recipe defaults are
+    filled later, from the spec (:meth:`train.spec.RunSpec.with_recipe`)."""
     args = parser.parse_args(argv)
-    for key, value in RECIPES[args.recipe][stage].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    validate_common(args, min_epochs)
+    if args.config:
+        spec = load_spec(args.config)
+        if spec.kind not in kinds:
+            raise ConfigError(f"--config {args.config} is a {spec.kind} run; run it with python -m "
+                              f"{'train.stage1' if spec.kind == 'fresh' else 'train.stage2'}")
+        parser.set_defaults(**options_of(spec))
+        args = parser.parse_args(argv)
     return args
 
 
-MAX_SEED = 2**32 - 1
+def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None,
+               min_epochs: int = 1) -> argparse.Namespace:
+    """Parse ``argv``, fill every option left unset from ``--recipe``'s table for ``stage``, and validate (the
+    checks of :mod:`train.spec`'s parts, by the options' names)."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        raise ConfigError(f"--config reruns a spec with train.stage1 or train.stage2; {parser.prog} takes its "
+                          "options on the command line")
+    for key, value in RECIPES[args.recipe][stage].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    parts = spec_parts(vars(args))
+    parts["optim"].validate(min_epochs)
+    for name in ("data", "loss", "runtime"):
+        parts[name].validate()
+    return args
 
 
-def validate_common(args: argparse.Namespace, min_epochs: int = 1) -> None:
-    """One-line :class:`ConfigError` for an option no run can use; called before anything is read or written."""
-    def bad(option: str, value: Any, want: str) -> ConfigError:
-        return ConfigError(f"{option} {value} is not valid: pass {want}")
-
-    if args.epochs < min_epochs:
-        raise bad("--epochs", args.epochs, f"{min_epochs} or more")
-    if args.batch_size < 1:
-        raise bad("--batch-size", args.batch_size, "1 or more")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise bad("--lr", args.lr, "a positive number such as 0.1")
-    if not (math.isfinite(args.wd) and args.wd >= 0):
-        raise bad("--wd", args.wd, "0 or a small positive number such as 1e-4")
-    if args.warmup_epochs is not None and not (math.isfinite(args.warmup_epochs)
-                                               and 0 <= args.warmup_epochs <= args.epochs):
-        raise bad("--warmup-epochs", args.warmup_epochs, f"a number of epochs in [0, --epochs {args.epochs}]")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise bad("--seed", args.seed, f"a whole number in [0, {MAX_SEED}]")
-    if not (math.isfinite(args.gamma) and args.gamma > 0):
-        raise bad("--gamma", args.gamma, "a positive factor such as 0.1")
-    if not all(0 < m < 1 for m in args.milestones):
-        raise bad("--milestones", " ".join(map(str, args.milestones)), "fractions of training in (0, 1)")
-    if args.subset is not None and args.subset < 1:
-        raise bad("--subset", args.subset, "a number of images, 1 or more")
-    if args.image_size is not None and not 8 <= args.image_size <= 1024:
-        raise bad("--image-size", args.image_size, "a size in pixels in [8, 1024]")
-
-
-def setup(args: argparse.Namespace) -> tuple[Dist, torch.device]:
-    """Join torchrun if launched by it, pick the device and seed the weights."""
-    info, device = init_distributed(args.device)
-    if args.sync_bn and device.type != "cuda":
+def setup(runtime: RuntimeSpec, seed: int) -> tuple[Dist, torch.device, RuntimeSpec]:
+    """Join torchrun if launched by it, pick the device and seed the weights; ``runtime`` with ``amp`` resolved
+    (bf16 where the device computes it natively)."""
+    info, device = init_distributed(runtime.device)
+    if runtime.sync_bn and device.type != "cuda":
         raise ConfigError("--sync-bn needs GPUs: torch's SyncBatchNorm has no CPU kernel; drop it (each process then "
                           "normalises with its own batch's statistics)")
-    if args.amp is None:
-        args.amp = native_bf16(device)
-    torch.manual_seed(args.seed)
+    if runtime.amp is None:
+        runtime = replace(runtime, amp=native_bf16(device))
+    torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return info, device
+    return info, device, runtime
 
 
 def rank0_first(info: Dist, fn, *a, **kw):
@@ -155,31 +151,32 @@ def rank0_first(info: Dist, fn, *a, **kw):
     return result
 
 
-def use_stream(args: argparse.Namespace) -> ImageTree | None:
+def use_stream(data: DataSpec) -> ImageTree | None:
     """The image folder's listing when ``--loader`` (or its ``auto`` rule: image folders too big for memory, at
     the size they would load at) picks the streaming loader, else None."""
-    if args.loader == "stream" and args.dataset != "imagefolder":
-        raise ConfigError(f"--loader stream reads image folders; {args.dataset} is loaded in memory")
-    if args.loader == "memory" or args.dataset != "imagefolder":
+    if data.loader == "stream" and data.dataset != "imagefolder":
+        raise ConfigError(f"--loader stream reads image folders; {data.dataset} is loaded in memory")
+    if data.loader == "memory" or data.dataset != "imagefolder":
         return None
-    _, path = resolve_source("imagefolder", args.data_dir)
+    _, path = resolve_source("imagefolder", data.data_dir)
     tree = scan_image_tree(path)
-    count = min(args.subset or len(tree.train), len(tree.train)) + len(tree.test)
-    if args.loader == "auto" and fits_in_memory(count, args.image_size or default_image_size(tree)):
+    count = min(data.subset or len(tree.train), len(tree.train)) + len(tree.test)
+    if data.loader == "auto" and fits_in_memory(count, data.image_size or default_image_size(tree)):
         return None
     return tree
 
 
-def load_data(args: argparse.Namespace, info: Dist, device: torch.device) -> Data:
-    if args.workers < 0:
-        raise ConfigError(f"--workers {args.workers} is not valid: pass 0 or more")
-    common = dict(subset=args.subset, seed=args.seed, device=device, rank=info.rank, world_size=info.world_size,
-                  image_size=args.image_size, channels_last=args.channels_last)
-    tree = use_stream(args)
-    args.loader = "memory" if tree is None else "stream"  # recorded resolved: --resume compares it
+def load_data(data: DataSpec, seed: int, channels_last: bool, info: Dist,
+              device: torch.device) -> tuple[Data, DataSpec]:
+    """The loaders of ``data``, and ``data`` with its loader resolved (``memory`` or ``stream``: recorded so, since
+    ``--resume`` compares it)."""
+    common = dict(subset=data.subset, seed=seed, device=device, rank=info.rank, world_size=info.world_size,
+                  image_size=data.image_size, channels_last=channels_last)
+    tree = use_stream(data)
+    data = replace(data, loader="memory" if tree is None else "stream")
     if tree is not None:
-        return build_stream_data(args.data_dir, args.batch_size, workers=args.workers, tree=tree, **common)
-    return rank0_first(info, build_data, args.dataset, args.data_dir, args.batch_size, **common)
+        return build_stream_data(data.data_dir, data.batch_size, workers=data.workers, tree=tree, **common), data
+    return rank0_first(info, build_data, data.dataset, data.data_dir, data.batch_size, **common), data
 
 
 def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:
@@ -188,19 +185,16 @@ def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:
             "data_source": str(data.info.source), "image_size": data.info.image_size}
 
 
-def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str, module: str,
-                 argv: list[str] | None) -> RunDir:
-    """The run directory, locked by rank 0 and checked (options against ``args.json`` with --resume).
+def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bool = False, overwrite: bool = False,
+                 spec_differences: Callable[[dict[str, Any]], list[str]] | None = None) -> RunDir:
+    """The run directory ``out``, locked by rank 0 and checked (with ``resume``: the run's recorded options or spec
+    against these).
 
     Call it after everything else is validated; nothing is deleted or written until the trainer's first
     checkpoint (see :mod:`train.rundir`).
     """
-    out = Path(args.out or Path("runs") / default_name)
-    args.out = str(out)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    record = {"command": command_line(module, argv), "argv": options_of_run(argv), "args": vars(args),
-              "world_size": info.world_size}
-    run = RunDir(out, resume=args.resume, overwrite=args.overwrite, record=json.loads(json.dumps(record, default=str)))
+    run = RunDir(out, resume=resume, overwrite=overwrite, record=json.loads(json.dumps(record, default=str)),
+                 spec_differences=spec_differences)
     if info.is_main:
         run.open()
     if info.world_size > 1:
@@ -208,15 +202,32 @@ def make_run_dir(args: argparse.Namespace, info: Dist, default_name: str, module
     return run
 
 
+def cli_record(args: argparse.Namespace, info: Dist, module: str, argv: list[str] | None) -> dict[str, Any]:
+    """What ``args.json`` records of a command: the command line, its options (without where it writes), the
+    resolved options and the process count."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return {"command": command_line(module, argv), "argv": options_of_run(argv), "args": vars(args),
+            "world_size": info.world_size}
+
+
+def resolve_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> tuple[Dist, torch.device, Data]:
+    """For the CLIs that still work on options (``trim``, ``pyramid``): the teacher's data where unset, the device
+    and the loaders; ``args`` gets the resolved values, which ``args.json`` records."""
+    parts = spec_parts(vars(args))
+    info, device, runtime = setup(parts["runtime"], args.seed)
+    data, data_spec = load_data(teachers_data(parts["data"], teacher_meta), args.seed, runtime.channels_last, info,
+                                device)
+    vars(args).update(amp=runtime.amp, **{k: getattr(data_spec, k) for k in ("dataset", "data_dir", "image_size",
+                                                                             "loader")})
+    return info, device, data
+
+
 def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs, lr=args.lr, wd=args.wd, optimizer=args.optimizer, nesterov=args.nesterov,
-        schedule=args.schedule, seed=args.seed,
-        milestones=tuple(args.milestones), gamma=args.gamma,
-        warmup_epochs=warmup_default if args.warmup_epochs is None else args.warmup_epochs,
-        amp=args.amp, compile=args.compile, compile_mode=args.compile_mode,
-        channels_last=args.channels_last, sync_bn=args.sync_bn, extra=extra,
-    )
+    """The engine's settings of parsed options (``trim``, ``pyramid``)."""
+    parts = spec_parts(vars(args))
+    if parts["optim"].warmup_epochs is None:
+        parts["optim"] = replace(parts["optim"], warmup_epochs=warmup_default)
+    return make_train_config(parts["optim"], parts["runtime"], **extra)
 
 
 def size_line(label: str, size: dict[str, int], acc: float | None) -> str:
@@ -257,36 +268,35 @@ def add_distillation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-export", action="store_true", help="fuse and check, but write no deploy files")
 
 
-def logit_loss(args: argparse.Namespace) -> DistillLoss:
-    """The logit loss of the options, validated with the options' names."""
-    if args.feature_kd == "none" and (args.feature_layers or args.teacher_layers or args.feature_weight is not None):
-        raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or semckd")
+def logit_loss(loss: LossSpec) -> DistillLoss:
+    """The logit loss of ``loss``, validated with the options' names."""
+    loss.validate()
     try:
-        return DistillLoss(args.kd, alpha=args.kd_alpha, T=args.kd_T, beta=args.kd_beta, reduction=args.kd_reduction,
-                           ce_weight=args.ce_weight)
+        return DistillLoss(loss.kd, alpha=loss.kd_alpha, T=loss.kd_T, beta=loss.kd_beta, reduction=loss.kd_reduction,
+                           ce_weight=loss.ce_weight)
     except ConfigError as e:
-        raise ConfigError(f"--kd {args.kd} options (--kd-alpha, --kd-T, --kd-beta, --ce-weight): {e}") from None
+        raise ConfigError(f"--kd {loss.kd} options (--kd-alpha, --kd-T, --kd-beta, --ce-weight): {e}") from None
 
 
-def feature_loss(args: argparse.Namespace, student: nn.Module, teacher: nn.Module,
+def feature_loss(loss: LossSpec, batch_size: int, student: nn.Module, teacher: nn.Module,
                  input_size: list[int]) -> tuple[nn.Module | None, list[str], list[str]]:
-    """The feature loss of the options and its student and teacher layers, or ``(None, [], [])``."""
-    if args.feature_kd == "none":
+    """The feature loss of ``loss`` and its student and teacher layers, or ``(None, [], [])``."""
+    if loss.feature_kd == "none":
         return None, [], []
-    s_layers = args.feature_layers or stage_outputs(student, input_size)
-    t_layers = args.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers))
-    if len(s_layers) != len(t_layers) and args.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
+    s_layers = list(loss.feature_layers or stage_outputs(student, input_size))
+    t_layers = list(loss.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers)))
+    if len(s_layers) != len(t_layers) and loss.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
         raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
                           f"{len(t_layers)}: pass --teacher-layers, one per student layer")
     channels = [layer_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
     try:
-        if args.feature_kd == "semckd":
-            loss: nn.Module = SemCKD(channels[0], channels[1], args.batch_size, args.feature_weight)
+        if loss.feature_kd == "semckd":
+            module: nn.Module = SemCKD(channels[0], channels[1], batch_size, loss.feature_weight)
         else:
-            loss = FeatureDistill(channels[0], channels[1], args.feature_kd, args.feature_weight)
+            module = FeatureDistill(channels[0], channels[1], loss.feature_kd, loss.feature_weight)
     except ConfigError as e:
-        raise ConfigError(f"--feature-kd {args.feature_kd}: {e}") from None
-    return loss, s_layers, t_layers
+        raise ConfigError(f"--feature-kd {loss.feature_kd}: {e}") from None
+    return module, s_layers, t_layers
 
 
 def load_teacher_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], Path]:
@@ -306,14 +316,16 @@ def check_teacher(teacher: nn.Module, data: Data) -> None:
     teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)
 
 
-def use_teachers_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> None:
-    """Default ``--dataset``, ``--data-dir`` and ``--image-size`` to the teacher's, refusing a moved data folder."""
-    args.dataset = args.dataset or teacher_meta.get("dataset", "cifar10")
+def teachers_data(data: DataSpec, teacher_meta: dict[str, Any]) -> DataSpec:
+    """``data`` with ``dataset``, ``data_dir`` and ``image_size`` left unset taken from the teacher's, refusing a
+    moved data folder."""
+    changes: dict[str, Any] = {"dataset": data.dataset or teacher_meta.get("dataset", "cifar10")}
     teacher_data = teacher_meta.get("data_dir")
-    if args.data_dir is None and teacher_data:
+    if data.data_dir is None and teacher_data:
         if not Path(teacher_data).exists():
             raise DataError(f"the teacher was trained on data in {teacher_data}, which no longer exists; "
                             "pass --data-dir with the same data")
-        args.data_dir = teacher_data  # the teacher's data root (or image-folder zip)
-    if args.image_size is None and args.dataset == "imagefolder":
-        args.image_size = teacher_meta.get("image_size")
+        changes["data_dir"] = teacher_data  # the teacher's data root (or image-folder zip)
+    if data.image_size is None and changes["dataset"] == "imagefolder":
+        changes["image_size"] = teacher_meta.get("image_size")
+    return replace(data, **changes)

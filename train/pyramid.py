@@ -28,7 +28,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -37,14 +36,14 @@ from models.checkpoint import atomic_write_text
 from models.errors import ConfigError, cli_errors
 from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
 
-from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, finish, load_data,
-                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
-                  use_teachers_data)
+from .cli import (add_distillation_options, check_teacher, cli_record, common_parser, data_metadata, finish,
+                  load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, resolve_data, train_config)
 from .deploy import FuseCheckExport
 from .distill import DistillLoss, gram_loss, hint_mse
 from .engine import Trainer
 from .preprocess import Renormalize
 from .rundir import finished_summary, mark_done, options_of_run
+from .spec import spec_parts
 from .tasks import FeatureHooks, Taught
 
 LOSSES = ("two-stage", "gram", "hinton", "fitnet", "gram-direct", "kd", "scratch")
@@ -157,13 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError("--loss scratch has no stage 1: drop --hint-epochs")
     if args.hint_epochs < 0:
         raise ConfigError(f"--hint-epochs {args.hint_epochs} is not valid: pass 0 or more epochs of stage 1")
-    kd = logit_loss(args) if args.loss == "kd" else None
+    kd = logit_loss(spec_parts(vars(args))["loss"]) if args.loss == "kd" else None
     top, top_meta, top_path = load_teacher_checkpoint(args.teacher)
     name, _ = level_of(top)
     first_parent = LEVELS[levels[0]].parent
-    use_teachers_data(args, top_meta)
-    info, device = setup(args)
-    data = load_data(args, info, device)
+    info, device, data = resolve_data(args, top_meta)
     check_teacher(top, data)
     out = Path(args.out or Path("runs") / f"pyramid-{args.scheme}-{args.loss}-s{args.seed}")
     parent = top if first_parent == name else None
@@ -206,7 +203,8 @@ def train_level(args, argv, level: str, parent: nn.Module, top: nn.Module, data,
     data.normalize(student.preprocess)
     level_args = type(args)(**{**vars(args), "out": str(run), "epochs": args.epochs + args.hint_epochs,
                                "resume": (run / "train_state.pt").is_file() and not args.overwrite})
-    with make_run_dir(level_args, info, level, "train.pyramid", argv) as run_dir:
+    with make_run_dir(run, info, cli_record(level_args, info, "train.pyramid", argv), level_args.resume,
+                      level_args.overwrite) as run_dir:
         metadata = {"stage": "pyramid", "role": level, **data_metadata(data, args.data_dir), "loss": args.loss,
                     "scheme": args.scheme, "teacher": "VGG19 (--teacher)" if by_top else LEVELS[level].parent}
         cfg = train_config(level_args, 0.0, stage="pyramid", recipe=args.recipe, level=level, loss=args.loss,

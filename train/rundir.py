@@ -23,14 +23,14 @@ import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from models.checkpoint import atomic_write_text
 from models.errors import ReduceNetError
 
 #: Files and folders a run writes; ``--overwrite`` removes these and nothing else.
-RUN_FILES = ("args.json", "last.safetensors", "last.json", "best.safetensors", "best.json", "train_state.pt",
-             "metrics.csv", "summary.json", "tb", "deploy", "done")
+RUN_FILES = ("args.json", "spec.json", "last.safetensors", "last.json", "best.safetensors", "best.json",
+             "train_state.pt", "metrics.csv", "summary.json", "tb", "deploy", "done")
 #: Options that may differ on ``--resume``: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "compile_mode", "channels_last",
                      "no_export", "data_dir", "workers", "lr")
@@ -119,14 +119,19 @@ class RunDir:
         path: the folder (created when needed).
         resume: continue the run in it.
         overwrite: replace the run in it once the new run writes its first checkpoint.
-        record: what ``args.json`` holds: ``{"command", "argv", "args", "world_size"}``.
+        record: what ``args.json`` holds: ``{"command", "argv", "args", "world_size"}``, and ``"spec"`` (the
+            resolved :class:`~train.spec.RunSpec`, also written to ``spec.json``) for runs made from a spec.
+        spec_differences: for a spec's run, ``(recorded spec) -> ["--option new (run: old)", ...]``, the
+            differences ``--resume`` refuses; runs recorded before specs are compared by their ``args``.
     """
 
     def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False,
-                 record: dict[str, Any] | None = None) -> None:
+                 record: dict[str, Any] | None = None,
+                 spec_differences: Callable[[dict[str, Any]], list[str]] | None = None) -> None:
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self.record = record or {}
+        self.spec_differences = spec_differences
         self._lock_fd: int | None = None
         self._committed = resume
 
@@ -177,8 +182,11 @@ class RunDir:
             raise RunDirError(f"--resume: {self.path / 'args.json'} is missing or damaged, so the run's options "
                               "are unknown; start a new run with --overwrite") from None
         # an option the run's version did not have yet is taken as today's (it is recorded under "resumed")
-        differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(old)
-                  if k not in RESUMABLE_CHANGES and not same_record(old.get(k), new.get(k))]
+        if "spec" in saved and self.spec_differences is not None:
+            differ = self.spec_differences(saved["spec"])
+        else:
+            differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(old)
+                      if k not in RESUMABLE_CHANGES and not same_record(old.get(k), new.get(k))]
         added = sorted(set(new) - set(old))
         if saved.get("world_size", 1) != self.record.get("world_size", 1):
             differ.append(f"{self.record.get('world_size', 1)} processes (run: {saved.get('world_size', 1)})")
@@ -205,6 +213,8 @@ class RunDir:
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         if self.record:
             atomic_write_text(self.path / "args.json", json.dumps(self.record, indent=2, default=str) + "\n")
+        if "spec" in self.record:
+            atomic_write_text(self.path / "spec.json", json.dumps(self.record["spec"], indent=2) + "\n")
 
     def close(self) -> None:
         """Release the lock (the process's exit does it too)."""

@@ -15,18 +15,20 @@ fine-tune uses lr 0.01 for 100 epochs with step decay).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
 from models.errors import ConfigError, cli_errors
 from models.trim import COSTS, IMPORTANCES, trim, trim_record
 
-from .cli import (add_distillation_options, check_teacher, common_parser, data_metadata, feature_loss, finish,
-                  load_data, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, setup, train_config,
-                  use_teachers_data)
+from .cli import (add_distillation_options, check_teacher, cli_record, common_parser, data_metadata, feature_loss,
+                  finish, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, resolve_data, train_config)
 from .deploy import FuseCheckExport
 from .engine import Trainer
 from .preprocess import Renormalize
+from .spec import spec_parts
 from .tasks import Distill
 from .timing import latency
 
@@ -53,11 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(build_parser(), "trim", argv, min_epochs=0)
     if args.calibrate_batches < 0:
         raise ConfigError(f"--calibrate-batches {args.calibrate_batches} is not valid: pass 0 (none) or more")
-    loss_fn = logit_loss(args)
+    loss_fn = logit_loss(spec_parts(vars(args))["loss"])
     teacher, teacher_meta, teacher_path = load_teacher_checkpoint(args.teacher)
-    use_teachers_data(args, teacher_meta)
-    info, device = setup(args)
-    data = load_data(args, info, device)
+    info, device, data = resolve_data(args, teacher_meta)
     check_teacher(teacher, data)
     size = (1, 3, data.info.image_size, data.info.image_size)
     result = trim(teacher, args.reduce, args.by, size, args.importance, args.round_to,
@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
     data.normalize(student.preprocess)
     if args.calibrate_batches:
         recalibrate_batchnorms(student.to(device), data.train, args.calibrate_batches)
-    features, s_layers, t_layers = feature_loss(args, student, teacher, list(size[1:]))
+    features, s_layers, t_layers = feature_loss(spec_parts(vars(args))["loss"], args.batch_size, student, teacher,
+                                                list(size[1:]))
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
     name = teacher.config["model"].replace(":", "-")
-    with make_run_dir(args, info, f"{name}-trim{args.reduce:g}-{args.by}-{args.kd}-s{args.seed}", "train.trim",
-                      argv) as run_dir:
+    args.out = args.out or str(Path("runs") / f"{name}-trim{args.reduce:g}-{args.by}-{args.kd}-s{args.seed}")
+    with make_run_dir(args.out, info, cli_record(args, info, "train.trim", argv), args.resume,
+                      args.overwrite) as run_dir:
         record = trim_record(result)
         if args.by != "latency" and info.is_main:
             record["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)

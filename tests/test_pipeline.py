@@ -1,0 +1,138 @@
+"""Typed run specs (train/spec.py) and the one pipeline (train/pipeline.py): JSON, --config, resume, the README."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+from models.errors import ConfigError
+from train import stage1, stage2
+from train.spec import DataSpec, Distil, Fresh, Inherit, LossSpec, OptimSpec, RunSpec, RuntimeSpec, differences
+
+from _shared import CIFAR10, ROOT, one_line
+
+if not (CIFAR10 / "cifar-10-batches-py").is_dir():
+    pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
+
+TINY = ["-m", "reduce20", "--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--epochs", "2",
+        "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(isolated_cache):
+    yield
+
+
+def quiet(main, argv):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(argv)
+
+
+def test_a_spec_round_trips_through_json():
+    spec = RunSpec(Inherit("runs/t", lora_rank=4, lora_targets=("layer*.conv1",), lambda_epochs=2.0),
+                   DataSpec(dataset="cifar10", subset=100), OptimSpec(epochs=3, milestones=(0.3, 0.6)),
+                   LossSpec(kd="dkd", feature_kd="at", feature_layers=("layer2", "layer3")),
+                   RuntimeSpec(device="cpu", amp=False), recipe="reducenet-paper", out="runs/s", export=False)
+    again = RunSpec.from_json(spec.to_json())
+    assert again == spec and again.kind == "inherit" and again.stage == "stage2"
+    assert RunSpec.from_json(RunSpec(Distil("t", "reduce20")).to_json()).derive == Distil("t", "reduce20")
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"derive": {"kind": "fresh", "model": "reduce20", "depth": 3}}, "'depth'"),
+    ({"derive": {"kind": "grow"}}, "'grow'"),
+    ({"derive": {"kind": "fresh"}, "optim": {"lr": 0.1, "momentum": 0.8}}, "spec optim has no field 'momentum'"),
+    ({"derive": {"kind": "inherit"}}, "spec derive"),
+    ({"derive": []}, "'derive' object"),
+])
+def test_a_bad_spec_is_one_line_naming_the_field(record, words):
+    with pytest.raises(ConfigError) as e:
+        RunSpec.from_dict(record)
+    assert words in one_line(e)
+
+
+def test_resume_refuses_only_fields_that_shape_the_run():
+    spec = RunSpec(Fresh("reduce20"), optim=OptimSpec(epochs=3, lr=0.1), runtime=RuntimeSpec(device="cpu"))
+    old = spec.to_dict()
+    assert differences(old, RunSpec(Fresh("reduce20"), optim=OptimSpec(epochs=3, lr=0.01),
+                                    runtime=RuntimeSpec(device="cuda", compile=True), out="elsewhere")) == []
+    changed = RunSpec(Fresh("reduce32"), optim=OptimSpec(epochs=4, lr=0.1), data=DataSpec(batch_size=64))
+    assert sorted(differences(old, changed)) == ["--batch-size 64 (run: 128)", "--epochs 4 (run: 3)",
+                                                 "--model reduce32 (run: reduce20)"]
+
+
+def test_config_reruns_a_run_exactly(tmp_path):
+    """``--config RUN --out NEW`` trains the same run again: the same weights and metrics, bit for bit."""
+    first, again = tmp_path / "first", tmp_path / "again"
+    quiet(stage1.main, [*TINY, "--out", str(first)])
+    spec = json.loads((first / "spec.json").read_text())
+    assert spec["derive"] == {"kind": "fresh", "model": "reduce20", "expansion": 1, "width": 1, "weights": None,
+                              "init": "kaiming"}  # resolved: the recipe's init, the zoo's defaults
+    assert spec["optim"]["lr"] == 0.1 and spec["data"]["loader"] == "memory"
+    quiet(stage1.main, ["--config", str(first), "--out", str(again)])
+    a, b = load_file(str(first / "last.safetensors")), load_file(str(again / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = lambda text: [line.rsplit(",", 2)[0] for line in text.splitlines()]  # noqa: E731 (images/s, epoch_s)
+    assert drop((first / "metrics.csv").read_text()) == drop((again / "metrics.csv").read_text())
+    # an option given beside --config wins over the spec's
+    quiet(stage1.main, ["--config", str(first), "--out", str(tmp_path / "three"), "--epochs", "1"])
+    assert json.loads((tmp_path / "three" / "spec.json").read_text())["optim"]["epochs"] == 1
+
+
+def test_config_of_another_kind_or_command_is_one_line(tmp_path, capsys):
+    quiet(stage1.main, [*TINY, "--epochs", "1", "--out", str(tmp_path / "t")])
+    for main, argv, words in ((stage2.main, ["--config", str(tmp_path / "t")], "python -m train.stage1"),
+                              (stage1.main, ["--config", str(tmp_path / "nothing")], "cannot read"),
+                              (stage1.main, ["--config", str(tmp_path / "t" / "metrics.csv")], "not JSON")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_a_run_made_before_specs_still_resumes(tmp_path):
+    """A run directory without spec.json (written before specs existed) resumes by its recorded options."""
+    run = tmp_path / "old"
+    quiet(stage1.main, [*TINY, "--epochs", "1", "--out", str(run)])
+    (run / "spec.json").unlink()
+    record = json.loads((run / "args.json").read_text())
+    del record["spec"]
+    (run / "args.json").write_text(json.dumps(record))
+    # another --epochs is refused by its name, the same command resumes
+    with pytest.raises(SystemExit):
+        stage1.main([*TINY, "--out", str(run), "--resume"])
+    summary = quiet(stage1.main, [*TINY, "--epochs", "1", "--out", str(run), "--resume"])
+    assert summary["last_epoch"] == 1
+
+
+def readme_snippet(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_trains_from_python_as_written(tmp_path, monkeypatch):
+    """The README's "Training from Python" snippet, run as it stands, with DATA and RUNS pointed here."""
+    code = readme_snippet("## Training from Python")
+    line = next(x for x in code.splitlines() if x.startswith("DATA, RUNS = "))
+    code = code.replace(line, f"DATA, RUNS = {str(CIFAR10)!r}, {str(tmp_path)!r}")
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(code, "README.md", "exec"), namespace)
+    teacher, student, deploy = namespace["teacher"], namespace["student"], namespace["deploy"]
+    assert teacher["last_epoch"] == 2 and student["last_epoch"] == 2
+    assert abs(student["fused_test_acc"] - student["last_test_acc"]) <= 2 * 100 / student["test_images"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules())
+    for run in ("py-teacher", "py-student"):
+        spec = RunSpec.from_json((tmp_path / run / "spec.json").read_text())
+        assert spec.out == str(tmp_path / run)
+        command = json.loads((tmp_path / run / "args.json").read_text())["command"]
+        assert command.endswith(f"--config {tmp_path / run / 'spec.json'}")  # the command that repeats it
+    assert str(student["last_test_acc"]) in out.getvalue()
+    assert isinstance(models.load_checkpoint(tmp_path / "py-student"), torch.nn.Module)

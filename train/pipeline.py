@@ -1,0 +1,215 @@
+"""One pipeline: :func:`run` trains what a :class:`~train.spec.RunSpec` describes, from Python or from a CLI.
+
+``python -m train.stage1`` and ``python -m train.stage2`` only parse their options into a spec and call
+:func:`run`. The steps, for every kind of run: validate the spec; load the teacher (a taught student); fill the
+recipe's defaults and the teacher's data; set up the device; load the data; build the model (fresh, or the
+teacher's student, or a fresh student); build the task (cross-entropy, or distillation with its logit and
+feature losses); open the run directory (only now, so that a bad option, teacher or data leaves it untouched);
+train; for a student, fuse, check and export. The resolved spec is recorded in ``RUN/spec.json``.
+
+Example (a teacher, then its student; both are run directories)::
+
+    from train.pipeline import run
+    from train.spec import DataSpec, Fresh, Inherit, OptimSpec, RunSpec
+
+    data = DataSpec(data_dir="../shared/data/cifar-10-subset", subset=256, batch_size=32)
+    run(RunSpec(Fresh("reduce20"), data, OptimSpec(epochs=2), out="runs/t"))
+    run(RunSpec(Inherit("runs/t", lora_rank=4), OptimSpec(epochs=1), out="runs/s"))
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from models import create_model, read_record, student_from_teacher
+from models.checkpoint import resolve
+from models.errors import CheckpointError, ConfigError
+from models.registry import accepts, is_reducible
+from models.weights import load_pretrained
+
+from .cli import (check_teacher, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint, logit_loss,
+                  make_run_dir, setup, size_line, teachers_data)
+from .deploy import FuseCheckExport
+from .engine import Trainer
+from .preprocess import Renormalize, normalization
+from .rundir import command_line, options_of_run
+from .schedules import LambdaSchedule
+from .spec import Distil, Fresh, Inherit, RunSpec, differences, options_of
+from .tasks import Classify, Distill
+
+#: The module whose command line repeats a run of each kind (``--config RUN/spec.json``).
+MODULES = {"fresh": "train.stage1", "inherit": "train.stage2", "distil": "train.stage2"}
+
+
+def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict:
+    """Train what ``spec`` describes; returns the run's summary (also in ``RUN/summary.json``).
+
+    Args:
+        spec: the run; fields left ``None`` take the recipe's (or the teacher's) values.
+        resume: continue the run in ``spec.out`` from its last epoch (refused if the spec differs in anything
+            but the fields marked resumable).
+        overwrite: replace a run in ``spec.out`` once this one writes its first checkpoint.
+        cli: from a command line: ``{"argv", "module"}``, recorded in ``args.json``.
+
+    Raises:
+        ReduceNetError: a bad field, teacher, data or run directory (one line; nothing is written then).
+    """
+    spec.validate()
+    if isinstance(spec.derive, Fresh):
+        return _train_fresh(spec, resume, overwrite, cli)
+    return _train_student(spec, resume, overwrite, cli)
+
+
+# ----------------------------------------------------------------------------------------------- fresh models
+def torch_default_init(model: nn.Module) -> nn.Module:
+    """Re-initialise every conv with PyTorch's default (``reset_parameters``), as the original ReduceNet left them."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.reset_parameters()
+    return model
+
+
+def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Module, str, Fresh]:
+    """The model of ``derive``, its role (teacher, scratch student or model) and ``derive`` resolved (a ReduceNet's
+    expansion and width)."""
+    if is_reducible(derive.model):
+        derive = replace(derive, expansion=1 if derive.expansion is None else derive.expansion,
+                         width=1 if derive.width is None else derive.width)
+        model = create_model(derive.model, num_classes=num_classes, width=derive.width, expansion=derive.expansion)
+        role = "teacher" if derive.expansion else "scratch"
+    else:
+        given = [o for o, v in (("--expansion", derive.expansion), ("--width", derive.width)) if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} belongs to ReduceNet's families; {derive.model} takes neither")
+        sized = {"image_size": image_size} if accepts(derive.model, "image_size") else {}
+        model, role = create_model(derive.model, num_classes=num_classes, **sized), "model"
+    if derive.init == "torch":
+        torch_default_init(model)
+    if derive.weights:
+        load_pretrained(model, derive.weights)
+    return model, role, derive
+
+
+def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+    spec = spec.with_recipe()
+    spec = replace(spec, data=replace(spec.data, dataset=spec.data.dataset or "cifar10"))
+    info, device, runtime = setup(spec.runtime, spec.optim.seed)
+    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
+    model, role, derive = build_model(spec.derive, data.info.num_classes, data.info.image_size)
+    spec = replace(spec, data=data_spec, runtime=runtime, derive=derive)
+    model.preprocess = normalization(data_spec.normalize, data.info)
+    data.normalize(model.preprocess)
+    reducible = is_reducible(derive.model)
+    tag = derive.model.replace(":", "-") + (f"-{role}-e{derive.expansion}-w{derive.width:g}" if reducible else "")
+    spec = _with_out(spec, f"{tag}-s{spec.optim.seed}")
+    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+        metadata = {"stage": 1, "role": role, **data_metadata(data, data_spec.data_dir)}
+        if derive.weights:
+            metadata["weights"] = str(derive.weights)
+        trainer = Trainer(Classify(model), data, spec.train_config(stage=1, recipe=spec.recipe), run_dir,
+                          dist_info=info, device=device, metadata=metadata)
+        if resume:
+            trainer.resume()
+        summary = trainer.fit()
+        if info.is_main:
+            kind = f" (e{derive.expansion})" if reducible else ""
+            print(size_line(f"{role} {derive.model}{kind}", {"params": summary["params"], "macs": summary["macs"]},
+                            summary["last_test_acc"]))
+            print(f"data: {data.info.label}; best {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
+                  f"run: {run_dir}")
+    finish(info)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- students
+def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
+    """The teacher checkpoint and its metadata; for inheritance, refuses students and other architectures."""
+    p = resolve(path)
+    record = read_record(p)
+    config = record["config"]
+    if inherit and not (is_reducible(config) and config.get("expansion")):
+        what = "a student (expansion=0)" if config.get("expansion") == 0 else "not a ReduceNet teacher"
+        raise CheckpointError(f"{p} is {what} ({config.get('model')}); --inherit needs a teacher trained by "
+                              "train.stage1 with --expansion >= 1 (use --teacher CKPT -m MODEL for plain distillation)")
+    if inherit and expected_model and expected_model != config.get("model"):
+        raise CheckpointError(f"{p} holds a {config.get('model')} teacher, not {expected_model}; "
+                              "pass the matching -m or another --inherit")
+    return load_teacher_checkpoint(p)
+
+
+def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int, image_size: int) -> nn.Module:
+    """The teacher's student (:class:`Inherit`) or a fresh student (:class:`Distil`), with its LoRA branches."""
+    if isinstance(derive, Inherit):
+        return student_from_teacher(teacher, lora_rank=derive.lora_rank, lora_targets=derive.lora_targets)
+    if is_reducible(derive.model):
+        student = create_model(derive.model, num_classes=num_classes, expansion=0, lora_rank=derive.lora_rank,
+                               lora_targets=derive.lora_targets)
+    elif derive.lora_rank:
+        raise ConfigError(f"--lora-rank adds branches to ReduceNet's ConvBN layers; {derive.model} has none")
+    else:
+        sized = {"image_size": image_size} if accepts(derive.model, "image_size") else {}
+        student = create_model(derive.model, num_classes=num_classes, **sized)
+    if derive.weights:
+        load_pretrained(student, derive.weights)
+    return student
+
+
+def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+    derive = spec.derive
+    inherit = isinstance(derive, Inherit)
+    loss_fn = logit_loss(spec.with_recipe().loss)
+    teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
+    spec = spec.with_recipe()
+    spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
+    info, device, runtime = setup(spec.runtime, spec.optim.seed)
+    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
+    spec = replace(spec, data=data_spec, runtime=runtime)
+    check_teacher(teacher, data)
+    student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
+    if not inherit:
+        student.preprocess = normalization(data_spec.normalize, data.info)
+    data.normalize(student.preprocess)
+    input_size = [3, data.info.image_size, data.info.image_size]
+    features, s_layers, t_layers = feature_loss(spec.loss, data_spec.batch_size, student, teacher, input_size)
+    task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
+                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
+    name = (teacher.config["model"] if inherit else derive.model).replace(":", "-")
+    spec = _with_out(spec, f"{name}-student-r{derive.lora_rank}-{spec.loss.kd}-s{spec.optim.seed}")
+    # only now, so that bad options, data or a mismatched teacher leave the run directory untouched
+    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+        metadata = {"stage": 2, "role": "student", **data_metadata(data, data_spec.data_dir),
+                    "teacher": str(teacher_path), "kd": spec.loss.kd}
+        cfg = spec.train_config(stage=2, recipe=spec.recipe, teacher=str(teacher_path), kd=repr(loss_fn),
+                                feature_kd=repr(features) if features else None, feature_layers=[s_layers, t_layers],
+                                lora_rank=derive.lora_rank, lambda_epochs=derive.lambda_epochs)
+        callbacks = [LambdaSchedule(student, derive.lambda_epochs)] if derive.lambda_epochs else []
+        callbacks.append(FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export,
+                                         metadata, f"student (LoRA r{derive.lora_rank}, {spec.loss.kd})"))
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                          callbacks=callbacks)
+        if resume:
+            trainer.resume()
+        summary = trainer.fit()
+    finish(info)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- run directory
+def _with_out(spec: RunSpec, default_name: str) -> RunSpec:
+    return replace(spec, out=str(Path(spec.out) if spec.out else Path("runs") / default_name))
+
+
+def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any] | None):
+    """The run directory of the resolved ``spec``, recording it (``spec.json``) and how it was asked for."""
+    module = MODULES[spec.kind]
+    if cli is None:  # from Python: the command that repeats it reads the spec it writes
+        cli = {"module": module, "argv": ["--config", str(Path(spec.out) / "spec.json")]}
+    argv = sys.argv[1:] if cli["argv"] is None else list(cli["argv"])
+    record = {"command": command_line(cli["module"], argv), "argv": options_of_run(argv),
+              "args": options_of(spec), "spec": spec.to_dict(), "world_size": info.world_size}
+    return make_run_dir(spec.out, info, record, resume=resume, overwrite=overwrite,
+                        spec_differences=lambda saved: differences(saved, spec))

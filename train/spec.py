@@ -1,0 +1,411 @@
+"""Typed run specs: what a training run is, as frozen dataclasses with a JSON form.
+
+A :class:`RunSpec` says how the trained model comes to be (:class:`Fresh`: a model trained from its
+initialisation; :class:`Inherit`: the student of a ReduceNet teacher, which inherits its weights; :class:`Distil`: a
+fresh student distilled from any trained classifier), on which data (:class:`DataSpec`), with which losses
+(:class:`LossSpec`), optimisation (:class:`OptimSpec`) and runtime (:class:`RuntimeSpec`). ``None`` means "the
+recipe's" (``recipe``, :mod:`train.recipes`) or, for the data of a distilled student, "the teacher's";
+:func:`train.pipeline.run` resolves them and records the resolved spec in the run directory (``spec.json``), so
+``--config RUN_DIR`` reruns the run exactly.
+
+Field names are the command-line options' (``lr`` is ``--lr``), so the CLIs fill a spec from their parsed options
+(:func:`from_options`) and every message names the option a user typed. The fields a ``--resume`` may change are
+marked resumable on the dataclasses (:func:`resumable_fields`): where and how fast a run goes, and its peak
+learning rate; any other difference from the run's recorded spec is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Union
+
+from models.errors import ConfigError
+
+from .data import DATASETS
+from .engine import COMPILE_MODES, TrainConfig
+from .preprocess import NORMALIZATIONS
+from .recipes import RECIPES
+from .rundir import same_record
+
+#: A field that ``--resume`` may change.
+RESUMABLE = {"resumable": True}
+MAX_SEED = 2**32 - 1
+LOADERS = ("auto", "memory", "stream")
+
+
+def _default_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else min(8, os.cpu_count() or 1)
+
+
+def _bad(option: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(f"{option} {value} is not valid: pass {want}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data: a dataset (``None``: CIFAR-10, or a distilled student's teacher's), how much of it, how loaded."""
+
+    dataset: str | None = None
+    data_dir: str | None = field(default=None, metadata=RESUMABLE)
+    subset: int | None = None
+    image_size: int | None = None
+    loader: str = "auto"
+    workers: int = field(default_factory=_default_workers, metadata=RESUMABLE)
+    batch_size: int = 128
+    normalize: str | None = None
+
+    def validate(self) -> None:
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise _bad("--dataset", self.dataset, f"one of {', '.join(DATASETS)}")
+        if self.batch_size < 1:
+            raise _bad("--batch-size", self.batch_size, "1 or more")
+        if self.subset is not None and self.subset < 1:
+            raise _bad("--subset", self.subset, "a number of images, 1 or more")
+        if self.image_size is not None and not 8 <= self.image_size <= 1024:
+            raise _bad("--image-size", self.image_size, "a size in pixels in [8, 1024]")
+        if self.loader not in LOADERS:
+            raise _bad("--loader", self.loader, f"one of {', '.join(LOADERS)}")
+        if self.workers < 0:
+            raise _bad("--workers", self.workers, "0 or more")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise _bad("--normalize", self.normalize, f"one of {', '.join(NORMALIZATIONS)}")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """Optimisation; ``None`` takes the recipe's value."""
+
+    epochs: int = 200
+    lr: float | None = field(default=None, metadata=RESUMABLE)
+    wd: float | None = None
+    optimizer: str | None = None
+    nesterov: bool = True
+    schedule: str | None = None
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: float | None = None
+    seed: int = 0
+
+    def validate(self, min_epochs: int = 1) -> None:
+        if self.epochs < min_epochs:
+            raise _bad("--epochs", self.epochs, f"{min_epochs} or more")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise _bad("--lr", self.lr, "a positive number such as 0.1")
+        if self.wd is not None and not (math.isfinite(self.wd) and self.wd >= 0):
+            raise _bad("--wd", self.wd, "0 or a small positive number such as 1e-4")
+        if self.warmup_epochs is not None and not (math.isfinite(self.warmup_epochs)
+                                                   and 0 <= self.warmup_epochs <= self.epochs):
+            raise _bad("--warmup-epochs", self.warmup_epochs, f"a number of epochs in [0, --epochs {self.epochs}]")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise _bad("--seed", self.seed, f"a whole number in [0, {MAX_SEED}]")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise _bad("--gamma", self.gamma, "a positive factor such as 0.1")
+        if not all(0 < m < 1 for m in self.milestones):
+            raise _bad("--milestones", " ".join(map(str, self.milestones)), "fractions of training in (0, 1)")
+        if self.optimizer is not None and self.optimizer not in ("sgd", "adam"):
+            raise _bad("--optimizer", self.optimizer, "sgd or adam")
+        if self.schedule is not None and self.schedule not in ("cosine", "cosine-epoch", "step"):
+            raise _bad("--schedule", self.schedule, "cosine, cosine-epoch or step")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Where and how fast a run goes; all of it may change on ``--resume``. ``amp`` None: bf16 where native."""
+
+    device: str = field(default="auto", metadata=RESUMABLE)
+    amp: bool | None = field(default=None, metadata=RESUMABLE)
+    compile: bool = field(default=False, metadata=RESUMABLE)
+    compile_mode: str = field(default="default", metadata=RESUMABLE)
+    channels_last: bool = field(default=True, metadata=RESUMABLE)
+    sync_bn: bool = False
+
+    def validate(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise _bad("--compile-mode", self.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The distillation losses of a taught student (:mod:`train.distill`); ``None`` takes the loss's default."""
+
+    kd: str = "kd"
+    kd_alpha: float | None = None
+    kd_T: float | None = None
+    kd_beta: float | None = None
+    ce_weight: float | None = None
+    kd_reduction: str | None = None
+    feature_kd: str = "none"
+    feature_weight: float | None = None
+    feature_layers: tuple[str, ...] | None = None
+    teacher_layers: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        if self.feature_kd == "none" and (self.feature_layers or self.teacher_layers
+                                          or self.feature_weight is not None):
+            raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or "
+                              "semckd")
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """A model trained from its initialisation (stage 1): a ReduceNet teacher, a scratch student, any classifier.
+
+    ``expansion`` and ``width`` belong to ReduceNet's families (``None``: 1, the teacher, width 1); ``weights``
+    starts from a file; ``init`` is the zoo's conv init (``None``: the recipe's)."""
+
+    model: str = "reduce56"
+    expansion: int | None = None
+    width: float | None = None
+    weights: str | None = None
+    init: str | None = None
+
+    def validate(self) -> None:
+        if self.init is not None and self.init not in ("kaiming", "torch"):
+            raise _bad("--init", self.init, "kaiming or torch")
+
+
+@dataclass(frozen=True)
+class Inherit:
+    """The student of a ReduceNet teacher (a run directory or checkpoint): the teacher without branch (b),
+    inheriting every other tensor, then distilled from it (stage 2); optional LoRA branches whose LambdaReLU is
+    annealed over ``lambda_epochs``. ``model``, when given, is the architecture the teacher must have."""
+
+    teacher: str
+    model: str | None = None
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] | None = None
+    lambda_epochs: float = 0.0
+
+    def validate(self) -> None:
+        _check_lora(self.lora_rank, self.lambda_epochs)
+
+
+@dataclass(frozen=True)
+class Distil:
+    """A fresh student ``model`` (zoo, torchvision:NAME, timm:NAME) distilled from any trained classifier."""
+
+    teacher: str
+    model: str
+    weights: str | None = None
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] | None = None
+    lambda_epochs: float = 0.0
+
+    def validate(self) -> None:
+        _check_lora(self.lora_rank, self.lambda_epochs)
+
+
+def _check_lora(rank: int, lambda_epochs: float) -> None:
+    if rank < 0:
+        raise _bad("--lora-rank", rank, "0 (no LoRA) or a rank >= 1")
+    if lambda_epochs and not rank:
+        raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
+
+
+Derivation = Union[Fresh, Inherit, Distil]
+#: The JSON name of each derivation, and the recipe stage whose defaults it takes.
+KINDS: dict[str, tuple[type, str]] = {"fresh": (Fresh, "stage1"), "inherit": (Inherit, "stage2"),
+                                      "distil": (Distil, "stage2")}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run. ``out`` is its run directory (``None``: ``runs/<name>``); ``export`` writes the deploy
+    files at the end of a student's training."""
+
+    derive: Derivation
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    recipe: str = "ours"
+    out: str | None = field(default=None, metadata=RESUMABLE)
+    export: bool = field(default=True, metadata=RESUMABLE)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k, (cls, _) in KINDS.items() if isinstance(self.derive, cls))
+
+    @property
+    def stage(self) -> str:
+        """The recipe stage whose defaults this run takes."""
+        return KINDS[self.kind][1]
+
+    def validate(self) -> RunSpec:
+        """One-line :class:`ConfigError` for a field no run can use; returns the spec."""
+        if self.recipe not in RECIPES:
+            raise _bad("--recipe", self.recipe, f"one of {', '.join(RECIPES)}")
+        for part in (self.derive, self.data, self.optim, self.loss, self.runtime):
+            part.validate()
+        lambda_epochs = getattr(self.derive, "lambda_epochs", 0.0)
+        if not 0 <= lambda_epochs <= self.optim.epochs:
+            raise ConfigError(f"--lambda-epochs {lambda_epochs:g} must lie in [0, --epochs {self.optim.epochs}] "
+                              "so that lambda reaches 1 before fusion")
+        return self
+
+    def with_recipe(self) -> RunSpec:
+        """Every field left ``None`` that the recipe sets, set (:mod:`train.recipes`): the one place of defaults."""
+        defaults = RECIPES[self.recipe][self.stage]
+
+        def fill(part):
+            given = {f.name: defaults[f.name] for f in fields(part)
+                     if getattr(part, f.name) is None and f.name in defaults and defaults[f.name] is not None}
+            return replace(part, **given)
+
+        return replace(self, derive=fill(self.derive), data=fill(self.data), optim=fill(self.optim),
+                       loss=fill(self.loss))
+
+    def warmup_epochs(self) -> float:
+        """The warm-up: ``optim.warmup_epochs``, else the recipe's rule for a student of ``ours``: 5% of the epochs,
+        at least one (none for a single epoch)."""
+        if self.optim.warmup_epochs is not None:
+            return self.optim.warmup_epochs
+        return max(1.0, 0.05 * self.optim.epochs) if self.stage == "stage2" and self.optim.epochs > 1 else 0.0
+
+    def train_config(self, **extra: Any) -> TrainConfig:
+        """The engine's settings of this (resolved) spec; ``extra`` is recorded in summary.json."""
+        return make_train_config(replace(self.optim, warmup_epochs=self.warmup_epochs()), self.runtime, **extra)
+
+    # ------------------------------------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["derive"] = {"kind": self.kind, **out["derive"]}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> RunSpec:
+        """The spec of a :meth:`to_dict` record; an unknown field or kind is one line naming it."""
+        if not isinstance(record, dict) or not isinstance(record.get("derive"), dict):
+            raise ConfigError("a run spec is a JSON object with a 'derive' object (see train/spec.py)")
+        derive = dict(record["derive"])
+        kind = derive.pop("kind", None)
+        if kind not in KINDS:
+            raise ConfigError(f"spec derive kind {kind!r} is not one of {', '.join(KINDS)}")
+        parts = {"derive": _build(KINDS[kind][0], derive, "derive")}
+        for name, part in (("data", DataSpec), ("optim", OptimSpec), ("loss", LossSpec), ("runtime", RuntimeSpec)):
+            parts[name] = _build(part, record.get(name, {}), name)
+        rest = {k: v for k, v in record.items() if k not in ("derive", *parts)}
+        return _build(cls, {**rest, **parts}, "spec")
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"the spec is not JSON ({e.msg} at line {e.lineno}); write it as train.spec does")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """``cls(**values)`` with lists turned into the tuples the fields hold; an unknown field is one line."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"spec {where} must be a JSON object, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"spec {where} has no field {unknown[0]!r}; its fields are {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, list) and "tuple" in str(hints[k]):
+            v = tuple(v)
+        out[k] = v
+    try:
+        return cls(**out)
+    except TypeError as e:
+        raise ConfigError(f"spec {where}: {e}") from None
+
+
+def resumable_fields(spec: RunSpec) -> set[str]:
+    """The dotted paths of the fields a ``--resume`` may change (``optim.lr``, ``runtime.device``, ...)."""
+    out = {f.name for f in fields(RunSpec) if f.metadata.get("resumable")}
+    for part in ("data", "optim", "loss", "runtime", "derive"):
+        out |= {f"{part}.{f.name}" for f in fields(getattr(spec, part)) if f.metadata.get("resumable")}
+    return out
+
+
+def differences(old: dict[str, Any], new: RunSpec) -> list[str]:
+    """``--option new (run: old)`` for every field of ``new`` that differs from the recorded spec ``old`` and that
+    a resume may not change."""
+    mine, allowed = new.to_dict(), resumable_fields(new)
+    out = []
+    for part, values in mine.items():
+        flat = values.items() if isinstance(values, dict) else [(None, values)]
+        for name, value in flat:
+            path = f"{part}.{name}" if name else part
+            before = old.get(part, {}).get(name) if name else old.get(part)
+            if path in allowed or _same(before, value):
+                continue
+            option = "--" + (name or part).replace("_", "-")
+            out.append(f"{option} {_show(value)} (run: {_show(before)})")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return same_record(json.loads(json.dumps(a)), json.loads(json.dumps(b)))  # two names of one teacher file agree
+
+
+def _show(v: Any) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def make_train_config(optim: OptimSpec, runtime: RuntimeSpec, **extra: Any) -> TrainConfig:
+    """The engine's settings of resolved ``optim`` and ``runtime``; ``extra`` is recorded in summary.json."""
+    return TrainConfig(epochs=optim.epochs, lr=optim.lr, wd=optim.wd, optimizer=optim.optimizer,
+                       nesterov=optim.nesterov, schedule=optim.schedule, milestones=tuple(optim.milestones),
+                       gamma=optim.gamma, warmup_epochs=optim.warmup_epochs or 0.0, seed=optim.seed,
+                       amp=bool(runtime.amp), compile=runtime.compile, compile_mode=runtime.compile_mode,
+                       channels_last=runtime.channels_last, sync_bn=runtime.sync_bn, extra=extra)
+
+
+def spec_parts(options: dict[str, Any]) -> dict[str, Any]:
+    """``{"data", "optim", "loss", "runtime"}`` from parsed command-line options (``vars(args)``): each field takes
+    the option of its name."""
+    def part(cls):
+        return cls(**{f.name: _tuple(options[f.name]) for f in fields(cls) if f.name in options})
+
+    return {"data": part(DataSpec), "optim": part(OptimSpec), "loss": part(LossSpec), "runtime": part(RuntimeSpec)}
+
+
+def from_options(options: dict[str, Any], derive: Derivation) -> RunSpec:
+    """A spec from parsed command-line options (``vars(args)``) and the derivation they name."""
+    return RunSpec(derive=derive, recipe=options.get("recipe", "ours"), out=options.get("out"),
+                   export=not options.get("no_export", False), **spec_parts(options))
+
+
+def options_of(spec: RunSpec) -> dict[str, Any]:
+    """The command-line options (``dest -> value``) that give ``spec``: the inverse of :func:`from_options`; what
+    ``args.json`` records as ``args``, and the defaults that ``--config`` sets before the command line's options."""
+    out: dict[str, Any] = {}
+    for part in (spec.data, spec.optim, spec.loss, spec.runtime):
+        out.update(dataclasses.asdict(part))
+    derive = dataclasses.asdict(spec.derive)
+    if spec.kind in ("inherit", "distil"):
+        teacher = derive.pop("teacher")
+        derive.update(inherit=teacher if spec.kind == "inherit" else None,
+                      teacher=teacher if spec.kind == "distil" else None)
+    out.update(derive, recipe=spec.recipe, out=spec.out, no_export=not spec.export)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """The spec in ``path``: a spec JSON file, or a run directory's ``spec.json``."""
+    p = Path(path)
+    file = p / "spec.json" if p.is_dir() else p
+    try:
+        text = file.read_text()
+    except OSError as e:
+        hint = " (runs made before specs have none: repeat their command, in args.json)" if p.is_dir() else ""
+        raise ConfigError(f"--config {path}: cannot read {file} ({e.strerror}){hint}") from None
+    return RunSpec.from_json(text)
