@@ -106,6 +106,7 @@ def test_layer_channels_probe_on_the_models_dtype_and_keep_its_mode():
 
 # ----------------------------------------------------------------------------------------------- training
 @needs_data
+@pytest.mark.e2e
 def test_stage1_and_stage2_on_external_models(tmp_path):
     tv = tmp_path / "tv"
     summary = run(stage1.main, ["-m", "torchvision:resnet18", *ARGS, "--out", str(tv)])
@@ -125,6 +126,7 @@ def test_stage1_and_stage2_on_external_models(tmp_path):
 
 
 @needs_data
+@pytest.mark.e2e
 def test_feature_adapters_train_save_and_resume_exactly(tmp_path):
     """FitNets regressors are part of the task: trained, in train_state.pt, and restored by --resume."""
     teacher = tmp_path / "teacher"
@@ -149,6 +151,7 @@ def test_feature_adapters_train_save_and_resume_exactly(tmp_path):
 
 
 @needs_data
+@pytest.mark.e2e
 def test_stage2_with_semckd_and_at(tmp_path):
     teacher = tmp_path / "teacher"
     run(stage1.main, ["-m", "reduce20", *ARGS, "--out", str(teacher)])

@@ -98,6 +98,7 @@ def test_lora_branch_tensors_of_any_shape_are_ignored():
     assert from_reducenet_original(state).config["expansion"] == 1
 
 
+@pytest.mark.e2e
 def test_not_a_reducenet_state_dict_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as e:
         from_reducenet_original(models.create_model("reduce20").state_dict(), name="ours.pth")

@@ -207,6 +207,7 @@ def test_without_a_run_directory_nothing_is_written(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_importing_the_training_code_runs_no_git():
     """The commit is read when a run starts, not at import (the design review's finding)."""
     code = ("import subprocess\n"

@@ -15,6 +15,8 @@ from models.convert import main as convert
 from reparam.export import export_deploy
 from train import evaluate
 
+pytestmark = pytest.mark.e2e  # every test here trains or runs a CLI on data
+
 ORIGINAL = SHARED / "reducenet-original"
 if not (ORIGINAL.is_dir() and (CIFAR10 / "cifar-10-batches-py").is_dir()):
     pytest.skip(f"needs {ORIGINAL} and {CIFAR10}", allow_module_level=True)

@@ -67,6 +67,7 @@ def test_resume_refuses_only_fields_that_shape_the_run():
                                                  "--model reduce32 (run: reduce20)"]
 
 
+@pytest.mark.e2e
 def test_config_reruns_a_run_exactly(tmp_path):
     """``--config RUN --out NEW`` trains the same run again: the same weights and metrics, bit for bit."""
     first, again = tmp_path / "first", tmp_path / "again"
@@ -85,6 +86,7 @@ def test_config_reruns_a_run_exactly(tmp_path):
     assert json.loads((tmp_path / "three" / "spec.json").read_text())["optim"]["epochs"] == 1
 
 
+@pytest.mark.e2e
 def test_config_of_another_kind_or_command_is_one_line(tmp_path, capsys):
     quiet(stage1.main, [*TINY, "--epochs", "1", "--out", str(tmp_path / "t")])
     for main, argv, words in ((stage2.main, ["--config", str(tmp_path / "t")], "python -m train.stage1"),
@@ -96,6 +98,7 @@ def test_config_of_another_kind_or_command_is_one_line(tmp_path, capsys):
         assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
 
 
+@pytest.mark.e2e
 def test_a_run_made_before_specs_still_resumes(tmp_path):
     """A run directory without spec.json (written before specs existed) resumes by its recorded options."""
     run = tmp_path / "old"
@@ -117,6 +120,7 @@ def readme_snippet(heading: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.e2e
 def test_the_readme_trains_from_python_as_written(tmp_path, monkeypatch):
     """The README's "Training from Python" snippet, run as it stands, with DATA and RUNS pointed here."""
     code = readme_snippet("## Training from Python")

@@ -87,6 +87,7 @@ def test_teacher_paths_in_vgg19_exist():
 
 
 @needs_data
+@pytest.mark.e2e
 def test_a_two_level_chain_runs_and_resumes(tmp_path):
     top = tmp_path / "vgg19"
     with contextlib.redirect_stdout(io.StringIO()):
@@ -119,6 +120,7 @@ def test_a_two_level_chain_runs_and_resumes(tmp_path):
 
 
 @needs_data
+@pytest.mark.e2e
 def test_bad_levels_are_one_line(tmp_path, capsys):
     for extra, words in ((["--levels", "svgg14", "svgg8"], "without gaps"), (["--levels", "svgg99"], "svgg99"),
                          (["--loss", "scratch", "--hint-epochs", "1"], "scratch")):

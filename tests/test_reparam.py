@@ -261,6 +261,7 @@ def run_fuse(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.e2e
 def test_fuse_cli_success(tmp_path, randomize, make_images):
     model = lora_student("reduce20", randomize, rank=2).eval()
     models.save_checkpoint(model, tmp_path / "run" / "last")
@@ -275,6 +276,7 @@ def test_fuse_cli_success(tmp_path, randomize, make_images):
         assert (deploy(x) - model(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.e2e
 def test_fuse_cli_missing_checkpoint(tmp_path):
     out = tmp_path / "deploy"
     p = run_fuse(str(tmp_path / "nope.safetensors"), "--out", str(out))
@@ -285,6 +287,7 @@ def test_fuse_cli_missing_checkpoint(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_fuse_cli_teacher(tmp_path):
     ckpt = models.save_checkpoint(models.create_model("reduce20"), tmp_path / "teacher")
     out = tmp_path / "deploy"
@@ -301,6 +304,7 @@ def test_fuse_cli_teacher(tmp_path):
     (["--image-size", "0"], "--image-size 0"),
     (["--out-is-a-file"], "is a file"),
 ])
+@pytest.mark.e2e
 def test_fuse_cli_bad_options(tmp_path, randomize, args, words):
     ckpt = models.save_checkpoint(lora_student("reduce20", randomize, rank=2), tmp_path / "student")
     out = tmp_path / "deploy"

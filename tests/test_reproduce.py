@@ -16,7 +16,8 @@ from train import reproduce
 from train.data import extract_images, scan_image_tree
 from train.rundir import RunDir
 
-pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_cache")]  # every test trains or runs a CLI
 
 ORIGINAL = SHARED / "reducenet-original"
 

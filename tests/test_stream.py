@@ -63,6 +63,7 @@ def test_random_resized_crop_stays_inside_the_image():
         assert 0 <= top and 0 <= left and top + h <= 30 and left + w <= 40 and h > 0 and w > 0
 
 
+@pytest.mark.e2e
 def test_a_streamed_run_resumes_exactly(tmp_path):
     argv = ["-m", "reduce20", "--expansion", "0", "--dataset", "imagefolder", "--data-dir", str(ZIP), "--loader",
             "stream", "--workers", "0", "--image-size", "32", "--subset", "64", "--batch-size", "32", "--epochs", "2",

@@ -42,6 +42,8 @@ from conftest import training_stopped_at
 from train.tasks import Classify
 
 from _shared import CIFAR10, CIFAR100, ROOT
+
+pytestmark = pytest.mark.e2e  # every test here trains or runs a CLI on data
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
     pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
 

@@ -19,7 +19,8 @@ from models.trim import TrimError, trim
 from reparam import fuse_model
 from train import trim as trim_cli
 
-pytestmark = pytest.mark.usefixtures("isolated_cache")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_cache")]  # every test trains or runs a CLI
 
 ORIGINAL = SHARED / "reducenet-original" / "reduce20_cifar10_e1_w1_student.pth"
 needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
