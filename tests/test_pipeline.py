@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import models
 from models.errors import ConfigError
 from train import stage1, stage2
-from train.spec import DataSpec, Distil, Fresh, Inherit, LossSpec, OptimSpec, RunSpec, RuntimeSpec, differences
+from train.spec import (DataSpec, Distil, Fresh, Inherit, LossSpec, OptimSpec, RunSpec, RuntimeSpec, Trim,
+                        differences)
 
 from _shared import CIFAR10, ROOT, one_line
 
@@ -42,6 +43,8 @@ def test_a_spec_round_trips_through_json():
     again = RunSpec.from_json(spec.to_json())
     assert again == spec and again.kind == "inherit" and again.stage == "stage2"
     assert RunSpec.from_json(RunSpec(Distil("t", "reduce20")).to_json()).derive == Distil("t", "reduce20")
+    trimmed = RunSpec(Trim("t", 2.0, by="params", round_to=8), optim=OptimSpec(epochs=0))
+    assert RunSpec.from_json(trimmed.to_json()) == trimmed.validate() and trimmed.stage == "trim"
 
 
 @pytest.mark.parametrize("record, words", [

@@ -100,8 +100,8 @@ def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None, kinds
     if args.config:
         spec = load_spec(args.config)
         if spec.kind not in kinds:
-            raise ConfigError(f"--config {args.config} is a {spec.kind} run; run it with python -m "
-                              f"{'train.stage1' if spec.kind == 'fresh' else 'train.stage2'}")
+            module = {"fresh": "train.stage1", "trim": "train.trim"}.get(spec.kind, "train.stage2")
+            raise ConfigError(f"--config {args.config} is a {spec.kind} run; run it with python -m {module}")
         parser.set_defaults(**options_of(spec))
         args = parser.parse_args(argv)
     return args
@@ -211,8 +211,8 @@ def cli_record(args: argparse.Namespace, info: Dist, module: str, argv: list[str
 
 
 def resolve_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> tuple[Dist, torch.device, Data]:
-    """For the CLIs that still work on options (``trim``, ``pyramid``): the teacher's data where unset, the device
-    and the loaders; ``args`` gets the resolved values, which ``args.json`` records."""
+    """For the CLI that still works on options (``pyramid``; the others build a spec): the teacher's data where
+    unset, the device and the loaders; ``args`` gets the resolved values, which ``args.json`` records."""
     parts = spec_parts(vars(args))
     info, device, runtime = setup(parts["runtime"], args.seed)
     data, data_spec = load_data(teachers_data(parts["data"], teacher_meta), args.seed, runtime.channels_last, info,
@@ -223,7 +223,7 @@ def resolve_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> tupl
 
 
 def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) -> TrainConfig:
-    """The engine's settings of parsed options (``trim``, ``pyramid``)."""
+    """The engine's settings of parsed options (``pyramid``)."""
     parts = spec_parts(vars(args))
     if parts["optim"].warmup_epochs is None:
         parts["optim"] = replace(parts["optim"], warmup_epochs=warmup_default)

@@ -23,12 +23,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from models import create_model, read_record, student_from_teacher
 from models.checkpoint import resolve
 from models.errors import CheckpointError, ConfigError
 from models.registry import accepts, is_reducible
+from models.trim import trim, trim_record
 from models.weights import load_pretrained
 
 from .cli import (check_teacher, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint, logit_loss,
@@ -38,11 +40,12 @@ from .engine import Trainer
 from .preprocess import Renormalize, normalization
 from .rundir import command_line, options_of_run
 from .schedules import LambdaSchedule
-from .spec import Distil, Fresh, Inherit, RunSpec, differences, options_of
+from .spec import Distil, Fresh, Inherit, RunSpec, Trim, differences, options_of
 from .tasks import Classify, Distill
+from .timing import latency
 
 #: The module whose command line repeats a run of each kind (``--config RUN/spec.json``).
-MODULES = {"fresh": "train.stage1", "inherit": "train.stage2", "distil": "train.stage2"}
+MODULES = {"fresh": "train.stage1", "inherit": "train.stage2", "distil": "train.stage2", "trim": "train.trim"}
 
 
 def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict:
@@ -61,6 +64,8 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, cli: di
     spec.validate()
     if isinstance(spec.derive, Fresh):
         return _train_fresh(spec, resume, overwrite, cli)
+    if isinstance(spec.derive, Trim):
+        return _train_trimmed(spec, resume, overwrite, cli)
     return _train_student(spec, resume, overwrite, cli)
 
 
@@ -194,6 +199,77 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         if resume:
             trainer.resume()
         summary = trainer.fit()
+    finish(info)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- trimmed networks
+@torch.no_grad()
+def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches, weights untouched.
+
+    Removing channels shifts what the next layers see, so the statistics the untrimmed network kept no longer
+    fit; averaging them afresh over training batches (augmented as in training, epoch 0) restores much of the
+    accuracy before any fine-tuning. Returns the number of batches used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches
+    was_training = model.training
+    model.train()
+    loader.set_epoch(0)
+    used = 0
+    try:
+        for used, (x, _) in enumerate(loader, 1):
+            model(x)
+            if used == batches:
+                break
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+    derive: Trim = spec.derive
+    spec = spec.with_recipe()
+    loss_fn = logit_loss(spec.loss)
+    teacher, teacher_meta, teacher_path = load_teacher_checkpoint(derive.teacher)
+    spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
+    info, device, runtime = setup(spec.runtime, spec.optim.seed)
+    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
+    spec = replace(spec, data=data_spec, runtime=runtime)
+    check_teacher(teacher, data)
+    size = (1, 3, data.info.image_size, data.info.image_size)
+    result = trim(teacher, derive.reduce, derive.by, size, derive.importance, derive.round_to,
+                  latency=lambda m: latency(m, size, device))
+    student = result.model
+    data.normalize(student.preprocess)
+    if derive.calibrate_batches:
+        recalibrate_batchnorms(student.to(device), data.train, derive.calibrate_batches)
+    features, s_layers, t_layers = feature_loss(spec.loss, data_spec.batch_size, student, teacher, list(size[1:]))
+    task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
+                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
+    name = teacher.config["model"].replace(":", "-")
+    spec = _with_out(spec, f"{name}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}")
+    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+        record = trim_record(result)
+        if derive.by != "latency" and info.is_main:
+            record["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
+        metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, data_spec.data_dir),
+                    "teacher": str(teacher_path), "trim": record}
+        cfg = spec.train_config(stage="trim", recipe=spec.recipe, teacher=str(teacher_path), trim=record,
+                                kd=repr(loss_fn), feature_kd=repr(features) if features else None)
+        export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export, metadata,
+                                 f"trimmed {result.reduction:.2f}x by {derive.by}, {spec.loss.kd}")
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                          callbacks=[export])
+        if resume:
+            trainer.resume()
+        summary = trainer.fit()  # 0 epochs: the trimmed network as it is, recorded as epoch 0
     finish(info)
     return summary
 

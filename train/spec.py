@@ -2,7 +2,8 @@
 
 A :class:`RunSpec` says how the trained model comes to be (:class:`Fresh`: a model trained from its
 initialisation; :class:`Inherit`: the student of a ReduceNet teacher, which inherits its weights; :class:`Distil`: a
-fresh student distilled from any trained classifier), on which data (:class:`DataSpec`), with which losses
+fresh student distilled from any trained classifier; :class:`Trim`: a trained classifier pruned, then distilled
+from itself), on which data (:class:`DataSpec`), with which losses
 (:class:`LossSpec`), optimisation (:class:`OptimSpec`) and runtime (:class:`RuntimeSpec`). ``None`` means "the
 recipe's" (``recipe``, :mod:`train.recipes`) or, for the data of a distilled student, "the teacher's";
 :func:`train.pipeline.run` resolves them and records the resolved spec in the run directory (``spec.json``), so
@@ -200,6 +201,25 @@ class Distil:
         _check_lora(self.lora_rank, self.lambda_epochs)
 
 
+@dataclass(frozen=True)
+class Trim:
+    """Breed-Net's promise: the trained classifier ``teacher`` pruned structurally (Torch-Pruning) until its cost
+    ``by`` (macs, params or latency) is ``1 / reduce`` of the original's, its BatchNorm statistics re-estimated on
+    ``calibrate_batches`` training batches, then fine-tuned with distillation from the untrimmed network (0 epochs:
+    only trimmed)."""
+
+    teacher: str
+    reduce: float
+    by: str = "macs"
+    importance: str = "l2"
+    round_to: int | None = None
+    calibrate_batches: int = 50
+
+    def validate(self) -> None:
+        if self.calibrate_batches < 0:
+            raise _bad("--calibrate-batches", self.calibrate_batches, "0 (none) or more")
+
+
 def _check_lora(rank: int, lambda_epochs: float) -> None:
     if rank < 0:
         raise _bad("--lora-rank", rank, "0 (no LoRA) or a rank >= 1")
@@ -207,10 +227,10 @@ def _check_lora(rank: int, lambda_epochs: float) -> None:
         raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
 
 
-Derivation = Union[Fresh, Inherit, Distil]
+Derivation = Union[Fresh, Inherit, Distil, Trim]
 #: The JSON name of each derivation, and the recipe stage whose defaults it takes.
 KINDS: dict[str, tuple[type, str]] = {"fresh": (Fresh, "stage1"), "inherit": (Inherit, "stage2"),
-                                      "distil": (Distil, "stage2")}
+                                      "distil": (Distil, "stage2"), "trim": (Trim, "trim")}
 
 
 @dataclass(frozen=True)
@@ -240,7 +260,8 @@ class RunSpec:
         """One-line :class:`ConfigError` for a field no run can use; returns the spec."""
         if self.recipe not in RECIPES:
             raise _bad("--recipe", self.recipe, f"one of {', '.join(RECIPES)}")
-        for part in (self.derive, self.data, self.optim, self.loss, self.runtime):
+        self.optim.validate(min_epochs=0 if self.kind == "trim" else 1)  # a trim without fine-tuning is a run
+        for part in (self.derive, self.data, self.loss, self.runtime):
             part.validate()
         lambda_epochs = getattr(self.derive, "lambda_epochs", 0.0)
         if not 0 <= lambda_epochs <= self.optim.epochs:

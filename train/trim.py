@@ -15,29 +15,19 @@ fine-tune uses lr 0.01 for 100 epochs with step decay).
 """
 from __future__ import annotations
 
-from pathlib import Path
+from models.errors import cli_errors
+from models.trim import COSTS, IMPORTANCES
 
-import torch
-import torch.nn as nn
-
-from models.errors import ConfigError, cli_errors
-from models.trim import COSTS, IMPORTANCES, trim, trim_record
-
-from .cli import (add_distillation_options, check_teacher, cli_record, common_parser, data_metadata, feature_loss,
-                  finish, load_teacher_checkpoint, logit_loss, make_run_dir, parse_args, resolve_data, train_config)
-from .deploy import FuseCheckExport
-from .engine import Trainer
-from .preprocess import Renormalize
-from .spec import spec_parts
-from .tasks import Distill
-from .timing import latency
+from .cli import add_distillation_options, common_parser, parse_options
+from .pipeline import run
+from .spec import Trim, from_options
 
 
 def build_parser():
     p = common_parser("python -m train.trim", __doc__, epochs=100, lr=0.01, warmup="0")
     t = p.add_argument_group("trimming")
-    t.add_argument("--teacher", required=True, help="the trained classifier: a run directory or checkpoint")
-    t.add_argument("--reduce", type=float, required=True, help="cost reduction factor R > 1 (2 halves the cost)")
+    t.add_argument("--teacher", help="the trained classifier: a run directory or checkpoint (required)")
+    t.add_argument("--reduce", type=float, help="cost reduction factor R > 1 (2 halves the cost; required)")
     t.add_argument("--by", choices=COSTS, default="macs",
                    help="the cost to divide by R: MACs, parameters, or batch-1 latency measured on --device")
     t.add_argument("--importance", choices=IMPORTANCES, default="l2",
@@ -52,73 +42,14 @@ def build_parser():
 
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(build_parser(), "trim", argv, min_epochs=0)
-    if args.calibrate_batches < 0:
-        raise ConfigError(f"--calibrate-batches {args.calibrate_batches} is not valid: pass 0 (none) or more")
-    loss_fn = logit_loss(spec_parts(vars(args))["loss"])
-    teacher, teacher_meta, teacher_path = load_teacher_checkpoint(args.teacher)
-    info, device, data = resolve_data(args, teacher_meta)
-    check_teacher(teacher, data)
-    size = (1, 3, data.info.image_size, data.info.image_size)
-    result = trim(teacher, args.reduce, args.by, size, args.importance, args.round_to,
-                  latency=lambda m: latency(m, size, device))
-    student = result.model
-    data.normalize(student.preprocess)
-    if args.calibrate_batches:
-        recalibrate_batchnorms(student.to(device), data.train, args.calibrate_batches)
-    features, s_layers, t_layers = feature_loss(spec_parts(vars(args))["loss"], args.batch_size, student, teacher,
-                                                list(size[1:]))
-    task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
-                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
-    name = teacher.config["model"].replace(":", "-")
-    args.out = args.out or str(Path("runs") / f"{name}-trim{args.reduce:g}-{args.by}-{args.kd}-s{args.seed}")
-    with make_run_dir(args.out, info, cli_record(args, info, "train.trim", argv), args.resume,
-                      args.overwrite) as run_dir:
-        record = trim_record(result)
-        if args.by != "latency" and info.is_main:
-            record["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
-        metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, args.data_dir),
-                    "teacher": str(teacher_path), "trim": record}
-        cfg = train_config(args, 0.0, stage="trim", recipe=args.recipe, teacher=str(teacher_path), trim=record,
-                           kd=repr(loss_fn), feature_kd=repr(features) if features else None)
-        export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), not args.no_export,
-                                 metadata, f"trimmed {result.reduction:.2f}x by {args.by}, {args.kd}")
-        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
-                          callbacks=[export])
-        if args.resume:
-            trainer.resume()
-        summary = trainer.fit()  # --epochs 0: the trimmed network as it is, recorded as epoch 0
-    finish(info)
-    return summary
-
-
-@torch.no_grad()
-def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches, weights untouched.
-
-    Removing channels shifts what the next layers see, so the statistics the untrimmed network kept no longer
-    fit; averaging them afresh over training batches (augmented as in training, epoch 0) restores much of the
-    accuracy before any fine-tuning. Returns the number of batches used.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average over the batches
-    was_training = model.training
-    model.train()
-    loader.set_epoch(0)
-    used = 0
-    try:
-        for used, (x, _) in enumerate(loader, 1):
-            model(x)
-            if used == batches:
-                break
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
-    return used
+    parser = build_parser()
+    args = parse_options(parser, argv, kinds=("trim",))
+    missing = [o for o, v in (("--teacher", args.teacher), ("--reduce", args.reduce)) if v is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    derive = Trim(args.teacher, args.reduce, args.by, args.importance, args.round_to, args.calibrate_batches)
+    return run(from_options(vars(args), derive), resume=args.resume, overwrite=args.overwrite,
+               cli={"module": "train.trim", "argv": argv})
 
 
 if __name__ == "__main__":
