@@ -221,3 +221,19 @@ def test_importing_the_training_code_runs_no_git():
             "print(calls)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_a_run_from_a_gpu_resumes_on_a_cpu(tmp_path):
+    """The optimizer is fused on CUDA; its recorded settings must not carry a GPU's fused kernels to a CPU."""
+    first = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=2), tmp_path, log=lambda line: None,
+                    callbacks=[StopAfter(1)])
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # as a CUDA run records it
+    torch.save(state, tmp_path / "train_state.pt")
+    again = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=2), tmp_path, log=lambda line: None)
+    again.resume()
+    assert all(group["fused"] is None for group in again.optimizer.param_groups)
+    assert again.fit()["last_epoch"] == 2

@@ -92,7 +92,8 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     return p
 
 
-def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None, kinds: tuple[str, ...]) -> argparse.Namespace:
+def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None,
+                  kinds: tuple[str, ...]) -> argparse.Namespace:
     """Parse ``argv``; with ``--config FILE`` (a spec or a run directory, of one of ``kinds``) the spec's options are
     the defaults, which the command line's own options override (timm's ``--config``). Recipe defaults are
     filled later, from the spec (:meth:`train.spec.RunSpec.with_recipe`)."""

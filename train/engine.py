@@ -280,7 +280,10 @@ class Trainer:
             self.task.load_state_dict(state["task"])
         else:  # written before tasks existed: the model alone
             self.model.load_state_dict(state["model"])
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, mine in zip(self.optimizer.param_groups, fused):  # a run resumed on another device: its kernels
+            group["fused"] = mine
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.history = state["epoch"], state["history"]
         states = state.get("callbacks", {"SummaryFile": {"commits": state.get("commits", [])}})

@@ -166,9 +166,9 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
 def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
     derive = spec.derive
     inherit = isinstance(derive, Inherit)
-    loss_fn = logit_loss(spec.with_recipe().loss)
-    teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
     spec = spec.with_recipe()
+    loss_fn = logit_loss(spec.loss)
+    teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
     info, device, runtime = setup(spec.runtime, spec.optim.seed)
     data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)

@@ -170,35 +170,39 @@ class Fresh:
             raise _bad("--init", self.init, "kaiming or torch")
 
 
-@dataclass(frozen=True)
-class Inherit:
-    """The student of a ReduceNet teacher (a run directory or checkpoint): the teacher without branch (b),
-    inheriting every other tensor, then distilled from it (stage 2); optional LoRA branches whose LambdaReLU is
-    annealed over ``lambda_epochs``. ``model``, when given, is the architecture the teacher must have."""
+@dataclass(frozen=True, kw_only=True)
+class LoRAOptions:
+    """A student's linear LoRA branches (rank 0: none), whose LambdaReLU is annealed from ReLU to identity over the
+    first ``lambda_epochs`` epochs; keyword-only fields of :class:`Inherit` and :class:`Distil`."""
 
-    teacher: str
-    model: str | None = None
     lora_rank: int = 0
     lora_targets: tuple[str, ...] | None = None
     lambda_epochs: float = 0.0
 
     def validate(self) -> None:
-        _check_lora(self.lora_rank, self.lambda_epochs)
+        if self.lora_rank < 0:
+            raise _bad("--lora-rank", self.lora_rank, "0 (no LoRA) or a rank >= 1")
+        if self.lambda_epochs and not self.lora_rank:
+            raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
 
 
 @dataclass(frozen=True)
-class Distil:
+class Inherit(LoRAOptions):
+    """The student of a ReduceNet teacher (a run directory or checkpoint): the teacher without branch (b),
+    inheriting every other tensor, then distilled from it (stage 2). ``model``, when given, is the architecture the
+    teacher must have."""
+
+    teacher: str
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class Distil(LoRAOptions):
     """A fresh student ``model`` (zoo, torchvision:NAME, timm:NAME) distilled from any trained classifier."""
 
     teacher: str
     model: str
     weights: str | None = None
-    lora_rank: int = 0
-    lora_targets: tuple[str, ...] | None = None
-    lambda_epochs: float = 0.0
-
-    def validate(self) -> None:
-        _check_lora(self.lora_rank, self.lambda_epochs)
 
 
 @dataclass(frozen=True)
@@ -218,13 +222,6 @@ class Trim:
     def validate(self) -> None:
         if self.calibrate_batches < 0:
             raise _bad("--calibrate-batches", self.calibrate_batches, "0 (none) or more")
-
-
-def _check_lora(rank: int, lambda_epochs: float) -> None:
-    if rank < 0:
-        raise _bad("--lora-rank", rank, "0 (no LoRA) or a rank >= 1")
-    if lambda_epochs and not rank:
-        raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
 
 
 Derivation = Union[Fresh, Inherit, Distil, Trim]
