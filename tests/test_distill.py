@@ -340,3 +340,22 @@ def test_kd_with_explicit_ce_weight_is_repdistillers_loss():
     torch.testing.assert_close(loss(s, y, t), expected)
     with pytest.raises(ConfigError):
         DistillLoss("kd", ce_weight=-1.0)
+
+
+def test_a_registered_logit_loss_is_a_choice_of_kd(monkeypatch):
+    """Adding a loss is one decorated function: DistillLoss and the CLIs' --kd take it from the registry."""
+    from train import distill, stage2
+
+    monkeypatch.setattr(distill, "LOGIT_LOSSES", dict(distill.LOGIT_LOSSES))
+    monkeypatch.setattr("train.cli.LOGIT_LOSSES", distill.LOGIT_LOSSES)
+
+    @distill.register_logit_loss("l1", defaults={"alpha": 0.5}, help="CE + alpha * L1 of the logits")
+    def l1(loss, s, t, y, ce):
+        return ce + loss.alpha * (s - t).abs().mean()
+
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    got = DistillLoss("l1")(s, y, t)
+    torch.testing.assert_close(got, F.cross_entropy(s, y) + 0.5 * (s - t).abs().mean())
+    parser = stage2.build_parser()
+    assert parser.parse_args(["--inherit", "x", "--kd", "l1"]).kd == "l1"
+    assert "l1: CE + alpha * L1" in parser.format_help().replace("\n", " ").replace("  ", " ")

@@ -20,7 +20,7 @@ from models.errors import ConfigError, DataError
 
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size
-from .distill import FEATURE_DEFAULTS, FEATURE_MODES, KD_LOSSES, KD_REDUCTIONS, DistillLoss, FeatureDistill, SemCKD
+from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES, DistillLoss, FeatureDistill, SemCKD
 from .engine import COMPILE_MODES, Dist, TrainConfig, init_distributed
 from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
@@ -245,7 +245,8 @@ def finish(info: Dist) -> None:
 def add_distillation_options(p: argparse.ArgumentParser) -> None:
     """The loss options of every distilling command (stage 2, trim)."""
     s = p.add_argument_group("distillation")
-    s.add_argument("--kd", choices=KD_LOSSES, default="kd", help="logit distillation loss (none: cross-entropy only)")
+    s.add_argument("--kd", choices=tuple(LOGIT_LOSSES), default="kd",
+                   help="logit loss: " + "; ".join(f"{k}: {t.help}" for k, t in LOGIT_LOSSES.items()))
     s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
     s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
     s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
@@ -256,12 +257,12 @@ def add_distillation_options(p: argparse.ArgumentParser) -> None:
                    help="kd: batchmean (Hinton) or mean over N*C elements (the original ReduceNet's nn.KLDivLoss(), "
                         "1/C of it); default: the recipe's")
     f = p.add_argument_group("feature distillation")
-    f.add_argument("--feature-kd", choices=("none", *FEATURE_MODES), default="none",
-                   help="fitnet: FitNets (MSE after a trained 1x1 conv + BN per layer pair); at: attention transfer; "
-                        "semckd: every student layer learns from every teacher layer, weighted by attention")
+    f.add_argument("--feature-kd", choices=("none", *FEATURE_LOSSES), default="none",
+                   help="feature loss on the stage outputs: " + "; ".join(f"{k}: {t.help}"
+                                                                           for k, t in FEATURE_LOSSES.items()))
     f.add_argument("--feature-weight", type=float, default=None,
                    help=f"weight of the feature loss (CIFAR settings of RepDistiller and SemCKD: "
-                        f"{', '.join(f'{k} {v:g}' for k, v in FEATURE_DEFAULTS.items())})")
+                        f"{', '.join(f'{k} {t.weight:g}' for k, t in FEATURE_LOSSES.items())})")
     f.add_argument("--feature-layers", nargs="+", default=None,
                    help="student module paths (default: its last 3 stage outputs)")
     f.add_argument("--teacher-layers", nargs="+", default=None,

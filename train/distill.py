@@ -12,7 +12,9 @@ the student (and the FitNets projection) only.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ from models.errors import ConfigError
 __all__ = [
     "KD_LOSSES",
     "KD_DEFAULTS",
+    "LOGIT_LOSSES",
+    "FEATURE_LOSSES",
+    "register_logit_loss",
     "KD_REDUCTIONS",
     "FEATURE_MODES",
     "FEATURE_DEFAULTS",
@@ -38,22 +43,55 @@ __all__ = [
     "feature_extractor",
 ]
 
-KD_LOSSES = ("kd", "dkd", "mse", "none")
 MAX_T = 100.0  # beyond it T**2 scaling and softmax(t / T) only lose precision (the papers use 1 to 20)
 
-#: Defaults per loss. ``kd``: ReduceNet / Hinton setting; ``dkd``: mdistiller's CIFAR-100 recipe.
-#: Read-only by convention: :class:`DistillLoss` copies what it uses.
-KD_DEFAULTS: dict[str, dict] = {
-    "kd": {"alpha": 0.7, "T": 5.0},
-    "dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20},
-    "mse": {"alpha": 0.7},
-    "none": {},
+
+@dataclass(frozen=True)
+class LogitTerm:
+    """A registered logit-level loss (torchdistill's pattern): ``fn(loss, student_logits, teacher_logits, targets,
+    ce) -> Tensor``, where ``loss`` is the :class:`DistillLoss` holding the hyper-parameters and ``ce`` the
+    cross-entropy term; its ``defaults`` (hyper-parameters left ``None`` take them) and a ``help`` line, which
+    ``--kd``'s help shows."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    defaults: dict[str, Any]
+    help: str
+    needs_teacher: bool = True
+
+
+#: Every logit-level loss, by name: ``--kd``'s choices (:func:`register_logit_loss` adds one).
+LOGIT_LOSSES: dict[str, LogitTerm] = {}
+
+
+def register_logit_loss(name: str, *, defaults: dict[str, Any], help: str, needs_teacher: bool = True):
+    """Decorator: register ``fn(loss, student_logits, teacher_logits, targets, ce) -> Tensor`` as ``--kd name``."""
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        LOGIT_LOSSES[name] = LogitTerm(name, fn, dict(defaults), help, needs_teacher)
+        return fn
+    return register
+
+
+@dataclass(frozen=True)
+class FeatureTerm:
+    """A registered feature-level loss: its default weight (RepDistiller/mdistiller's CIFAR-100 settings, FitNet
+    100 and AT 1000; SemCKD's 400) and a ``help`` line, which ``--feature-kd``'s help shows."""
+
+    name: str
+    weight: float
+    help: str
+
+
+#: Every feature-level loss, by name: ``--feature-kd``'s choices.
+FEATURE_LOSSES: dict[str, FeatureTerm] = {
+    "fitnet": FeatureTerm("fitnet", 100.0, "FitNets: MSE after a trained 1x1 conv + BN per layer pair"),
+    "at": FeatureTerm("at", 1000.0, "attention transfer: MSE of the normalised spatial attention maps"),
+    "semckd": FeatureTerm("semckd", 400.0, "SemCKD: every student layer learns from every teacher layer, weighted "
+                                           "by attention"),
 }
-
-FEATURE_MODES = ("fitnet", "at", "semckd")
-
-#: Loss weights used for CIFAR-100 by RepDistiller/mdistiller (FitNet 100, AT 1000) and by SemCKD (400).
-FEATURE_DEFAULTS: dict[str, float] = {"fitnet": 100.0, "at": 1000.0, "semckd": 400.0}
+FEATURE_MODES = tuple(FEATURE_LOSSES)
+#: Default weight of each feature loss.
+FEATURE_DEFAULTS: dict[str, float] = {k: t.weight for k, t in FEATURE_LOSSES.items()}
 
 
 KD_REDUCTIONS = ("batchmean", "mean")
@@ -132,6 +170,34 @@ def dkd_div(
     return (alpha * tckd + beta * nckd) * (T * T)
 
 
+@register_logit_loss("kd", defaults={"alpha": 0.7, "T": 5.0},
+                     help="Hinton's KD, ce_weight * CE + alpha * T^2 KL (alpha 0.7, T 5: ReduceNet's)")
+def _kd(loss: DistillLoss, s: Tensor, t: Tensor, y: Tensor, ce: Tensor) -> Tensor:
+    return loss.ce_weight * ce + loss.alpha * kd_div(s, t, loss.T, loss.reduction)
+
+
+@register_logit_loss("dkd", defaults={"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup_epochs": 20},
+                     help="decoupled KD, CE + warm-up * (alpha TCKD + beta NCKD) (mdistiller's CIFAR recipe)")
+def _dkd(loss: DistillLoss, s: Tensor, t: Tensor, y: Tensor, ce: Tensor) -> Tensor:
+    return ce + loss.dkd_weight() * dkd_div(s, t, y, loss.alpha, loss.beta, loss.T)
+
+
+@register_logit_loss("mse", defaults={"alpha": 0.7}, help="logit matching, ce_weight * CE + alpha * MSE")
+def _mse(loss: DistillLoss, s: Tensor, t: Tensor, y: Tensor, ce: Tensor) -> Tensor:
+    return loss.ce_weight * ce + loss.alpha * F.mse_loss(s, t)
+
+
+@register_logit_loss("none", defaults={}, help="cross-entropy only, no teacher", needs_teacher=False)
+def _ce(loss: DistillLoss, s: Tensor, t: Tensor | None, y: Tensor, ce: Tensor) -> Tensor:
+    return ce
+
+
+#: The logit losses' names, in registration order, and their defaults. ``kd``: ReduceNet / Hinton setting; ``dkd``:
+#: mdistiller's CIFAR-100 recipe. Read-only by convention: :class:`DistillLoss` copies what it uses.
+KD_LOSSES = tuple(LOGIT_LOSSES)
+KD_DEFAULTS: dict[str, dict] = {k: dict(t.defaults) for k, t in LOGIT_LOSSES.items()}
+
+
 class DistillLoss(nn.Module):
     """Total training loss of a student distilled from a frozen teacher.
 
@@ -179,10 +245,10 @@ class DistillLoss(nn.Module):
             raise ConfigError(f"ce_weight must be >= 0, got {ce_weight}")
         if reduction not in KD_REDUCTIONS:
             raise ConfigError(f"unknown KD reduction {reduction!r}; choose one of: {', '.join(KD_REDUCTIONS)}")
-        if kind not in KD_LOSSES:
-            raise ConfigError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(KD_LOSSES)}")
+        if kind not in LOGIT_LOSSES:
+            raise ConfigError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(LOGIT_LOSSES)}")
         given = {"alpha": alpha, "T": T, "beta": beta, "warmup_epochs": warmup_epochs}
-        hp = {k: default if given[k] is None else given[k] for k, default in KD_DEFAULTS[kind].items()}
+        hp = {k: default if given[k] is None else given[k] for k, default in LOGIT_LOSSES[kind].defaults.items()}
         if kind in ("kd", "mse") and not (0.0 <= hp["alpha"] <= 1.0 or (ce_weight is not None and hp["alpha"] >= 0)):
             raise ConfigError(f"{kind} alpha must be in [0, 1] (any weight >= 0 with ce_weight), got {hp['alpha']}")
         if kind == "dkd":
@@ -194,6 +260,7 @@ class DistillLoss(nn.Module):
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.kind = kind
+        self._term = LOGIT_LOSSES[kind]
         self.alpha: float | None = hp.get("alpha")
         self.T: float | None = hp.get("T")
         self.beta: float | None = hp.get("beta")
@@ -201,7 +268,7 @@ class DistillLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
         self.ce_weight = (1.0 - self.alpha if kind in ("kd", "mse") else 1.0) if ce_weight is None else float(ce_weight)
-        self.needs_teacher = kind != "none"
+        self.needs_teacher = self._term.needs_teacher
         self.epoch = 0.0
 
     def set_epoch(self, epoch: float) -> None:
@@ -234,13 +301,7 @@ class DistillLoss(nn.Module):
             raise ValueError(
                 f"teacher logits {tuple(teacher_logits.shape)} do not match student {tuple(student_logits.shape)}"
             )
-        t = teacher_logits.detach()
-        if self.kind == "kd":
-            return self.ce_weight * ce + self.alpha * kd_div(student_logits, t, self.T, self.reduction)
-        if self.kind == "mse":
-            return self.ce_weight * ce + self.alpha * F.mse_loss(student_logits, t)
-        dkd = dkd_div(student_logits, t, targets, self.alpha, self.beta, self.T)
-        return ce + self.dkd_weight() * dkd
+        return self._term.fn(self, student_logits, teacher_logits.detach(), targets, ce)
 
     def extra_repr(self) -> str:
         names = ("alpha", "beta", "T", "warmup_epochs")
@@ -327,6 +388,7 @@ class FeatureDistill(nn.Module):
         self.mode = mode
         self.weight = weight
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self._pair = FeatureDistill._fitnet if mode == "fitnet" else FeatureDistill._at  # chosen once
         self.proj = nn.ModuleList()
         if mode == "fitnet":
             for cs, ct in zip(student_channels, teacher_channels):
@@ -357,11 +419,14 @@ class FeatureDistill(nn.Module):
         total = s_list[0].new_zeros(())
         for i, (fs, ft) in enumerate(zip(s_list, t_list)):
             fs, ft = _pool_to_common_size(fs, ft.detach())
-            if self.mode == "fitnet":
-                total = total + F.mse_loss(self.proj[i](fs), ft)
-            else:
-                total = total + (_attention_map(fs) - _attention_map(ft)).pow(2).mean()
+            total = total + self._pair(self, i, fs, ft)
         return self.weight * total
+
+    def _fitnet(self, i: int, fs: Tensor, ft: Tensor) -> Tensor:
+        return F.mse_loss(self.proj[i](fs), ft)
+
+    def _at(self, i: int, fs: Tensor, ft: Tensor) -> Tensor:
+        return (_attention_map(fs) - _attention_map(ft)).pow(2).mean()
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, weight={self.weight}"
