@@ -76,3 +76,33 @@ def test_text_output_and_errors(converted, tmp_path, capsys):
             evaluate.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.zip").is_file(), reason="needs the CIFAR-10 JPEG zip")
+def test_an_image_folder_evaluates_through_the_training_data_path(tmp_path):
+    """train.evaluate reads data through the training path's entry point: in memory it scores exactly as a loader
+    over the decoded test split, and a folder can stream (the streamed test transform resizes to size / 0.875 and
+    centre-crops, as timm's; the in-memory one resizes: the same images, not the same pixels)."""
+    from pathlib import PurePosixPath
+    from train.data import Loader, extract_images, load_dataset, scan_image_tree
+    from train.engine import evaluate as score
+
+    tree = scan_image_tree(SHARED / "cifar10-jpeg.zip")
+    chosen = {split: [(n, y) for n, y in items if int(PurePosixPath(n).stem) < 6]
+              for split, items in (("train", tree.train), ("test", tree.test))}
+    folder = extract_images(tree, chosen, tmp_path / "jpeg")
+    torch.manual_seed(0)
+    model = models.create_model("reduce20", expansion=0).eval()
+    model.preprocess = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]}
+    models.save_checkpoint(model, tmp_path / "model.safetensors")
+    args = [str(tmp_path / "model.safetensors"), "--dataset", "imagefolder", "--data-dir", str(folder),
+            "--batch-size", "16"]
+    memory = evaluate.run(evaluate.build_parser().parse_args([*args, "--loader", "memory"]))
+    _, test, info = load_dataset("imagefolder", folder, image_size=32)
+    direct = Loader(test, info, 16, train=False)
+    direct.set_normalization([0.5] * 3, [0.25] * 3)
+    assert {k: memory[k] for k in ("test_acc", "count", "per_class_acc")} == \
+        {k: v for k, v in score(model, direct, 10).items() if k in ("test_acc", "count", "per_class_acc")}
+    stream = evaluate.run(evaluate.build_parser().parse_args([*args, "--loader", "stream", "--workers", "1"]))
+    assert stream["count"] == memory["count"] == 60 and "streamed" in stream["data"]
+    assert stream["classes"] == memory["classes"] and 0 <= stream["test_acc"] <= 100

@@ -167,12 +167,13 @@ def use_stream(data: DataSpec) -> ImageTree | None:
     return tree
 
 
-def load_data(data: DataSpec, seed: int, channels_last: bool, info: Dist,
-              device: torch.device) -> tuple[Data, DataSpec]:
-    """The loaders of ``data``, and ``data`` with its loader resolved (``memory`` or ``stream``: recorded so, since
-    ``--resume`` compares it)."""
+def load_data(data: DataSpec, seed: int, channels_last: bool, info: Dist, device: torch.device,
+              eval_batch_size: int | None = None) -> tuple[Data, DataSpec]:
+    """The loaders of ``data`` (the one entry point of training and evaluation: image folders too big for memory
+    stream), and ``data`` with its loader resolved (``memory`` or ``stream``: recorded so, since ``--resume``
+    compares it). ``eval_batch_size``: the test loader's batch (default twice ``data.batch_size``)."""
     common = dict(subset=data.subset, seed=seed, device=device, rank=info.rank, world_size=info.world_size,
-                  image_size=data.image_size, channels_last=channels_last)
+                  image_size=data.image_size, channels_last=channels_last, eval_batch_size=eval_batch_size)
     tree = use_stream(data)
     data = replace(data, loader="memory" if tree is None else "stream")
     if tree is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -18,10 +19,12 @@ import torch
 from models import load_checkpoint
 from models.errors import ConfigError, DataError, cli_errors
 
-from .data import DATASETS, Loader, load_dataset
-from .engine import evaluate, init_distributed
+from .cli import load_data
+from .data import DATASETS
+from .engine import Dist, evaluate, init_distributed
 from .provenance import hardware, native_bf16
 from .preprocess import normalization
+from .spec import DataSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")
     p.add_argument("--data-dir", default=None, help="data root; default: the checkpoint's, else $REDUCENET_DATA")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
+                   help="memory: decode the test set once; stream: decode image folders in worker processes; auto: "
+                        "stream image folders too big for memory, as training does")
+    p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                   help="decoding processes of the streaming loader")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (off by default: evaluation reports the float32 model)")
@@ -52,15 +60,18 @@ def run(args: argparse.Namespace) -> dict:
     if data_dir is None and meta.get("data_dir") and Path(meta["data_dir"]).exists():
         data_dir = meta["data_dir"]
     size = (model.preprocess or {}).get("input_size", [3, None, None])[-1]
-    _, test, info = load_dataset(dataset, data_dir, image_size=size if dataset == "imagefolder" else None)
+    spec = DataSpec(dataset=dataset, data_dir=data_dir, image_size=size if dataset == "imagefolder" else None,
+                    loader=args.loader, workers=args.workers, batch_size=1)  # no training batch is drawn
+    spec.validate()
+    data, _ = load_data(spec, 0, False, Dist(), device, eval_batch_size=args.batch_size)
+    info = data.info
     if model.num_classes != info.num_classes:
         raise DataError(f"the checkpoint has {model.num_classes} classes but {info.label} has "
                         f"{info.num_classes}; pass the dataset it was trained on with --dataset/--data-dir")
     preprocess = model.preprocess or normalization("dataset", info)
-    loader = Loader(test, info, args.batch_size, train=False, device=device)
-    loader.set_normalization(preprocess["mean"], preprocess["std"])
+    data.normalize(preprocess)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    metrics = evaluate(model, loader, info.num_classes, autocast, device=device)
+    metrics = evaluate(model, data.test, info.num_classes, autocast, device=device)
     return {"checkpoint": str(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
             "data_source": info.source, "preprocess": preprocess, "classes": info.classes,
             "hardware": hardware(device), **metrics}
