@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import models
 from _shared import CIFAR10
-from train import pyramid, stage1
+from train import pyramid, stage1, tasks
 from train.distill import DistillLoss, fsp_matrix, gram_loss, hint_mse
 from conftest import training_stopped_at
 
@@ -60,14 +60,14 @@ def test_every_loss_runs_at_every_level(scheme):
     for level in models.vgg.chain(scheme)[1:]:
         student = models.vgg.svgg_from(parent, level)
         points = models.vgg.hint_points(level)
-        for loss in pyramid.LOSSES:
-            by_top = loss in pyramid.TAUGHT_BY_TOP
+        for loss in tasks.LOSSES:
+            by_top = loss in tasks.TAUGHT_BY_TOP
             kd = DistillLoss("kd") if loss == "kd" else None
             hint_epochs = 0 if loss == "scratch" else 1  # as the CLI requires
-            task = pyramid.PyramidLevel(student, top if by_top else parent, loss, hint_epochs,
+            task = tasks.PyramidLevel(student, top if by_top else parent, loss, hint_epochs,
                                         {"output": points.student_output, "input": points.student_input,
                                          "prepool": points.student_prepool},
-                                        pyramid.teacher_paths(level, by_top), kd)
+                                        tasks.teacher_paths(level, by_top), kd)
             for epoch in (0, 1):  # stage 1 (its hint; none for scratch), then stage 2
                 task.set_epoch(epoch)
                 value = task(x, y)["loss"]
@@ -82,7 +82,7 @@ def test_teacher_paths_in_vgg19_exist():
     vgg = dict(models.create_model("pyramid_vgg19").named_modules())
     for scheme in ("forward", "backward"):
         for depth in (17, 14, 11, 8, 5):
-            for path in pyramid.teacher_paths(f"svgg{depth}_{scheme}", taught_by_top=True).values():
+            for path in tasks.teacher_paths(f"svgg{depth}_{scheme}", taught_by_top=True).values():
                 assert path in vgg, (scheme, depth, path)
 
 

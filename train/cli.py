@@ -1,10 +1,9 @@
-"""Options and set-up shared by ``train.stage1`` and ``train.stage2``."""
+"""Options and set-up shared by the training CLIs (stage1, stage2, trim, pyramid) and the pipeline."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -21,13 +20,13 @@ from models.errors import ConfigError, DataError
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size
 from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES, DistillLoss, FeatureDistill, SemCKD
-from .engine import COMPILE_MODES, Dist, TrainConfig, init_distributed
+from .engine import COMPILE_MODES, Dist, init_distributed
 from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES
 from .data.stream import build_stream_data, fits_in_memory
-from .rundir import RunDir, command_line, options_of_run
-from .spec import DataSpec, LossSpec, RuntimeSpec, load_spec, make_train_config, options_of, spec_parts
+from .rundir import RunDir
+from .spec import DataSpec, LossSpec, RuntimeSpec, load_spec, options_of
 from .tasks import layer_channels, stage_outputs
 
 
@@ -108,24 +107,6 @@ def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None,
     return args
 
 
-def parse_args(parser: argparse.ArgumentParser, stage: str, argv: list[str] | None,
-               min_epochs: int = 1) -> argparse.Namespace:
-    """Parse ``argv``, fill every option left unset from ``--recipe``'s table for ``stage``, and validate (the
-    checks of :mod:`train.spec`'s parts, by the options' names)."""
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        raise ConfigError(f"--config reruns a spec with train.stage1 or train.stage2; {parser.prog} takes its "
-                          "options on the command line")
-    for key, value in RECIPES[args.recipe][stage].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    parts = spec_parts(vars(args))
-    parts["optim"].validate(min_epochs)
-    for name in ("data", "loss", "runtime"):
-        parts[name].validate()
-    return args
-
-
 def setup(runtime: RuntimeSpec, seed: int) -> tuple[Dist, torch.device, RuntimeSpec]:
     """Join torchrun if launched by it, pick the device and seed the weights; ``runtime`` with ``amp`` resolved
     (bf16 where the device computes it natively)."""
@@ -202,34 +183,6 @@ def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bo
     if info.world_size > 1:
         dist.barrier()
     return run
-
-
-def cli_record(args: argparse.Namespace, info: Dist, module: str, argv: list[str] | None) -> dict[str, Any]:
-    """What ``args.json`` records of a command: the command line, its options (without where it writes), the
-    resolved options and the process count."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return {"command": command_line(module, argv), "argv": options_of_run(argv), "args": vars(args),
-            "world_size": info.world_size}
-
-
-def resolve_data(args: argparse.Namespace, teacher_meta: dict[str, Any]) -> tuple[Dist, torch.device, Data]:
-    """For the CLI that still works on options (``pyramid``; the others build a spec): the teacher's data where
-    unset, the device and the loaders; ``args`` gets the resolved values, which ``args.json`` records."""
-    parts = spec_parts(vars(args))
-    info, device, runtime = setup(parts["runtime"], args.seed)
-    data, data_spec = load_data(teachers_data(parts["data"], teacher_meta), args.seed, runtime.channels_last, info,
-                                device)
-    vars(args).update(amp=runtime.amp, **{k: getattr(data_spec, k) for k in ("dataset", "data_dir", "image_size",
-                                                                             "loader")})
-    return info, device, data
-
-
-def train_config(args: argparse.Namespace, warmup_default: float, **extra: Any) -> TrainConfig:
-    """The engine's settings of parsed options (``pyramid``)."""
-    parts = spec_parts(vars(args))
-    if parts["optim"].warmup_epochs is None:
-        parts["optim"] = replace(parts["optim"], warmup_epochs=warmup_default)
-    return make_train_config(parts["optim"], parts["runtime"], **extra)
 
 
 def size_line(label: str, size: dict[str, int], acc: float | None) -> str:

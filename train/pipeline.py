@@ -31,6 +31,7 @@ from models.checkpoint import resolve
 from models.errors import CheckpointError, ConfigError
 from models.registry import accepts, is_reducible
 from models.trim import trim, trim_record
+from models.vgg import LEVELS, hint_points, level_of, svgg_from
 from models.weights import load_pretrained
 
 from .cli import (check_teacher, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint, logit_loss,
@@ -40,12 +41,13 @@ from .engine import Trainer
 from .preprocess import Renormalize, normalization
 from .rundir import command_line, options_of_run
 from .schedules import LambdaSchedule
-from .spec import Distil, Fresh, Inherit, RunSpec, Trim, differences, options_of
-from .tasks import Classify, Distill
+from .spec import Distil, Fresh, Inherit, Pyramid, RunSpec, Trim, differences, options_of
+from .tasks import TAUGHT_BY_TOP, Classify, Distill, PyramidLevel, teacher_paths
 from .timing import latency
 
 #: The module whose command line repeats a run of each kind (``--config RUN/spec.json``).
-MODULES = {"fresh": "train.stage1", "inherit": "train.stage2", "distil": "train.stage2", "trim": "train.trim"}
+MODULES = {"fresh": "train.stage1", "inherit": "train.stage2", "distil": "train.stage2", "trim": "train.trim",
+           "pyramid": "train.pyramid"}
 
 
 def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict:
@@ -66,6 +68,8 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, cli: di
         return _train_fresh(spec, resume, overwrite, cli)
     if isinstance(spec.derive, Trim):
         return _train_trimmed(spec, resume, overwrite, cli)
+    if isinstance(spec.derive, Pyramid):
+        return _train_level(spec, resume, overwrite, cli)
     return _train_student(spec, resume, overwrite, cli)
 
 
@@ -270,6 +274,52 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         if resume:
             trainer.resume()
         summary = trainer.fit()  # 0 epochs: the trimmed network as it is, recorded as epoch 0
+    finish(info)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- the Pyramid
+def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+    derive: Pyramid = spec.derive
+    spec = spec.with_recipe()
+    kd = logit_loss(spec.loss) if derive.loss == "kd" else None
+    top, top_meta, _ = load_teacher_checkpoint(derive.top)
+    if derive.parent is None:
+        if level_of(top)[0] != LEVELS[derive.level].parent:
+            raise ConfigError(f"{derive.level}'s parent is {LEVELS[derive.level].parent}, not {level_of(top)[0]} "
+                              f"({derive.top}); pass the parent level's run")
+        parent = top
+    else:
+        parent, _, _ = load_teacher_checkpoint(derive.parent)
+        parent.preprocess = parent.preprocess or top.preprocess
+    spec = replace(spec, data=teachers_data(spec.data, top_meta))
+    info, device, runtime = setup(spec.runtime, spec.optim.seed)
+    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
+    spec = replace(spec, data=data_spec, runtime=runtime)
+    check_teacher(top, data)
+    student = svgg_from(parent, derive.level)
+    by_top = derive.loss in TAUGHT_BY_TOP
+    teacher = top if by_top else parent
+    points = hint_points(derive.level)
+    task = PyramidLevel(student, teacher, derive.loss, derive.hint_epochs,
+                        {"output": points.student_output, "input": points.student_input,
+                         "prepool": points.student_prepool}, teacher_paths(derive.level, by_top), kd,
+                        Renormalize(student.preprocess, teacher.preprocess))
+    data.normalize(student.preprocess)
+    spec = _with_out(spec, f"pyramid-{derive.level}-{derive.loss}-s{spec.optim.seed}")
+    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+        metadata = {"stage": "pyramid", "role": derive.level, **data_metadata(data, data_spec.data_dir),
+                    "loss": derive.loss, "scheme": LEVELS[derive.level].scheme,
+                    "teacher": "VGG19 (--teacher)" if by_top else LEVELS[derive.level].parent}
+        cfg = spec.train_config(stage="pyramid", recipe=spec.recipe, level=derive.level, loss=derive.loss,
+                                hint_epochs=derive.hint_epochs)
+        export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, teacher), spec.export, metadata,
+                                 f"{derive.level} ({derive.loss})")
+        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                          callbacks=[export])
+        if resume:
+            trainer.resume()
+        summary = trainer.fit()
     finish(info)
     return summary
 

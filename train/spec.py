@@ -3,7 +3,7 @@
 A :class:`RunSpec` says how the trained model comes to be (:class:`Fresh`: a model trained from its
 initialisation; :class:`Inherit`: the student of a ReduceNet teacher, which inherits its weights; :class:`Distil`: a
 fresh student distilled from any trained classifier; :class:`Trim`: a trained classifier pruned, then distilled
-from itself), on which data (:class:`DataSpec`), with which losses
+from itself; :class:`Pyramid`: one level of the Pyramid's chain), on which data (:class:`DataSpec`), with which losses
 (:class:`LossSpec`), optimisation (:class:`OptimSpec`) and runtime (:class:`RuntimeSpec`). ``None`` means "the
 recipe's" (``recipe``, :mod:`train.recipes`) or, for the data of a distilled student, "the teacher's";
 :func:`train.pipeline.run` resolves them and records the resolved spec in the run directory (``spec.json``), so
@@ -224,10 +224,32 @@ class Trim:
             raise _bad("--calibrate-batches", self.calibrate_batches, "0 (none) or more")
 
 
-Derivation = Union[Fresh, Inherit, Distil, Trim]
+@dataclass(frozen=True)
+class Pyramid:
+    """One level of the Pyramid's chain (pyramid_compression): ``level`` (e.g. ``svgg14_forward``) built from its
+    ``parent`` (the run or checkpoint of the level above; ``None``: the level above is ``top``), inheriting every
+    tensor but the one conv or head that replaces a block, and taught by the parent (by ``top``, the chain's VGG19,
+    for the ``fitnet`` and ``gram-direct`` losses): ``hint_epochs`` of stage 1 (the hint), then ``optim.epochs`` of
+    stage 2. ``top`` also gives the data."""
+
+    top: str
+    level: str
+    parent: str | None = None
+    loss: str = "two-stage"
+    hint_epochs: int = 1
+
+    def validate(self) -> None:
+        if self.hint_epochs < 0:
+            raise _bad("--hint-epochs", self.hint_epochs, "0 or more epochs of stage 1")
+        if self.loss == "scratch" and self.hint_epochs:
+            raise ConfigError("--loss scratch has no stage 1: drop --hint-epochs")
+
+
+Derivation = Union[Fresh, Inherit, Distil, Trim, Pyramid]
 #: The JSON name of each derivation, and the recipe stage whose defaults it takes.
 KINDS: dict[str, tuple[type, str]] = {"fresh": (Fresh, "stage1"), "inherit": (Inherit, "stage2"),
-                                      "distil": (Distil, "stage2"), "trim": (Trim, "trim")}
+                                      "distil": (Distil, "stage2"), "trim": (Trim, "trim"),
+                                      "pyramid": (Pyramid, "pyramid")}
 
 
 @dataclass(frozen=True)
@@ -286,14 +308,18 @@ class RunSpec:
         return max(1.0, 0.05 * self.optim.epochs) if self.stage == "stage2" and self.optim.epochs > 1 else 0.0
 
     def train_config(self, **extra: Any) -> TrainConfig:
-        """The engine's settings of this (resolved) spec; ``extra`` is recorded in summary.json."""
-        return make_train_config(replace(self.optim, warmup_epochs=self.warmup_epochs()), self.runtime, **extra)
+        """The engine's settings of this (resolved) spec; ``extra`` is recorded in summary.json. A Pyramid level
+        trains its hint epochs before ``optim.epochs``."""
+        epochs = self.optim.epochs + getattr(self.derive, "hint_epochs", 0)
+        optim = replace(self.optim, warmup_epochs=self.warmup_epochs(), epochs=epochs)
+        return make_train_config(optim, self.runtime, **extra)
 
     # ------------------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form (tuples as lists): what ``spec.json`` holds."""
         out = dataclasses.asdict(self)
         out["derive"] = {"kind": self.kind, **out["derive"]}
-        return out
+        return json.loads(json.dumps(out))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.errors import ConfigError
+from models.vgg import hint_points
 
-from .distill import DistillLoss
+from .distill import DistillLoss, gram_loss, hint_mse
 
 
 #: The keys of a task's output that are not logged terms.
@@ -217,3 +218,73 @@ class Distill(Taught):
             out.update(loss_logits=loss.detach(), loss_features=feat.detach())
             loss = loss + feat
         return {"loss": loss, **out}
+
+
+# ----------------------------------------------------------------------------------------------- the Pyramid
+LOSSES = ("two-stage", "gram", "hinton", "fitnet", "gram-direct", "kd", "scratch")
+TAUGHT_BY_TOP = ("fitnet", "gram-direct")
+
+
+class PyramidLevel(Taught):
+    """One level's training: a stage-1 loss for ``hint_epochs`` epochs, then cross-entropy (or KD for ``kd``).
+
+    Args:
+        student: the level, built from its parent by :func:`models.vgg.svgg_from`.
+        teacher: the frozen teacher (the level above, or VGG19).
+        loss: one of :data:`LOSSES`.
+        hint_epochs: epochs of stage 1 (0: none).
+        student_paths: ``{"output", "input", "prepool"}`` module paths of the student (:class:`HintPoints`).
+        teacher_paths: the same for the teacher.
+        kd: the stage-2 loss of ``kd``.
+        teacher_input: maps the student's batch to the teacher's preprocessing.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: str, hint_epochs: int,
+                 student_paths: dict[str, str], teacher_paths: dict[str, str], kd: DistillLoss | None = None,
+                 teacher_input: nn.Module | None = None) -> None:
+        super().__init__(student, teacher, teacher_input)
+        self.kind, self.hint_epochs, self.kd = loss, hint_epochs, kd
+        keys = ("input", "prepool") if loss in ("gram", "gram-direct") else ("output",)
+        self._keys = keys
+        self._hooks = None
+        if loss not in ("hinton", "scratch"):
+            self._hooks = (FeatureHooks(student, [student_paths[k] for k in keys]),
+                           FeatureHooks(teacher, [teacher_paths[k] for k in keys]))
+        self.stage = 1 if hint_epochs else 2
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stage = 1 if epoch < self.hint_epochs else 2
+        if self.kd is not None:
+            self.kd.set_epoch(epoch - self.hint_epochs)
+
+    def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        logits = self.student(x)
+        needs_teacher = self.stage == 1 or self.kind == "kd"
+        t_logits = self.teacher_logits(x) if needs_teacher else None
+        out = {"logits": logits, "stage": logits.new_tensor(float(self.stage))}
+        if t_logits is not None:
+            out["teacher_logits"] = t_logits
+        s_feats = self._hooks[0].take() if self._hooks else []
+        t_feats = self._hooks[1].take() if self._hooks and needs_teacher else []
+        if self.stage == 1:
+            if self.kind == "hinton":
+                loss = hint_mse(logits, t_logits)
+            elif self.kind in ("gram", "gram-direct"):
+                loss = gram_loss(s_feats[0], s_feats[1], t_feats[0], t_feats[1])
+            else:
+                loss = hint_mse(s_feats[0], t_feats[0])
+        elif self.kind == "kd":
+            loss = self.kd(logits, y, t_logits)
+        else:
+            loss = nn.functional.cross_entropy(logits, y)
+        return {"loss": loss, **out}
+
+
+def teacher_paths(level: str, taught_by_top: bool) -> dict[str, str]:
+    """The module paths of the teacher's activations for ``level``'s stage 1: in its parent, or in VGG19."""
+    points = hint_points(level)
+    paths = {"output": points.teacher_output, "input": points.teacher_input, "prepool": points.teacher_prepool}
+    if taught_by_top and points.replaced != "head":  # VGG19 still has every block the level above replaced
+        k = int(points.teacher_output.removeprefix("features.block"))
+        paths["input"] = "features.block1.conv1" if k == 2 else f"features.block{k - 1}"
+    return paths

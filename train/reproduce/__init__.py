@@ -42,10 +42,11 @@ from models.checkpoint import save_checkpoint
 from models.errors import ConfigError, DataError, cli_errors
 
 from .. import evaluate as evaluate_cli
-from .. import pyramid, stage1, stage2
+from .. import stage1, stage2
 from ..data import data_root
 from ..engine import COMPILE_MODES
 from ..provenance import git_commit
+from ..tasks import LOSSES
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
 from .runner import duration, finished, plan_row, row_state, train_row
@@ -163,9 +164,9 @@ def _paper_notes(table: str) -> list[str]:
 
 
 def _evaluate(checkpoint: Path, data_dir: Path | str | None, device: str) -> dict:
-    args = argparse.Namespace(checkpoint=str(checkpoint), dataset="cifar10", data_dir=str(data_dir) if data_dir
-                              else None, batch_size=256, device=device, amp=False, json=True)
-    return evaluate_cli.run(args)
+    argv = [str(checkpoint), "--dataset", "cifar10", "--device", device, "--json"]
+    return evaluate_cli.run(evaluate_cli.build_parser().parse_args(argv + (["--data-dir", str(data_dir)]
+                                                                           if data_dir else [])))
 
 
 def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
@@ -404,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=None, help="train on N balanced images (quick checks only)")
     p.add_argument("--image-size", type=int, default=None,
                    help="kd-imagefolder: input size (default 224); pyramid: 32 (CIFAR) or 96 (the original)")
-    p.add_argument("--losses", nargs="+", choices=pyramid.LOSSES, default=list(pyramid.LOSSES),
+    p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES),
                    help="pyramid: which losses to run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and row")
     p.add_argument("--rows", nargs="+", default=None, metavar="PATTERN",
