@@ -106,24 +106,20 @@ def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Mo
 def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
     spec = spec.with_recipe()
     spec = replace(spec, data=replace(spec.data, dataset=spec.data.dataset or "cifar10"))
-    info, device, runtime = setup(spec.runtime, spec.optim.seed)
-    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
+    spec, info, device, data = _device_and_data(spec)
     model, role, derive = build_model(spec.derive, data.info.num_classes, data.info.image_size)
-    spec = replace(spec, data=data_spec, runtime=runtime, derive=derive)
-    model.preprocess = normalization(data_spec.normalize, data.info)
+    spec = replace(spec, derive=derive)
+    model.preprocess = normalization(spec.data.normalize, data.info)
     data.normalize(model.preprocess)
     reducible = is_reducible(derive.model)
     tag = derive.model.replace(":", "-") + (f"-{role}-e{derive.expansion}-w{derive.width:g}" if reducible else "")
     spec = _with_out(spec, f"{tag}-s{spec.optim.seed}")
     with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
-        metadata = {"stage": 1, "role": role, **data_metadata(data, data_spec.data_dir)}
+        metadata = {"stage": 1, "role": role, **data_metadata(data, spec.data.data_dir)}
         if derive.weights:
             metadata["weights"] = str(derive.weights)
-        trainer = Trainer(Classify(model), data, spec.train_config(stage=1, recipe=spec.recipe), run_dir,
-                          dist_info=info, device=device, metadata=metadata)
-        if resume:
-            trainer.resume()
-        summary = trainer.fit()
+        summary = _fit(Trainer(Classify(model), data, spec.train_config(stage=1, recipe=spec.recipe), run_dir,
+                               dist_info=info, device=device, metadata=metadata), resume)
         if info.is_main:
             kind = f" (e{derive.expansion})" if reducible else ""
             print(size_line(f"{role} {derive.model}{kind}", {"params": summary["params"], "macs": summary["macs"]},
@@ -174,23 +170,21 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     loss_fn = logit_loss(spec.loss)
     teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
-    info, device, runtime = setup(spec.runtime, spec.optim.seed)
-    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
-    spec = replace(spec, data=data_spec, runtime=runtime)
+    spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data)
     student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
     if not inherit:
-        student.preprocess = normalization(data_spec.normalize, data.info)
+        student.preprocess = normalization(spec.data.normalize, data.info)
     data.normalize(student.preprocess)
     input_size = [3, data.info.image_size, data.info.image_size]
-    features, s_layers, t_layers = feature_loss(spec.loss, data_spec.batch_size, student, teacher, input_size)
+    features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, input_size)
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
     name = (teacher.config["model"] if inherit else derive.model).replace(":", "-")
     spec = _with_out(spec, f"{name}-student-r{derive.lora_rank}-{spec.loss.kd}-s{spec.optim.seed}")
     # only now, so that bad options, data or a mismatched teacher leave the run directory untouched
     with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
-        metadata = {"stage": 2, "role": "student", **data_metadata(data, data_spec.data_dir),
+        metadata = {"stage": 2, "role": "student", **data_metadata(data, spec.data.data_dir),
                     "teacher": str(teacher_path), "kd": spec.loss.kd}
         cfg = spec.train_config(stage=2, recipe=spec.recipe, teacher=str(teacher_path), kd=repr(loss_fn),
                                 feature_kd=repr(features) if features else None, feature_layers=[s_layers, t_layers],
@@ -198,11 +192,8 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         callbacks = [LambdaSchedule(student, derive.lambda_epochs)] if derive.lambda_epochs else []
         callbacks.append(FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export,
                                          metadata, f"student (LoRA r{derive.lora_rank}, {spec.loss.kd})"))
-        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
-                          callbacks=callbacks)
-        if resume:
-            trainer.resume()
-        summary = trainer.fit()
+        summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                               callbacks=callbacks), resume)
     finish(info)
     return summary
 
@@ -243,9 +234,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     loss_fn = logit_loss(spec.loss)
     teacher, teacher_meta, teacher_path = load_teacher_checkpoint(derive.teacher)
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
-    info, device, runtime = setup(spec.runtime, spec.optim.seed)
-    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
-    spec = replace(spec, data=data_spec, runtime=runtime)
+    spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data)
     size = (1, 3, data.info.image_size, data.info.image_size)
     result = trim(teacher, derive.reduce, derive.by, size, derive.importance, derive.round_to,
@@ -254,7 +243,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     data.normalize(student.preprocess)
     if derive.calibrate_batches:
         recalibrate_batchnorms(student.to(device), data.train, derive.calibrate_batches)
-    features, s_layers, t_layers = feature_loss(spec.loss, data_spec.batch_size, student, teacher, list(size[1:]))
+    features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, list(size[1:]))
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
     name = teacher.config["model"].replace(":", "-")
@@ -263,17 +252,15 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         record = trim_record(result)
         if derive.by != "latency" and info.is_main:
             record["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
-        metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, data_spec.data_dir),
+        metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, spec.data.data_dir),
                     "teacher": str(teacher_path), "trim": record}
         cfg = spec.train_config(stage="trim", recipe=spec.recipe, teacher=str(teacher_path), trim=record,
                                 kd=repr(loss_fn), feature_kd=repr(features) if features else None)
         export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export, metadata,
                                  f"trimmed {result.reduction:.2f}x by {derive.by}, {spec.loss.kd}")
-        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
-                          callbacks=[export])
-        if resume:
-            trainer.resume()
-        summary = trainer.fit()  # 0 epochs: the trimmed network as it is, recorded as epoch 0
+        # 0 epochs: the trimmed network as it is, recorded as epoch 0
+        summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                               callbacks=[export]), resume)
     finish(info)
     return summary
 
@@ -293,9 +280,7 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
         parent, _, _ = load_teacher_checkpoint(derive.parent)
         parent.preprocess = parent.preprocess or top.preprocess
     spec = replace(spec, data=teachers_data(spec.data, top_meta))
-    info, device, runtime = setup(spec.runtime, spec.optim.seed)
-    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
-    spec = replace(spec, data=data_spec, runtime=runtime)
+    spec, info, device, data = _device_and_data(spec)
     check_teacher(top, data)
     student = svgg_from(parent, derive.level)
     by_top = derive.loss in TAUGHT_BY_TOP
@@ -308,20 +293,33 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
     data.normalize(student.preprocess)
     spec = _with_out(spec, f"pyramid-{derive.level}-{derive.loss}-s{spec.optim.seed}")
     with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
-        metadata = {"stage": "pyramid", "role": derive.level, **data_metadata(data, data_spec.data_dir),
+        metadata = {"stage": "pyramid", "role": derive.level, **data_metadata(data, spec.data.data_dir),
                     "loss": derive.loss, "scheme": LEVELS[derive.level].scheme,
                     "teacher": "VGG19 (--teacher)" if by_top else LEVELS[derive.level].parent}
         cfg = spec.train_config(stage="pyramid", recipe=spec.recipe, level=derive.level, loss=derive.loss,
                                 hint_epochs=derive.hint_epochs)
         export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, teacher), spec.export, metadata,
                                  f"{derive.level} ({derive.loss})")
-        trainer = Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
-                          callbacks=[export])
-        if resume:
-            trainer.resume()
-        summary = trainer.fit()
+        summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
+                               callbacks=[export]), resume)
     finish(info)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- shared steps
+def _device_and_data(spec: RunSpec) -> tuple[RunSpec, Any, Any, Any]:
+    """Set up the device (torchrun's rank, seed) and load the data: ``spec`` with its runtime and loader resolved,
+    the rank, the device and the loaders."""
+    info, device, runtime = setup(spec.runtime, spec.optim.seed)
+    data, data_spec = load_data(spec.data, spec.optim.seed, runtime.channels_last, info, device)
+    return replace(spec, data=data_spec, runtime=runtime), info, device, data
+
+
+def _fit(trainer: Trainer, resume: bool) -> dict:
+    """Train, from the run's last epoch with ``resume``; the summary."""
+    if resume:
+        trainer.resume()
+    return trainer.fit()
 
 
 # ----------------------------------------------------------------------------------------------- run directory
