@@ -15,6 +15,7 @@ from _shared import CIFAR10, CIFAR100, SHARED
 from train import reproduce
 from train.data import extract_images, scan_image_tree
 from train.rundir import RunDir
+from train.spec import Fresh, Inherit, RunSpec
 
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_cache")]  # every test trains or runs a CLI
@@ -35,6 +36,12 @@ def run(argv: list[str]) -> str:
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def spec_row(name: str, run: Path, epochs: int = 1, teacher: str | None = None, seed: int = 0) -> reproduce.Row:
+    """A row of one run: a fresh reduce20, or the student of ``teacher``."""
+    derive = Inherit(teacher) if teacher else Fresh("reduce20")
+    return reproduce.Row(name, "g", RunSpec.of(derive, epochs=epochs, seed=seed, out=str(run)), seed)
 
 
 def smoke_argv(table: str, tmp_path, *extra: str, data=CIFAR10) -> list[str]:
@@ -110,7 +117,7 @@ def test_a_row_made_by_another_command_is_not_reported_as_this_one(tmp_path):
     assert other.run == teacher.run and not reproduce.finished(other)
     log: list[str] = []
     summary = reproduce.train_row(other, log.append)
-    assert log[0].startswith("[run] ") and "--overwrite" in log[0]  # replaced, not resumed
+    assert log[0].startswith("[run] ") and "replaces the run made by another spec" in log[0]  # not resumed
     assert summary["train_images"] == 128 and reproduce.finished(other)  # 150 images, one batch of 128
 
 
@@ -120,25 +127,30 @@ def test_no_lora_rows_leaves_out_only_the_lora_rows_and_says_so(tmp_path):
     args = reproduce.build_parser().parse_args([*argv, "--no-lora-rows"])
     short = reproduce.cifar10_rows(args)
     assert len(full) == 16 and len(short) == 12
-    assert [(r.run, r.argv) for r in short] == [(r.run, r.argv) for r in full if "LoRA" not in r.name]
+    assert [(r.run, r.spec) for r in short] == [(r.run, r.spec) for r in full if "LoRA" not in r.name]
     for r in short:
         r.result = {"data": "d", "train_images": 1, "test_images": 1, "hardware": "h", "commits": ["c"]}
     command = reproduce._header("cifar10-reducenet", args, short, "1 + 1 epochs")[0]
     assert "--recipes paper ours --no-lora-rows --data-dir" in command
 
 
-def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
+def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path, monkeypatch):
+    from train.reproduce import runner
+
     argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "ours")
     rows = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))
+    real_run = runner.run
 
-    def interrupted(argv):  # the table is stopped at its first stage2 row
-        raise KeyboardInterrupt
+    def interrupted(spec, **kw):  # the table is stopped at its first stage2 row
+        if spec.kind == "inherit":
+            raise KeyboardInterrupt
+        return real_run(spec, **kw)
 
+    monkeypatch.setattr(runner, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         for r in rows:
-            if r.main is reproduce.stage2.main:
-                r.main = interrupted
             reproduce.train_row(r, lambda m: None)
+    monkeypatch.setattr(runner, "run", real_run)
     runs = tmp_path / "runs" / "cifar10-reducenet"
     assert (runs / "reduce20-w1-ours-s0-teacher" / "done").is_file()
     assert not (runs / "reduce20-w1-ours-s0-kd" / "done").exists()
@@ -156,7 +168,7 @@ def test_cifar10_reducenet_resumes_an_interrupted_row(tmp_path):
         assert reproduce.row_state(rows[1]) == "running (2/2 epochs)"
     log: list[str] = []
     summary = reproduce.train_row(rows[1], log.append)
-    assert log[0].startswith("[resume] ") and "--resume" in log[0]
+    assert log[0].startswith("[resume] ")
     assert summary["last_epoch"] == 2
 
 
@@ -210,7 +222,7 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
             if self.row is teacher:
                 return 1
             (self.row.run / "summary.json").write_text("{}")
-            mark_done(self.row.run, self.row.argv)
+            mark_done(self.row.run, self.row.spec.record())
             return 0
 
         def terminate(self):
@@ -218,7 +230,7 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
 
     scratch.run.mkdir(parents=True)
     # an interrupted run of the same command: it resumes before new rows start
-    (scratch.run / "args.json").write_text(json.dumps({"argv": scratch.argv}))
+    (scratch.run / "args.json").write_text(json.dumps({"asked": scratch.spec.record()}))
     (scratch.run / "train_state.pt").write_bytes(b"")
     log: list[str] = []
     with pytest.raises(reproduce.RowsFailed, match="2 of 3 rows did not finish"):
@@ -534,26 +546,26 @@ def test_a_finished_row_is_found_whatever_the_spelling_of_its_paths(tmp_path, mo
     """`--runs runs/reproduce` and `--runs /abs/runs/reproduce` name the same teacher: nothing is retrained."""
     from pathlib import Path
 
-    from train.reproduce import Row, train_row
+    from train.reproduce import Row, runner, train_row
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "teacher.safetensors").write_bytes(b"")
     calls = []
 
-    def main(argv):
-        calls.append(argv)
-        out = Path(argv[argv.index("--out") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text("{}")
+    def fake_run(spec, resume, overwrite):
+        calls.append((spec, resume, overwrite))
+        Path(spec.out).mkdir(parents=True, exist_ok=True)
+        (Path(spec.out) / "summary.json").write_text("{}")
         return {}
 
-    run = tmp_path / "runs" / "row"
+    monkeypatch.setattr(runner, "run", fake_run)
+    out = str(tmp_path / "runs" / "row")
     for teacher in ("teacher.safetensors", str(tmp_path / "teacher.safetensors"), "./teacher.safetensors"):
-        train_row(Row("r", "g", run, ["--inherit", teacher, "--epochs", "1"], main), lambda m: None)
+        train_row(Row("r", "g", RunSpec.of(Inherit(teacher), epochs=1, out=out)), lambda m: None)
     assert len(calls) == 1
-    train_row(Row("r", "g", run, ["--inherit", "teacher.safetensors", "--epochs", "2"], main), lambda m: None)
-    train_row(Row("r", "g", run, ["--inherit", "other.safetensors", "--epochs", "2"], main), lambda m: None)
-    assert len(calls) == 3 and calls[-1][-1] == "--overwrite"  # another command still replaces the row
+    train_row(Row("r", "g", RunSpec.of(Inherit("teacher.safetensors"), epochs=2, out=out)), lambda m: None)
+    train_row(Row("r", "g", RunSpec.of(Inherit("other.safetensors"), epochs=2, out=out)), lambda m: None)
+    assert len(calls) == 3 and calls[-1][2] is True  # another spec still replaces the row
 
 
 def test_train_time_does_not_count_a_paused_epoch(tmp_path):
@@ -577,7 +589,7 @@ def test_the_cost_panel_plots_against_training_time_when_macs_do_not_differ(tmp_
     from train.reproduce import Row
     from train.reproduce.report import _plot_cost
 
-    rows = [Row(f"row {i}", "g", tmp_path / str(i), [], None, 0) for i in range(2)]
+    rows = [spec_row(f"row {i}", tmp_path / str(i)) for i in range(2)]
     for r, m, t in zip(rows, macs, (3600.0, 7200.0)):
         r.result = {"last_test_acc": 90.0, "macs": m, "train_s_total": t}
     fig, ax = plt.subplots()
@@ -592,17 +604,17 @@ def test_a_stage2_curve_continues_after_its_teachers_epochs(tmp_path):
     from train.reproduce import Row
     from train.reproduce.report import curve
 
-    def row(name: str, argv: list[str], accs: list[float]) -> Row:
-        r = Row(name, "g", tmp_path / name, argv, None, 0)
+    def row(name: str, accs: list[float], **kw) -> Row:
+        r = spec_row(name, tmp_path / name, **kw)
         r.run.mkdir()
         lines = [f"{e},{a},1.0" for e, a in enumerate(accs, 1)]
         (r.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n" + "\n".join(lines) + "\n")
         return r
 
-    teacher = row("teacher", ["--epochs", "3"], [50, 60, 70])
-    scratch = row("scratch", ["--epochs", "5"], [40, 50, 55, 60, 65])
-    kd = row("kd", ["--inherit", str(tmp_path / "teacher"), "--epochs", "2"], [72, 74])
-    again = row("again", ["--inherit", str(tmp_path / "kd" / "model.safetensors")], [75])  # a chain of stages
+    teacher = row("teacher", [50, 60, 70], epochs=3)
+    scratch = row("scratch", [40, 50, 55, 60, 65], epochs=5)
+    kd = row("kd", [72, 74], teacher=str(tmp_path / "teacher"), epochs=2)
+    again = row("again", [75], teacher=str(tmp_path / "kd" / "model.safetensors"))  # a chain of stages
     rows = [teacher, scratch, kd, again]
     assert curve(scratch, rows) == ([1, 2, 3, 4, 5], [40, 50, 55, 60, 65])
     assert curve(kd, rows) == ([4, 5], [72.0, 74.0])  # on the scratch student's axis of total epochs
@@ -615,9 +627,9 @@ def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
     from train.reproduce import Row
     from train.reproduce.runner import row_state
 
-    row = Row("r", "g", tmp_path / "r", ["--epochs", "30"], None, 0)
+    row = spec_row("r", tmp_path / "r", epochs=30)
     row.run.mkdir()
-    (row.run / "args.json").write_text(json.dumps({"argv": row.argv}))
+    (row.run / "args.json").write_text(json.dumps({"asked": row.spec.record()}))
     (row.run / "train_state.pt").write_bytes(b"")
     (row.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,200\n2,60,2000\n3,65,220\n")  # one paused
     assert row_state(row) == "resumes (3/30 epochs, about 1.6 h left at 220 s an epoch)"
@@ -628,11 +640,11 @@ def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
 def test_plan_bounds_the_time_with_jobs_by_the_longest_chain_of_rows_that_wait_for_one_another(tmp_path):
     from train.reproduce import Row
 
-    def row(name, *argv):
-        return Row(name, "g", tmp_path / name, list(argv), None)
+    def row(name, teacher=None):
+        return spec_row(name, tmp_path / name, teacher=teacher)
 
     teacher, other = row("teacher"), row("other")
-    student = row("student", "--inherit", str(teacher.run / "model.safetensors"))
+    student = row("student", str(teacher.run / "model.safetensors"))
     rows = [teacher, student, other]
     hour = 3600.0
     # 3 h in all: shared evenly by 2 jobs 1.5 h, but the student cannot start before its teacher's 1 h is over
@@ -652,12 +664,12 @@ def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
     from train.reproduce import Row
     from train.reproduce.runner import row_state
 
-    def row(name, seed, argv=("--epochs", "10")):
-        return Row(name, "g", tmp_path / f"{name}-s{seed}", [*argv, "--seed", str(seed)], None, seed)
+    def row(name, seed, epochs=10):
+        return spec_row(name, tmp_path / f"{name}-s{seed}", epochs=epochs, seed=seed)
 
     done, waiting, other_label = row("kd", 0), row("kd", 1), row("scratch", 1)
     done.run.mkdir()
-    (done.run / "args.json").write_text(json.dumps({"argv": done.argv}))
+    (done.run / "args.json").write_text(json.dumps({"asked": done.spec.record()}))
     (done.run / "train_state.pt").write_bytes(b"")
     (done.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,360\n2,60,360\n")
     rows = [done, waiting, other_label]
@@ -671,5 +683,46 @@ def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
         "with --jobs 3, at least 1.0 h (its longest row, or chain of rows that wait for one another); 1 row(s) not "
         "timed: no run of theirs has timed an epoch yet")
     # a run of the other seed made by another command (another budget) does not set the pace
-    (done.run / "args.json").write_text(json.dumps({"argv": ["--epochs", "99", "--seed", "0"]}))
+    (done.run / "args.json").write_text(json.dumps({"asked": row("kd", 0, epochs=99).spec.record()}))
     assert row_state(waiting, rows) == "not started"
+
+
+def test_a_row_finished_before_specs_still_counts_as_finished(tmp_path):
+    """Runs made before specs recorded their command's options: read with the command's parser, the same run is
+    finished and resumable; another command's run is not."""
+    from train.rundir import mark_done
+
+    args = reproduce.build_parser().parse_args(
+        smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper"))
+    teacher, scratch, kd = reproduce.cifar10_rows(args)
+    data = ["--data-dir", str(CIFAR10), "--subset", "200"]
+    common = ["--dataset", "cifar10", "--recipe", "reducenet-paper", "--seed", "0", "--device", "cpu", *data]
+    old = [(teacher, ["-m", "reduce20", "--width", "1", "--expansion", "1", "--epochs", "1", *common]),
+           (kd, ["--inherit", str(teacher.run), "--epochs", "1", *common, "--kd", "kd"])]  # what the old rows ran
+    for row, argv in old:
+        row.run.mkdir(parents=True)
+        (row.run / "summary.json").write_text("{}")
+        mark_done(row.run, argv)
+    assert reproduce.finished(teacher) and reproduce.finished(kd)
+    scratch.run.mkdir(parents=True)
+    (scratch.run / "args.json").write_text(json.dumps({"argv": ["-m", "reduce20", "--width", "1", "--expansion",
+                                                                 "0", "--epochs", "2", *common]}))
+    (scratch.run / "train_state.pt").write_bytes(b"")
+    assert reproduce.runner.resumable(scratch)
+    mark_done(kd.run, [*old[1][1][:-1], "dkd"])  # another loss: not this row's run
+    assert not reproduce.finished(kd)
+    mark_done(kd.run, ["--no-such-option"])  # a record no parser reads: not finished, and no message
+    assert not reproduce.finished(kd)
+
+
+def test_a_table_row_naming_an_option_no_spec_has_fails_at_import(monkeypatch):
+    from models.errors import ConfigError
+    from train.reproduce import specs
+
+    assert specs.check_tables() > 600  # every table, budget and seed: built and validated when imported
+    with pytest.raises(ConfigError, match="no option 'epoch'"):
+        RunSpec.of(Fresh("reduce20"), epoch=3)
+    monkeypatch.setitem(specs.ROW_BUILDERS, "bad", lambda args: [
+        reproduce.Row("r", "g", RunSpec.of(Inherit("t"), epochs=1, lambda_epochs=2.0))])
+    with pytest.raises(ConfigError):  # a value no run takes (lambda without LoRA) fails there too
+        specs.check_tables()

@@ -64,6 +64,8 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, cli: di
         ReduceNetError: a bad field, teacher, data or run directory (one line; nothing is written then).
     """
     spec.validate()
+    # how the run was asked for, before the recipe and the teacher fill it in: what a table's row compares
+    cli = {**(cli if cli is not None else {"module": None}), "asked": spec.record()}
     if isinstance(spec.derive, Fresh):
         return _train_fresh(spec, resume, overwrite, cli)
     if isinstance(spec.derive, Trim):
@@ -103,7 +105,7 @@ def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Mo
     return model, role, derive
 
 
-def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     spec = spec.with_recipe()
     spec = replace(spec, data=replace(spec.data, dataset=spec.data.dataset or "cifar10"))
     spec, info, device, data = _device_and_data(spec)
@@ -163,7 +165,7 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
     return student
 
 
-def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive = spec.derive
     inherit = isinstance(derive, Inherit)
     spec = spec.with_recipe()
@@ -228,7 +230,7 @@ def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
     return used
 
 
-def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive: Trim = spec.derive
     spec = spec.with_recipe()
     loss_fn = logit_loss(spec.loss)
@@ -266,7 +268,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
 
 
 # ----------------------------------------------------------------------------------------------- the Pyramid
-def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any] | None) -> dict:
+def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive: Pyramid = spec.derive
     spec = spec.with_recipe()
     kd = logit_loss(spec.loss) if derive.loss == "kd" else None
@@ -327,13 +329,14 @@ def _with_out(spec: RunSpec, default_name: str) -> RunSpec:
     return replace(spec, out=str(Path(spec.out) if spec.out else Path("runs") / default_name))
 
 
-def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any] | None):
-    """The run directory of the resolved ``spec``, recording it (``spec.json``) and how it was asked for."""
+def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any]):
+    """The run directory of the resolved ``spec``, recording it (``spec.json``) and how it was asked for (``cli``:
+    the command, or ``module`` None from Python, and ``asked``, the spec's record before it was resolved)."""
     module = MODULES[spec.kind]
-    if cli is None:  # from Python: the command that repeats it reads the spec it writes
-        cli = {"module": module, "argv": ["--config", str(Path(spec.out) / "spec.json")]}
+    if cli["module"] is None:  # from Python: the command that repeats it reads the spec it writes
+        cli = {**cli, "module": module, "argv": ["--config", str(Path(spec.out) / "spec.json")]}
     argv = sys.argv[1:] if cli["argv"] is None else list(cli["argv"])
     record = {"command": command_line(cli["module"], argv), "argv": options_of_run(argv),
-              "args": options_of(spec), "spec": spec.to_dict(), "world_size": info.world_size}
+              "args": options_of(spec), "spec": spec.to_dict(), "asked": cli["asked"], "world_size": info.world_size}
     return make_run_dir(spec.out, info, record, resume=resume, overwrite=overwrite,
                         spec_differences=lambda saved: differences(saved, spec))

@@ -24,8 +24,11 @@ stage budget instead of its ReduceLROnPlateau and early stopping.
 """
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from models import read_record
 from models.checkpoint import atomic_write_text, resolve
@@ -35,7 +38,7 @@ from models.vgg import LEVELS, SCHEMES
 from .cli import add_distillation_options, common_parser
 from .pipeline import run
 from .rundir import finished_summary, mark_done
-from .spec import Pyramid, from_options
+from .spec import SPEC_OPTIONS, OptimSpec, Pyramid, RunSpec
 from .tasks import LOSSES
 
 
@@ -55,14 +58,29 @@ def build_parser():
     return p
 
 
-def _levels(args) -> list[str]:
-    chain = [f"svgg{depth}_{args.scheme}" for depth, _ in SCHEMES[args.scheme]]
-    if not args.levels:
+@dataclass(frozen=True)
+class Chain:
+    """A Pyramid chain: one :class:`~train.spec.Pyramid` run per level, in chain order, each in ``OUT/<level>``
+    (its ``spec.out``) and taught by the level above; ``out`` holds the chain's ``summary.json``."""
+
+    out: str
+    levels: tuple[RunSpec, ...]
+
+    def record(self) -> dict[str, Any]:
+        """What makes two chains the same chain: each level's :meth:`~train.spec.RunSpec.record`."""
+        return {"chain": [s.record() for s in self.levels]}
+
+
+def chain_levels(scheme: str, levels: list[str] | None = None) -> list[str]:
+    """The levels of ``scheme`` to run: all of them, or ``levels`` (short names allowed), which must follow the
+    chain without gaps."""
+    chain = [f"svgg{depth}_{scheme}" for depth, _ in SCHEMES[scheme]]
+    if not levels:
         return chain
-    names = [name if name.endswith(f"_{args.scheme}") else f"{name}_{args.scheme}" for name in args.levels]
+    names = [name if name.endswith(f"_{scheme}") else f"{name}_{scheme}" for name in levels]
     unknown = [n for n in names if n not in chain]
     if unknown:
-        raise ConfigError(f"--levels {unknown[0]} is not a level of the {args.scheme} scheme; choose from "
+        raise ConfigError(f"--levels {unknown[0]} is not a level of the {scheme} scheme; choose from "
                           f"{', '.join(n.split('_')[0] for n in chain)}")
     if names != chain[chain.index(names[0]):chain.index(names[0]) + len(names)]:
         raise ConfigError(f"--levels must follow the chain without gaps ({' -> '.join(chain)}); got "
@@ -70,40 +88,69 @@ def _levels(args) -> list[str]:
     return names
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> dict:
+def chain_of(top: str, top_model: str | None, scheme: str, out: str | Path, loss: str = "two-stage",
+             hint_epochs: int | None = None, levels: list[str] | None = None, **options: Any) -> Chain:
+    """The chain below ``top`` (a run or checkpoint of the model ``top_model``) in ``out``; ``options`` are the
+    levels' spec options (:meth:`train.spec.RunSpec.of`: ``epochs``, ``seed``, ``dataset``, ...). ``hint_epochs``
+    None: a third of the epochs, at least 1 (0 for ``scratch``)."""
+    if hint_epochs is None:
+        hint_epochs = 0 if loss == "scratch" else max(1, options.get("epochs", OptimSpec.epochs) // 3)
+    specs = []
+    for level in chain_levels(scheme, levels):
+        parent = None if LEVELS[level].parent == top_model else str(Path(out) / LEVELS[level].parent)
+        specs.append(RunSpec.of(Pyramid(top, level, parent, loss, hint_epochs),
+                                **{**options, "out": str(Path(out) / level)}).validate())
+    return Chain(str(out), tuple(specs))
+
+
+def run_chain(chain: Chain, *, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the chain's levels in order: a finished level (made by its spec) is skipped, an interrupted one
+    resumed (``overwrite``: restarted); returns the chain's per-level results, also in ``OUT/summary.json``."""
+    first = chain.levels[0].derive
+    if first.parent is not None and not (Path(first.parent) / "last.safetensors").is_file():
+        raise ConfigError(f"--levels starts at {first.level}, whose parent {LEVELS[first.level].parent} has no run "
+                          f"in {first.parent}; start the chain higher or pass its --out")
+    out = Path(chain.out)
+    result = {"scheme": LEVELS[first.level].scheme, "loss": first.loss, "teacher": str(resolve(first.top)),
+              "levels": {}}
+    for spec in chain.levels:  # each level a run of the pipeline in OUT/<level>, taught by the one above
+        level, run_path, asked = spec.derive.level, Path(spec.out), spec.record()
+        summary = finished_summary(run_path, asked)
+        if summary is None:
+            resume = (run_path / "train_state.pt").is_file() and not overwrite
+            summary = run(spec, resume=resume, overwrite=overwrite, cli=cli)
+            mark_done(run_path, asked)
+        else:
+            print(f"[skip] {level}: finished in {run_path}")
+        result["levels"][level] = {k: summary.get(k) for k in (
+            "last_test_acc", "best_test_acc", "params", "macs", "fused_test_acc", "epochs")}
+    atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def parse(argv: list[str] | None) -> tuple[Chain, argparse.Namespace]:
+    """The chain that ``argv`` asks for, and the parsed options (``--overwrite``)."""
     args = build_parser().parse_args(argv)
     if args.config:
         raise ConfigError("--config reruns one run; rerun a level with python -m train.pyramid and its options, or "
                           "its run directory's spec with the pipeline (train.pipeline.run)")
-    levels = _levels(args)
-    if args.hint_epochs is None:
-        args.hint_epochs = 0 if args.loss == "scratch" else max(1, args.epochs // 3)
-    from_options(vars(args), Pyramid(args.teacher, levels[0], None, args.loss, args.hint_epochs)).validate()
-    top_name = read_record(resolve(args.teacher))["config"].get("model")
-    out = Path(args.out or Path("runs") / f"pyramid-{args.scheme}-{args.loss}-s{args.seed}")
-    first_parent = LEVELS[levels[0]].parent
-    if first_parent != top_name and not (out / first_parent / "last.safetensors").is_file():
-        raise ConfigError(f"--levels starts at {levels[0]}, whose parent {first_parent} has no run in "
-                          f"{out / first_parent}; start the chain higher or pass its --out")
-    chain = {"scheme": args.scheme, "loss": args.loss, "teacher": str(resolve(args.teacher)), "levels": {}}
-    for level in levels:  # each level a run of the pipeline in OUT/<level>, taught by the one above
-        parent = None if LEVELS[level].parent == top_name else str(out / LEVELS[level].parent)
-        spec = from_options({**vars(args), "out": str(out / level)},
-                            Pyramid(args.teacher, level, parent, args.loss, args.hint_epochs))
-        asked = spec.to_dict()
-        summary = finished_summary(out / level, asked)
-        if summary is None:
-            resume = (out / level / "train_state.pt").is_file() and not args.overwrite
-            summary = run(spec, resume=resume, overwrite=args.overwrite,
-                          cli={"module": "train.pyramid", "argv": argv})
-            mark_done(out / level, asked)
-        else:
-            print(f"[skip] {level}: finished in {out / level}")
-        chain["levels"][level] = {k: summary.get(k) for k in (
-            "last_test_acc", "best_test_acc", "params", "macs", "fused_test_acc", "epochs")}
-    atomic_write_text(out / "summary.json", json.dumps(chain, indent=2) + "\n")
-    return chain
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("teacher", "scheme", "levels", "loss", "hint_epochs", "out", "resume", "overwrite",
+                            "config", "no_export")}
+    out = args.out or Path("runs") / f"pyramid-{args.scheme}-{args.loss}-s{args.seed}"
+
+    def chain(top_model: str | None) -> Chain:
+        return chain_of(args.teacher, top_model, args.scheme, out, args.loss, args.hint_epochs, args.levels,
+                        export=not args.no_export, **{k: v for k, v in options.items() if k in SPEC_OPTIONS})
+
+    chain(None)  # the options and levels are checked before the teacher is read
+    return chain(read_record(resolve(args.teacher))["config"].get("model")), args
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    chain, args = parse(argv)
+    return run_chain(chain, overwrite=args.overwrite, cli={"module": "train.pyramid", "argv": argv})
 
 
 if __name__ == "__main__":

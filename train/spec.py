@@ -246,6 +246,9 @@ class Pyramid:
 
 
 Derivation = Union[Fresh, Inherit, Distil, Trim, Pyramid]
+_PARTS: dict[str, type] = {"data": DataSpec, "optim": OptimSpec, "loss": LossSpec, "runtime": RuntimeSpec}
+#: The flat option names a spec takes beside its derivation (:meth:`RunSpec.of`).
+SPEC_OPTIONS = frozenset({f.name for part in _PARTS.values() for f in fields(part)} | {"recipe", "out", "export"})
 #: The JSON name of each derivation, and the recipe stage whose defaults it takes.
 KINDS: dict[str, tuple[type, str]] = {"fresh": (Fresh, "stage1"), "inherit": (Inherit, "stage2"),
                                       "distil": (Distil, "stage2"), "trim": (Trim, "trim"),
@@ -325,6 +328,28 @@ class RunSpec:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
+    def of(cls, derive: Derivation, **options: Any) -> RunSpec:
+        """A spec from its derivation and flat option names (``epochs=30``, ``kd="dkd"``, ``device="cuda"``): each
+        goes to the part that holds a field of its name. An unknown name is a :class:`ConfigError` naming it, so a
+        table of specs built at import fails at import, not hours into a run."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _PARTS}
+        top = {f.name for f in fields(cls)} - {"derive", *_PARTS}
+        own: dict[str, Any] = {}
+        for name, value in options.items():
+            part = next((p for p, c in _PARTS.items() if name in {f.name for f in fields(c)}), None)
+            if part is None and name not in top:
+                raise ConfigError(f"a run spec has no option {name!r} (see train/spec.py)")
+            (parts[part] if part else own)[name] = _tuple(value)
+        return cls(derive=derive, **{p: _PARTS[p](**v) for p, v in parts.items()}, **own)
+
+    def record(self) -> dict[str, Any]:
+        """What makes two runs the same run: :meth:`to_dict` without the fields that cannot change what a run
+        computes and whose default depends on the machine (``data.workers``). A finished run is marked with it."""
+        out = self.to_dict()
+        out["data"].pop("workers")
+        return out
+
+    @classmethod
     def from_dict(cls, record: dict[str, Any]) -> RunSpec:
         """The spec of a :meth:`to_dict` record; an unknown field or kind is one line naming it."""
         if not isinstance(record, dict) or not isinstance(record.get("derive"), dict):
@@ -334,7 +359,7 @@ class RunSpec:
         if kind not in KINDS:
             raise ConfigError(f"spec derive kind {kind!r} is not one of {', '.join(KINDS)}")
         parts = {"derive": _build(KINDS[kind][0], derive, "derive")}
-        for name, part in (("data", DataSpec), ("optim", OptimSpec), ("loss", LossSpec), ("runtime", RuntimeSpec)):
+        for name, part in _PARTS.items():
             parts[name] = _build(part, record.get(name, {}), name)
         rest = {k: v for k, v in record.items() if k not in ("derive", *parts)}
         return _build(cls, {**rest, **parts}, "spec")

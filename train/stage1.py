@@ -10,11 +10,13 @@ the classifier replaced when its class count differs).
 """
 from __future__ import annotations
 
+import argparse
+
 from models.errors import cli_errors
 
 from .cli import common_parser, parse_options
 from .pipeline import run
-from .spec import Fresh, from_options
+from .spec import Fresh, RunSpec, from_options
 
 
 def build_parser():
@@ -33,12 +35,17 @@ def build_parser():
     return p
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
+    """The spec that ``argv`` asks for, and the parsed options (``--resume``, ``--overwrite``)."""
     args = parse_options(build_parser(), argv, kinds=("fresh",))
     derive = Fresh(args.model, args.expansion, args.width, args.weights, args.init)
-    return run(from_options(vars(args), derive), resume=args.resume, overwrite=args.overwrite,
-               cli={"module": "train.stage1", "argv": argv})
+    return from_options(vars(args), derive), args
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    spec, args = parse(argv)
+    return run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.stage1", "argv": argv})
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ a teacher whose preprocessing differs gets its own inputs from the same batch.
 """
 from __future__ import annotations
 
+import argparse
+
 from models.errors import ConfigError, cli_errors
 
 from .cli import add_distillation_options, common_parser, parse_options
 from .pipeline import run
-from .spec import Distil, Inherit, from_options
+from .spec import Distil, Inherit, RunSpec, from_options
 
 
 def build_parser():
@@ -47,8 +49,8 @@ def build_parser():
     return p
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
+    """The spec that ``argv`` asks for, and the parsed options (``--resume``, ``--overwrite``)."""
     args = parse_options(build_parser(), argv, kinds=("inherit", "distil"))
     if bool(args.inherit) == bool(args.teacher):
         raise ConfigError("pass one of --inherit RUN (the teacher's student) or --teacher CKPT -m MODEL")
@@ -60,8 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
                 lambda_epochs=args.lambda_epochs)
     derive = (Inherit(args.inherit, args.model, **lora) if args.inherit
               else Distil(args.teacher, args.model, args.weights, **lora))
-    return run(from_options(vars(args), derive), resume=args.resume, overwrite=args.overwrite,
-               cli={"module": "train.stage2", "argv": argv})
+    return from_options(vars(args), derive), args
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    spec, args = parse(argv)
+    return run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.stage2", "argv": argv})
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ fine-tune uses lr 0.01 for 100 epochs with step decay).
 """
 from __future__ import annotations
 
+import argparse
+
 from models.errors import cli_errors
 from models.trim import COSTS, IMPORTANCES
 
 from .cli import add_distillation_options, common_parser, parse_options
 from .pipeline import run
-from .spec import Trim, from_options
+from .spec import RunSpec, Trim, from_options
 
 
 def build_parser():
@@ -40,16 +42,21 @@ def build_parser():
     return p
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
+    """The spec that ``argv`` asks for, and the parsed options (``--resume``, ``--overwrite``)."""
     parser = build_parser()
     args = parse_options(parser, argv, kinds=("trim",))
     missing = [o for o, v in (("--teacher", args.teacher), ("--reduce", args.reduce)) if v is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     derive = Trim(args.teacher, args.reduce, args.by, args.importance, args.round_to, args.calibrate_batches)
-    return run(from_options(vars(args), derive), resume=args.resume, overwrite=args.overwrite,
-               cli={"module": "train.trim", "argv": argv})
+    return from_options(vars(args), derive), args
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> dict:
+    spec, args = parse(argv)
+    return run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.trim", "argv": argv})
 
 
 if __name__ == "__main__":

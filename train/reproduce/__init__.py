@@ -18,9 +18,9 @@ Tables:
                        CPU has native bf16), accuracies side by side.
     deploy-speed       params, MACs, latency and throughput of every zoo model's forms.
 
-Every training row is a stage1/stage2 run in ``--runs/TABLE/ROW``; a row whose run finished with the same
-command is skipped, a half-finished one resumes, and one made by another command is replaced, so an
-interrupted table continues where it stopped. The table is written to ``--results/TABLE.md`` and ``.csv``
+Every training row is a run spec (:mod:`train.reproduce.specs`), trained by :func:`train.pipeline.run` in
+``--runs/TABLE/ROW``; a row whose run finished as its spec asks is skipped, a half-finished one resumes, and one
+made by another spec is replaced, so an interrupted table continues where it stopped. The table is written to ``--results/TABLE.md`` and ``.csv``
 (one CSV line per run, the markdown averaged over seeds) with plots.
 """
 from __future__ import annotations
@@ -42,7 +42,6 @@ from models.checkpoint import save_checkpoint
 from models.errors import ConfigError, DataError, cli_errors
 
 from .. import evaluate as evaluate_cli
-from .. import stage1, stage2
 from ..data import data_root
 from ..engine import COMPILE_MODES
 from ..provenance import git_commit
@@ -50,13 +49,13 @@ from ..tasks import LOSSES
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
 from .parallel import RowsFailed, train_parallel
 from .runner import duration, finished, plan_row, row_state, train_row
-from .specs import (BUDGETS, PAPER, RECIPE_NAMES, Row, cifar10_rows, cifar100_rows, kd_folder_rows,
-                    inherits_from, original_rows, precision_rows, pyramid_rows, trim_rows)
+from .specs import (BUDGETS, PAPER, RECIPE_NAMES, ROW_BUILDERS, Row, cifar10_rows, cifar100_rows, inherits_from,
+                    original_rows, pyramid_rows)
 from ..timing import measure
 from .speed import speed_table
 
 __all__ = ["main", "build_parser", "train_row", "train_parallel", "RowsFailed", "finished", "row_state", "plan_row",
-           "Row", "cifar10_rows", "cifar100_rows", "original_rows", "against_baselines", "stage1", "stage2", "measure"]
+           "Row", "cifar10_rows", "cifar100_rows", "original_rows", "against_baselines", "measure"]
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
           "deploy-speed")
@@ -247,7 +246,8 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
         if exact_dir is not None:
             line["exact_acc"] = _evaluate(r.run / "last.safetensors", exact_dir, args.device)["test_acc"]
         lines.append(line)
-        last_stage2 = r.main is stage2.main and r is [x for x in rows if x.group == r.group and x.seed == r.seed][-1]
+        last_stage2 = (r.kind in ("inherit", "distil")
+                       and r is [x for x in rows if x.group == r.group and x.seed == r.seed][-1])
         if last_stage2 and "fused_test_acc" in r.result and (r.run / "deploy").is_dir():
             lines.append(_fused_line(r))
     timing = _time_fused(lines, args.repeats)
@@ -456,8 +456,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     elif args.table == "pyramid":
         path = pyramid_table(args, log)
     else:
-        rows = {"cifar10-reducenet": cifar10_rows, "cifar100-kd": cifar100_rows,
-                "kd-imagefolder": kd_folder_rows, "precision": precision_rows, "trim": trim_rows}[args.table](args)
+        rows = ROW_BUILDERS[args.table](args)
         if not rows:
             raise ConfigError(f"--models {args.models} selects no row of {args.table}")
         path = training_table(args.table, rows, args, log)

@@ -1,59 +1,133 @@
-"""Run a table's rows: skip the finished ones, resume the interrupted ones, replace the ones made differently."""
+"""Run a table's rows: skip the finished ones, resume the interrupted ones, replace the ones made differently.
+
+A row is finished when its folder's ``done`` mark holds the record of the row's spec
+(:meth:`~train.spec.RunSpec.record`), and resumable when its ``args.json`` says its spec started it (``asked``).
+Runs made before specs recorded their command's options instead: those are read with the command's parser, so a
+table finished then still counts as finished.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from models.errors import ReduceNetError
+
+from .. import pyramid, stage1, stage2, trim
+from ..pipeline import run
+from ..pyramid import Chain, run_chain
 from ..rundir import finished_summary, in_use, mark_done, same_record
 from .report import epochs, median_epoch_seconds
 from .specs import Row
 
 
-def _run_argv(run: Path) -> list[str] | None:
-    """The options the run in ``run`` was started with (``argv`` of its ``args.json``), or None."""
+#: The command-line module of each kind of row, whose parser reads the commands of runs made before specs.
+_PARSERS = {"fresh": stage1, "inherit": stage2, "distil": stage2, "trim": trim, "chain": pyramid}
+
+
+def _as_asked(record: Any, row: Row) -> Any:
+    """A run's record of how it was asked for, as a spec record: runs made before specs recorded their command's
+    options (a list), read here with the parser of ``row``'s kind; None where that command is not one of it."""
+    if not isinstance(record, list):
+        return record
     try:
-        return json.loads((run / "args.json").read_text())["argv"]
+        with contextlib.redirect_stderr(io.StringIO()):  # a command of another kind is simply not this row's
+            spec, _ = _PARSERS[row.kind].parse([*map(str, record), "--out", str(row.run)])
+    except (ReduceNetError, SystemExit, OSError, ValueError):
+        return None
+    return spec.record()
+
+
+def _asked(run: Path, row: Row) -> Any:
+    """How the run in ``run`` was asked for (``args.json``: its spec's record, or its options), or None."""
+    try:
+        saved = json.loads((run / "args.json").read_text())
+        return _as_asked(saved["asked"] if "asked" in saved else saved["argv"], row)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _finished_summary(row: Row) -> dict[str, Any] | None:
+    """The summary of the run in ``row.run`` if it finished asked for by ``row.spec``, else None."""
+    try:
+        done = json.loads((row.run / "done").read_text())
+    except (OSError, ValueError):
+        return None
+    return finished_summary(row.run, done) if same_record(_as_asked(done, row), row.spec.record()) else None
+
+
+def _levels(row: Row) -> list[tuple[Path, dict[str, Any]]]:
+    """The run directories of ``row`` (a chain's levels) and the record each must have been asked for by."""
+    specs = row.spec.levels if isinstance(row.spec, Chain) else [row.spec]
+    return [(Path(s.out), s.record()) for s in specs]
+
+
 def finished(row: Row) -> bool:
-    """Whether ``row.run`` holds a finished run made by exactly ``row.argv``."""
-    return finished_summary(row.run, row.argv) is not None
+    """Whether ``row.run`` holds a finished run asked for by exactly ``row.spec``."""
+    return _finished_summary(row) is not None
 
 
 def resumable(row: Row) -> bool:
-    """Whether ``row.run`` holds an interrupted run (its ``train_state.pt``) that ``row.argv`` started."""
-    return (row.run / "train_state.pt").is_file() and same_record(_run_argv(row.run), row.argv)
+    """Whether ``row`` holds an interrupted run (a level of a chain) that ``row.spec`` started."""
+    if isinstance(row.spec, Chain):
+        return any((run / "train_state.pt").is_file() and same_record(_asked(run, _level_row(row, run)), record)
+                   for run, record in _levels(row))
+    return (row.run / "train_state.pt").is_file() and same_record(_asked(row.run, row), row.spec.record())
+
+
+def _level_row(row: Row, run: Path) -> Row:
+    spec = next(s for s in row.spec.levels if Path(s.out) == run)
+    return Row(row.name, row.group, spec, row.seed)
+
+
+def _started_by(row: Row) -> bool:
+    """Whether the run in ``row.run`` (a chain's first level) was started by ``row.spec``."""
+    run, record = _levels(row)[0]
+    probe = row if not isinstance(row.spec, Chain) else _level_row(row, run)
+    return same_record(_asked(run, probe), record)
 
 
 def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     """Run (or skip, or resume) one row; returns its summary.
 
-    A finished run made by another command (another budget, subset or seed) is replaced, not reported under
-    this row's label; an interrupted run made by the same command is resumed.
+    A finished run asked for by another spec (another budget, subset or seed) is replaced, not reported under
+    this row's label; an interrupted run started by the same spec is resumed.
     """
-    summary = finished_summary(row.run, row.argv)
+    summary = _finished_summary(row)
     if summary is not None:
         log(f"[skip] {row.name}: finished in {row.run}")
         return summary
     resume = resumable(row)
-    argv = [*row.argv, "--out", str(row.run)] + (["--resume"] if resume else ["--overwrite"])
-    log(f"[{'resume' if resume else 'run'}] {row.name}: python -m train.{row.main.__module__.split('.')[-1]} "
-        + " ".join(argv))
-    summary = row.main(argv)
-    mark_done(row.run, row.argv)
+    replaces = not resume and (row.run / "args.json").is_file()
+    log(f"[{'resume' if resume else 'run'}] {row.name}: {describe(row)} -> {row.run}"
+        + (" (replaces the run made by another spec there)" if replaces else ""))
+    if isinstance(row.spec, Chain):
+        summary = run_chain(row.spec, overwrite=not resume)
+    else:
+        summary = run(row.spec, resume=resume, overwrite=not resume)
+    mark_done(row.run, row.spec.record())
     return summary
+
+
+def describe(row: Row) -> str:
+    """The row's run in a few words: ``inherit reduce20 (runs/t), 30 epochs, seed 0, kd``."""
+    spec = row.spec.levels[0] if isinstance(row.spec, Chain) else row.spec
+    d = spec.derive
+    what = {"chain": lambda: f"Pyramid chain {' -> '.join(s.derive.level for s in row.spec.levels)} ({d.loss})",
+            "fresh": lambda: f"fresh {d.model}" + ("" if d.expansion is None else f" e{d.expansion}")
+            + ("" if d.width is None else f" w{d.width:g}"),
+            "inherit": lambda: f"student of {d.teacher}" + (f", LoRA r{d.lora_rank}" if d.lora_rank else ""),
+            "distil": lambda: f"{d.model} taught by {d.teacher}",
+            "trim": lambda: f"{d.teacher} trimmed {d.reduce:g}x by {d.by}"}[row.kind]()
+    loss = f", {spec.loss.kd}" if row.kind in ("inherit", "distil", "trim") else ""
+    return f"{what}, {row.epochs} epochs{loss}, seed {spec.optim.seed}, recipe {spec.recipe}"
 
 
 def duration(seconds: float) -> str:
     """``1.6 h`` or ``25 min`` (at least 1 min)."""
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
-
-
-def _total_epochs(row: Row) -> int | None:
-    return int(row.argv[row.argv.index("--epochs") + 1]) if "--epochs" in row.argv else None
 
 
 def _pace(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[float, Row] | None:
@@ -62,7 +136,7 @@ def _pace(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[flo
     where no run has one."""
     siblings = [s for s in rows if s is not row and s.group == row.group and s.name == row.name]
     for r in [row, *siblings]:
-        if same_record(_run_argv(r.run), r.argv):
+        if _started_by(r):
             per_epoch = median_epoch_seconds(own if r is row else epochs(r.run))
             if per_epoch is not None:
                 return per_epoch, r
@@ -72,8 +146,8 @@ def _pace(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[flo
 def _left(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[float, float, Row] | None:
     """Seconds the rest of an unfinished ``row`` (its epochs so far: ``own``) would train, the epoch time used and
     the row it was measured on."""
-    total, pace = _total_epochs(row), _pace(row, rows, own)
-    if total is None or pace is None:
+    total, pace = row.epochs, _pace(row, rows, own)
+    if pace is None:
         return None
     done = len(own) if resumable(row) or in_use(row.run) else 0
     return max(0, total - done) * pace[0], *pace
@@ -97,8 +171,8 @@ def plan_row(row: Row, rows: Sequence[Row] = ()) -> tuple[str, float | None]:
         _, per_epoch, measured_on = left
         return (f"not started (about {duration(seconds)} at {per_epoch:.0f} s an epoch, "
                 f"the pace of {measured_on.run.name})"), seconds
-    if not same_record(_run_argv(row.run), row.argv):
-        return "made by another command: will be replaced", seconds
+    if not _started_by(row):
+        return "made by another spec: will be replaced", seconds
     return ("resumes" + _progress(row, len(own), left) if resumable(row) else "will restart"), seconds
 
 
@@ -110,9 +184,7 @@ def row_state(row: Row, rows: Sequence[Row] = ()) -> str:
 def _progress(row: Row, done: int, left: tuple[float, float, Row] | None) -> str:
     """`` (k/N epochs)`` (``done`` = k), with the time the rest would take (``left``, from :func:`_left`): at the
     run's median epoch time so far, or, before its first epoch, at its other seed's."""
-    total = _total_epochs(row)
-    if total is None:
-        return ""
+    total = row.epochs
     if left is None or done >= total:
         return f" ({done}/{total} epochs)"
     seconds, per_epoch, measured_on = left

@@ -1,19 +1,23 @@
-"""What each table trains: its rows (one stage1/stage2 run each), budgets, and the published numbers beside them.
+"""What each table trains: its rows (one run of the pipeline each, or a Pyramid chain), budgets, and the published
+numbers beside them.
 
-A row's ``argv`` is the complete command of its run, minus ``--out``/``--resume``/``--overwrite``; the runner
-treats a row as finished only when the run in its folder was made by exactly that command.
+A row's ``spec`` is the complete :class:`~train.spec.RunSpec` of its run (its ``out`` is the row's folder); the
+runner treats a row as finished only when the run in its folder was asked for by exactly that spec. Every table's
+rows are built once when this module is imported (:func:`check_tables`), so a row that names an option no spec has
+fails at import, not hours into a table.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Union
 
 import torch
 
-from .. import pyramid, stage1, stage2, trim
+from ..pyramid import Chain, chain_of
+from ..spec import Distil, Fresh, Inherit, RunSpec, Trim
 
 #: Epochs per budget: (stage 1, stage 2). ``medium`` is the CPU budget of the results issue (30 + 30 vs 60
 #: epochs, a few hours per seed on 2 cores); ``short`` fits one sitting on 2 CPU cores (original-stage2: its
@@ -47,8 +51,8 @@ PAPER: dict[str, Any] = {  # published numbers, original data, kept apart from o
 LORA_RANK = 8
 # RepDistiller / mdistiller CIFAR-100 recipe: SGD momentum 0.9 without Nesterov, lr 0.05, wd 5e-4, batch 64,
 # x0.1 at epochs 150/180/210 of 240, no warm-up; mdistiller's DKD uses beta 2 for these two pairs.
-KD_RECIPE = ["--lr", "0.05", "--wd", "5e-4", "--batch-size", "64", "--schedule", "step",
-             "--milestones", "0.625", "0.75", "0.875", "--no-nesterov", "--warmup-epochs", "0"]
+KD_RECIPE = dict(lr=0.05, wd=5e-4, batch_size=64, schedule="step", milestones=(0.625, 0.75, 0.875), nesterov=False,
+                 warmup_epochs=0.0)
 DKD_BETA = {("reduce56", "reduce20"): 2.0, ("reduce110", "reduce32"): 2.0}
 
 
@@ -59,9 +63,7 @@ class Row:
     Attributes:
         name: the row's label, e.g. ``"stage2 + LoRA r8 (ours)"``.
         group: what the row belongs to, e.g. ``"reduce20-w1"``; rows of one group share a plot.
-        run: the run directory of this seed.
-        argv: the command's options (without ``--out``, ``--resume``, ``--overwrite``).
-        main: ``train.stage1.main`` or ``train.stage2.main``.
+        spec: the run (its ``out`` is the row's run directory), or a Pyramid :class:`~train.pyramid.Chain`.
         seed: the row's seed.
         baseline: the run this row is measured against, seed by seed (e.g. the scratch student of the same
             epochs); the table shows the row's accuracy minus the baseline's.
@@ -70,30 +72,47 @@ class Row:
 
     name: str
     group: str
-    run: Path
-    argv: list[str]
-    main: Callable[[list[str]], dict]
+    spec: Union[RunSpec, Chain]
     seed: int = 0
     baseline: Path | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def run(self) -> Path:
+        """The row's run directory (a chain's folder of levels)."""
+        return Path(self.spec.out)
+
+    @property
+    def kind(self) -> str:
+        """The spec's kind (``fresh``, ``inherit``, ``distil``, ``trim``) or ``chain``."""
+        return "chain" if isinstance(self.spec, Chain) else self.spec.kind
+
+    @property
+    def epochs(self) -> int:
+        """The epochs the row trains in all (a chain: every level's, hint epochs included)."""
+        specs = self.spec.levels if isinstance(self.spec, Chain) else [self.spec]
+        return sum(s.optim.epochs + getattr(s.derive, "hint_epochs", 0) for s in specs)
+
+
+def _reads(spec: RunSpec | Chain) -> list[str]:
+    """The files and run directories ``spec`` reads (its teacher, the level above, the chain's top, weights)."""
+    specs = spec.levels[:1] if isinstance(spec, Chain) else [spec]
+    return [getattr(s.derive, f.name) for s in specs for f in fields(s.derive)
+            if f.name in ("teacher", "parent", "top", "weights") and isinstance(getattr(s.derive, f.name), str)]
+
 
 def inherits_from(row: Row, rows: list[Row]) -> list[Row]:
-    """The rows whose run ``row`` reads (its command names their folder or a file in it): they train first."""
-    def names(run: Path, token: str) -> bool:
-        return token == str(run) or token.startswith(str(run) + os.sep)
+    """The rows whose run ``row`` reads (its spec names their folder or a file in it): they train first."""
+    def names(run: Path, path: str) -> bool:
+        return path == str(run) or path.startswith(str(run) + os.sep)
 
-    return [r for r in rows if r is not row and any(names(r.run, t) for t in row.argv)]
+    return [r for r in rows if r is not row and any(names(r.run, p) for p in _reads(row.spec))]
 
 
-def _common(args: argparse.Namespace, seed: int) -> list[str]:
-    out = ["--seed", str(seed), "--device", args.device]
-    if args.data_dir:
-        out += ["--data-dir", args.data_dir]
-    if args.subset:
-        out += ["--subset", str(args.subset)]
+def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    out = dict(seed=seed, device=args.device, data_dir=args.data_dir, subset=args.subset)
     if getattr(args, "compile", False):
-        out += ["--compile", "--compile-mode", args.compile_mode]
+        out.update(compile=True, compile_mode=args.compile_mode)
     return out
 
 
@@ -101,7 +120,7 @@ def cifar10_rows(args: argparse.Namespace) -> list[Row]:
     """Teacher, scratch student with the same total epochs, and stage 2, per recipe, model, width and seed.
 
     With our recipe stage 2 also runs with LoRA and with LoRA + LambdaReLU, unless ``args.lora_rows`` is False;
-    leaving them out changes no other row's command, so finished rows count either way.
+    leaving them out changes no other row's spec, so finished rows count either way.
     """
     e1, e2 = BUDGETS["cifar10-reducenet"][args.budget]
     widths = getattr(args, "widths", None) or ([1, 2] if torch.cuda.is_available() and args.device != "cpu" else [1])
@@ -111,34 +130,34 @@ def cifar10_rows(args: argparse.Namespace) -> list[Row]:
             group = f"{model}-w{w}"
             for seed in args.seeds:
                 for short in args.recipes:
-                    recipe = ["--recipe", RECIPE_NAMES[short]]
-                    common = ["--dataset", "cifar10", *recipe, *_common(args, seed)]
+                    common = dict(dataset="cifar10", recipe=RECIPE_NAMES[short], **_common(args, seed))
                     prefix = runs / f"{group}-{short}-s{seed}"
                     teacher, scratch = Path(f"{prefix}-teacher"), Path(f"{prefix}-scratch")
-                    s2 = ["--inherit", str(teacher), "--epochs", str(e2), *common]
                     tag = f" ({short} recipe)"
                     rows += [
-                        Row("teacher (stage1)" + tag, group, teacher,
-                            ["-m", model, "--width", str(w), "--expansion", "1", "--epochs", str(e1), *common],
-                            stage1.main, seed),
-                        Row(f"student from scratch ({e1 + e2} ep)" + tag, group, scratch,
-                            ["-m", model, "--width", str(w), "--expansion", "0", "--epochs", str(e1 + e2), *common],
-                            stage1.main, seed),
-                        Row("stage2: inherit + KD" + tag, group, Path(f"{prefix}-kd"), [*s2, "--kd", "kd"],
-                            stage2.main, seed, baseline=scratch),
+                        Row("teacher (stage1)" + tag, group,
+                            RunSpec.of(Fresh(model, 1, w), epochs=e1, out=str(teacher), **common), seed),
+                        Row(f"student from scratch ({e1 + e2} ep)" + tag, group,
+                            RunSpec.of(Fresh(model, 0, w), epochs=e1 + e2, out=str(scratch), **common), seed),
+                        Row("stage2: inherit + KD" + tag, group,
+                            RunSpec.of(Inherit(str(teacher)), epochs=e2, kd="kd", out=f"{prefix}-kd", **common),
+                            seed, baseline=scratch),
                     ]
                     if short == "ours" and getattr(args, "lora_rows", True):
-                        rows += _lora_rows(group, prefix, s2, e2, tag, seed, scratch)
+                        rows += _lora_rows(group, prefix, str(teacher), e2, tag, seed, scratch, common)
     return rows
 
 
-def _lora_rows(group: str, prefix: Path, s2: list[str], e2: int, tag: str, seed: int, baseline: Path) -> list[Row]:
-    lora = [*s2, "--kd", "kd", "--lora-rank", str(LORA_RANK)]
+def _lora_rows(group: str, prefix: Path, teacher: str, e2: int, tag: str, seed: int, baseline: Path,
+               common: dict[str, Any]) -> list[Row]:
+    def lora(lambda_epochs: float, out: str) -> RunSpec:
+        return RunSpec.of(Inherit(teacher, lora_rank=LORA_RANK, lambda_epochs=lambda_epochs), epochs=e2, kd="kd",
+                          out=out, **common)
+
     return [
-        Row(f"stage2 + LoRA r{LORA_RANK}" + tag, group, Path(f"{prefix}-kd-lora"), lora, stage2.main, seed,
-            baseline=baseline),
-        Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU" + tag, group, Path(f"{prefix}-kd-lora-lambda"),
-            [*lora, "--lambda-epochs", str(max(1, e2 // 2))], stage2.main, seed, baseline=baseline),
+        Row(f"stage2 + LoRA r{LORA_RANK}" + tag, group, lora(0.0, f"{prefix}-kd-lora"), seed, baseline=baseline),
+        Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU" + tag, group,
+            lora(float(max(1, e2 // 2)), f"{prefix}-kd-lora-lambda"), seed, baseline=baseline),
     ]
 
 
@@ -147,19 +166,21 @@ def original_rows(args: argparse.Namespace, teacher: Path) -> list[Row]:
     _, e2 = BUDGETS["original-stage2"][args.budget]
     runs, rows, group = Path(args.runs) / "original-stage2", [], "reduce20-w1"
     for seed in args.seeds:
-        common = ["--dataset", "cifar10", *_common(args, seed)]
+        common = dict(dataset="cifar10", **_common(args, seed))
         prefix = runs / f"reduce20-s{seed}"
-        paper = ["--inherit", str(teacher), "--epochs", str(e2), "--recipe", "reducenet-paper", *common]
-        ours = ["--inherit", str(teacher), "--epochs", str(e2), *common]
         scratch = Path(f"{prefix}-scratch")
+
+        def stage2(recipe: str, out: str) -> RunSpec:
+            return RunSpec.of(Inherit(str(teacher)), epochs=e2, recipe=recipe, kd="kd", out=out, **common)
+
         rows += [
-            Row(f"student from scratch ({e2} ep, ours)", group, scratch,
-                ["-m", "reduce20", "--expansion", "0", "--epochs", str(e2), *common], stage1.main, seed),
-            Row("stage2: inherit + KD (paper recipe)", group, Path(f"{prefix}-paper-kd"), [*paper, "--kd", "kd"],
-                stage2.main, seed, baseline=scratch),
-            Row("stage2: inherit + KD (ours recipe)", group, Path(f"{prefix}-ours-kd"), [*ours, "--kd", "kd"],
-                stage2.main, seed, baseline=scratch),
-            *_lora_rows(group, Path(f"{prefix}-ours"), ours, e2, " (ours recipe)", seed, scratch),
+            Row(f"student from scratch ({e2} ep, ours)", group,
+                RunSpec.of(Fresh("reduce20", 0), epochs=e2, out=str(scratch), **common), seed),
+            Row("stage2: inherit + KD (paper recipe)", group, stage2("reducenet-paper", f"{prefix}-paper-kd"), seed,
+                baseline=scratch),
+            Row("stage2: inherit + KD (ours recipe)", group, stage2("ours", f"{prefix}-ours-kd"), seed,
+                baseline=scratch),
+            *_lora_rows(group, Path(f"{prefix}-ours"), str(teacher), e2, " (ours recipe)", seed, scratch, common),
         ]
     return rows
 
@@ -174,19 +195,20 @@ def cifar100_rows(args: argparse.Namespace) -> list[Row]:
     for big, small in pairs:
         group = f"{big}->{small}"
         for seed in args.seeds:
-            common = ["--dataset", "cifar100", "--epochs", str(epochs), *KD_RECIPE, *_common(args, seed)]
+            common = dict(dataset="cifar100", epochs=epochs, **KD_RECIPE, **_common(args, seed))
             teacher, scratch = runs / f"{big}-teacher-s{seed}", runs / f"{small}-scratch-s{seed}"
-            kd = ["--teacher", str(teacher), "-m", small, "--no-export", *common]
+
+            def kd(out: Path, **loss: Any) -> RunSpec:
+                return RunSpec.of(Distil(str(teacher), small), export=False, out=str(out), **loss, **common)
+
             rows += [
-                Row(f"teacher {big} (scratch)", group, teacher, ["-m", big, "--expansion", "0", *common],
-                    stage1.main, seed),
-                Row(f"student {small} scratch", group, scratch, ["-m", small, "--expansion", "0", *common],
-                    stage1.main, seed),
-                Row(f"student {small} KD", group, runs / f"{small}-kd-from-{big}-s{seed}",
-                    [*kd, "--kd", "kd", "--kd-alpha", "0.9", "--kd-T", "4"], stage2.main, seed, baseline=scratch),
-                Row(f"student {small} DKD", group, runs / f"{small}-dkd-from-{big}-s{seed}",
-                    [*kd, "--kd", "dkd", "--kd-beta", str(DKD_BETA[(big, small)])], stage2.main, seed,
-                    baseline=scratch),
+                Row(f"teacher {big} (scratch)", group,
+                    RunSpec.of(Fresh(big, 0), out=str(teacher), **common), seed),
+                Row(f"student {small} scratch", group, RunSpec.of(Fresh(small, 0), out=str(scratch), **common), seed),
+                Row(f"student {small} KD", group, kd(runs / f"{small}-kd-from-{big}-s{seed}", kd="kd",
+                                                      kd_alpha=0.9, kd_T=4.0), seed, baseline=scratch),
+                Row(f"student {small} DKD", group, kd(runs / f"{small}-dkd-from-{big}-s{seed}", kd="dkd",
+                                                       kd_beta=DKD_BETA[(big, small)]), seed, baseline=scratch),
             ]
     return rows
 
@@ -200,20 +222,23 @@ def kd_folder_rows(args: argparse.Namespace) -> list[Row]:
     size = args.image_size or KD_FOLDER["image_size"]
     group = f"{teacher_name.split(':')[1]}->{student_name.split(':')[1]}"
     for seed in args.seeds:
-        common = ["--dataset", "imagefolder", "--image-size", str(size), "--loader", "stream", *_common(args, seed)]
+        common = dict(dataset="imagefolder", image_size=size, loader="stream", **_common(args, seed))
         if args.budget == "smoke":  # (tests) a few hundred images: starting loader workers costs more than it saves
-            common += ["--workers", "0"]
+            common["workers"] = 0
         teacher, scratch = runs / f"teacher-s{seed}", runs / f"student-scratch-s{seed}"
-        kd = ["--teacher", str(teacher), "-m", student_name, "--epochs", str(e2), *common]
+
+        def kd(loss: str, out: Path) -> RunSpec:
+            return RunSpec.of(Distil(str(teacher), student_name), epochs=e2, kd=loss, out=str(out), **common)
+
         rows += [
-            Row(f"teacher {teacher_name}", group, teacher, ["-m", teacher_name, "--epochs", str(e1), *common],
-                stage1.main, seed),
-            Row(f"student {student_name}, no distillation", group, scratch,
-                ["-m", student_name, "--epochs", str(e2), *common], stage1.main, seed),
-            Row(f"student {student_name}, KD: MSE on logits", group, runs / f"student-mse-s{seed}",
-                [*kd, "--kd", "mse"], stage2.main, seed, baseline=scratch),
-            Row(f"student {student_name}, KD: KL (T 5)", group, runs / f"student-kl-s{seed}", [*kd, "--kd", "kd"],
-                stage2.main, seed, baseline=scratch),
+            Row(f"teacher {teacher_name}", group,
+                RunSpec.of(Fresh(teacher_name), epochs=e1, out=str(teacher), **common), seed),
+            Row(f"student {student_name}, no distillation", group,
+                RunSpec.of(Fresh(student_name), epochs=e2, out=str(scratch), **common), seed),
+            Row(f"student {student_name}, KD: MSE on logits", group, kd("mse", runs / f"student-mse-s{seed}"), seed,
+                baseline=scratch),
+            Row(f"student {student_name}, KD: KL (T 5)", group, kd("kd", runs / f"student-kl-s{seed}"), seed,
+                baseline=scratch),
         ]
     return rows
 
@@ -224,21 +249,22 @@ def precision_rows(args: argparse.Namespace) -> list[Row]:
     runs, rows = Path(args.runs) / "precision", []
     for model in args.models or ["reduce20"]:
         for seed in args.seeds:
-            common = ["--dataset", "cifar10", *_common(args, seed)]
+            common = dict(dataset="cifar10", **_common(args, seed))
+
             def run(precision: str, stage: str) -> Path:
                 return runs / f"{model}-{precision}-s{seed}-{stage}"
 
-            for amp, label in (("--no-amp", "float32"), ("--amp", "bf16 autocast")):
+            for amp, label in ((False, "float32"), (True, "bf16 autocast")):
                 precision = label.split()[0]
                 teacher = run(precision, "teacher")
                 bf16 = precision == "bf16"  # measured against float32
+                lora = Inherit(str(teacher), lora_rank=LORA_RANK, lambda_epochs=float(max(1, e2 // 2)))
                 rows += [
-                    Row(f"teacher, {label}", model, teacher,
-                        ["-m", model, "--expansion", "1", "--epochs", str(e1), amp, *common], stage1.main, seed,
+                    Row(f"teacher, {label}", model,
+                        RunSpec.of(Fresh(model, 1), epochs=e1, amp=amp, out=str(teacher), **common), seed,
                         baseline=run("float32", "teacher") if bf16 else None),
-                    Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU, {label}", model, run(precision, "stage2"),
-                        ["--inherit", str(teacher), "--epochs", str(e2), "--lora-rank", str(LORA_RANK),
-                         "--lambda-epochs", str(max(1, e2 // 2)), amp, *common], stage2.main, seed,
+                    Row(f"stage2 + LoRA r{LORA_RANK} + LambdaReLU, {label}", model,
+                        RunSpec.of(lora, epochs=e2, amp=amp, out=str(run(precision, "stage2")), **common), seed,
                         baseline=run("float32", "stage2") if bf16 else None),
                 ]
     return rows
@@ -251,23 +277,22 @@ def trim_rows(args: argparse.Namespace) -> list[Row]:
     runs, rows = Path(args.runs) / "trim", []
     model = (args.models or ["reduce56"])[0]
     for seed in args.seeds:
-        common = ["--dataset", "cifar10", *_common(args, seed)]
+        common = dict(dataset="cifar10", **_common(args, seed))
         base = runs / f"{model}-s{seed}"
-        rows.append(Row(f"untrimmed {model} student ({e1} ep)", model, base,
-                        ["-m", model, "--expansion", "0", "--epochs", str(e1), *common], stage1.main, seed))
+        rows.append(Row(f"untrimmed {model} student ({e1} ep)", model,
+                        RunSpec.of(Fresh(model, 0), epochs=e1, out=str(base), **common), seed))
         for reduce in (2, 4):
-            trim_args = ["--teacher", str(base), "--reduce", str(reduce), "--by", "macs", *common]
             variants = [
-                ("trimmed, no fine-tuning", "none", ["--epochs", "0", "--kd", "none"]),
-                (f"fine-tuned {e2} ep, CE only", "ce", ["--epochs", str(e2), "--kd", "none"]),
-                (f"fine-tuned {e2} ep, KD", "kd", ["--epochs", str(e2), "--kd", "kd"]),
+                ("trimmed, no fine-tuning", "none", dict(epochs=0, kd="none")),
+                (f"fine-tuned {e2} ep, CE only", "ce", dict(epochs=e2, kd="none")),
+                (f"fine-tuned {e2} ep, KD", "kd", dict(epochs=e2, kd="kd")),
                 (f"fine-tuned {e2} ep, KD + SemCKD", "semckd",
-                 ["--epochs", str(e2), "--kd", "kd", "--kd-alpha", "1", "--ce-weight", "1", "--kd-T", "4",
-                  "--feature-kd", "semckd"]),
+                 dict(epochs=e2, kd="kd", kd_alpha=1.0, ce_weight=1.0, kd_T=4.0, feature_kd="semckd")),
             ]
             ce = Path(f"{base}-trim{reduce}-ce")  # distillation is measured against fine-tuning with CE only
-            rows += [Row(f"{reduce}x MACs: {label}", model, Path(f"{base}-trim{reduce}-{tag}"), [*trim_args, *extra],
-                         trim.main, seed, baseline=ce if tag in ("kd", "semckd") else None)
+            rows += [Row(f"{reduce}x MACs: {label}", model,
+                         RunSpec.of(Trim(str(base), float(reduce), "macs"), out=f"{base}-trim{reduce}-{tag}",
+                                    **extra, **common), seed, baseline=ce if tag in ("kd", "semckd") else None)
                      for label, tag, extra in variants]
     return rows
 
@@ -278,20 +303,48 @@ def pyramid_rows(args: argparse.Namespace) -> list[Row]:
     runs, rows = Path(args.runs) / "pyramid", []
     size = args.image_size or 32
     for seed in args.seeds:
-        common = ["--dataset", "cifar10", "--image-size", str(size), *_common(args, seed)]
+        common = dict(dataset="cifar10", image_size=size, **_common(args, seed))
         if not args.subset and PYRAMID_SUBSET[args.budget]:
-            common += ["--subset", str(PYRAMID_SUBSET[args.budget])]
+            common["subset"] = PYRAMID_SUBSET[args.budget]
         top = runs / f"vgg19-s{seed}"
         # VGG19 without BatchNorm does not train at SGD's lr 0.1: the original's Adam, lr 1e-4, wd 5e-4
-        rows.append(Row("VGG19 (the top)", "pyramid_vgg19", top,
-                        ["-m", "pyramid_vgg19", "--epochs", str(e0), "--optimizer", "adam", "--lr", "1e-4",
-                         "--wd", "5e-4", *common], stage1.main, seed))
-        # the table reads no deploy files; the smoke budget (tests) leaves out writing them for ten levels
-        no_export = ["--no-export"] if args.budget == "smoke" else []
+        rows.append(Row("VGG19 (the top)", "pyramid_vgg19",
+                        RunSpec.of(Fresh("pyramid_vgg19"), epochs=e0, optimizer="adam", lr=1e-4, wd=5e-4,
+                                   out=str(top), **common), seed))
         for scheme in ("forward", "backward"):
             for loss in args.losses:
-                hint = ["--hint-epochs", "0"] if loss == "scratch" else ["--hint-epochs", str(e1)]
-                rows.append(Row(f"{scheme}: {loss}", scheme, runs / f"{scheme}-{loss}-s{seed}",
-                                ["--teacher", str(top), "--scheme", scheme, "--loss", loss, "--epochs", str(e2),
-                                 *hint, *no_export, *common], pyramid.main, seed))
+                # the table reads no deploy files; the smoke budget (tests) leaves out writing them for ten levels
+                chain = chain_of(str(top), "pyramid_vgg19", scheme, runs / f"{scheme}-{loss}-s{seed}", loss,
+                                 hint_epochs=0 if loss == "scratch" else e1, epochs=e2,
+                                 export=args.budget != "smoke", **common)
+                rows.append(Row(f"{scheme}: {loss}", scheme, chain, seed))
     return rows
+
+
+#: Every table's rows, by the name ``train.reproduce`` takes (``original-stage2`` reads its teacher's path).
+ROW_BUILDERS = {"cifar10-reducenet": cifar10_rows, "cifar100-kd": cifar100_rows, "kd-imagefolder": kd_folder_rows,
+                "precision": precision_rows, "trim": trim_rows, "pyramid": pyramid_rows,
+                "original-stage2": lambda args: original_rows(args, Path(args.runs) / "teacher.safetensors")}
+
+
+def check_tables() -> int:
+    """Build every table's rows for every budget, with every model, width, recipe, loss and two seeds, and validate
+    each spec: a row naming an option that no spec has, or a value no run takes, raises here (at import). Returns
+    the number of rows built."""
+    from ..tasks import LOSSES  # noqa: PLC0415 (the pyramid's losses)
+
+    args = argparse.Namespace(runs="runs", data_dir=None, subset=None, image_size=None, device="cpu", seeds=[0, 1],
+                              models=None, widths=[1, 2], recipes=list(RECIPE_NAMES), lora_rows=True,
+                              losses=list(LOSSES), compile=True, compile_mode="default")
+    count = 0
+    for budget in BUDGETS["cifar10-reducenet"]:
+        args.budget = budget
+        for build in ROW_BUILDERS.values():
+            for row in build(args):
+                for spec in row.spec.levels if isinstance(row.spec, Chain) else [row.spec]:
+                    spec.validate()
+                count += 1
+    return count
+
+
+check_tables()
