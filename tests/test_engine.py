@@ -237,3 +237,33 @@ def test_a_run_from_a_gpu_resumes_on_a_cpu(tmp_path):
     again.resume()
     assert all(group["fused"] is None for group in again.optimizer.param_groups)
     assert again.fit()["last_epoch"] == 2
+
+
+def test_the_dkd_warm_up_is_a_task_callback_that_a_resumed_run_continues(tmp_path):
+    """The DKD term's weight follows the epoch (mdistiller's warm-up) through the task's own callback, from the
+    first epoch and after a resume alike; a loss without warm-up adds no callback."""
+    from train.distill import DistillLoss
+    from train.tasks import Distill
+
+    class Weights(Callback):  # runs after the task's callbacks: sees the weight the epoch trains with
+        def __init__(self, loss):
+            self.loss, self.seen = loss, []
+
+        def on_epoch_start(self, trainer, epoch):
+            self.seen.append(self.loss.dkd_weight())
+
+    def trainer(run, *extra):
+        loss = DistillLoss("dkd", warmup_epochs=4)
+        task = Distill(tiny_model(), tiny_model().eval(), loss)
+        return Trainer(task, tiny_data(), TrainConfig(epochs=3, lr=0.05), run, callbacks=[Weights(loss), *extra],
+                       log=lambda line: None)
+
+    first = trainer(tmp_path, StopAfter(1))
+    assert [type(cb).__name__ for cb in first.callbacks][:2] == ["DKDWarmup", "Weights"]
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    again = trainer(tmp_path)
+    again.resume()
+    again.fit()
+    assert first.callbacks[1].seen == [0.25, 0.5] and again.callbacks[1].seen == [0.5, 0.75]
+    assert Distill(tiny_model(), tiny_model(), DistillLoss("kd")).callbacks() == []

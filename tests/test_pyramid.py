@@ -69,7 +69,8 @@ def test_every_loss_runs_at_every_level(scheme):
                                          "prepool": points.student_prepool},
                                         tasks.teacher_paths(level, by_top), kd)
             for epoch in (0, 1):  # stage 1 (its hint; none for scratch), then stage 2
-                task.set_epoch(epoch)
+                for callback in task.callbacks():
+                    callback.on_epoch_start(None, epoch)
                 value = task(x, y)["loss"]
                 assert value.ndim == 0 and torch.isfinite(value), (level, loss, epoch)
                 assert task.stage == (1 if epoch < hint_epochs else 2)

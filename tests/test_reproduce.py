@@ -586,7 +586,6 @@ def test_the_cost_panel_plots_against_training_time_when_macs_do_not_differ(tmp_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.reproduce import Row
     from train.reproduce.report import _plot_cost
 
     rows = [spec_row(f"row {i}", tmp_path / str(i)) for i in range(2)]
@@ -601,10 +600,9 @@ def test_the_cost_panel_plots_against_training_time_when_macs_do_not_differ(tmp_
 
 
 def test_a_stage2_curve_continues_after_its_teachers_epochs(tmp_path):
-    from train.reproduce import Row
     from train.reproduce.report import curve
 
-    def row(name: str, accs: list[float], **kw) -> Row:
+    def row(name: str, accs: list[float], **kw) -> reproduce.Row:
         r = spec_row(name, tmp_path / name, **kw)
         r.run.mkdir()
         lines = [f"{e},{a},1.0" for e, a in enumerate(accs, 1)]
@@ -624,7 +622,6 @@ def test_a_stage2_curve_continues_after_its_teachers_epochs(tmp_path):
 
 
 def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
-    from train.reproduce import Row
     from train.reproduce.runner import row_state
 
     row = spec_row("r", tmp_path / "r", epochs=30)
@@ -638,7 +635,6 @@ def test_plan_says_how_long_the_rest_of_a_row_takes_at_its_own_pace(tmp_path):
 
 
 def test_plan_bounds_the_time_with_jobs_by_the_longest_chain_of_rows_that_wait_for_one_another(tmp_path):
-    from train.reproduce import Row
 
     def row(name, teacher=None):
         return spec_row(name, tmp_path / name, teacher=teacher)
@@ -661,7 +657,6 @@ def test_plan_bounds_the_time_with_jobs_by_the_longest_chain_of_rows_that_wait_f
 
 
 def test_plan_times_a_row_not_started_at_the_pace_of_its_other_seed(tmp_path):
-    from train.reproduce import Row
     from train.reproduce.runner import row_state
 
     def row(name, seed, epochs=10):

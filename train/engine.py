@@ -208,8 +208,9 @@ class Trainer:
         dist_info: this process's rank, from :func:`init_distributed`.
         device: where to train.
         metadata: stored in every checkpoint (dataset, stage, ...).
-        callbacks: called before the run directory's writers, in this order (one that adds to the summary
-            comes before the writer of ``summary.json``).
+        callbacks: called after the task's own schedules (:meth:`~train.tasks.Task.callbacks`: a loss's warm-up,
+            the Pyramid's phases) and before the run directory's writers, in this order (one that adds to the
+            summary comes before the writer of ``summary.json``).
         log: where the run directory's console line goes.
 
     A training step never waits for the device: the loss, accuracy, logged terms and a non-finite-loss record
@@ -231,7 +232,8 @@ class Trainer:
         self.run_dir = self.run.path if self.run is not None else None
         self.dist = dist_info or Dist()
         self.device = torch.device(device)
-        self.callbacks = [*callbacks, *(run_dir_callbacks(self.run, metadata, log) if self.run is not None else [])]
+        writers = run_dir_callbacks(self.run, metadata, log) if self.run is not None else []
+        self.callbacks = [*task.callbacks(), *callbacks, *writers]
         keys = [cb.state_key for cb in self.callbacks]
         if len(set(keys)) != len(keys):
             raise ValueError(f"two callbacks share a state key: {keys}; give one a state_key of its own")
@@ -317,7 +319,6 @@ class Trainer:
         and the callbacks log."""
         self.task.train()
         self.data.train.set_epoch(epoch)
-        self.task.set_epoch(epoch)
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
         steps = len(self.data.train)

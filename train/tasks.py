@@ -20,7 +20,9 @@ from torch import Tensor
 from models.errors import ConfigError
 from models.vgg import hint_points
 
+from .callbacks import Callback
 from .distill import DistillLoss, gram_loss, hint_mse
+from .schedules import DKDWarmup, PyramidPhases
 
 
 #: The keys of a task's output that are not logged terms.
@@ -35,8 +37,9 @@ class Task(nn.Module):
 
     student: nn.Module
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the engine before each (0-based) epoch; for losses with a warm-up."""
+    def callbacks(self) -> list[Callback]:
+        """The schedules this task's losses follow (a warm-up, phases), as callbacks the trainer runs first."""
+        return []
 
     def to_device(self, device: torch.device, memory_format: torch.memory_format) -> Task:
         return self.to(device, memory_format=memory_format)
@@ -203,8 +206,8 @@ class Distill(Taught):
                                   f" and {list(teacher_layers)}")
             self._hooks = (FeatureHooks(student, student_layers), FeatureHooks(teacher, teacher_layers))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loss.set_epoch(epoch)
+    def callbacks(self) -> list[Callback]:
+        return [DKDWarmup(self.loss)] if self.loss.warmup_epochs else []
 
     def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = self.student(x)
@@ -225,8 +228,28 @@ LOSSES = ("two-stage", "gram", "hinton", "fitnet", "gram-direct", "kd", "scratch
 TAUGHT_BY_TOP = ("fitnet", "gram-direct")
 
 
+def _hint_logits(logits: Tensor, t_logits: Tensor, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+    return hint_mse(logits, t_logits)
+
+
+def _hint_gram(logits: Tensor, t_logits: Tensor, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+    return gram_loss(s_feats[0], s_feats[1], t_feats[0], t_feats[1])
+
+
+def _hint_output(logits: Tensor, t_logits: Tensor, s_feats: list[Tensor], t_feats: list[Tensor]) -> Tensor:
+    return hint_mse(s_feats[0], t_feats[0])
+
+
+#: Each loss's stage 1 (``(logits, teacher logits, student features, teacher features) -> loss``) and the
+#: activations it reads (:class:`~models.vgg.HintPoints` keys); ``scratch`` has none.
+HINT_LOSSES = {"two-stage": (_hint_output, ("output",)), "fitnet": (_hint_output, ("output",)),
+               "kd": (_hint_output, ("output",)), "gram": (_hint_gram, ("input", "prepool")),
+               "gram-direct": (_hint_gram, ("input", "prepool")), "hinton": (_hint_logits, ())}
+
+
 class PyramidLevel(Taught):
-    """One level's training: a stage-1 loss for ``hint_epochs`` epochs, then cross-entropy (or KD for ``kd``).
+    """One level's training: a stage-1 loss for ``hint_epochs`` epochs, then cross-entropy (or KD for ``kd``);
+    the stage is set before each epoch by :class:`~train.schedules.PyramidPhases` (:meth:`callbacks`).
 
     Args:
         student: the level, built from its parent by :func:`models.vgg.svgg_from`.
@@ -243,40 +266,39 @@ class PyramidLevel(Taught):
                  student_paths: dict[str, str], teacher_paths: dict[str, str], kd: DistillLoss | None = None,
                  teacher_input: nn.Module | None = None) -> None:
         super().__init__(student, teacher, teacher_input)
+        if loss not in LOSSES:
+            raise ConfigError(f"--loss {loss} is not a Pyramid loss; choose from {', '.join(LOSSES)}")
+        if (loss == "kd") != (kd is not None):
+            raise ConfigError("the Pyramid's kd loss needs its stage-2 distillation loss, and only it takes one")
         self.kind, self.hint_epochs, self.kd = loss, hint_epochs, kd
-        keys = ("input", "prepool") if loss in ("gram", "gram-direct") else ("output",)
-        self._keys = keys
+        self.hint_loss, keys = HINT_LOSSES.get(loss, (None, ()))
+        if hint_epochs and self.hint_loss is None:
+            raise ConfigError(f"--loss {loss} has no stage 1: pass --hint-epochs 0")
         self._hooks = None
-        if loss not in ("hinton", "scratch"):
+        if keys:
             self._hooks = (FeatureHooks(student, [student_paths[k] for k in keys]),
                            FeatureHooks(teacher, [teacher_paths[k] for k in keys]))
         self.stage = 1 if hint_epochs else 2
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stage = 1 if epoch < self.hint_epochs else 2
-        if self.kd is not None:
-            self.kd.set_epoch(epoch - self.hint_epochs)
+    def callbacks(self) -> list[Callback]:
+        warmup = [DKDWarmup(self.kd, offset=self.hint_epochs)] if self.kd is not None and self.kd.warmup_epochs else []
+        return [PyramidPhases(self), *warmup]
 
     def forward(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = self.student(x)
-        needs_teacher = self.stage == 1 or self.kind == "kd"
-        t_logits = self.teacher_logits(x) if needs_teacher else None
+        hint = self.stage == 1
+        t_logits = self.teacher_logits(x) if hint or self.kd is not None else None
         out = {"logits": logits, "stage": logits.new_tensor(float(self.stage))}
         if t_logits is not None:
             out["teacher_logits"] = t_logits
         s_feats = self._hooks[0].take() if self._hooks else []
-        t_feats = self._hooks[1].take() if self._hooks and needs_teacher else []
-        if self.stage == 1:
-            if self.kind == "hinton":
-                loss = hint_mse(logits, t_logits)
-            elif self.kind in ("gram", "gram-direct"):
-                loss = gram_loss(s_feats[0], s_feats[1], t_feats[0], t_feats[1])
-            else:
-                loss = hint_mse(s_feats[0], t_feats[0])
-        elif self.kind == "kd":
+        t_feats = self._hooks[1].take() if self._hooks and t_logits is not None else []
+        if hint:
+            loss = self.hint_loss(logits, t_logits, s_feats, t_feats)
+        elif self.kd is not None:
             loss = self.kd(logits, y, t_logits)
         else:
-            loss = nn.functional.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y)
         return {"loss": loss, **out}
 
 
