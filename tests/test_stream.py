@@ -56,6 +56,23 @@ def test_ranks_share_the_epoch_without_overlap():
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 32
 
 
+def test_both_loaders_are_batch_loaders_and_see_the_same_samples_in_the_same_order():
+    """One rule of order and sharding (EpochOrder): the streamed and in-memory loaders of one folder yield the same
+    labels in the same order, epoch by epoch and rank by rank."""
+    from train.data import BatchLoader, build_data
+
+    for rank in (0, 1):
+        common = dict(subset=60, seed=5, rank=rank, world_size=2)
+        streamed = build_stream_data(str(ZIP), 8, workers=0, **common)
+        in_memory = build_data("imagefolder", str(ZIP), 8, **common)
+        for loader in (streamed.train, streamed.test, in_memory.train, in_memory.test):
+            assert isinstance(loader, BatchLoader)
+        for epoch in (0, 3):
+            got = [[y.tolist() for _, y in batches(data.train, epoch)] for data in (streamed, in_memory)]
+            assert got[0] == got[1] and sum(map(len, got[0])) == streamed.train.num_samples == 24
+        assert [y.tolist() for _, y in batches(streamed.test, 0)] == [y.tolist() for _, y in batches(in_memory.test, 0)]
+
+
 def test_random_resized_crop_stays_inside_the_image():
     g = torch.Generator().manual_seed(0)
     for _ in range(200):

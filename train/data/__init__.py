@@ -44,7 +44,7 @@ from .base import (_JPEG_LABEL, _NICE, _STATS, _WHERE, CIFAR10_CLASSES, DATASETS
 from .cifar import _FULL_SIZES, _PICKLE_DIRS, _load_pickles, _resize
 from .folders import (ImageTree, _load_tree, default_image_size, extract_images, scan_image_tree, subset_tree,
                       to_rgb)
-from .loader import Data, Loader
+from .loader import BatchLoader, Data, EpochOrder, Loader
 from .sources import _download, _find, data_root, resolve_source
 from .subsets import _subset_indices, balanced_subset
 
@@ -55,6 +55,8 @@ __all__ = [
     "ArrayData",
     "ImageTree",
     "Loader",
+    "BatchLoader",
+    "EpochOrder",
     "Data",
     "data_root",
     "resolve_source",

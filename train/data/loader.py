@@ -1,9 +1,10 @@
-"""The in-memory loader: uint8 images on the device, augmented there in whole batches."""
+"""The loaders' contract (:class:`BatchLoader`), their one rule of order and sharding (:class:`EpochOrder`), and
+the in-memory loader: uint8 images on the device, augmented there in whole batches."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,69 @@ import torch.nn.functional as F
 from models.errors import DataError
 
 from .base import ArrayData, DatasetInfo
+
+
+@runtime_checkable
+class BatchLoader(Protocol):
+    """What the trainer, the evaluation and the calibration read: :class:`Loader` (in memory) and
+    :class:`~train.data.stream.StreamLoader` (decoded on the fly) both are one.
+
+    Iterating yields ``(x, y)``: ``x`` float32 ``[B, 3, H, W]`` normalised, on the loader's device, ``y`` int64
+    ``[B]``. ``num_samples`` is what one epoch yields on this rank (a training loader drops the last partial
+    batch), ``len()`` its batches; the order of an epoch is :class:`EpochOrder`'s.
+    """
+
+    num_samples: int
+    batch_size: int
+    train: bool
+
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None: ...
+
+
+class EpochOrder:
+    """The one rule of which samples a rank sees, in which order, written once for both loaders.
+
+    Training: the permutation of all ``n`` samples drawn from a generator seeded with ``seed * 1000003 + epoch``
+    (the generator goes on to draw the epoch's augmentation), of which rank ``r`` takes ``perm[r::world_size]``,
+    cut to the same whole number of batches on every rank. Test: file order, rank ``r`` takes ``r::world_size``,
+    the last partial batch kept. So a resumed run sees exactly the batches it would have, whatever the loader.
+
+    Raises:
+        DataError: a non-positive batch, a rank outside the world, or fewer training samples than one batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch size {batch_size} must be positive; pass --batch-size 1 or more")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}; check the launcher's environment")
+        self.n, self.batch_size, self.train = n, batch_size, train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        if train:
+            self.num_samples = n // world_size // batch_size * batch_size
+            if self.num_samples == 0:
+                raise DataError(f"batch size {batch_size} exceeds the {n // world_size} training samples per rank; "
+                                "pass a smaller --batch-size or a larger --subset")
+        else:
+            self.num_samples = len(range(rank, n, world_size))
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The epoch's generator: it draws the permutation first (:meth:`indices`), then any augmentation."""
+        return torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+
+    def indices(self, g: torch.Generator | None = None) -> torch.Tensor:
+        """This rank's samples for the epoch of ``g`` (train; drawn from it) or in file order (test)."""
+        if not self.train:
+            return torch.arange(self.rank, self.n, self.world_size)
+        return self.mine(torch.randperm(self.n, generator=g))
+
+    def mine(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a per-position tensor of the whole epoch (the permutation, its augmentation)."""
+        return t[self.rank:self.rank + self.world_size * self.num_samples:self.world_size]
 
 
 class Loader:
@@ -48,10 +112,7 @@ class Loader:
         world_size: int = 1,
         channels_last: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch size {batch_size} must be positive; pass --batch-size 1 or more")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world size {world_size}; check the launcher's environment")
+        self.order = EpochOrder(len(data.labels), batch_size, train, seed, rank, world_size)
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
@@ -60,16 +121,7 @@ class Loader:
         self.pad = self.images.shape[-1] // 8
         self.set_normalization(info.mean, info.std)
         self.epoch = 0
-        n = len(self.labels)
-        if train:
-            self.num_samples = n // world_size // batch_size * batch_size
-            if self.num_samples == 0:
-                raise DataError(
-                    f"batch size {batch_size} exceeds the {n // world_size} training samples per rank; "
-                    "pass a smaller --batch-size or a larger --subset"
-                )
-        else:
-            self.num_samples = len(range(rank, n, world_size))
+        self.num_samples = self.order.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch whose order and augmentation the next iteration uses."""
@@ -84,18 +136,15 @@ class Loader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
         if not self.train:
-            indices = torch.arange(self.rank, n, self.world_size, device=self.device)
-            for idx in indices.split(self.batch_size):
+            for idx in self.order.indices().to(self.device).split(self.batch_size):
                 yield self._finish(self.images[idx]), self.labels[idx]
             return
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        perm = torch.randperm(n, generator=g)
-        shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)  # drawn per position in perm
+        n, g = len(self.labels), self.order.generator(self.epoch)
+        perm = self.order.indices(g)
+        shifts = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)  # drawn per position in the permutation
         flips = torch.rand(n, generator=g) < 0.5
-        mine = slice(self.rank, self.rank + self.world_size * self.num_samples, self.world_size)
-        perm, shifts, flips = (t[mine].to(self.device) for t in (perm, shifts, flips))
+        perm, shifts, flips = (t.to(self.device) for t in (perm, self.order.mine(shifts), self.order.mine(flips)))
         for start in range(0, self.num_samples, self.batch_size):
             b = slice(start, start + self.batch_size)
             x = _crop_flip(self.images[perm[b]], self.pad, shifts[b], flips[b])
@@ -121,8 +170,8 @@ def _crop_flip(x: torch.Tensor, pad: int, shifts: torch.Tensor, flips: torch.Ten
 class Data:
     """The loaders of a run and the dataset's info."""
 
-    train: Loader
-    test: Loader
+    train: BatchLoader
+    test: BatchLoader
     info: DatasetInfo
 
     def normalize(self, preprocess: dict) -> None:

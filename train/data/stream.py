@@ -2,8 +2,9 @@
 
 Images are read from the folder or zip and decoded in ``DataLoader`` workers. Training batches get torchvision's
 ``RandomResizedCrop(image_size, scale=(0.08, 1))`` and a horizontal flip; test batches ``Resize(image_size /
-0.875)`` and ``CenterCrop(image_size)``. It has the interface of :class:`train.data.Loader`: each epoch's order
-is a permutation drawn from ``(seed, epoch)`` (the same rule, so the same images per rank), every sample's
+0.875)`` and ``CenterCrop(image_size)``. It is a :class:`~train.data.loader.BatchLoader` like the in-memory
+:class:`train.data.Loader`: each epoch's order is :class:`~train.data.loader.EpochOrder`'s (the same rule and
+code, so the same images per rank), every sample's
 augmentation is drawn from ``(seed, epoch, index)``, so a resumed run sees exactly the batches an uninterrupted
 one would, whatever the number of workers; ranks take every ``world_size``-th sample.
 """
@@ -23,7 +24,7 @@ from models.errors import DataError
 from . import base
 from .base import DatasetInfo
 from .folders import ImageTree, ZipHandle, default_image_size, scan_image_tree, subset_tree, to_rgb
-from .loader import Data
+from .loader import Data, EpochOrder
 from .sources import resolve_source
 
 CROP_FRACTION = 0.875  # test images: resize to image_size / 0.875, centre-crop image_size (timm's default)
@@ -103,27 +104,21 @@ class ImageFiles(Dataset):
 
 
 class EpochSampler(Sampler):
-    """``(index, epoch)`` keys in :class:`train.data.Loader`'s order: the permutation of ``(seed, epoch)`` (train)
-    or file order (test), this rank's share."""
+    """``(index, epoch)`` keys in :class:`~train.data.loader.EpochOrder`'s order, this rank's share."""
 
-    def __init__(self, n: int, num_samples: int, train: bool, seed: int, rank: int, world_size: int) -> None:
-        self.n, self.num_samples, self.train = n, num_samples, train
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+    def __init__(self, order: EpochOrder) -> None:
+        self.order, self.epoch = order, 0
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.order.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.train:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
-            mine = perm[self.rank:self.rank + self.world_size * self.num_samples:self.world_size].tolist()
-        else:
-            mine = list(range(self.rank, self.n, self.world_size))
-        return iter([(i, self.epoch) for i in mine])
+        g = self.order.generator(self.epoch) if self.order.train else None
+        return iter([(i, self.epoch) for i in self.order.indices(g).tolist()])
 
 
 class StreamLoader:
-    """Batches of an image folder decoded on the fly; the interface of :class:`train.data.Loader`.
+    """Batches of an image folder decoded on the fly: a :class:`~train.data.loader.BatchLoader`.
 
     Args:
         tree: the folder or zip.
@@ -142,21 +137,13 @@ class StreamLoader:
     def __init__(self, tree: ImageTree, items: Sequence[tuple[str, int]], info: DatasetInfo, batch_size: int, *,
                  train: bool, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
                  workers: int = 4, channels_last: bool = False) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch size {batch_size} must be positive; pass --batch-size 1 or more")
-        n = len(items)
+        order = EpochOrder(len(items), batch_size, train, seed, rank, world_size)
         self.device, self.batch_size, self.train, self.channels_last = torch.device(device), batch_size, train, \
             channels_last
         self.labels = torch.tensor([y for _, y in items], dtype=torch.int64)
-        if train:
-            self.num_samples = n // world_size // batch_size * batch_size
-            if self.num_samples == 0:
-                raise DataError(f"batch size {batch_size} exceeds the {n // world_size} training samples per rank; "
-                                "pass a smaller --batch-size or a larger --subset")
-        else:
-            self.num_samples = len(range(rank, n, world_size))
+        self.num_samples = order.num_samples
         self.image_size = info.image_size
-        self.sampler = EpochSampler(n, self.num_samples, train, seed, rank, world_size)
+        self.sampler = EpochSampler(order)
         self.loader = DataLoader(ImageFiles(tree, items, info.image_size, train, seed), batch_size=batch_size,
                                  sampler=self.sampler, num_workers=workers, drop_last=train,
                                  pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
