@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, ReduceNetError
+from .errors import CheckpointError, ConfigError, ReduceNetError
+from .identity import card_of, set_card
 from .registry import model_from_config
 from .weights import read_state_dict
 
@@ -161,8 +163,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     except ReduceNetError as e:
         raise CheckpointError(f"{p}: its config cannot be built ({e})") from None
     load_weights(model, p)
-    model.checkpoint_metadata = record.get("metadata", {})
-    model.preprocess = record["preprocess"]
+    try:
+        set_card(model, replace(card_of(model), preprocess=record["preprocess"], metadata=record.get("metadata", {})))
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: {e}") from None
     return model.to(device)
 
 

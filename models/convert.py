@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError, ConfigError, cli_errors
+from .identity import set_preprocess
 from .reducenet import DEPTHS, ReduceNet
 from .registry import create_model
 from .weights import read_state_dict
@@ -106,7 +107,7 @@ def from_reducenet_original(state: dict[str, Tensor], name: str = "checkpoint") 
     shapes = [k for k, v in model.state_dict().items() if v.shape != converted[k].shape]
     if shapes:
         raise CheckpointError(f"{name}: tensor {shapes[0]} has another shape than reduce{depth} expects")
-    model.preprocess = dict(NO_NORMALISATION)
+    set_preprocess(model, dict(NO_NORMALISATION))
     return model.eval()
 
 

@@ -16,12 +16,14 @@ import difflib
 import fnmatch
 import functools
 import inspect
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch.nn as nn
 from timm.models import register_model as timm_register_model
 
 from .errors import ConfigError, UnknownModelError
+from .identity import ModelCard, card_of, set_card
 from .structure import apply_structure
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -48,9 +50,8 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, reducible: boo
         if pretrained:
             raise ConfigError(f"no pretrained weights are published for {name}; train one with "
                               f"`python -m train.stage1 -m {name}` or load a checkpoint")
-        model = fn(**kwargs)
-        model.config = {"model": name, **model.config}
-        return model
+        model = fn(**kwargs)  # the class declares its arguments as its config; the registry names them
+        return set_card(model, ModelCard(name, dict(model.config)))
 
     _MODELS[name] = factory
     if reducible:
@@ -136,9 +137,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         num_classes = kwargs.pop("num_classes", None)
         model = _external(name, num_classes, kwargs)
         classes = num_classes if num_classes is not None else classifier_of(model).out_features
-        model.config = {"model": name, "num_classes": classes, **kwargs}
-        model.num_classes = classes
-        return model
+        return set_card(model, ModelCard(name, {"num_classes": classes, **kwargs}))
     if name not in _MODELS:
         raise _unknown(name, list(_MODELS), f"choose one of {', '.join(_MODELS)}, or torchvision:NAME / timm:NAME "
                                             "(`python -m models` lists the zoo)")
@@ -169,5 +168,5 @@ def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:
     model = create_model(cfg.pop("model"), **cfg)
     if structure:
         apply_structure(model, structure)
-        model.config = {**model.config, "structure": structure}
+        set_card(model, replace(card_of(model), structure=structure))
     return model

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
+from .identity import card_of, set_card, set_preprocess
 from .layers import add_lora
 from .registry import is_reducible, model_from_config
 
@@ -30,7 +31,7 @@ def inherit(child: nn.Module, parent: nn.Module, keys: Iterable[str]) -> nn.Modu
     parent_state, child_state = parent.state_dict(), child.state_dict()
     with torch.no_grad():
         child.load_state_dict({**child_state, **{k: parent_state[k] for k in keys}}, strict=True)
-    child.preprocess = getattr(parent, "preprocess", None)
+    set_preprocess(child, getattr(parent, "preprocess", None))
     child.train(parent.training)
     return child
 
@@ -73,6 +74,6 @@ def student_from_teacher(
         targets = ([lora_targets] if isinstance(lora_targets, str) else list(lora_targets)) if lora_targets \
             else config["lora_targets"]
         add_lora(student, lora_rank, targets)
-        student.config.update(lora_rank=lora_rank, lora_targets=targets)
+        set_card(student, card_of(student).with_args(lora_rank=lora_rank, lora_targets=targets))
         student.train(teacher.training)  # the new branches too
     return student

@@ -11,7 +11,7 @@ be trimmed again.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -20,6 +20,7 @@ import torch_pruning as tp
 
 from .complexity import count_macs, count_params
 from .errors import ConfigError, ReduceNetError
+from .identity import card_of, set_card
 from .registry import classifier_of, model_from_config
 from .structure import structure_diff
 
@@ -136,9 +137,7 @@ def trim(model: nn.Module, reduce: float, by: str = "macs", input_size: tuple[in
         raise TrimError(f"no pruning ratio reaches 1/{reduce:g} of the {by} within {tolerance:.0%}: the closest is "
                         f"1/{before / after:.3g} (ratio {ratio:.3f}); change --reduce or --round-to")
     base = model_from_config({k: v for k, v in config.items() if k != "structure"})
-    trimmed.config = {**config, "structure": structure_diff(trimmed, base)}
-    trimmed.preprocess = getattr(model, "preprocess", None)
-    trimmed.num_classes = getattr(model, "num_classes", None)
+    set_card(trimmed, replace(card_of(model), structure=structure_diff(trimmed, base) or None))
     return TrimResult(trimmed, ratio, before, after, by)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 
 from models import fusion_math as T
 from models.errors import ReparamError
+from models.identity import card_of, keep_card, set_card
 from models.layers import LambdaReLU, LoRABranch
 from models.registry import is_zoo, model_from_config
 from models.structure import apply_structure, structure_diff
@@ -100,10 +102,9 @@ def fuse_model(model: nn.Module) -> nn.Module:
     patch = structure_diff(fused, deploy)
     if patch:
         apply_structure(deploy, patch)
-        deploy.config = {**deploy.config, "structure": patch}
     param = next(model.parameters())
     deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
-    deploy.preprocess = getattr(model, "preprocess", None)
+    set_card(deploy, replace(card_of(deploy), structure=patch or None, preprocess=getattr(model, "preprocess", None)))
     return deploy.eval()
 
 
@@ -116,8 +117,8 @@ def flatten(model: nn.Module) -> nn.Module:
     A fused model keeps the module tree of its family (blocks, ``ConvBN`` wrappers whose BatchNorm became
     ``nn.Identity``); each call through that tree costs a few microseconds of Python, which shows at batch 1.
     Flattened, its ``forward`` calls only the convs, linears and pools, with ReLUs as functions: what a hand-written
-    net does. The parameters keep their names (the state_dict is the same), and ``config``, ``preprocess`` and
-    ``num_classes`` are carried over, so it saves like the model it came from.
+    net does. The parameters keep their names (the state_dict is the same), and the model's card
+    (:mod:`models.identity`) is carried over, so it saves like the model it came from.
 
     Raises:
         ReparamError: the model cannot be traced by ``torch.fx``.
@@ -143,9 +144,7 @@ def flatten(model: nn.Module) -> nn.Module:
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    for name in ("config", "preprocess", "num_classes", "checkpoint_metadata"):
-        if hasattr(model, name):
-            setattr(gm, name, getattr(model, name))
+    keep_card(model, gm)
     return gm.train(model.training)
 
 

@@ -120,3 +120,46 @@ def test_imports_are_resolved(tmp_path, source, expected):
     graph = import_graph(tmp_path, ("models", "reparam", "train"))
     # a module of train.reproduce imports train.reproduce's parents implicitly, which are not edges
     assert graph["train.reproduce.specs"] == expected
+
+
+#: A model's identity: written only by models.identity.set_card (a model class declares its own arguments).
+IDENTITY_VIEWS = ("card", "config", "preprocess", "num_classes", "checkpoint_metadata")
+
+
+def identity_writes(root: Path, packages: tuple[str, ...]) -> list[str]:
+    """``file:line attribute`` of every assignment to a model's identity attribute outside models/identity.py,
+    except ``self.config`` / ``self.num_classes`` in a class's ``__init__`` (the model declaring its arguments)."""
+    out = []
+    for pkg in packages:
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path.relative_to(root).as_posix() == "models/identity.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            own = {id(t) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+                   for n in ast.walk(f) if isinstance(n, (ast.Assign, ast.AnnAssign)) for t in
+                   (n.targets if isinstance(n, ast.Assign) else [n.target])
+                   if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+                   and t.attr in ("config", "num_classes")}
+            for node in ast.walk(tree):
+                targets = (node.targets if isinstance(node, ast.Assign) else [node.target]
+                           if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
+                        and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) \
+                        and node.args[1].value in IDENTITY_VIEWS:
+                    out.append(f"{path.relative_to(root)}:{node.lineno} setattr {node.args[1].value}")
+                for t in targets:
+                    if isinstance(t, ast.Attribute) and t.attr in IDENTITY_VIEWS and id(t) not in own:
+                        out.append(f"{path.relative_to(root)}:{t.lineno} .{t.attr}")
+    return out
+
+
+def test_a_models_identity_is_written_in_one_place():
+    assert identity_writes(ROOT, LAYERS) == []
+
+
+def test_the_identity_check_catches_a_write(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "x.py").write_text(
+        "class M:\n    def __init__(self):\n        self.config = {}\n\n"
+        "def f(model, student):\n    model.preprocess = None\n    setattr(student, 'config', {})\n")
+    assert identity_writes(tmp_path, ("models",)) == ["models/x.py:6 .preprocess", "models/x.py:7 setattr config"]

@@ -421,3 +421,43 @@ def test_zoo_cli_prints_every_model(capsys):
     assert [r.split("|")[1].strip() for r in rows] == NAMES + models.list_models(reducible=False)
     row20 = next(r for r in rows if r.startswith("| reduce20 |"))
     assert "272,474" in row20 and "40.8M" in row20
+
+
+def test_a_models_card_is_its_identity_and_every_derived_model_keeps_it():
+    """One typed record (models.identity.ModelCard): built by the registry, changed by inheritance, fusion and
+    flattening through replace(), seen through wrappers; config/preprocess/num_classes are its views."""
+    from dataclasses import replace
+
+    from models.identity import ModelCard, card_of, set_preprocess
+    from reparam import flatten, fuse_model
+
+    teacher = models.create_model("reduce20", num_classes=10)
+    card = card_of(teacher)
+    assert isinstance(card, ModelCard) and card.name == "reduce20" and teacher.config == card.config
+    assert teacher.num_classes == 10 and teacher.preprocess is None
+    pre = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]}
+    set_preprocess(teacher, pre)
+    student = models.student_from_teacher(teacher, lora_rank=2)
+    s = card_of(student)
+    assert (s.args["expansion"], s.args["lora_rank"], s.preprocess) == (0, 2, pre)
+    assert card_of(teacher) == replace(card, preprocess=pre)  # the teacher's card is untouched
+    fused = fuse_model(student.eval())
+    assert card_of(fused).preprocess == pre and fused.config["lora_rank"] == 0 and fused.config["inference_mode"]
+    assert card_of(flatten(fused)) == card_of(fused)
+    assert card_of(torch.compile(teacher)) is card_of(teacher)  # through a wrapper
+    assert card_of(nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("preprocess", [{"mean": [0.5] * 3, "std": [0.0, 0.2, 0.2]},
+                                        {"mean": ["a", 0, 0], "std": [1, 1, 1]}, {"mean": [0] * 3}, [1, 2]])
+def test_a_checkpoint_whose_preprocess_would_make_inputs_infinite_is_refused_at_load(tmp_path, preprocess):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = models.save_checkpoint(models.create_model("reduce20", num_classes=10), tmp_path / "m.safetensors")
+    record = {**models.read_record(path), "preprocess": preprocess}  # the record inside the safetensors file
+    save_file(load_file(path), path, metadata={"reducenet": json.dumps(record)})
+    with pytest.raises(models.CheckpointError) as e:
+        models.load_checkpoint(path)
+    assert "preprocess" in one_line(e)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models import load_checkpoint
+from models.identity import set_preprocess
 from models.checkpoint import resolve
 from models.errors import ConfigError, DataError
 
@@ -269,7 +270,7 @@ def check_teacher(teacher: nn.Module, data: Data) -> None:
     if teacher.num_classes != data.info.num_classes:
         raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
                         f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
-    teacher.preprocess = teacher.preprocess or normalization("dataset", data.info)
+    set_preprocess(teacher, teacher.preprocess or normalization("dataset", data.info))
 
 
 def teachers_data(data: DataSpec, teacher_meta: dict[str, Any]) -> DataSpec:

@@ -29,6 +29,7 @@ import torch.nn as nn
 from models import create_model, read_record, student_from_teacher
 from models.checkpoint import resolve
 from models.errors import CheckpointError, ConfigError
+from models.identity import set_preprocess
 from models.registry import accepts, is_reducible
 from models.trim import trim, trim_record
 from models.vgg import LEVELS, hint_points, level_of, svgg_from
@@ -111,7 +112,7 @@ def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
     spec, info, device, data = _device_and_data(spec)
     model, role, derive = build_model(spec.derive, data.info.num_classes, data.info.image_size)
     spec = replace(spec, derive=derive)
-    model.preprocess = normalization(spec.data.normalize, data.info)
+    set_preprocess(model, normalization(spec.data.normalize, data.info))
     data.normalize(model.preprocess)
     reducible = is_reducible(derive.model)
     tag = derive.model.replace(":", "-") + (f"-{role}-e{derive.expansion}-w{derive.width:g}" if reducible else "")
@@ -176,7 +177,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     check_teacher(teacher, data)
     student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
     if not inherit:
-        student.preprocess = normalization(spec.data.normalize, data.info)
+        set_preprocess(student, normalization(spec.data.normalize, data.info))
     data.normalize(student.preprocess)
     input_size = [3, data.info.image_size, data.info.image_size]
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, input_size)
@@ -280,7 +281,7 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
         parent = top
     else:
         parent, _, _ = load_teacher_checkpoint(derive.parent)
-        parent.preprocess = parent.preprocess or top.preprocess
+        set_preprocess(parent, parent.preprocess or top.preprocess)
     spec = replace(spec, data=teachers_data(spec.data, top_meta))
     spec, info, device, data = _device_and_data(spec)
     check_teacher(top, data)
