@@ -143,3 +143,26 @@ def test_the_readme_trains_from_python_as_written(tmp_path, monkeypatch):
         assert command.endswith(f"--config {tmp_path / run / 'spec.json'}")  # the command that repeats it
     assert str(student["last_test_acc"]) in out.getvalue()
     assert isinstance(models.load_checkpoint(tmp_path / "py-student"), torch.nn.Module)
+
+
+@pytest.mark.parametrize("module", ["stage1", "stage2", "trim", "pyramid"])
+def test_help_reads_every_default_from_the_recipes_and_the_specs(module):
+    """One place per default: what a recipe sets, --help says from train/recipes.py for that command's stage;
+    every other option's default is the spec dataclass's."""
+    import importlib
+
+    from train.recipes import RECIPES, STAGES
+
+    cli = importlib.import_module(f"train.{module}")
+    stage = STAGES[["stage1", "stage2", "trim", "pyramid"].index(module)]
+    parser = cli.build_parser()
+    text = " ".join(parser.format_help().split())
+    values = {name: RECIPES[name](stage)["lr"] for name in RECIPES}
+    assert f"ours {values['ours']:g}, reducenet-paper {values['reducenet-paper']:g}" in text
+    defaults = {a.dest: a.default for a in parser._actions}
+    data, optim = DataSpec(), OptimSpec()
+    assert (defaults["batch_size"], defaults["workers"], defaults["loader"]) == (
+        data.batch_size, data.workers, data.loader)
+    assert (tuple(defaults["milestones"]), defaults["gamma"], defaults["seed"], defaults["nesterov"]) == (
+        optim.milestones, optim.gamma, optim.seed, optim.nesterov)
+    assert all(defaults[f] is None for f in ("lr", "wd", "schedule", "warmup_epochs", "optimizer", "normalize"))

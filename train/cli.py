@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -24,17 +23,27 @@ from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES, DistillLoss, F
 from .engine import COMPILE_MODES, Dist, init_distributed
 from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
-from .recipes import RECIPES
+from .recipes import RECIPES, help_default
 from .data.stream import build_stream_data, fits_in_memory
 from .rundir import RunDir
-from .spec import DataSpec, LossSpec, RuntimeSpec, load_spec, options_of
+from .spec import LOADERS, DataSpec, LossSpec, OptimSpec, RuntimeSpec, load_spec, options_of
 from .tasks import layer_channels, stage_outputs
 
 
-def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup: str) -> argparse.ArgumentParser:
-    """The options both stages take; each stage adds its own and documents its defaults."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help already says it (a recipe's) or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def common_parser(prog: str, description: str, *, stage: str, epochs: int) -> argparse.ArgumentParser:
+    """The options every training CLI takes; defaults the recipes set are described from them
+    (:func:`train.recipes.help_default` for ``stage``), the others are the spec dataclasses' own."""
+    data, optim = DataSpec(), OptimSpec()
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="ours",
                    help="named defaults (train/recipes.py): ours, or the original ReduceNet's main.py; "
                         "options given here override them")
@@ -45,31 +54,33 @@ def common_parser(prog: str, description: str, *, epochs: int, lr: float, warmup
     d.add_argument("--subset", type=int, default=None,
                    help="train on N class-balanced images (fixed seed) and test on the same share of the test set")
     d.add_argument("--image-size", type=int, default=None, help="imagefolder: resize/crop to this size")
-    d.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
+    d.add_argument("--loader", choices=LOADERS, default=data.loader,
                    help="memory: decode once, keep uint8 images on the device (CIFAR-size data); stream: decode "
                         "image folders in DataLoader workers each epoch; auto: stream when the decoded images "
                         "would take more than a quarter of the free memory")
-    d.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+    d.add_argument("--workers", type=int, default=data.workers,
                    help="decoding processes of the streaming loader")
     d.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
                    help="input normalisation stored with the model: the dataset's mean/std, none ([0, 1] pixels) "
-                        "or ImageNet's (default: the recipe's; stage2 --inherit: the teacher's)")
+                        f"or ImageNet's ({help_default('normalize', stage)}; stage2 --inherit: the teacher's)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
-                   help="SGD with momentum 0.9 (--nesterov), or Adam (default: the recipe's)")
-    o.add_argument("--epochs", type=int, default=epochs)
-    o.add_argument("--batch-size", type=int, default=128, help="per process")
-    o.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: the recipe's; ours {lr:g})")
-    o.add_argument("--wd", type=float, default=None, help="weight decay (default: the recipe's; ours 1e-4)")
-    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
+                   help=f"SGD with momentum 0.9 (--nesterov), or Adam ({help_default('optimizer', stage)})")
+    o.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    o.add_argument("--batch-size", type=int, default=data.batch_size, help="per process")
+    o.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({help_default('lr', stage)})")
+    o.add_argument("--wd", type=float, default=None, help=f"weight decay ({help_default('wd', stage)})")
+    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=optim.nesterov,
+                   help="Nesterov momentum")
     o.add_argument("--schedule", choices=("cosine", "cosine-epoch", "step"), default=None,
                    help="cosine to 0 per step, per epoch (torch's CosineAnnealingLR), or x--gamma at each of "
-                        "--milestones (default: the recipe's)")
-    o.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
+                        f"--milestones ({help_default('schedule', stage)})")
+    o.add_argument("--milestones", type=float, nargs="+", default=list(optim.milestones),
                    help="step schedule: fractions of training where the lr drops")
-    o.add_argument("--gamma", type=float, default=0.1, help="step schedule: lr factor at each milestone")
-    o.add_argument("--warmup-epochs", type=float, default=None, help=f"linear warm-up; default {warmup}")
-    o.add_argument("--seed", type=int, default=0, help="weights, data order, augmentation and --subset draw")
+    o.add_argument("--gamma", type=float, default=optim.gamma, help="step schedule: lr factor at each milestone")
+    o.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"linear warm-up ({help_default('warmup_epochs', stage)})")
+    o.add_argument("--seed", type=int, default=optim.seed, help="weights, data order, augmentation and --subset draw")
     r = p.add_argument_group("run")
     r.add_argument("--config", default=None,
                    help="a run spec (JSON) or a run directory (its spec.json): its options, which the options "

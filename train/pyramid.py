@@ -43,7 +43,7 @@ from .tasks import LOSSES
 
 
 def build_parser():
-    p = common_parser("python -m train.pyramid", __doc__, epochs=30, lr=1e-4, warmup="0")
+    p = common_parser("python -m train.pyramid", __doc__, stage="pyramid", epochs=30)
     g = p.add_argument_group("pyramid")
     g.add_argument("--teacher", required=True, help="the trained top: a pyramid_vgg19(_bn) run or checkpoint")
     g.add_argument("--scheme", choices=tuple(SCHEMES), required=True,

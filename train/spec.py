@@ -31,6 +31,7 @@ from .data import DATASETS
 from .engine import COMPILE_MODES, TrainConfig
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
+from .recipes import defaults as recipe_defaults
 from .rundir import same_record
 
 #: A field that ``--resume`` may change.
@@ -293,7 +294,7 @@ class RunSpec:
 
     def with_recipe(self) -> RunSpec:
         """Every field left ``None`` that the recipe sets, set (:mod:`train.recipes`): the one place of defaults."""
-        defaults = RECIPES[self.recipe][self.stage]
+        defaults = recipe_defaults(self.recipe, self.stage)
 
         def fill(part):
             given = {f.name: defaults[f.name] for f in fields(part)

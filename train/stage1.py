@@ -15,12 +15,13 @@ import argparse
 from models.errors import cli_errors
 
 from .cli import common_parser, parse_options
+from .recipes import help_default
 from .pipeline import run
 from .spec import Fresh, RunSpec, from_options
 
 
 def build_parser():
-    p = common_parser("python -m train.stage1", __doc__, epochs=200, lr=0.1, warmup="0")
+    p = common_parser("python -m train.stage1", __doc__, stage="stage1", epochs=200)
     m = p.add_argument_group("model")
     m.add_argument("-m", "--model", default="reduce56",
                    help="zoo model (python -m models lists them), torchvision:NAME or timm:NAME")
@@ -31,7 +32,7 @@ def build_parser():
                    help="start from these weights (.safetensors, or a .pth state_dict read with weights_only=True)")
     m.add_argument("--init", choices=("kaiming", "torch"), default=None,
                    help="zoo conv init: the model's own (Kaiming normal, fan-out) or PyTorch's default "
-                        "(default: the recipe's)")
+                        f"({help_default('init', 'stage1')})")
     return p
 
 

@@ -29,7 +29,7 @@ from .spec import Distil, Inherit, RunSpec, from_options
 
 
 def build_parser():
-    p = common_parser("python -m train.stage2", __doc__, epochs=200, lr=0.05, warmup="5%% of --epochs, >= 1")
+    p = common_parser("python -m train.stage2", __doc__, stage="stage2", epochs=200)
     s = p.add_argument_group("student and distillation")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--inherit", help="teacher run directory (uses last.safetensors) or checkpoint; "

@@ -26,7 +26,7 @@ from .spec import RunSpec, Trim, from_options
 
 
 def build_parser():
-    p = common_parser("python -m train.trim", __doc__, epochs=100, lr=0.01, warmup="0")
+    p = common_parser("python -m train.trim", __doc__, stage="trim", epochs=100)
     t = p.add_argument_group("trimming")
     t.add_argument("--teacher", help="the trained classifier: a run directory or checkpoint (required)")
     t.add_argument("--reduce", type=float, help="cost reduction factor R > 1 (2 halves the cost; required)")
