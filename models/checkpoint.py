@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError, ReduceNetError
 from .identity import card_of, set_card
-from .registry import model_from_config
+from .registry import create_model, is_zoo, model_from_config
 from .weights import read_state_dict
 
 FORMAT = "reducenet-2"
@@ -80,6 +80,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def resolve(path: str | Path, default_name: str = "last") -> Path:
     """The ``.safetensors`` file meant by ``path``: the file, its ``.json`` twin, or a run directory."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise CheckpointError(f"a checkpoint is named by a path (a .safetensors file or a run directory), got {path!r}")
     p = Path(path)
     if p.is_dir():
         p = p / f"{default_name}.safetensors"
@@ -128,7 +130,7 @@ def read_record(path: str | Path) -> dict[str, Any]:
                               "models.save_checkpoint or load its tensors with safetensors directly")
     try:
         record = json.loads(meta["reducenet"])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: JSON nested thousands deep
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or "model" not in record["config"]:
         raise CheckpointError(f"{p} has a malformed reducenet config in its metadata; re-save it with "
@@ -158,6 +160,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     device = _device(map_location)
     p = resolve(path)
     record = read_record(p)
+    check_config(record["config"], record.get("preprocess"), p)
     try:
         model = model_from_config(record["config"], **overrides)
     except ReduceNetError as e:
@@ -168,6 +171,78 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     except ConfigError as e:
         raise CheckpointError(f"{p}: {e}") from None
     return model.to(device)
+
+
+#: The arguments a torchvision/timm checkpoint record may carry: none that names a file to read, a download, a
+#: configuration to merge or a device (timm opens ``checkpoint_path``, merges ``pretrained_cfg_overlay``).
+EXTERNAL_ARGS = frozenset({"num_classes", "image_size", "in_chans", "drop_rate", "drop_path_rate", "global_pool"})
+#: The largest model a checkpoint record may ask for (8 GB of float32): checked on the meta device, before any
+#: memory is allocated, so a record asking for 10^9 classes is refused instead of exhausting memory.
+MAX_PARAMS = 2_000_000_000
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> None:
+    """Refuse, in one line, a checkpoint record that could make loading do anything but build its model: an
+    argument the model does not declare (or, for torchvision/timm, one outside :data:`EXTERNAL_ARGS`), a value
+    that is not plain JSON data, a structure patch that does not fit the model it patches, or a size beyond
+    :data:`MAX_PARAMS`. The model is built on the meta device (no memory) and runs one forward pass there, so
+    a patch whose layers disagree fails here rather than at the first real forward.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with its record.
+    """
+    name = config.get("model")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{where}: its config names model {name!r}; a model is named by a string")
+    args = {k: v for k, v in config.items() if k not in ("model", "structure")}
+    if is_zoo(name):  # what the family declares: the config of its default build (on the meta device)
+        with torch.device("meta"):
+            allowed = set(create_model(name).config) - {"model", "structure"}
+    else:
+        allowed = EXTERNAL_ARGS
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise CheckpointError(f"{where}: its config passes {unknown[0]!r} to {name}, which a checkpoint may not set "
+                              f"(allowed: {', '.join(sorted(allowed))}); re-save the model with models.save_checkpoint")
+    bad = next((k for k, v in args.items()
+                if not (_scalar(v) or isinstance(v, list) and len(v) <= 64 and all(map(_scalar, v)))), None)
+    if bad is not None:
+        raise CheckpointError(f"{where}: its config's {bad!r} is not a number, string or list of them")
+    structure = config.get("structure")
+    if structure is not None and not (isinstance(structure, dict) and all(
+            isinstance(k, str) and isinstance(v, dict) and all(_scalar(x) or isinstance(x, list) and len(x) <= 8
+                                                               and all(map(_scalar, x)) for x in v.values())
+            for k, v in structure.items())):
+        raise CheckpointError(f"{where}: its structure patch is not a {{module path: layer spec}} object")
+    try:
+        with torch.device("meta"):
+            model = model_from_config(config)
+    except ReduceNetError as e:
+        raise CheckpointError(f"{where}: its config cannot be built ({e})") from None
+    except Exception as e:  # a builder given a wrong type or size raises many kinds
+        raise CheckpointError(f"{where}: its config cannot be built ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})") from None
+    params = sum(t.numel() for t in model.parameters())
+    if params > MAX_PARAMS:
+        raise CheckpointError(f"{where}: its config asks for {params:,} parameters ({params * 4 / 2**30:,.0f} GiB), "
+                              f"more than {MAX_PARAMS:,}; the record is damaged or crafted")
+    if structure:
+        size = (preprocess or {}).get("input_size") if isinstance(preprocess, dict) else None
+        side = size[-1] if isinstance(size, list) and size and isinstance(size[-1], int) else args.get("image_size")
+        side = side if isinstance(side, int) and 8 <= side <= 1024 else 32
+        x = torch.empty(1, 3, side, side, device="meta")
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+        except NotImplementedError:  # an operation without a meta kernel: the real forward will tell
+            pass
+        except Exception as e:
+            raise CheckpointError(f"{where}: its structure patch does not fit the model ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:160]})") from None
 
 
 def _device(map_location: str | torch.device | None) -> torch.device:

@@ -120,7 +120,8 @@ def check_preprocess(preprocess: Any) -> None:
     if preprocess is None:
         return
     if not isinstance(preprocess, dict):
-        raise ConfigError(f"a model's preprocess is a {{'mean', 'std'}} record or null, got {type(preprocess).__name__}")
+        raise ConfigError(f"a model's preprocess is a {{'mean', 'std'}} record or null, "
+                          f"got {type(preprocess).__name__}")
     bad = None
     for key in ("mean", "std"):
         values = preprocess.get(key)

@@ -96,6 +96,6 @@ def apply_structure(model: nn.Module, patch: dict[str, dict[str, Any]]) -> nn.Mo
             raise CheckpointError(f"structure patch of {path} is not a layer spec")
         try:
             setattr(parent, name, build_module(spec))
-        except TypeError as e:
+        except (TypeError, ValueError) as e:  # ValueError: groups that do not divide the channels, ...
             raise CheckpointError(f"structure patch of {path} cannot be built ({e})") from None
     return model

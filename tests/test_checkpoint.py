@@ -264,3 +264,57 @@ def test_save_needs_a_registered_name(tmp_path):
         models.save_checkpoint(ReduceNet(20), tmp_path / "x")  # built directly: its config names no model
     assert "create_model" in one_line(e)
     assert list(tmp_path.iterdir()) == []
+
+
+def _crafted(tmp_path, name: str, change) -> Path:
+    """A real checkpoint of ``name`` whose record (inside the safetensors file) is changed by ``change``."""
+    from safetensors.torch import load_file
+
+    path = models.save_checkpoint(models.create_model(name, num_classes=10), tmp_path / "real.safetensors")
+    record = models.read_record(path)
+    change(record)
+    out = tmp_path / "crafted.safetensors"
+    save_file(load_file(path), out, metadata={"reducenet": json.dumps(record)})
+    return out
+
+
+_CONV = {"type": "Conv2d", "in_channels": 3, "kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1],
+         "dilation": [1, 1], "padding_mode": "zeros", "bias": False}
+
+
+@pytest.mark.parametrize("name, change, words", [
+    ("timm:resnet10t", lambda r: r["config"].update(checkpoint_path="/etc/passwd"), "'checkpoint_path'"),
+    ("timm:resnet10t", lambda r: r["config"].update(pretrained_cfg_overlay={"file": "/etc/passwd"}),
+     "'pretrained_cfg_overlay'"),
+    ("torchvision:resnet18", lambda r: r["config"].update(weights="DEFAULT"), "'weights'"),
+    ("timm:resnet10t", lambda r: r["config"].update(num_classes=10**9), "parameters"),
+    ("reduce20", lambda r: r["config"].update(expansion=100_000), "parameters"),
+    ("reduce20", lambda r: r["config"].update(width="x"), "cannot be built"),
+    ("reduce20", lambda r: r["config"].update(device="cuda"), "'device'"),
+    ("reduce20", lambda r: r["config"].update(structure=[1, 2]), "structure patch is not"),
+    ("reduce20", lambda r: r["config"].update(structure={"stem.conv": {**_CONV, "out_channels": 32, "groups": 1}}),
+     "does not fit the model"),  # a widened conv whose BatchNorm stays narrow
+    ("reduce20", lambda r: r["config"].update(structure={"stem.conv": {**_CONV, "out_channels": 16, "groups": 2}}),
+     "divisible by groups"),
+    ("reduce20", lambda r: r["config"].update(lora_targets=[[[1]]]), "not a number, string or list"),
+])
+def test_a_crafted_record_is_refused_before_anything_is_built_or_read(tmp_path, monkeypatch, name, change, words):
+    """A checkpoint's JSON chooses no file to read, no argument a model does not declare, and no size beyond the
+    bound (checked on the meta device, before any allocation): one line naming the file."""
+    path = _crafted(tmp_path, name, change)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    with pytest.raises(models.CheckpointError) as e:
+        models.load_checkpoint(path)
+    assert words in one_line(e) and str(path) in str(e.value)
+    assert "/etc/passwd" not in opened
+
+
+def test_a_deeply_nested_record_and_a_non_path_are_one_line(tmp_path):
+    deep = tmp_path / "deep.safetensors"
+    save_file({"w": torch.zeros(1)}, deep, metadata={"reducenet": "[" * 100_000 + "]" * 100_000})
+    for bad in (deep, None, 3):
+        with pytest.raises(models.CheckpointError) as e:
+            models.load_checkpoint(bad)
+        one_line(e)

@@ -267,3 +267,32 @@ def test_the_dkd_warm_up_is_a_task_callback_that_a_resumed_run_continues(tmp_pat
     again.fit()
     assert first.callbacks[1].seen == [0.25, 0.5] and again.callbacks[1].seen == [0.5, 0.75]
     assert Distill(tiny_model(), tiny_model(), DistillLoss("kd")).callbacks() == []
+
+
+def test_training_talks_when_the_output_is_not_a_terminal(tmp_path, monkeypatch):
+    """In a log file or pipe, a line with the step, loss and img/s at most every EVERY_S seconds within an epoch
+    (here every step), then the epoch's own line; on a terminal the bar shows it and no such line is written."""
+    from train import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "is_terminal", lambda: False)
+    lines: list[str] = []
+    Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1), tmp_path, log=lines.append).fit()
+    steps = [line for line in lines if line.startswith("epoch 1/1: ")]
+    assert steps[0].startswith("epoch 1/1: 1/6 (17%, ") and "loss " in steps[0] and "img/s " in steps[0]
+    assert len(steps) == 5 and lines[-1].startswith("epoch   1/1 loss")  # the last step is the epoch's line
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    lines.clear()
+    Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1), tmp_path / "b", log=lines.append).fit()
+    assert not [line for line in lines if line.startswith("epoch 1/1: ")]
+
+
+def test_a_run_says_what_it_is_before_its_first_step_and_what_an_epoch_leaves_out(tmp_path):
+    lines: list[str] = []
+    Trainer(Classify(tiny_model()), tiny_data(n_train=50), TrainConfig(epochs=1), tmp_path, log=lines.append,
+            metadata={"role": "student"}).fit()
+    model, data, run = lines[:3]
+    assert model == "model: tiny (student): 135 params, 0.01 M MACs at 8 px"
+    assert data == ("data: tiny (test): 3 classes, 50 train / 20 test images at 8 px, in-memory loader; 48 of 50 "
+                    "training images per epoch (last partial batch dropped)")
+    assert run.startswith("run: cpu, float32, 1 epoch of 6 steps (batch 8); writes ") and str(tmp_path) in run

@@ -311,7 +311,7 @@ def test_the_fused_models_of_a_table_are_timed_side_by_side(tmp_path, monkeypatc
         calls.append((sorted(nets), batch, repeats))
         return {k: 0.001 * (i + 2) for i, k in enumerate(nets)}
 
-    monkeypatch.setattr(reproduce, "measure", measure)
+    monkeypatch.setattr(reproduce.tables, "measure", measure)
     note = reproduce._time_fused(lines, 7)
     assert calls == [([lines[1]["run"], lines[2]["run"]], 1, 7)]  # one run: a round times each model once
     assert [line.get("cpu_latency_ms_b1") for line in lines] == [None, pytest.approx(2.0), pytest.approx(3.0)]
@@ -347,7 +347,7 @@ def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys, monkeypatc
     # --rows trains a part of the table (to split it across cores) and writes no table from it; nor does it
     # score the original's checkpoints, which only the table shows
     with monkeypatch.context() as m:
-        m.setattr(reproduce, "_evaluate", lambda *a: pytest.fail("--rows scored a checkpoint for the table"))
+        m.setattr(reproduce.tables, "_evaluate", lambda *a: pytest.fail("--rows scored a checkpoint for the table"))
         assert reproduce.main([*argv, "--rows", "*-scratch", "*-paper-kd"]) is None
     runs = tmp_path / "runs" / "original-stage2"
     assert sorted(p.name for p in runs.iterdir() if (p / "done").is_file()) == ["reduce20-s0-paper-kd",

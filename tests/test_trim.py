@@ -111,15 +111,58 @@ def test_trim_cli_fine_tunes_fuses_exports_and_chains(tmp_path):
 
 def test_bad_input_is_one_line():
     model = models.create_model("reduce20", expansion=0)
-    for kwargs, words in (({"reduce": 1.0}, "reduce must be > 1"), ({"reduce": 2, "by": "flops"}, "flops"),
+    for kwargs, words in (({"reduce": 1.0}, "reduce must be a finite number > 1"), ({"reduce": 2, "by": "flops"}, "flops"),
                           ({"reduce": 2, "importance": "taylor"}, "taylor"), ({"reduce": 2, "by": "latency"},
                                                                               "latency(model)")):
         with pytest.raises(ConfigError) as e:
             trim(model, **kwargs)
         assert words in one_line(e)
-    with pytest.raises(TrimError) as e:
+    with pytest.raises(TrimError) as e:  # refused after one pruning, not a search
         trim(model, 1000.0)
-    assert "no pruning ratio" in one_line(e) or "cannot prune" in one_line(e)
+    assert "pruning removes at most 1/" in one_line(e) and "pass --reduce" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        trim(model, 2.0, round_to=1000)
+    assert "exceeds the widest conv's 64 channels" in one_line(e)
+
+
+@pytest.mark.parametrize("extra, words", [(["--reduce", "inf"], "--reduce inf"), (["--reduce", "5000"], "(1, 1000]"),
+                                          (["--reduce", "2", "--round-to", "1000"], "--round-to 1000")])
+def test_trim_options_are_refused_before_any_work(tmp_path, capsys, extra, words):
+    with pytest.raises(SystemExit) as e:
+        trim_cli.main(["--teacher", str(tmp_path / "absent"), *extra, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and words in err and not (tmp_path / "o").exists()
+
+
+@needs_data
+def test_a_teacher_is_trimmed_in_its_student_form_and_a_resumed_latency_trim_keeps_its_structure(tmp_path,
+                                                                                                 monkeypatch):
+    """Branch (b) goes before any pruning (it could never be fused after); a `--by latency` run stopped after an
+    epoch resumes with the structure it chose, even when latency now measures otherwise."""
+    from conftest import training_stopped_at
+    from train import pipeline, stage1
+
+    args = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        stage1.main(["-m", "reduce20", "--expansion", "1", "--epochs", "1", *args, "--out", str(tmp_path / "t")])
+    monkeypatch.setattr(pipeline, "latency", lambda m, size, device: models.count_params(m) * 1e-9)
+    trim_args = ["--teacher", str(tmp_path / "t"), "--reduce", "2", "--by", "latency", "--epochs", "2",
+                 "--calibrate-batches", "1", *args, "--out", str(tmp_path / "trim")]
+    with contextlib.redirect_stdout(out), training_stopped_at(2), pytest.raises(SystemExit):
+        trim_cli.main(trim_args)
+    said = out.getvalue()
+    assert "is a ReduceNet teacher; its student (branch (b) removed" in said
+    assert "trim: test accuracy" in said and "trimmed before fine-tuning" in said
+    first = json.loads((tmp_path / "trim" / "last.json").read_text())
+    assert first["config"]["expansion"] == 0 and first["config"]["structure"]
+    monkeypatch.setattr(pipeline, "latency", lambda m, size, device: float(torch.rand(1)))  # a new search fails
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = trim_cli.main([*trim_args, "--resume"])
+    assert "resuming with the structure recorded" in out.getvalue() and summary["last_epoch"] == 2
+    assert json.loads((tmp_path / "trim" / "last.json").read_text())["config"] == first["config"]
+    assert summary["fused_check"]["max_abs_diff"] < 1e-3
 
 
 def test_a_layer_torch_pruning_cannot_handle_is_named(monkeypatch):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from models import save_checkpoint
+from models import complexity, save_checkpoint
 from models.checkpoint import atomic_write, atomic_write_text
 
 from .provenance import git_commit
@@ -134,10 +134,16 @@ class MetricsLog(Callback):
 
 
 class ConsoleLog(Callback):
-    """One line per epoch (loss, accuracies, lr, what schedules log such as lambda, images/s); rank 0 only."""
+    """What a run is, before its first step (:func:`start_lines`), then one line per epoch (loss, accuracies, lr,
+    what schedules log such as lambda, images/s); rank 0 only."""
 
-    def __init__(self, log: Callable[[str], None] = print) -> None:
-        self.log = log
+    def __init__(self, log: Callable[[str], None] = print, metadata: dict[str, Any] | None = None) -> None:
+        self.log, self.metadata = log, metadata or {}
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main:
+            for line in start_lines(trainer, self.metadata):
+                self.log(line)
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, float]) -> None:
         if not trainer.dist.is_main or "train_loss" not in row or not math.isfinite(row["train_loss"]):
@@ -176,4 +182,33 @@ def run_dir_callbacks(run: RunDir, metadata: dict[str, Any] | None = None,
                       log: Callable[[str], None] = print) -> list[Callback]:
     """The writers of a run directory, in order: checkpoints, metrics, the console line, and (last) the summary;
     callbacks that add to the summary go before the last one."""
-    return [Checkpointing(run, metadata), MetricsLog(run.path), ConsoleLog(log), SummaryFile(run.path)]
+    return [Checkpointing(run, metadata), MetricsLog(run.path), ConsoleLog(log, metadata), SummaryFile(run.path)]
+
+
+def start_lines(trainer: Trainer, metadata: dict[str, Any]) -> list[str]:
+    """Three lines that say what a run is before it starts: the model and its size, the data (classes, images,
+    size, loader, what an epoch leaves out), and the device, precision, budget and where it writes."""
+    model, data, cfg, world = trainer.model, trainer.data, trainer.cfg, trainer.dist.world_size
+    config = getattr(model, "config", None) or {}
+    size = data.info.image_size
+    cost = complexity(model, (1, 3, size, size))
+    family = [f"{k} {config[k]:g}" for k in ("expansion", "width", "lora_rank")
+              if isinstance(config.get(k), (int, float)) and not (k == "lora_rank" and not config[k])]
+    role = metadata.get("role")
+    about = ", ".join([*([str(role)] if role else []), *family])
+    total, per_epoch = len(data.train.labels), data.train.num_samples * world
+    left_out = (f"; {per_epoch:,} of {total:,} training images per epoch (last partial batch dropped)"
+                if per_epoch < total else "")
+    steps = len(data.train)
+    precision = "bf16 autocast" if cfg.amp else "float32"
+    processes = f" x {world} processes" if world > 1 else ""
+    resumes = f", resumed after epoch {trainer.epoch}" if trainer.epoch else ""
+    where = f"; writes {trainer.run_dir}/ (checkpoints, metrics.csv, tb/, summary.json)" if trainer.run_dir else ""
+    return [
+        f"model: {config.get('model', type(model).__name__)}{f' ({about})' if about else ''}: "
+        f"{cost['params']:,} params, {cost['macs'] / 1e6:,.2f} M MACs at {size} px",
+        f"data: {data.info.label}: {data.info.num_classes} classes, {total:,} train / {len(data.test.labels):,} test "
+        f"images at {size} px, {getattr(data.train, 'kind', 'custom')} loader{left_out}",
+        f"run: {trainer.device}, {precision}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps:,} steps (batch "
+        f"{data.train.batch_size}{processes}){resumes}{where}",
+    ]

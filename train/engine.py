@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from models import complexity
 from models.errors import ReduceNetError
 
 from .callbacks import Callback, run_dir_callbacks
 from .data import Data
+from .progress import Progress
 from .provenance import hardware
 from .rundir import RunDir
 from .tasks import TASK_OUTPUTS, Task
@@ -211,7 +211,8 @@ class Trainer:
         callbacks: called after the task's own schedules (:meth:`~train.tasks.Task.callbacks`: a loss's warm-up,
             the Pyramid's phases) and before the run directory's writers, in this order (one that adds to the
             summary comes before the writer of ``summary.json``).
-        log: where the run directory's console line goes.
+        log: where the console lines go (each epoch's; when the output is not a terminal, a progress line at most
+            every 30 s within an epoch).
 
     A training step never waits for the device: the loss, accuracy, logged terms and a non-finite-loss record
     are summed there (:class:`EpochSums`) and read back every :attr:`sync_every` steps (progress bar, divergence
@@ -228,7 +229,7 @@ class Trainer:
                  metadata: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print) -> None:
         self.run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
-        self.cfg, self.data = cfg, data
+        self.cfg, self.data, self.log = cfg, data, log
         self.run_dir = self.run.path if self.run is not None else None
         self.dist = dist_info or Dist()
         self.device = torch.device(device)
@@ -322,12 +323,12 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
         steps = len(self.data.train)
-        bar = tqdm(self.data.train, total=steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False,
-                   disable=not (self.dist.is_main and sys.stderr.isatty()), dynamic_ncols=True)
+        progress = Progress(steps, f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step", log=self.log,
+                            enabled=self.dist.is_main)
         sums = EpochSums(self.device)
         step_logs: dict[str, float] = {}
         start = time.perf_counter()
-        for step, (x, y) in enumerate(bar):
+        for step, (x, y) in enumerate(self.data.train):
             for callback in self.callbacks:
                 step_logs.update(callback.on_step(epoch, step, steps) or {})
             with self._autocast():
@@ -339,9 +340,14 @@ class Trainer:
             self.scheduler.step()
             sums.add(loss, out["logits"], y, {k: v for k, v in out.items() if k not in TASK_OUTPUTS},
                      out.get("teacher_logits"))
-            if (step + 1) % self.sync_every == 0 and step + 1 < steps:
+            progress.tick()
+            # a read-back makes the host wait for the device: every sync_every steps, or when a line is due
+            if ((step + 1) % self.sync_every == 0 or progress.due()) and step + 1 < steps:
                 done = self._check(sums.read(), epoch)
-                bar.set_postfix(loss=f"{done['loss'] / done['seen']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
+                progress.show(loss=f"{done['loss'] / done['seen']:.4f}",
+                              img_s=f"{done['seen'] / (time.perf_counter() - start):.0f}",
+                              lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
+        progress.close(final=False)  # the epoch's own line follows
         done = self._check(sums.read(), epoch)  # waits for the device: the epoch's work is finished after it
         elapsed = time.perf_counter() - start
         keys = sorted(done["terms"])

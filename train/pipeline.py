@@ -1,4 +1,5 @@
-"""One pipeline: :func:`run` trains what a :class:`~train.spec.RunSpec` describes, from Python or from a CLI.
+"""One pipeline: :func:`run` trains what a :class:`~train.spec.RunSpec` describes, from Python or from a CLI;
+:func:`run_chain` trains a Pyramid :class:`Chain` (one run per level).
 
 ``python -m train.stage1`` and ``python -m train.stage2`` only parse their options into a spec and call
 :func:`run`. The steps, for every kind of run: validate the spec; load the teacher (a taught student); fill the
@@ -18,31 +19,32 @@ Example (a teacher, then its student; both are run directories)::
 """
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from models import create_model, read_record, student_from_teacher
-from models.checkpoint import resolve
+from models import complexity, create_model, read_record, student_from_teacher
+from models.checkpoint import atomic_write_text, resolve
 from models.errors import CheckpointError, ConfigError
 from models.identity import set_preprocess
-from models.registry import accepts, is_reducible
+from models.registry import accepts, is_reducible, model_from_config
 from models.trim import trim, trim_record
-from models.vgg import LEVELS, hint_points, level_of, svgg_from
+from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
 from models.weights import load_pretrained
 
 from .cli import (check_teacher, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint, logit_loss,
                   make_run_dir, setup, size_line, teachers_data)
 from .deploy import FuseCheckExport
-from .engine import Trainer
+from .engine import Trainer, evaluate
 from .preprocess import Renormalize, normalization
-from .rundir import command_line, options_of_run
+from .rundir import command_line, finished_summary, mark_done, options_of_run
 from .schedules import LambdaSchedule
-from .spec import Distil, Fresh, Inherit, Pyramid, RunSpec, Trim, differences, options_of
+from .spec import Distil, Fresh, Inherit, OptimSpec, Pyramid, RunSpec, Trim, differences, options_of
 from .tasks import TAUGHT_BY_TOP, Classify, Distill, PyramidLevel, teacher_paths
 from .timing import latency
 
@@ -239,33 +241,78 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
     spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data)
+    name = teacher.config["model"].replace(":", "-")
+    spec = _with_out(spec, f"{name}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}")
     size = (1, 3, data.info.image_size, data.info.image_size)
-    result = trim(teacher, derive.reduce, derive.by, size, derive.importance, derive.round_to,
-                  latency=lambda m: latency(m, size, device))
-    student = result.model
+    say = print if info.is_main else (lambda line: None)
+    source = teacher
+    if is_reducible(teacher.config) and teacher.config.get("expansion"):
+        # branch (b) is non-linear: no fusion could remove it after trimming, so the student form is trimmed
+        source = student_from_teacher(teacher)
+        say(f"trim: {teacher_path} is a ReduceNet teacher; its student (branch (b) removed, every other weight "
+            "inherited) is trimmed and distilled from the whole teacher")
+    recorded = Path(spec.out) / "last.safetensors"
+    resumed = resume and recorded.is_file()
+    if resumed:  # the structure the run chose, not a new search (latency is noisy)
+        record = read_record(recorded)
+        student = model_from_config(record["config"])
+        set_preprocess(student, source.preprocess)
+        trimmed = record["metadata"].get("trim", {})
+        say(f"trim: resuming with the structure recorded in {recorded} "
+            f"(reduced {trimmed.get('reduce_reached', 0):.2f}x by {derive.by})")
+    else:
+        before = complexity(source, size)
+        say(f"trim: {source.config['model']} ({before['params']:,} params, {before['macs'] / 1e6:,.1f} M MACs at "
+            f"{size[-1]} px) to 1/{derive.reduce:g} of its {derive.by}, {derive.importance} importance")
+        result = trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
+                      latency=lambda m: latency(m, size, device), log=say)
+        student, trimmed = result.model, trim_record(result)
     data.normalize(student.preprocess)
-    if derive.calibrate_batches:
-        recalibrate_batchnorms(student.to(device), data.train, derive.calibrate_batches)
+    student.to(device)
+    if derive.calibrate_batches and not resumed:  # a resumed run's statistics come from its train_state
+        recalibrate_batchnorms(student, data.train, derive.calibrate_batches)
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, list(size[1:]))
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
-    name = teacher.config["model"].replace(":", "-")
-    spec = _with_out(spec, f"{name}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}")
     with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
-        record = trim_record(result)
-        if derive.by != "latency" and info.is_main:
-            record["latency_ratio_b1"] = latency(teacher, size, device) / latency(student, size, device)
+        if "pruning_ratio" in trimmed and "test_acc_before_finetune" not in trimmed:  # a new trim: measured once
+            trimmed.update(_trim_report(teacher, student, size, device, data, info, derive, say))
         metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, spec.data.data_dir),
-                    "teacher": str(teacher_path), "trim": record}
-        cfg = spec.train_config(stage="trim", recipe=spec.recipe, teacher=str(teacher_path), trim=record,
+                    "teacher": str(teacher_path), "trim": trimmed}
+        cfg = spec.train_config(stage="trim", recipe=spec.recipe, teacher=str(teacher_path), trim=trimmed,
                                 kd=repr(loss_fn), feature_kd=repr(features) if features else None)
         export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export, metadata,
-                                 f"trimmed {result.reduction:.2f}x by {derive.by}, {spec.loss.kd}")
+                                 f"trimmed {trimmed.get('reduce_reached', 0):.2f}x by {derive.by}, {spec.loss.kd}")
         # 0 epochs: the trimmed network as it is, recorded as epoch 0
         summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
                                callbacks=[export]), resume)
+        if info.is_main and "test_acc_before_finetune" in trimmed:
+            say(f"trim: test accuracy {trimmed['test_acc_before_finetune']:.2f}% after pruning"
+                f"{' and BatchNorm recalibration' if derive.calibrate_batches else ''}, "
+                f"{summary['last_test_acc']:.2f}% after {spec.optim.epochs} "
+                f"epoch{'s' * (spec.optim.epochs != 1)} of fine-tuning "
+                f"(untrimmed: {trimmed['teacher_test_acc']:.2f}%)")
     finish(info)
     return summary
+
+
+def _trim_report(teacher: nn.Module, student: nn.Module, size: tuple[int, ...], device, data, info, derive: Trim,
+                 say) -> dict[str, Any]:
+    """What a trim reached, printed and recorded: params, MACs and batch-1 latency before and after (measured
+    side by side here), and the test accuracy of the untrimmed teacher and of the trimmed network before
+    fine-tuning."""
+    cost = [complexity(m, size) for m in (teacher, student)]
+    times = [latency(m, size, device) for m in (teacher, student)] if info.is_main else [1.0, 1.0]
+    accs = [evaluate(m, data.test, data.info.num_classes, dist_info=info, device=device)["test_acc"]
+            for m in (nn.Sequential(Renormalize(student.preprocess, teacher.preprocess), teacher), student)]
+    say(f"trim: params {cost[0]['params']:,} -> {cost[1]['params']:,} ({cost[0]['params'] / cost[1]['params']:.2f}x), "
+        f"MACs {cost[0]['macs'] / 1e6:,.1f} M -> {cost[1]['macs'] / 1e6:,.1f} M "
+        f"({cost[0]['macs'] / cost[1]['macs']:.2f}x), latency at batch 1 {times[0] * 1e3:.2f} -> "
+        f"{times[1] * 1e3:.2f} ms ({times[0] / times[1]:.2f}x, {device.type})")
+    say(f"trim: test accuracy {accs[0]:.2f}% untrimmed, {accs[1]:.2f}% trimmed before fine-tuning")
+    return {"params_before": cost[0]["params"], "params_after": cost[1]["params"], "macs_before": cost[0]["macs"],
+            "macs_after": cost[1]["macs"], "latency_ratio_b1": times[0] / times[1],
+            "teacher_test_acc": accs[0], "test_acc_before_finetune": accs[1]}
 
 
 # ----------------------------------------------------------------------------------------------- the Pyramid
@@ -307,6 +354,77 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
                                callbacks=[export]), resume)
     finish(info)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- Pyramid chains
+@dataclass(frozen=True)
+class Chain:
+    """A Pyramid chain: one :class:`~train.spec.Pyramid` run per level, in chain order, each in ``OUT/<level>``
+    (its ``spec.out``) and taught by the level above; ``out`` holds the chain's ``summary.json``."""
+
+    out: str
+    levels: tuple[RunSpec, ...]
+
+    def record(self) -> dict[str, Any]:
+        """What makes two chains the same chain: each level's :meth:`~train.spec.RunSpec.record`."""
+        return {"chain": [s.record() for s in self.levels]}
+
+
+def chain_levels(scheme: str, levels: list[str] | None = None) -> list[str]:
+    """The levels of ``scheme`` to run: all of them, or ``levels`` (short names allowed), which must follow the
+    chain without gaps."""
+    chain = [f"svgg{depth}_{scheme}" for depth, _ in SCHEMES[scheme]]
+    if not levels:
+        return chain
+    names = [name if name.endswith(f"_{scheme}") else f"{name}_{scheme}" for name in levels]
+    unknown = [n for n in names if n not in chain]
+    if unknown:
+        raise ConfigError(f"--levels {unknown[0]} is not a level of the {scheme} scheme; choose from "
+                          f"{', '.join(n.split('_')[0] for n in chain)}")
+    if names != chain[chain.index(names[0]):chain.index(names[0]) + len(names)]:
+        raise ConfigError(f"--levels must follow the chain without gaps ({' -> '.join(chain)}); got "
+                          f"{' -> '.join(names)}")
+    return names
+
+
+def chain_of(top: str, top_model: str | None, scheme: str, out: str | Path, loss: str = "two-stage",
+             hint_epochs: int | None = None, levels: list[str] | None = None, **options: Any) -> Chain:
+    """The chain below ``top`` (a run or checkpoint of the model ``top_model``) in ``out``; ``options`` are the
+    levels' spec options (:meth:`train.spec.RunSpec.of`: ``epochs``, ``seed``, ``dataset``, ...). ``hint_epochs``
+    None: a third of the epochs, at least 1 (0 for ``scratch``)."""
+    if hint_epochs is None:
+        hint_epochs = 0 if loss == "scratch" else max(1, options.get("epochs", OptimSpec.epochs) // 3)
+    specs = []
+    for level in chain_levels(scheme, levels):
+        parent = None if LEVELS[level].parent == top_model else str(Path(out) / LEVELS[level].parent)
+        specs.append(RunSpec.of(Pyramid(top, level, parent, loss, hint_epochs),
+                                **{**options, "out": str(Path(out) / level)}).validate())
+    return Chain(str(out), tuple(specs))
+
+
+def run_chain(chain: Chain, *, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the chain's levels in order: a finished level (made by its spec) is skipped, an interrupted one
+    resumed (``overwrite``: restarted); returns the chain's per-level results, also in ``OUT/summary.json``."""
+    first = chain.levels[0].derive
+    if first.parent is not None and not (Path(first.parent) / "last.safetensors").is_file():
+        raise ConfigError(f"--levels starts at {first.level}, whose parent {LEVELS[first.level].parent} has no run "
+                          f"in {first.parent}; start the chain higher or pass its --out")
+    out = Path(chain.out)
+    result = {"scheme": LEVELS[first.level].scheme, "loss": first.loss, "teacher": str(resolve(first.top)),
+              "levels": {}}
+    for spec in chain.levels:  # each level a run of the pipeline in OUT/<level>, taught by the one above
+        level, run_path, asked = spec.derive.level, Path(spec.out), spec.record()
+        summary = finished_summary(run_path, asked)
+        if summary is None:
+            resume = (run_path / "train_state.pt").is_file() and not overwrite
+            summary = run(spec, resume=resume, overwrite=overwrite, cli=cli)
+            mark_done(run_path, asked)
+        else:
+            print(f"[skip] {level}: finished in {run_path}")
+        result["levels"][level] = {k: summary.get(k) for k in (
+            "last_test_acc", "best_test_acc", "params", "macs", "fused_test_acc", "epochs")}
+    atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- shared steps

@@ -25,20 +25,16 @@ stage budget instead of its ReduceLROnPlateau and early stopping.
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from models import read_record
-from models.checkpoint import atomic_write_text, resolve
+from models.checkpoint import resolve
 from models.errors import ConfigError, cli_errors
-from models.vgg import LEVELS, SCHEMES
+from models.vgg import SCHEMES
 
 from .cli import add_distillation_options, common_parser
-from .pipeline import run
-from .rundir import finished_summary, mark_done
-from .spec import SPEC_OPTIONS, OptimSpec, Pyramid, RunSpec
+from .pipeline import Chain, chain_of, run_chain
+from .spec import SPEC_OPTIONS
 from .tasks import LOSSES
 
 
@@ -56,76 +52,6 @@ def build_parser():
                         "least 1; 0 for scratch)")
     add_distillation_options(p)
     return p
-
-
-@dataclass(frozen=True)
-class Chain:
-    """A Pyramid chain: one :class:`~train.spec.Pyramid` run per level, in chain order, each in ``OUT/<level>``
-    (its ``spec.out``) and taught by the level above; ``out`` holds the chain's ``summary.json``."""
-
-    out: str
-    levels: tuple[RunSpec, ...]
-
-    def record(self) -> dict[str, Any]:
-        """What makes two chains the same chain: each level's :meth:`~train.spec.RunSpec.record`."""
-        return {"chain": [s.record() for s in self.levels]}
-
-
-def chain_levels(scheme: str, levels: list[str] | None = None) -> list[str]:
-    """The levels of ``scheme`` to run: all of them, or ``levels`` (short names allowed), which must follow the
-    chain without gaps."""
-    chain = [f"svgg{depth}_{scheme}" for depth, _ in SCHEMES[scheme]]
-    if not levels:
-        return chain
-    names = [name if name.endswith(f"_{scheme}") else f"{name}_{scheme}" for name in levels]
-    unknown = [n for n in names if n not in chain]
-    if unknown:
-        raise ConfigError(f"--levels {unknown[0]} is not a level of the {scheme} scheme; choose from "
-                          f"{', '.join(n.split('_')[0] for n in chain)}")
-    if names != chain[chain.index(names[0]):chain.index(names[0]) + len(names)]:
-        raise ConfigError(f"--levels must follow the chain without gaps ({' -> '.join(chain)}); got "
-                          f"{' -> '.join(names)}")
-    return names
-
-
-def chain_of(top: str, top_model: str | None, scheme: str, out: str | Path, loss: str = "two-stage",
-             hint_epochs: int | None = None, levels: list[str] | None = None, **options: Any) -> Chain:
-    """The chain below ``top`` (a run or checkpoint of the model ``top_model``) in ``out``; ``options`` are the
-    levels' spec options (:meth:`train.spec.RunSpec.of`: ``epochs``, ``seed``, ``dataset``, ...). ``hint_epochs``
-    None: a third of the epochs, at least 1 (0 for ``scratch``)."""
-    if hint_epochs is None:
-        hint_epochs = 0 if loss == "scratch" else max(1, options.get("epochs", OptimSpec.epochs) // 3)
-    specs = []
-    for level in chain_levels(scheme, levels):
-        parent = None if LEVELS[level].parent == top_model else str(Path(out) / LEVELS[level].parent)
-        specs.append(RunSpec.of(Pyramid(top, level, parent, loss, hint_epochs),
-                                **{**options, "out": str(Path(out) / level)}).validate())
-    return Chain(str(out), tuple(specs))
-
-
-def run_chain(chain: Chain, *, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train the chain's levels in order: a finished level (made by its spec) is skipped, an interrupted one
-    resumed (``overwrite``: restarted); returns the chain's per-level results, also in ``OUT/summary.json``."""
-    first = chain.levels[0].derive
-    if first.parent is not None and not (Path(first.parent) / "last.safetensors").is_file():
-        raise ConfigError(f"--levels starts at {first.level}, whose parent {LEVELS[first.level].parent} has no run "
-                          f"in {first.parent}; start the chain higher or pass its --out")
-    out = Path(chain.out)
-    result = {"scheme": LEVELS[first.level].scheme, "loss": first.loss, "teacher": str(resolve(first.top)),
-              "levels": {}}
-    for spec in chain.levels:  # each level a run of the pipeline in OUT/<level>, taught by the one above
-        level, run_path, asked = spec.derive.level, Path(spec.out), spec.record()
-        summary = finished_summary(run_path, asked)
-        if summary is None:
-            resume = (run_path / "train_state.pt").is_file() and not overwrite
-            summary = run(spec, resume=resume, overwrite=overwrite, cli=cli)
-            mark_done(run_path, asked)
-        else:
-            print(f"[skip] {level}: finished in {run_path}")
-        result["levels"][level] = {k: summary.get(k) for k in (
-            "last_test_acc", "best_test_acc", "params", "macs", "fused_test_acc", "epochs")}
-    atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def parse(argv: list[str] | None) -> tuple[Chain, argparse.Namespace]:

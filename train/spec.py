@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from models.errors import ConfigError
+from models.trim import COSTS, IMPORTANCES
 
 from .data import DATASETS
 from .engine import COMPILE_MODES, TrainConfig
@@ -221,6 +222,14 @@ class Trim:
     calibrate_batches: int = 50
 
     def validate(self) -> None:
+        if not (isinstance(self.reduce, (int, float)) and math.isfinite(self.reduce) and 1 < self.reduce <= 1000):
+            raise _bad("--reduce", self.reduce, "a cost reduction factor in (1, 1000], such as 2")
+        if self.by not in COSTS:
+            raise _bad("--by", self.by, f"one of {', '.join(COSTS)}")
+        if self.importance not in IMPORTANCES:
+            raise _bad("--importance", self.importance, f"one of {', '.join(IMPORTANCES)}")
+        if self.round_to is not None and not 1 <= self.round_to <= 256:
+            raise _bad("--round-to", self.round_to, "a channel multiple in [1, 256], such as 8")
         if self.calibrate_batches < 0:
             raise _bad("--calibrate-batches", self.calibrate_batches, "0 (none) or more")
 

@@ -11,7 +11,6 @@ import io
 import multiprocessing
 import os
 import struct
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -26,10 +25,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from tqdm import tqdm
 
 from models.errors import DataError
 
+from ..progress import Progress
 from .base import ArrayData, _check_memory, _one_line
 from .subsets import _subset_indices
 
@@ -357,7 +356,7 @@ def _decode_images(tree: ImageTree, names: Sequence[str], size: int, crop: float
         pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
         try:
             results = pool.imap(_decode_chunk, tasks()) if pool else map(_decode_chunk, tasks())
-            with tqdm(total=len(names), desc=desc, unit="img", disable=not sys.stderr.isatty()) as bar:
+            with Progress(len(names), desc, unit="img") as bar:
                 for i, array in enumerate(results):
                     out[i * chunk : i * chunk + len(array)] = torch.from_numpy(array)
                     bar.update(len(array))

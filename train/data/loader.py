@@ -27,6 +27,7 @@ class BatchLoader(Protocol):
     num_samples: int
     batch_size: int
     train: bool
+    labels: torch.Tensor  #: the split's labels, all ranks' (what an epoch leaves out is counted from them)
 
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -98,6 +99,9 @@ class Loader:
         world_size: Number of processes.
         channels_last: Return ``x`` in channels-last memory format.
     """
+
+    #: How it loads (the start line names it).
+    kind = "in-memory"
 
     def __init__(
         self,

@@ -134,6 +134,9 @@ class StreamLoader:
         channels_last: return ``x`` in channels-last memory format.
     """
 
+    #: How it loads (the start line names it).
+    kind = "streaming"
+
     def __init__(self, tree: ImageTree, items: Sequence[tuple[str, int]], info: DatasetInfo, batch_size: int, *,
                  train: bool, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
                  workers: int = 4, channels_last: bool = False) -> None:

@@ -16,8 +16,7 @@ from typing import Any, Callable, Sequence
 from models.errors import ReduceNetError
 
 from .. import pyramid, stage1, stage2, trim
-from ..pipeline import run
-from ..pyramid import Chain, run_chain
+from ..pipeline import Chain, run, run_chain
 from ..rundir import finished_summary, in_use, mark_done, same_record
 from .report import epochs, median_epoch_seconds
 from .specs import Row

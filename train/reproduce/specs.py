@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import torch
 
-from ..pyramid import Chain, chain_of
+from ..pipeline import Chain, chain_of
 from ..spec import Distil, Fresh, Inherit, RunSpec, Trim
 
 #: Epochs per budget: (stage 1, stage 2). ``medium`` is the CPU budget of the results issue (30 + 30 vs 60
