@@ -106,3 +106,39 @@ def test_an_image_folder_evaluates_through_the_training_data_path(tmp_path):
     stream = evaluate.run(evaluate.build_parser().parse_args([*args, "--loader", "stream", "--workers", "1"]))
     assert stream["count"] == memory["count"] == 60 and "streamed" in stream["data"]
     assert stream["classes"] == memory["classes"] and 0 <= stream["test_acc"] <= 100
+
+
+def _reduce20(tmp_path, name: str, change=None, metadata=None):
+    """A reduce20 student checkpoint for CIFAR-10, its weights changed by ``change``."""
+    torch.manual_seed(0)
+    model = models.create_model("reduce20", expansion=0).eval()
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    return models.save_checkpoint(model, tmp_path / f"{name}.safetensors",
+                                  {"dataset": "cifar10", **(metadata or {})})
+
+
+def test_outputs_that_are_not_finite_or_classes_of_other_names_are_errors_not_accuracies(tmp_path, capsys):
+    """Not "10.42%": a model whose outputs are NaN is named as such; a folder whose class names differ from the
+    ones the model was trained on is refused even when the count agrees."""
+    nan = _reduce20(tmp_path, "nan", lambda m: m.fc.weight.fill_(float("nan")))
+    other = _reduce20(tmp_path, "other", metadata={"classes": [f"c{i}" for i in range(10)]})
+    for argv, words in (([str(nan)], "not finite (NaN or inf) for 1,017 of 1,017 test images"),
+                        ([str(other)], "class 0 is 'c0' there, 'airplane' here")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([*argv, "--data-dir", str(CIFAR10)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_a_teacher_with_absurd_logits_is_named_before_distillation(tmp_path, capsys):
+    from train import stage2
+
+    huge = _reduce20(tmp_path, "huge", lambda m: m.fc.weight.mul_(1e7))
+    with pytest.raises(SystemExit) as e:
+        stage2.main(["--teacher", str(huge), "-m", "reduce20", "--data-dir", str(CIFAR10), "--subset", "64",
+                     "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the teacher's logits reach" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()

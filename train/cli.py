@@ -15,7 +15,7 @@ import torch.nn as nn
 from models import load_checkpoint
 from models.identity import set_preprocess
 from models.checkpoint import resolve
-from models.errors import ConfigError, DataError
+from models.errors import CheckpointError, ConfigError, DataError
 
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size
@@ -177,7 +177,8 @@ def load_data(data: DataSpec, seed: int, channels_last: bool, info: Dist, device
 def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:
     """What checkpoints record about the data, so that stage 2 finds the teacher's data by itself."""
     return {"dataset": data.info.name, "data": data.info.label, "data_dir": str(data_root(data_dir)),
-            "data_source": str(data.info.source), "image_size": data.info.image_size}
+            "data_source": str(data.info.source), "image_size": data.info.image_size,
+            "classes": list(data.info.classes)}
 
 
 def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bool = False, overwrite: bool = False,
@@ -275,13 +276,37 @@ def load_teacher_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
     return teacher, teacher.checkpoint_metadata, p
 
 
+def check_classes(model: nn.Module, info, what: str, fix: str) -> None:
+    """Refuse data whose classes are not the model's: by count, and by name where the checkpoint recorded them
+    (two 10-class folders in another order would otherwise report a meaningless accuracy)."""
+    if model.num_classes != info.num_classes:
+        raise DataError(f"{what} has {model.num_classes} classes but {info.label} has {info.num_classes}; {fix}")
+    names = (getattr(model, "checkpoint_metadata", None) or {}).get("classes")
+    if names and list(names) != list(info.classes):
+        differ = next(i for i, (a, b) in enumerate(zip(names, info.classes)) if a != b)
+        raise DataError(f"{what} was trained on other classes than {info.label}: class {differ} is "
+                        f"{names[differ]!r} there, {info.classes[differ]!r} here; {fix}")
+
+
+#: The largest teacher logit accepted (:func:`check_teacher`); trained classifiers stay below about 100.
+MAX_TEACHER_LOGIT = 1e4
+
+
 def check_teacher(teacher: nn.Module, data: Data) -> None:
-    """Refuse a teacher of another class count than the data; give a checkpoint written before models recorded
+    """Refuse a teacher of another class count than the data, or whose logits on the first test images are not
+    finite or absurdly large (above :data:`MAX_TEACHER_LOGIT`); give a checkpoint written before models recorded
     their preprocessing the dataset's mean and std, which is what it was trained with."""
-    if teacher.num_classes != data.info.num_classes:
-        raise DataError(f"the teacher has {teacher.num_classes} classes but {data.info.label} has "
-                        f"{data.info.num_classes}; pass the teacher's --dataset/--data-dir")
+    check_classes(teacher, data.info, "the teacher", "pass the teacher's --dataset/--data-dir")
     set_preprocess(teacher, teacher.preprocess or normalization("dataset", data.info))
+    data.normalize(teacher.preprocess)  # the student's own normalisation replaces it later
+    x, _ = next(iter(data.test))
+    teacher.to(x.device).eval()
+    with torch.no_grad():
+        peak = teacher(x[:64]).float().abs().max().item()
+    if not peak < MAX_TEACHER_LOGIT:  # NaN too
+        raise CheckpointError(f"the teacher's logits reach {peak:.3g} on the first test images (a trained classifier's "
+                              f"stay below about 100): its checkpoint is damaged or was not trained on these inputs, "
+                              "and a student distilled from it would diverge; check --inherit/--teacher and --data-dir")
 
 
 def teachers_data(data: DataSpec, teacher_meta: dict[str, Any]) -> DataSpec:

@@ -405,7 +405,8 @@ class Trainer:
 
     def _finish_epoch(self, row: dict[str, float], epoch: int, t0: float) -> None:
         """Evaluate, complete ``row`` as epoch ``epoch`` (1-based; 0 before any training) and hand it on."""
-        metrics = self.evaluate()
+        metrics = check_finite(self.evaluate(), f"the model after epoch {epoch}"
+                               + (f" (the last good checkpoint, epoch {self.epoch}, is kept)" if self.epoch else ""))
         row.update(test_loss=metrics["test_loss"], test_acc=metrics["test_acc"], epoch=epoch,
                    epoch_s=time.perf_counter() - t0)
         self.history.append(row)
@@ -444,7 +445,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     The sums stay on the batches' device until the last batch, so no batch waits for the one before.
 
     Returns:
-        ``test_loss`` (mean cross-entropy), ``test_acc`` and ``top5_acc`` (%), ``count``, and
+        ``test_loss`` (mean cross-entropy), ``test_acc`` and ``top5_acc`` (%), ``count``, ``nonfinite`` (images
+        whose outputs are not all finite: their accuracy means nothing, see :func:`check_finite`), and
         ``per_class_acc`` (%, NaN for a class without test images), summed over all ranks of ``dist_info``.
     """
     dist_info = dist_info or Dist()
@@ -457,22 +459,33 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
             with autocast():
                 logits = model(x).float()
             if sums is None:
-                sums = torch.zeros(3, dtype=torch.float64, device=logits.device)
+                sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
                 hits = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
                 seen = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             right = top[:, 0] == y
             sums += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                                 right.sum().double(), (top == y[:, None]).any(1).sum().double()])
+                                 right.sum().double(), (top == y[:, None]).any(1).sum().double(),
+                                 (~torch.isfinite(logits).all(1)).sum().double()])
             seen.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))  # no bincount: it syncs on a GPU
             hits.index_add_(0, y, right.double())
     finally:
         model.train(was_training)
-    local = [0.0] * (3 + 2 * num_classes) if sums is None else torch.cat([sums, hits, seen]).tolist()
+    local = [0.0] * (4 + 2 * num_classes) if sums is None else torch.cat([sums, hits, seen]).tolist()
     totals = dist_info.sum(local, torch.device(device))
-    loss_sum, correct, correct5 = totals[:3]
-    hits, seen = totals[3:3 + num_classes], totals[3 + num_classes:]
+    loss_sum, correct, correct5, nonfinite = totals[:4]
+    hits, seen = totals[4:4 + num_classes], totals[4 + num_classes:]
     count = int(sum(seen))
     return {"test_loss": loss_sum / max(count, 1), "test_acc": 100.0 * correct / max(count, 1),
-            "top5_acc": 100.0 * correct5 / max(count, 1), "count": count,
+            "top5_acc": 100.0 * correct5 / max(count, 1), "count": count, "nonfinite": int(nonfinite),
             "per_class_acc": [100.0 * h / n if n else float("nan") for h, n in zip(hits, seen)]}
+
+
+def check_finite(metrics: dict[str, Any], what: str) -> dict[str, Any]:
+    """``metrics`` (of :func:`evaluate`), or a one-line :class:`TrainingDiverged` when some outputs were not finite:
+    an accuracy over NaN logits is chance, not a result."""
+    if metrics.get("nonfinite"):
+        raise TrainingDiverged(f"{what} gives outputs that are not finite (NaN or inf) for {metrics['nonfinite']:,} of "
+                               f"{metrics['count']:,} test images, so its accuracy means nothing; its weights or "
+                               "BatchNorm statistics overflowed (a teacher with huge logits, a too high --lr)")
+    return metrics

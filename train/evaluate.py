@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from models import load_checkpoint
-from models.errors import ConfigError, DataError, cli_errors
+from models.errors import ConfigError, cli_errors
 
-from .cli import load_data
+from .cli import check_classes, load_data
 from .data import DATASETS
-from .engine import Dist, evaluate, init_distributed
+from .engine import Dist, check_finite, evaluate, init_distributed
 from .provenance import hardware, native_bf16
 from .preprocess import normalization
 from .spec import DataSpec
@@ -65,13 +65,11 @@ def run(args: argparse.Namespace) -> dict:
     spec.validate()
     data, _ = load_data(spec, 0, False, Dist(), device, eval_batch_size=args.batch_size)
     info = data.info
-    if model.num_classes != info.num_classes:
-        raise DataError(f"the checkpoint has {model.num_classes} classes but {info.label} has "
-                        f"{info.num_classes}; pass the dataset it was trained on with --dataset/--data-dir")
+    check_classes(model, info, "the checkpoint", "pass the dataset it was trained on with --dataset/--data-dir")
     preprocess = model.preprocess or normalization("dataset", info)
     data.normalize(preprocess)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    metrics = evaluate(model, data.test, info.num_classes, autocast, device=device)
+    metrics = check_finite(evaluate(model, data.test, info.num_classes, autocast, device=device), str(args.checkpoint))
     return {"checkpoint": str(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
             "data_source": info.source, "preprocess": preprocess, "classes": info.classes,
             "hardware": hardware(device), **metrics}
