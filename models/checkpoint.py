@@ -64,14 +64,27 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
+        # safetensors and torch.save report a full disk or a failed write as their own errors, not as OSError
+        failed_write = isinstance(e, SafetensorError) or (isinstance(e, RuntimeError) and any(
+            w in str(e) for w in ("PytorchStreamWriter", "inline_container", "file write failed")))
+        full = failed_write and _disk_full(path.parent)  # before the partial file is removed
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, ReduceNetError):
-            reason = " ".join((e.strerror or str(e)).split())
+        if (isinstance(e, OSError) or failed_write) and not isinstance(e, ReduceNetError):
+            reason = " ".join((getattr(e, "strerror", None) or str(e)).split())[:160]
+            if full and "No space" not in reason:
+                reason = f"no space left on the disk: {reason}"
             raise WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
-                             "free some disk space or choose a writable folder") from e
+                             "free some disk space or choose a writable folder") from None
         raise
     return path
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize < 1 << 20
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("source", choices=SOURCES, help="which project wrote the files")
     p.add_argument("files", nargs="+", help=".pth state_dicts to convert")
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--dataset", default=None,
+    p.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "imagefolder"),
                    help="dataset the weights were trained on, recorded for train.stage2/evaluate "
                         "(default: cifar10 for 10 classes, cifar100 for 100)")
     p.add_argument("--overwrite", action="store_true", help="replace existing checkpoints of the same names")
@@ -135,7 +135,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} is a file; pass a folder")
     jobs = []
+    stems: dict[str, Path] = {}
     for f in map(Path, args.files):
+        if f.stem in stems:  # both would be written to one file, the second over the first
+            raise CheckpointError(f"{stems[f.stem]} and {f} would both be written to {out / f.stem}.safetensors; "
+                                  "convert them into separate --out folders or rename one")
+        stems[f.stem] = f
         dest = out / f"{f.stem}.safetensors"
         if dest.exists() and not args.overwrite:
             raise CheckpointError(f"{dest} exists; pass --overwrite to replace it or choose another --out")

@@ -160,3 +160,14 @@ def test_stage2_with_semckd_and_at(tmp_path):
                               "--no-export", "--out", str(tmp_path / mode)])
         rows = (tmp_path / mode / "metrics.csv").read_text().splitlines()
         assert "loss_features" in rows[0] and s["feature_kd"].startswith("SemCKD" if mode == "semckd" else "Feat")
+
+
+@pytest.mark.parametrize("main, extra", [(stage1.main, ["-m", "torchvision:vit_b_16"]),
+                                         (stage1.main, ["-m", "torchvision:inception_v3"])])
+def test_a_model_that_cannot_take_the_data_s_size_is_refused_before_training(tmp_path, capsys, main, extra):
+    with pytest.raises(SystemExit) as e:
+        main([*extra, "--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--epochs", "1",
+              "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot take 32 px inputs" in err and "--image-size" in err
+    assert not (tmp_path / "run").exists()

@@ -318,3 +318,22 @@ def test_a_deeply_nested_record_and_a_non_path_are_one_line(tmp_path):
         with pytest.raises(models.CheckpointError) as e:
             models.load_checkpoint(bad)
         one_line(e)
+
+
+@pytest.mark.parametrize("failure", [
+    lambda: __import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on device"),
+    lambda: RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file"),
+    lambda: OSError(28, "No space left on device"),
+])
+def test_a_disk_that_fills_during_a_write_is_one_line_and_the_last_good_file_stays(tmp_path, failure):
+    path = tmp_path / "last.safetensors"
+    path.write_bytes(b"the last good checkpoint")
+
+    def write(tmp):
+        Path(tmp).write_bytes(b"half of it")
+        raise failure()
+
+    with pytest.raises(ckpt_mod.WriteError) as e:
+        ckpt_mod.atomic_write(path, write)
+    assert "cannot write" in one_line(e) and "free some disk space" in str(e.value)
+    assert path.read_bytes() == b"the last good checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]

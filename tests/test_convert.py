@@ -141,3 +141,19 @@ def test_cli_converts_the_original_checkpoints(tmp_path, capsys):
         main(["reducenet-original", str(files[0]), "--out", str(tmp_path)])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert written[0].read_bytes() == before
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"needs {ORIGINAL}")
+@pytest.mark.parametrize("extra, words", [(["--dataset", "bogus set"], "invalid choice"),
+                                          (["SAME"], "would both be written to")])
+def test_cli_refuses_an_unknown_dataset_and_two_inputs_of_one_name(tmp_path, capsys, extra, words):
+    import shutil
+
+    teacher = ORIGINAL / "reduce20_cifar10_e1_w1_teacher.pth"
+    (tmp_path / "other").mkdir()
+    twin = shutil.copy(ORIGINAL / "reduce20_cifar10_e1_w1_student.pth", tmp_path / "other" / teacher.name)
+    files = [str(teacher), str(twin)] if extra == ["SAME"] else [str(teacher)]
+    with pytest.raises(SystemExit) as e:
+        main(["reducenet-original", *files, "--out", str(tmp_path / "out"), *[x for x in extra if x != "SAME"]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and not (tmp_path / "out").exists()

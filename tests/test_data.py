@@ -464,6 +464,16 @@ def test_link_loops_and_duplicate_links_count_each_file_once(tmp_path):
     assert [n for n, _ in scan_image_tree(root).train][-2:] == ["train/cat/ext/x0.png", "train/cat/ext/x1.png"]
 
 
+@pytest.mark.parametrize("link", ["self", "dangling"])
+def test_a_link_to_itself_or_to_nothing_is_one_line(tmp_path, link):
+    root = make_tree(tmp_path / "tree")
+    bad = root / "train" / "cat" / "bad.png"
+    bad.symlink_to(bad if link == "self" else tmp_path / "gone.png")
+    with pytest.raises(DataError) as e:
+        scan_image_tree(root)
+    assert "train/cat/bad.png" in one_line_error(e) and "link" in str(e.value)
+
+
 def png16(path: Path, a: np.ndarray) -> None:
     """Writes a 16-bit PNG (grey, grey+alpha, RGB or RGBA by the last axis) of uint16 ``a`` (PIL cannot)."""
     h, w, c = a.shape

@@ -87,6 +87,22 @@ def torch_default_init(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_input_size(model: nn.Module, name: str, image_size: int) -> None:
+    """Refuse, in one line, a model that cannot take inputs of ``image_size`` (a ViT built for 224 px given CIFAR's
+    32 px, an Inception given less than 75 px): one forward pass of one image, before anything is trained."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:  # the architectures raise AssertionError, ValueError or RuntimeError
+        reason = " ".join(str(e).split())[:120]
+        raise ConfigError(f"{name} cannot take {image_size} px inputs ({type(e).__name__}: {reason}); pass "
+                          "--image-size with the size it needs (image folders), or choose a model made for small "
+                          "images (python -m models lists the zoo)") from None
+    finally:
+        model.train(was_training)
+
+
 def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Module, str, Fresh]:
     """The model of ``derive``, its role (teacher, scratch student or model) and ``derive`` resolved (a ReduceNet's
     expansion and width)."""
@@ -101,6 +117,7 @@ def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Mo
             raise ConfigError(f"{given[0]} belongs to ReduceNet's families; {derive.model} takes neither")
         sized = {"image_size": image_size} if accepts(derive.model, "image_size") else {}
         model, role = create_model(derive.model, num_classes=num_classes, **sized), "model"
+    check_input_size(model, derive.model, image_size)
     if derive.init == "torch":
         torch_default_init(model)
     if derive.weights:
@@ -163,6 +180,7 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
     else:
         sized = {"image_size": image_size} if accepts(derive.model, "image_size") else {}
         student = create_model(derive.model, num_classes=num_classes, **sized)
+        check_input_size(student, derive.model, image_size)
     if derive.weights:
         load_pretrained(student, derive.weights)
     return student

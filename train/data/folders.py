@@ -197,7 +197,14 @@ def _walk(folder: Path) -> list[str]:
         for e in entries:
             if e.name.startswith(".") or e.name == "__MACOSX":
                 continue
-            name, is_dir, link = rel + e.name, e.is_dir(), e.is_symlink()
+            try:
+                name, is_dir, link = rel + e.name, e.is_dir(), e.is_symlink()
+            except OSError as err:  # a link that points to itself (ELOOP), or an entry gone while listing
+                raise DataError(f"{folder}: cannot follow {rel + e.name} ({err.strerror}); remove or fix the link") \
+                    from None
+            if link and not os.path.exists(e.path):  # a dangling link, or a loop of links: no file behind it
+                raise DataError(f"{folder}: {name} is a link to nothing readable "
+                                f"({os.readlink(e.path)}); remove or fix the link")
             real = os.path.realpath(e.path) if link else os.path.join(real_dir, e.name)
             if link and real.startswith(root + os.sep):  # a link to elsewhere in the tree
                 target = os.path.relpath(real, root).replace(os.sep, "/")
