@@ -31,6 +31,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
     return counter.get_total_flops() // 2
 
 
-def complexity(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, int]:
-    """``{"params": ..., "macs": ...}`` of ``model`` for one input of ``input_size``."""
+def complexity(model: nn.Module, input_size: tuple[int, ...] | None = None) -> dict[str, int]:
+    """``{"params": ..., "macs": ...}`` of ``model`` for one input of ``input_size`` (default: the input size its
+    preprocessing records, else ``(1, 3, 32, 32)``)."""
+    if input_size is None:
+        recorded = (getattr(model, "preprocess", None) or {}).get("input_size")
+        input_size = (1, *recorded) if recorded else (1, 3, 32, 32)
     return {"params": count_params(model), "macs": count_macs(model, input_size)}

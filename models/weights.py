@@ -23,8 +23,11 @@ from .registry import classifier_of
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a safetensors or ``.pth`` file, on the CPU; one-line errors otherwise."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a .safetensors or .pth file of weights")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise CheckpointError(f"{path} is {kind}; pass a .safetensors or .pth file of weights")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

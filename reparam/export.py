@@ -7,6 +7,7 @@ it. A failed check leaves ``out_dir`` as it was, or absent.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import warnings
@@ -48,31 +49,52 @@ def _check(kind: str, diff: float, atol: float) -> float:
 def export_deploy(
     model: nn.Module,
     out_dir: str | Path,
-    input_size: tuple[int, int, int] = (3, 32, 32),
+    input_size: tuple[int, int, int] | None = None,
     onnx: bool = True,
     torchscript: bool = True,
     atol: float = 1e-4,
     metadata: dict | None = None,
+    pt2: bool = True,
 ) -> ExportReport:
-    """Fuse ``model`` and write ``model.safetensors``/``model.json``, ``model.ts`` and ``model.onnx``.
+    """Fuse ``model`` and write ``model.safetensors``/``model.json``, ``model.pt2`` (``torch.export``),
+    ``model.ts`` (TorchScript, deprecated upstream) and ``model.onnx``, each checked against the unfused model.
 
     Args:
         model: the trained (unfused) student; any model :func:`fuse_model` accepts.
         out_dir: destination folder (created; existing files of the same names are replaced).
-        input_size: ``(C, H, W)`` of the random check input.
+        input_size: ``(C, H, W)`` of the random check input (default: the model's recorded ``input_size``, else
+            ``(3, 32, 32)``).
         onnx: also write ONNX (checked with onnxruntime when it is installed).
         torchscript: also write a traced TorchScript file.
         atol: the largest logit difference accepted, in float32, relative to the largest logit magnitude of the
             check (at least 1): random input can give an untrained or trimmed model huge logits.
-        metadata: stored in the checkpoint's JSON.
+        metadata: stored in the checkpoint's JSON (JSON data only).
+        pt2: also write a ``torch.export`` program with a dynamic batch (``torch.export.load(path).module()``).
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"export_deploy needs a torch.nn.Module, got {type(model).__name__}")
+    if input_size is None:
+        recorded = (getattr(model, "preprocess", None) or {}).get("input_size")
+        input_size = tuple(recorded) if recorded else (3, 32, 32)
     if len(input_size) != 3 or not all(isinstance(n, int) and n > 0 for n in input_size):
         raise ReparamError(f"input_size must be (channels, height, width), positive whole numbers; got {input_size!r}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as e:
+        raise ReparamError(f"export metadata must be JSON data (numbers, strings, lists, dicts): {e}") from None
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReparamError(f"{out_dir} is a file; pass a folder for the deploy files")
+    try:
+        return _export(model, out_dir, tuple(input_size), onnx, torchscript, pt2, atol, metadata)
+    except OSError as e:  # a read-only or full disk: the staged files are gone, the folder as it was
+        reason = " ".join((e.strerror or str(e)).split())
+        raise ReparamError(f"cannot write the deploy files to {out_dir} ({reason}); choose a writable folder with "
+                           "free space") from None
+
+
+def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], onnx: bool, torchscript: bool,
+            pt2: bool, atol: float, metadata: dict | None) -> ExportReport:
     model = copy.deepcopy(model).float().cpu().eval()
     fused = fuse_model(model)
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
@@ -100,6 +122,21 @@ def export_deploy(
                 loaded = torch.jit.load(str(tmp / "model.ts"))
                 report.max_diff["torchscript"] = _check("TorchScript", (loaded(x) - reference).abs().max().item(), atol)
             staged["torchscript"] = tmp / "model.ts"
+        program = None
+        if pt2:
+            try:
+                batch = torch.export.Dim("batch", min=1, max=1 << 16)
+                program = torch.export.export(fused, (x,), dynamic_shapes=({0: batch},))
+            except Exception as e:  # an architecture torch.export cannot capture: the other forms still serve
+                reason = " ".join(str(e).split())[:160]
+                warnings.warn(f"model.pt2 not written: torch.export cannot capture {type(fused).__name__} "
+                              f"({type(e).__name__}: {reason})", stacklevel=3)
+        if program is not None:
+            torch.export.save(program, str(tmp / "model.pt2"))
+            loaded = torch.export.load(str(tmp / "model.pt2")).module()
+            with torch.no_grad():
+                report.max_diff["pt2"] = _check("torch.export", (loaded(x) - reference).abs().max().item(), atol)
+            staged["pt2"] = tmp / "model.pt2"
         if onnx:
             staged["onnx"] = tmp / "model.onnx"
             diff = _export_onnx(fused, x, reference, staged["onnx"])

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX file")
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript file")
+    p.add_argument("--no-pt2", action="store_true", help="skip the torch.export file (model.pt2)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input height/width of the check (default: the checkpoint's input size, else 32)")
     args = p.parse_args(argv)
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_checkpoint(args.checkpoint)
     size = args.image_size or ((model.preprocess or {}).get("input_size") or [3, 32, 32])[-1]
     report = export_deploy(model, args.out, (3, size, size), onnx=not args.no_onnx,
-                           torchscript=not args.no_torchscript,
+                           torchscript=not args.no_torchscript, pt2=not args.no_pt2,
                            metadata={"fused_from": str(args.checkpoint), **model.checkpoint_metadata})
     print(report)
 

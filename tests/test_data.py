@@ -464,6 +464,13 @@ def test_link_loops_and_duplicate_links_count_each_file_once(tmp_path):
     assert [n for n, _ in scan_image_tree(root).train][-2:] == ["train/cat/ext/x0.png", "train/cat/ext/x1.png"]
 
 
+def test_a_tree_of_one_class_is_refused(tmp_path):
+    root = make_tree(tmp_path / "tree", classes=("cat",))
+    with pytest.raises(DataError) as e:
+        scan_image_tree(root)
+    assert "one class folder" in one_line_error(e)
+
+
 @pytest.mark.parametrize("link", ["self", "dangling"])
 def test_a_link_to_itself_or_to_nothing_is_one_line(tmp_path, link):
     root = make_tree(tmp_path / "tree")
@@ -503,8 +510,9 @@ def test_16_bit_and_other_modes_decode_to_8_bit_rgb(tmp_path):
     la.save(folder / "f.png")
     cmyk = Image.fromarray(a8).convert("CMYK")
     cmyk.save(folder / "g.tiff")
-    (tmp_path / "tree" / "test" / "x").mkdir(parents=True)
-    Image.fromarray(a8).save(tmp_path / "tree" / "test" / "x" / "0.png")
+    for split, c in (("test", "x"), ("train", "y"), ("test", "y")):  # a second class: one class is refused
+        (tmp_path / "tree" / split / c).mkdir(parents=True)
+        Image.fromarray(a8).save(tmp_path / "tree" / split / c / "0.png")
     assert Image.open(folder / "a.png").mode == "I;16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning from PIL either

@@ -296,3 +296,31 @@ def test_a_run_says_what_it_is_before_its_first_step_and_what_an_epoch_leaves_ou
     assert data == ("data: tiny (test): 3 classes, 50 train / 20 test images at 8 px, in-memory loader; 48 of 50 "
                     "training images per epoch (last partial batch dropped)")
     assert run.startswith("run: cpu, float32, 1 epoch of 6 steps (batch 8); writes ") and str(tmp_path) in run
+
+
+def test_after_a_kill_before_the_first_epoch_both_messages_say_overwrite_and_the_stale_temp_goes(tmp_path):
+    """A run killed before its first checkpoint leaves args.json and a half-written temp file: a fresh start and a
+    --resume both say what works (--overwrite); the run that then owns the folder removes the temp file."""
+    import json as _json
+
+    from train.rundir import RunDir, RunDirError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(_json.dumps({"argv": [], "args": {}}))
+    (run / ".last.safetensors.x1y2.tmp").write_bytes(b"half")
+    (run / "run.lock").write_text("pid 1\n")
+    messages = []
+    for resume in (False, True):
+        with pytest.raises(RunDirError) as e:
+            RunDir(run, resume=resume).open()
+        messages.append(str(e.value))
+    assert all("--overwrite" in m and "before its first epoch ended" in m for m in messages)
+    assert "--resume to continue" not in messages[0]
+    with RunDir(run, overwrite=True).open():
+        assert not (run / ".last.safetensors.x1y2.tmp").exists()
+    stale_only = tmp_path / "stale"
+    stale_only.mkdir()
+    (stale_only / ".metrics.csv.a.tmp").write_text("")
+    with RunDir(stale_only).open():  # only a killed write's temp file: no run to protect
+        assert not (stale_only / ".metrics.csv.a.tmp").exists()

@@ -201,10 +201,10 @@ def test_export_deploy_writes_verified_files(tmp_path, randomize, make_images):
     reference_model = copy.deepcopy(model)
     out = tmp_path / "out"
     report = export_deploy(model, out, metadata={"note": "test"})
-    names = {"model.safetensors", "model.json", "model.ts", "model.onnx"}
+    names = {"model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"}
     assert set(p.name for p in out.iterdir()) == names  # no leftover temp folder
     assert {p.name for p in report.files.values()} == names and all(p.parent == out for p in report.files.values())
-    assert {"fused", "torchscript", "onnx"} <= set(report.max_diff)
+    assert {"fused", "torchscript", "onnx", "pt2"} <= set(report.max_diff)
     assert all(0 <= d <= 1e-4 for d in report.max_diff.values())
 
     x = make_images(3, seed=5)  # another batch size than the export check
@@ -212,6 +212,8 @@ def test_export_deploy_writes_verified_files(tmp_path, randomize, make_images):
         ref = reference_model(x)
         ts = torch.jit.load(str(out / "model.ts"))
         assert (ts(x) - ref).abs().max().item() <= 1e-4
+        program = torch.export.load(str(out / "model.pt2")).module()  # torch.export, with a dynamic batch
+        assert (program(x) - ref).abs().max().item() <= 1e-4
         deploy = models.load_checkpoint(out / "model.safetensors").eval()
         assert deploy.config["inference_mode"] is True and deploy.config["expansion"] == 0
         assert not _has_unfused(deploy)
@@ -268,7 +270,7 @@ def test_fuse_cli_success(tmp_path, randomize, make_images):
     out = tmp_path / "deploy"
     p = run_fuse(str(tmp_path / "run"), "--out", str(out))  # a run directory: uses last.safetensors
     assert p.returncode == 0, p.stderr
-    assert {"model.safetensors", "model.json", "model.ts", "model.onnx"} == {f.name for f in out.iterdir()}
+    assert {"model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"} == {f.name for f in out.iterdir()}
     assert models.read_record(out / "model.safetensors")["metadata"]["fused_from"] == str(tmp_path / "run")
     deploy = models.load_checkpoint(out / "model.safetensors").eval()
     x = make_images(2, seed=3)
@@ -357,3 +359,33 @@ def test_flatten_keeps_the_function_and_the_weights_and_drops_the_wrappers(name,
     x = make_images(2)
     with torch.no_grad():
         assert torch.equal(flat(x), fused(x))
+
+
+def test_export_refuses_metadata_that_is_not_json_and_a_read_only_folder_in_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    from models.errors import ReparamError
+
+    model = models.create_model("reduce20", expansion=0).eval()
+    with pytest.raises(ReparamError) as e:
+        export_deploy(model, tmp_path / "a", metadata={"when": object()})
+    assert "JSON" in one_line(e) and not (tmp_path / "a").exists()
+
+    def read_only(*a, **k):  # what a folder without write permission does (root writes anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
+    with pytest.raises(ReparamError) as e:
+        export_deploy(model, tmp_path / "deploy", onnx=False, torchscript=False, pt2=False)
+    assert "cannot write the deploy files" in one_line(e) and "Permission denied" in str(e.value)
+
+
+def test_export_and_complexity_default_to_the_recorded_input_size(tmp_path):
+    from models.identity import set_preprocess
+
+    model = models.create_model("reduce20", expansion=0).eval()
+    set_preprocess(model, {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 64, 64]})
+    assert models.complexity(model)["macs"] == models.count_macs(model, (1, 3, 64, 64))
+    report = export_deploy(model, tmp_path / "d", onnx=False, torchscript=False)
+    program = torch.export.load(str(report.files["pt2"])).module()
+    assert program(torch.zeros(1, 3, 64, 64)).shape == (1, 10)

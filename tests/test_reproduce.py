@@ -721,3 +721,34 @@ def test_a_table_row_naming_an_option_no_spec_has_fails_at_import(monkeypatch):
         reproduce.Row("r", "g", RunSpec.of(Inherit("t"), epochs=1, lambda_epochs=2.0))])
     with pytest.raises(ConfigError):  # a value no run takes (lambda without LoRA) fails there too
         specs.check_tables()
+
+
+def test_jobs_leave_a_row_that_another_process_trains_and_say_so(tmp_path):
+    """A concurrent `train.reproduce` (or a user's command) holding a row's lock: that row is "[busy]", not
+    "[failed]"; the rows that inherit from it wait; the others train; the message says to run it again later."""
+    from train.rundir import mark_done
+
+    teacher, scratch, kd = reproduce.cifar10_rows(reproduce.build_parser().parse_args(
+        smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper")))
+    started = []
+
+    class Job:
+        def __init__(self, row):
+            started.append(row.run.name)
+            self.row = row
+
+        def poll(self):
+            self.row.run.mkdir(parents=True, exist_ok=True)
+            (self.row.run / "summary.json").write_text("{}")
+            mark_done(self.row.run, self.row.spec.record())
+            return 0
+
+    log: list[str] = []
+    with RunDir(teacher.run, overwrite=True).open():  # another process trains the teacher row
+        with pytest.raises(reproduce.RowsFailed, match="being trained by another process"):
+            reproduce.train_parallel([teacher, scratch, kd], [], 2, "cpu", log.append, poll_s=0,
+                                     launch=lambda a, row, slot, j, d: Job(row))
+    assert started == [scratch.run.name] and reproduce.finished(scratch)
+    assert f"[busy] {teacher.run.name}: another process is training it; not started here" in log
+    assert any(line.startswith(f"[not started] {kd.run.name}") for line in log)
+    assert not any(line.startswith("[failed]") for line in log)

@@ -214,7 +214,7 @@ def test_end_to_end_stage1_stage2_fuse(teacher, student):
     assert check["count"] == 60 and check["max_abs_diff"] < 1e-3
     assert abs(summary["fused_test_acc"] - summary["unfused_test_acc"]) <= 100 * check["flips"] / check["count"]
     assert summary["teacher_test_acc"] == pytest.approx(teacher["summary"]["last_test_acc"])
-    for name in ("model.safetensors", "model.json", "model.ts", "model.onnx"):
+    for name in ("model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"):
         assert (run / "deploy" / name).is_file(), name
     assert not hidden_files(run / "deploy")
     assert json.loads((run / "summary.json").read_text())["fused_test_acc"] == summary["fused_test_acc"]

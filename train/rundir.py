@@ -37,6 +37,11 @@ RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "
 LOCK = "run.lock"
 
 
+def _stale(p: Path) -> bool:
+    """A temporary file of an atomic write (``.NAME.XXXX.tmp``), left behind when its process was killed."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
 class RunDirError(ReduceNetError):
     """The run directory cannot be used as asked (occupied, locked, not a folder, options differ on resume)."""
 
@@ -136,19 +141,29 @@ class RunDir:
         self._committed = resume
 
     def holds_run(self) -> bool:
-        """Whether the folder holds anything but a lock (a finished or failed run's own lock does not count)."""
-        return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+        """Whether the folder holds anything but a lock and the temporary files of a killed run's writes."""
+        return self.path.is_dir() and any(p.name != LOCK and not _stale(p) for p in self.path.iterdir())
 
     def open(self) -> RunDir:
         """Check the folder, take its lock and, with ``--resume``, check the options; writes nothing else."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file; pass a folder for the run")
-        if self.resume and not (self.path / "train_state.pt").is_file():
-            raise RunDirError(f"--resume: {self.path} has no train_state.pt to resume from; "
-                              "drop --resume to start a new run")
+        resumable = (self.path / "train_state.pt").is_file()
+        started = (self.path / "args.json").is_file()  # a run began here (killed before its first epoch ended?)
+        if self.resume and not resumable:
+            why = ("its run stopped before its first epoch ended, so there is nothing to resume" if started
+                   else "it holds no run")
+            raise RunDirError(f"--resume: {self.path} has no train_state.pt ({why}); start the run anew with "
+                              "--overwrite instead of --resume")
         if not self.resume and self.holds_run() and not self.overwrite:
-            raise RunDirError(f"run directory {self.path} already holds a run; pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
+            if resumable:
+                raise RunDirError(f"run directory {self.path} already holds a run; pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --out")
+            if started:
+                raise RunDirError(f"run directory {self.path} holds a run that stopped before its first epoch ended "
+                                  "(nothing to resume); pass --overwrite to start it anew, or choose another --out")
+            raise RunDirError(f"--out {self.path} is not empty; choose another --out, or pass --overwrite (it removes "
+                              "only the files a run writes)")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -192,8 +207,9 @@ class RunDir:
             differ.append(f"{self.record.get('world_size', 1)} processes (run: {saved.get('world_size', 1)})")
         if differ:
             shown = ", ".join(differ)
-            raise RunDirError(f"--resume with other options than the run's ({shown}); repeat the run's options "
-                              f"(see {self.path / 'args.json'}), or start a new run with --overwrite or another --out")
+            raise RunDirError(f"the run in {self.path} was started with other options ({shown}), so it cannot "
+                              f"continue with these: repeat its options to continue it (see "
+                              f"{self.path / 'args.json'}), or pass --overwrite or another --out to start anew")
         changed = {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES
                    if k in ("lr", "amp", "device") and old.get(k) != new.get(k)}
         changed.update({k: [None, new[k]] for k in added})

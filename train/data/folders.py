@@ -294,6 +294,9 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     if test_key is None:
         raise DataError(f"{source} has {top}train/ but no {top}test/ or {top}val/ class folders; add the test split")
     classes = sorted(splits[top + "train"])
+    if len(classes) < 2:  # every prediction would be right: a 100% that means nothing
+        raise DataError(f"{source} has one class folder ({top}train/{classes[0]}/); a classifier needs two or more "
+                        "class folders under train/ and test/")
     unknown = sorted(set(splits[test_key]) - set(classes))
     if unknown:
         raise DataError(

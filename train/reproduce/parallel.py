@@ -21,6 +21,7 @@ import torch
 
 from models.errors import ReduceNetError
 
+from ..rundir import in_use
 from .runner import finished, resumable
 from .specs import Row, inherits_from
 
@@ -89,6 +90,7 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
     pending = sorted((r for r in rows if not finished(r)), key=lambda r: not resumable(r))
     running: dict[int, tuple[Row, Job, float]] = {}  # slot -> row, job, start time
     failed: list[Row] = []
+    elsewhere: list[Row] = []  # rows another process is training
     # a `kill` stops the jobs as Ctrl-C does, instead of leaving them training without a parent
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
@@ -107,7 +109,15 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
             for row in list(pending):
                 needs = inherits_from(row, rows)
                 busy = [r for r, _, _ in running.values()]
-                if any(d in failed for d in needs):
+                if in_use(row.run):  # another process (another reproduce, a user's command) trains it now
+                    pending.remove(row)
+                    elsewhere.append(row)
+                    log(f"[busy] {row.run.name}: another process is training it; not started here")
+                elif any(d in elsewhere for d in needs):
+                    pending.remove(row)
+                    elsewhere.append(row)
+                    log(f"[not started] {row.run.name}: the row it inherits from is being trained by another process")
+                elif any(d in failed for d in needs):
                     pending.remove(row)
                     failed.append(row)
                     log(f"[not started] {row.run.name}: a row it inherits from failed")
@@ -127,6 +137,10 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if elsewhere and not failed:
+        raise RowsFailed(f"{len(elsewhere)} of {len(rows)} rows are being trained by another process "
+                         f"({', '.join(r.run.name for r in elsewhere)}); run the same command again when it has "
+                         "finished: the rows finished here are kept")
     if failed:
         raise RowsFailed(f"{len(failed)} of {len(rows)} rows did not finish ({', '.join(r.run.name for r in failed)}); "
                          f"logs in {log_path(failed[0]).parent}; run the same command again after fixing the cause: "
