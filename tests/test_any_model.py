@@ -171,3 +171,12 @@ def test_a_model_that_cannot_take_the_data_s_size_is_refused_before_training(tmp
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "cannot take 32 px inputs" in err and "--image-size" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_weights_that_are_a_device_or_a_folder_say_so(tmp_path):
+    model = models.create_model("reduce20", expansion=0)
+    for path, words in (("/dev/null", "not a regular file"), (str(tmp_path), "is a folder"),
+                        (str(tmp_path / "gone.pth"), "does not exist")):
+        with pytest.raises(CheckpointError) as e:
+            load_pretrained(model, path)
+        assert words in one_line(e)

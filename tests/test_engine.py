@@ -324,3 +324,15 @@ def test_after_a_kill_before_the_first_epoch_both_messages_say_overwrite_and_the
     (stale_only / ".metrics.csv.a.tmp").write_text("")
     with RunDir(stale_only).open():  # only a killed write's temp file: no run to protect
         assert not (stale_only / ".metrics.csv.a.tmp").exists()
+
+
+def test_a_first_epoch_at_chance_with_a_test_loss_far_above_the_train_loss_says_what_to_try():
+    from train.callbacks import chance_hint
+
+    row = {"epoch": 1, "test_acc": 10.0, "test_loss": 4913.0, "train_loss": 2.3}
+    hint = chance_hint(row, 10, 15)
+    assert hint.startswith("hint: epoch 1 ended at chance (10.0%, chance 10.0%)") and "--lr" in hint
+    assert "after 15 steps" in hint
+    assert chance_hint({**row, "test_acc": 40.0}, 10, 15) is None  # learning
+    assert chance_hint({**row, "test_loss": 2.5}, 10, 15) is None  # at chance but not broken: early days
+    assert chance_hint({**row, "epoch": 2}, 10, 15) is None

@@ -166,3 +166,18 @@ def test_help_reads_every_default_from_the_recipes_and_the_specs(module):
     assert (tuple(defaults["milestones"]), defaults["gamma"], defaults["seed"], defaults["nesterov"]) == (
         optim.milestones, optim.gamma, optim.seed, optim.nesterov)
     assert all(defaults[f] is None for f in ("lr", "wd", "schedule", "warmup_epochs", "optimizer", "normalize"))
+
+
+def test_any_classifier_or_image_folder_gets_a_warm_up_and_a_learning_rate_for_its_batch():
+    """ours: the CIFAR zoo keeps ReduceNet's recipe; a torchvision/timm model or an image folder gets lr 0.1 per 256
+    images of batch and a warm-up of 5% of the epochs (>= 1); an option given still wins."""
+    zoo = RunSpec(Fresh("reduce20"), optim=OptimSpec(epochs=40)).with_recipe()
+    assert (zoo.optim.lr, zoo.warmup_epochs()) == (0.1, 0.0)
+    tv = RunSpec(Fresh("torchvision:resnet18"), DataSpec(batch_size=64), OptimSpec(epochs=40)).with_recipe()
+    assert (tv.optim.lr, tv.warmup_epochs()) == (0.025, 2.0)
+    folder = RunSpec(Fresh("reduce20"), DataSpec(dataset="imagefolder"), OptimSpec(epochs=10)).with_recipe()
+    assert (folder.optim.lr, folder.warmup_epochs()) == (0.05, 1.0)
+    mine = RunSpec(Fresh("torchvision:resnet18"), optim=OptimSpec(lr=0.3, warmup_epochs=0.0)).with_recipe()
+    assert (mine.optim.lr, mine.warmup_epochs()) == (0.3, 0.0)
+    paper = RunSpec(Fresh("torchvision:resnet18"), recipe="reducenet-paper").with_recipe()
+    assert (paper.optim.lr, paper.warmup_epochs()) == (0.1, 0.0)

@@ -152,6 +152,9 @@ class ConsoleLog(Callback):
         self.log(f"epoch {int(row['epoch']):3d}/{trainer.cfg.epochs} loss {row['train_loss']:.4f} "
                  f"train {row['train_acc']:5.2f}% test {row['test_acc']:5.2f}% "
                  f"lr {row['lr']:.4f}{lam} {row['images_per_s']:.0f} img/s")
+        hint = chance_hint(row, trainer.data.info.num_classes, len(trainer.data.train))
+        if hint:
+            self.log(hint)
 
 
 class SummaryFile(Callback):
@@ -183,6 +186,18 @@ def run_dir_callbacks(run: RunDir, metadata: dict[str, Any] | None = None,
     """The writers of a run directory, in order: checkpoints, metrics, the console line, and (last) the summary;
     callbacks that add to the summary go before the last one."""
     return [Checkpointing(run, metadata), MetricsLog(run.path), ConsoleLog(log, metadata), SummaryFile(run.path)]
+
+
+def chance_hint(row: dict[str, float], num_classes: int, steps: int) -> str | None:
+    """What to try when the first epoch ends at chance with a test loss far above the train loss (a model the
+    recipe does not suit: BatchNorm statistics from too few steps, or a learning rate too high); None otherwise."""
+    chance = 100.0 / num_classes
+    if int(row["epoch"]) != 1 or row["test_acc"] > 1.5 * chance or not row["test_loss"] > 3 * row["train_loss"]:
+        return None
+    return (f"hint: epoch 1 ended at chance ({row['test_acc']:.1f}%, chance {chance:.1f}%) with a test loss of "
+            f"{row['test_loss']:.4g} against {row['train_loss']:.4g} in training: after {steps} steps the BatchNorm "
+            "statistics do not fit yet, or the learning rate is too high for this model; if it stays so, try a "
+            "lower --lr, a longer --warmup-epochs, or more images per epoch")
 
 
 def start_lines(trainer: Trainer, metadata: dict[str, Any]) -> list[str]:

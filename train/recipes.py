@@ -25,9 +25,17 @@ from typing import Any, Callable
 STAGES = ("stage1", "stage2", "trim", "pyramid")
 
 
-def ours(stage: str) -> dict[str, Any]:
-    """The project's defaults for ``stage``: spec field -> value (``None``: the spec's own rule, e.g. stage 2's
-    warm-up of 5% of the epochs, at least one)."""
+def ours(stage: str, general: bool = False, batch_size: int = 128) -> dict[str, Any]:
+    """The project's defaults for ``stage``: spec field -> value (``None``: the spec's own rule, a warm-up of 5% of
+    the epochs, at least one).
+
+    ``general``: a model trained from scratch that is not a CIFAR zoo model, or data that is not CIFAR (a
+    torchvision or timm classifier, an image folder). The CIFAR ResNet recipe (lr 0.1 from the first step) left a
+    ResNet-18 on 2,000 images at chance: a few steps per epoch give the BatchNorm statistics no time to settle at
+    that rate. Such runs get the linear scaling rule (lr 0.1 per 256 images of batch, Goyal et al. 2017) and a
+    linear warm-up over 5% of the epochs (at least one)."""
+    if stage == "stage1" and general:
+        return {**ours("stage1"), "lr": round(0.1 * batch_size / 256, 6), "warmup_epochs": None}
     common = {"wd": 1e-4, "schedule": "cosine", "warmup_epochs": 0.0, "normalize": "dataset", "optimizer": "sgd",
               "kd_reduction": "batchmean"}
     return {
@@ -42,7 +50,7 @@ def ours(stage: str) -> dict[str, Any]:
     }[stage]
 
 
-def reducenet_paper(stage: str) -> dict[str, Any]:
+def reducenet_paper(stage: str, general: bool = False, batch_size: int = 128) -> dict[str, Any]:
     """The original ReduceNet's ``main.py`` for ``stage`` (see the module docstring); its trim and Pyramid stages
     keep the original's inputs and KD loss with our optimiser settings of those stages."""
     common = {"wd": 1e-4, "schedule": "cosine-epoch", "warmup_epochs": 0.0, "normalize": "none", "optimizer": "sgd",
@@ -56,13 +64,15 @@ def reducenet_paper(stage: str) -> dict[str, Any]:
     }[stage]
 
 
-#: ``--recipe NAME`` -> the function that gives its defaults per stage: the one place of every default.
-RECIPES: dict[str, Callable[[str], dict[str, Any]]] = {"ours": ours, "reducenet-paper": reducenet_paper}
+#: ``--recipe NAME`` -> the function that gives its defaults per stage (and for other models or data, and the
+#: batch size): the one place of every default.
+RECIPES: dict[str, Callable[..., dict[str, Any]]] = {"ours": ours, "reducenet-paper": reducenet_paper}
 
 
-def defaults(recipe: str, stage: str) -> dict[str, Any]:
-    """The defaults of ``recipe`` for ``stage`` (spec field -> value; ``None``: not set by the recipe)."""
-    return RECIPES[recipe](stage)
+def defaults(recipe: str, stage: str, general: bool = False, batch_size: int = 128) -> dict[str, Any]:
+    """The defaults of ``recipe`` for ``stage`` (spec field -> value; ``None``: not set by the recipe);
+    ``general``: a model or data other than the CIFAR zoo's (see :func:`ours`)."""
+    return RECIPES[recipe](stage, general=general, batch_size=batch_size)
 
 
 def help_default(field: str, stage: str) -> str:
@@ -74,4 +84,8 @@ def help_default(field: str, stage: str) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     values = ", ".join(f"{name} {show(defaults(name, stage).get(field))}" for name in RECIPES)
+    general = defaults("ours", stage, general=True).get(field)
+    if general != defaults("ours", stage).get(field):  # what other models or data get
+        rule = "0.1 x --batch-size / 256" if field == "lr" else show(general)
+        values += f"; ours for a torchvision/timm model or an image folder: {rule}"
     return f"default: the recipe's; {values}"

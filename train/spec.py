@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from models.errors import ConfigError
+from models.registry import is_zoo
 from models.trim import COSTS, IMPORTANCES
 
 from .data import DATASETS
@@ -303,7 +304,7 @@ class RunSpec:
 
     def with_recipe(self) -> RunSpec:
         """Every field left ``None`` that the recipe sets, set (:mod:`train.recipes`): the one place of defaults."""
-        defaults = recipe_defaults(self.recipe, self.stage)
+        defaults = recipe_defaults(self.recipe, self.stage, general=self.general(), batch_size=self.data.batch_size)
 
         def fill(part):
             given = {f.name: defaults[f.name] for f in fields(part)
@@ -313,12 +314,18 @@ class RunSpec:
         return replace(self, derive=fill(self.derive), data=fill(self.data), optim=fill(self.optim),
                        loss=fill(self.loss))
 
+    def general(self) -> bool:
+        """Whether a model trained from scratch is not a CIFAR zoo model or its data not CIFAR: ``ours`` then takes
+        its rule for any classifier (:func:`train.recipes.ours`)."""
+        model = getattr(self.derive, "model", None)
+        return self.kind == "fresh" and (not is_zoo(model) or self.data.dataset == "imagefolder")
+
     def warmup_epochs(self) -> float:
-        """The warm-up: ``optim.warmup_epochs``, else the recipe's rule for a student of ``ours``: 5% of the epochs,
-        at least one (none for a single epoch)."""
+        """The warm-up: ``optim.warmup_epochs``, else (a recipe that leaves it to the rule: ``ours`` for a student,
+        or for any classifier but the CIFAR zoo's) 5% of the epochs, at least one (none for a single epoch)."""
         if self.optim.warmup_epochs is not None:
             return self.optim.warmup_epochs
-        return max(1.0, 0.05 * self.optim.epochs) if self.stage == "stage2" and self.optim.epochs > 1 else 0.0
+        return max(1.0, 0.05 * self.optim.epochs) if self.optim.epochs > 1 else 0.0
 
     def train_config(self, **extra: Any) -> TrainConfig:
         """The engine's settings of this (resolved) spec; ``extra`` is recorded in summary.json. A Pyramid level
