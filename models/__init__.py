@@ -7,6 +7,7 @@
 from . import mobilenetv2, reducenet, vgg  # noqa: F401  (registers the families)
 from .checkpoint import load_checkpoint, load_weights, read_record, save_checkpoint
 from .complexity import complexity, count_macs, count_params
+from .deployed import load_any
 from .errors import CheckpointError, ConfigError, ReduceNetError, ReparamError, UnknownModelError
 from .layers import ConvBN, LambdaReLU, LoRABranch, add_lora, set_lambda
 from .registry import create_model, list_models, model_from_config
@@ -14,7 +15,7 @@ from .surgery import student_from_teacher
 
 __all__ = [
     "create_model", "list_models", "model_from_config", "student_from_teacher",
-    "save_checkpoint", "load_checkpoint", "load_weights", "read_record",
+    "save_checkpoint", "load_checkpoint", "load_weights", "read_record", "load_any",
     "complexity", "count_params", "count_macs",
     "ConvBN", "LambdaReLU", "LoRABranch", "add_lora", "set_lambda",
     "ReduceNetError", "UnknownModelError", "ConfigError", "ReparamError", "CheckpointError",

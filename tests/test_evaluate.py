@@ -142,3 +142,28 @@ def test_a_teacher_with_absurd_logits_is_named_before_distillation(tmp_path, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and "the teacher's logits reach" in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_every_deploy_file_evaluates_and_times_beside_its_checkpoint(converted, tmp_path, capsys):
+    """model.pt2, model.ts and model.onnx are evaluated with the record beside them and score as the checkpoint;
+    train.compare times them side by side with params, MACs and file size."""
+    from train import compare
+
+    student = models.load_checkpoint(converted["student"])
+    report = export_deploy(student, tmp_path / "deploy")
+    accs = {}
+    for form in ("safetensors", "pt2", "ts", "onnx"):
+        path = tmp_path / "deploy" / f"model.{form}"
+        accs[form] = evaluate.run(evaluate.build_parser().parse_args([str(path), "--data-dir", str(CIFAR10)]))
+    assert {f: f"{r['test_acc']:.2f}" for f, r in accs.items()} == dict.fromkeys(accs, "93.61")
+    assert [r["form"] for r in accs.values()] == ["checkpoint", "torch.export", "TorchScript", "ONNX"]
+    files = [str(converted["student"]), *(str(report.files[k]) for k in ("pt2", "torchscript", "onnx"))]
+    rows = compare.main([*files, "--repeats", "3", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert [r["form"] for r in rows] == ["checkpoint", "torch.export", "TorchScript", "ONNX"]
+    assert len({r["macs"] for r in rows}) == 1 and rows[0]["ratio_b1"] == 1.0 and all(r["bytes"] > 0 for r in rows)
+    assert "ms b4" in out and "model.onnx" in out
+    (tmp_path / "deploy" / "model.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(tmp_path / "deploy" / "model.onnx"), "--data-dir", str(CIFAR10)])
+    assert e.value.code == 2 and "model.json beside it" in capsys.readouterr().err

@@ -1,4 +1,7 @@
-"""``python -m train.evaluate CHECKPOINT --dataset D --data-dir DIR``: test accuracy of any checkpoint.
+"""``python -m train.evaluate FILE --dataset D --data-dir DIR``: test accuracy of a checkpoint or a deploy file.
+
+FILE is a ``.safetensors`` checkpoint (or a run directory), or a deploy file: ``model.pt2`` (torch.export),
+``model.ts`` (TorchScript) or ``model.onnx`` (onnxruntime), read with the ``model.json`` beside it.
 
 Prints top-1 and top-5 accuracy, mean cross-entropy, per-class accuracy, the number of test images and the
 dataset's label (e.g. "CIFAR-10 (JPEG q75 copy)"). The inputs are prepared as the checkpoint says (its
@@ -16,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from models import load_checkpoint
+from models import load_any
+from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 
 from .cli import check_classes, load_data
@@ -30,7 +34,8 @@ from .spec import DataSpec
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help=".safetensors checkpoint, its .json, or a run directory (uses last)")
+    p.add_argument("checkpoint", help=".safetensors checkpoint, its .json, a run directory (uses last), or a deploy "
+                                      "file: model.pt2, model.ts, model.onnx")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")
     p.add_argument("--data-dir", default=None, help="data root; default: the checkpoint's, else $REDUCENET_DATA")
     p.add_argument("--batch-size", type=int, default=256)
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     _, device = init_distributed(args.device)
     if args.amp and not native_bf16(device):
         raise ConfigError(f"--amp: {device} has no native bf16; drop --amp")
-    model = load_checkpoint(args.checkpoint, map_location=device).eval()
+    model = load_any(args.checkpoint, map_location=device)
     meta = model.checkpoint_metadata
     dataset = args.dataset or meta.get("dataset", "cifar10")
     data_dir = args.data_dir
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     data.normalize(preprocess)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
     metrics = check_finite(evaluate(model, data.test, info.num_classes, autocast, device=device), str(args.checkpoint))
-    return {"checkpoint": str(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
+    return {"checkpoint": str(args.checkpoint), "form": form_of(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
             "data_source": info.source, "preprocess": preprocess, "classes": info.classes,
             "hardware": hardware(device), **metrics}
 
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         return report
     cfg = report["model"]
     kind = f" (expansion {cfg['expansion']})" if "expansion" in cfg else ""
-    print(f"{report['checkpoint']}: {cfg['model']}{kind}")
+    print(f"{report['checkpoint']}: {cfg['model']}{kind}, {report['form']}")
     print(f"data: {report['data']}, {report['count']} test images")
     print(f"top-1 {report['test_acc']:.2f}%  top-5 {report['top5_acc']:.2f}%  loss {report['test_loss']:.4f}")
     print("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(report["classes"], report["per_class_acc"])))

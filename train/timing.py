@@ -35,23 +35,25 @@ def keep_freed_memory() -> bool:
 
 @torch.inference_mode()
 def measure(models: dict[str, Callable[[torch.Tensor], Any]], batch: int, device: torch.device, repeats: int,
-            warmup: int = 10, image_size: int = 32) -> dict[str, float]:
+            warmup: int = 10, image_size: int | dict[str, int] = 32) -> dict[str, float]:
     """Median seconds of one forward pass at ``batch`` for each model (any callable).
 
     The models are timed side by side: each round runs every model once, in turn, so that drift in the
     machine's speed (other processes, clock changes) affects them alike. ``warmup`` rounds are not timed. Freed
     memory is kept (:func:`keep_freed_memory`), so that no form pays for page faults that another escapes.
+    ``image_size``: one for all, or each model's (by name).
     """
     keep_freed_memory()
     models = {k: m.to(device).eval() if isinstance(m, nn.Module) else m for k, m in models.items()}
-    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    sizes = image_size if isinstance(image_size, dict) else {k: image_size for k in models}
+    inputs = {k: torch.randn(batch, 3, sizes[k], sizes[k], device=device) for k in models}
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + repeats):
         for k, model in models.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            model(x)
+            model(inputs[k])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:

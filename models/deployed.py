@@ -1,0 +1,100 @@
+"""Any file a run writes, loaded as a model that evaluates and times alike: checkpoints and deploy files.
+
+:func:`load_any` takes a ``.safetensors`` checkpoint (or its ``.json``, or a run directory) and the deploy forms
+``model.pt2`` (``torch.export``), ``model.ts`` (TorchScript) and ``model.onnx`` (run with onnxruntime). A deploy
+file is read with the record written beside it (``model.json``: the model's config, preprocessing, class names
+and training metadata), so it is evaluated on the inputs it was trained on and compared with the checkpoint it
+came from. ``.pt2`` and ``.ts`` files are programs: load only files you or your runs wrote.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError
+from .identity import ModelCard, set_card
+
+#: The file forms :func:`load_any` reads, by suffix.
+FORMS = {".safetensors": "checkpoint", ".json": "checkpoint", ".pt2": "torch.export", ".ts": "TorchScript",
+         ".onnx": "ONNX"}
+
+
+class Deployed(nn.Module):
+    """A deploy file's program as a module (``forward(x) -> logits``), with the card of its record."""
+
+    def __init__(self, inner: nn.Module | None, path: Path, form: str, session=None) -> None:
+        super().__init__()
+        self.inner, self.path, self.form, self.session = inner, path, form, session
+
+    def train(self, mode: bool = True) -> Deployed:
+        """A deploy program is always in inference form (torch.export's module refuses ``train()``)."""
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.session is None:
+            return self.inner(x)
+        name = self.session.get_inputs()[0].name
+        out = self.session.run(None, {name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def form_of(path: str | Path) -> str:
+    """``checkpoint``, ``torch.export``, ``TorchScript`` or ``ONNX`` (a run directory is a checkpoint)."""
+    p = Path(path)
+    return "checkpoint" if p.is_dir() else FORMS.get(p.suffix, "unknown")
+
+
+def record_beside(path: Path) -> dict:
+    """The record written beside a deploy file (``model.json`` for ``model.onnx``); a one-line error without."""
+    twin = path.with_suffix(".json")
+    try:
+        record = json.loads(twin.read_text())
+    except OSError:
+        raise CheckpointError(f"{path} has no {twin.name} beside it, so its preprocessing and classes are unknown; "
+                              "keep the deploy folder's files together") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{twin} is not a JSON record; export the model again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(f"{twin} is not a model record (no config); export the model again")
+    return record
+
+
+def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The model in ``path``, any form a run writes (see the module docstring), in eval mode, with its card.
+
+    Raises:
+        CheckpointError: an unknown suffix, a missing record, or a file its reader cannot read.
+    """
+    p = Path(path) if isinstance(path, (str, Path)) else path
+    form = form_of(p) if isinstance(p, Path) else "unknown"
+    if form == "checkpoint" or not isinstance(p, Path):
+        return load_checkpoint(path, map_location=map_location).eval()
+    if form == "unknown":
+        raise CheckpointError(f"{p}: not a form this reads ({', '.join(FORMS)}, or a run directory)")
+    if not p.is_file():
+        raise CheckpointError(f"no {form} file at {p}")
+    record = record_beside(p)
+    try:
+        if form == "ONNX":
+            import onnxruntime as ort  # noqa: PLC0415 (optional)
+
+            model = Deployed(None, p, form, ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]))
+        elif form == "TorchScript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice: it still loads
+                model = Deployed(torch.jit.load(str(p), map_location=map_location), p, form)
+        else:
+            model = Deployed(torch.export.load(str(p)).module(), p, form)
+    except ImportError:
+        raise CheckpointError(f"{p}: reading ONNX needs onnxruntime (pip install onnxruntime)") from None
+    except Exception as e:  # each reader raises its own kinds for a damaged file
+        reason = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{p} is not a readable {form} file ({type(e).__name__}: {reason})") from None
+    card = ModelCard.from_config(record["config"], record.get("preprocess"), record.get("metadata"))
+    return set_card(model, card).eval()
