@@ -151,9 +151,20 @@ def trim(model: nn.Module, reduce: float, by: str = "macs", input_size: tuple[in
     if abs(after - target) > tolerance * target:
         raise TrimError(f"no pruning ratio reaches 1/{reduce:g} of the {by} within {tolerance:.0%}: the closest is "
                         f"1/{before / after:.3g} (ratio {ratio:.3f}); change --reduce or --round-to")
+    return TrimResult(_with_structure(trimmed, model), ratio, before, after, by)
+
+
+def trim_at(model: nn.Module, ratio: float, input_size: tuple[int, ...] = (1, 3, 32, 32), importance: str = "l2",
+            round_to: int | None = None) -> nn.Module:
+    """``model`` pruned at channel ``ratio`` (a ratio :func:`trim` chose): the same trimmed network, with the same
+    surviving weights, for a deterministic ``importance``; its config carries the structure patch."""
+    return _with_structure(prune(model, ratio, input_size, importance, round_to), model)
+
+
+def _with_structure(trimmed: nn.Module, model: nn.Module) -> nn.Module:
+    config = model.config
     base = model_from_config({k: v for k, v in config.items() if k != "structure"})
-    set_card(trimmed, replace(card_of(model), structure=structure_diff(trimmed, base) or None))
-    return TrimResult(trimmed, ratio, before, after, by)
+    return set_card(trimmed, replace(card_of(model), structure=structure_diff(trimmed, base) or None))
 
 
 def trim_record(result: TrimResult) -> dict[str, Any]:

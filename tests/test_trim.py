@@ -188,3 +188,25 @@ def test_a_layer_torch_pruning_cannot_handle_is_named(monkeypatch):
         trim(model, 2.0)
     msg = one_line(e)
     assert "layer1.0.conv2.bn.1 (Scale)" in msg and "unsupported operation" in msg
+
+
+@needs_data
+def test_baseline_fine_tunes_the_same_trimmed_network_with_cross_entropy_only(tmp_path):
+    from train import stage1
+
+    args = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        stage1.main(["-m", "reduce20", "--expansion", "0", "--epochs", "1", *args, "--out", str(tmp_path / "t")])
+        summary = trim_cli.main(["--teacher", str(tmp_path / "t"), "--reduce", "2", "--epochs", "1", "--baseline",
+                                 "--calibrate-batches", "1", *args, "--out", str(tmp_path / "trim")])
+    said = out.getvalue()
+    base = summary["baseline"]
+    main_record = json.loads((tmp_path / "trim" / "last.json").read_text())
+    base_record = json.loads((tmp_path / "trim-baseline" / "last.json").read_text())
+    assert base_record["config"] == main_record["config"]  # the same network ...
+    trims = [r["metadata"]["trim"] for r in (main_record, base_record)]
+    assert trims[0]["test_acc_before_finetune"] == trims[1]["test_acc_before_finetune"]  # ... with the same weights
+    assert base["model"]["structure"] and json.loads((tmp_path / "trim-baseline" / "args.json").read_text())[
+        "spec"]["loss"]["kd"] == "none"
+    assert "trimmed, before fine-tuning" in said and "with cross-entropy only, after 1 epoch each" in said

@@ -28,15 +28,17 @@ class FuseCheckExport(Callback):
         export: write the deploy files (fused safetensors + JSON, TorchScript, ONNX).
         metadata: stored with the deploy checkpoint.
         student_label: how the student is named in the printed lines.
+        before: a row printed before the student's: ``{"label", "params", "macs", "acc"}`` (e.g. a trimmed network
+            before its fine-tuning).
 
     Raises:
         ReparamError: the fused model does not compute the unfused one's function; nothing is exported then.
     """
 
     def __init__(self, teacher: nn.Module, teacher_view: nn.Module, export: bool, metadata: dict[str, Any],
-                 student_label: str) -> None:
+                 student_label: str, before: dict[str, Any] | None = None) -> None:
         self.teacher, self.teacher_view, self.export = teacher, teacher_view, export
-        self.metadata, self.student_label = metadata, student_label
+        self.metadata, self.student_label, self.before = metadata, student_label, before
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         data, info, run_dir = trainer.data, trainer.dist, trainer.run_dir
@@ -62,6 +64,8 @@ class FuseCheckExport(Callback):
         config = self.teacher.config
         kind = f" (e{config['expansion']})" if "expansion" in config else ""
         print(size_line(f"teacher {config['model']}{kind}", sizes["teacher"], teacher_eval["test_acc"]))
+        if self.before:
+            print(size_line(self.before["label"], self.before, self.before["acc"]))
         print(size_line(self.student_label, sizes["student"], unfused_acc))
         print(size_line("fused deploy model", sizes["fused"], fused_eval["test_acc"]))
         print(f"run: {run_dir}" + (f"; deploy files in {run_dir / 'deploy'}" if self.export else ""))

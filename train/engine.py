@@ -420,7 +420,8 @@ class Trainer:
         best = max(self.history, key=lambda r: r["test_acc"], default={})  # the first of equal bests
         size = complexity(self.model, (1, 3, self.data.info.image_size, self.data.info.image_size))
         return {
-            "model": self.model.config, "data": self.data.info.label, "dataset": self.data.info.name,
+            "model": self.model.config, "run_dir": str(self.run_dir) if self.run_dir else None,
+            "data": self.data.info.label, "dataset": self.data.info.name,
             "train_images": self.data.train.num_samples * self.dist.world_size,
             "test_images": len(self.data.test.labels),
             "epochs": self.cfg.epochs, "seed": self.cfg.seed,

@@ -33,7 +33,7 @@ from models.checkpoint import atomic_write_text, resolve
 from models.errors import CheckpointError, ConfigError
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
-from models.trim import trim, trim_record
+from models.trim import TrimResult, trim, trim_at, trim_record
 from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
 from models.weights import load_pretrained
 
@@ -271,13 +271,28 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
             "inherited) is trimmed and distilled from the whole teacher")
     recorded = Path(spec.out) / "last.safetensors"
     resumed = resume and recorded.is_file()
-    if resumed:  # the structure the run chose, not a new search (latency is noisy)
+    if resumed:  # the structure the run chose, not a new search (latency is noisy); the weights come from its state
         record = read_record(recorded)
         student = model_from_config(record["config"])
         set_preprocess(student, source.preprocess)
         trimmed = record["metadata"].get("trim", {})
         say(f"trim: resuming with the structure recorded in {recorded} "
             f"(reduced {trimmed.get('reduce_reached', 0):.2f}x by {derive.by})")
+    elif derive.structure_from:  # the same trimmed network as that run's: pruned at the ratio it chose
+        other = resolve(derive.structure_from)
+        record = read_record(other)
+        ratio = record.get("metadata", {}).get("trim", {}).get("pruning_ratio")
+        if ratio is None:
+            raise ConfigError(f"--structure-from {derive.structure_from}: {other} is not a trimmed checkpoint")
+        student = trim_at(source, ratio, size, derive.importance, derive.round_to)
+        if student.config != record["config"]:
+            raise ConfigError(f"--structure-from {derive.structure_from}: pruning {source.config['model']} at its "
+                              f"ratio {ratio:.3f} gives another network (another teacher, --importance or "
+                              "--round-to); pass the options that run used")
+        cost = [complexity(m, size)[derive.by] if derive.by != "latency" else latency(m, size, device)
+                for m in (source, student)]
+        trimmed = trim_record(TrimResult(student, ratio, cost[0], cost[1], derive.by))
+        say(f"trim: the structure of {other}: pruned at its ratio {ratio:.3f}")
     else:
         before = complexity(source, size)
         say(f"trim: {source.config['model']} ({before['params']:,} params, {before['macs'] / 1e6:,.1f} M MACs at "
@@ -299,8 +314,12 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
                     "teacher": str(teacher_path), "trim": trimmed}
         cfg = spec.train_config(stage="trim", recipe=spec.recipe, teacher=str(teacher_path), trim=trimmed,
                                 kd=repr(loss_fn), feature_kd=repr(features) if features else None)
+        before = ({"label": "trimmed, before fine-tuning", "acc": trimmed["test_acc_before_finetune"],
+                   "params": trimmed["params_after"], "macs": trimmed["macs_after"]}
+                  if "test_acc_before_finetune" in trimmed else None)
         export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export, metadata,
-                                 f"trimmed {trimmed.get('reduce_reached', 0):.2f}x by {derive.by}, {spec.loss.kd}")
+                                 f"trimmed {trimmed.get('reduce_reached', 0):.2f}x by {derive.by}, {spec.loss.kd}",
+                                 before=before)
         # 0 epochs: the trimmed network as it is, recorded as epoch 0
         summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
                                callbacks=[export]), resume)

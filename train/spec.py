@@ -213,7 +213,8 @@ class Trim:
     """Breed-Net's promise: the trained classifier ``teacher`` pruned structurally (Torch-Pruning) until its cost
     ``by`` (macs, params or latency) is ``1 / reduce`` of the original's, its BatchNorm statistics re-estimated on
     ``calibrate_batches`` training batches, then fine-tuned with distillation from the untrimmed network (0 epochs:
-    only trimmed)."""
+    only trimmed). ``structure_from``: take the trimmed structure of that trim run (or checkpoint) instead of
+    searching one (a baseline of the same network, or a latency trim repeated exactly)."""
 
     teacher: str
     reduce: float
@@ -221,6 +222,7 @@ class Trim:
     importance: str = "l2"
     round_to: int | None = None
     calibrate_batches: int = 50
+    structure_from: str | None = None
 
     def validate(self) -> None:
         if not (isinstance(self.reduce, (int, float)) and math.isfinite(self.reduce) and 1 < self.reduce <= 1000):

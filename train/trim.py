@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 
-from models.errors import cli_errors
+from dataclasses import replace
+from pathlib import Path
+
+from models.errors import ConfigError, cli_errors
 from models.trim import COSTS, IMPORTANCES
 
 from .cli import add_distillation_options, common_parser, parse_options
 from .pipeline import run
-from .spec import RunSpec, Trim, from_options
+from .spec import LossSpec, RunSpec, Trim, from_options
 
 
 def build_parser():
@@ -38,6 +41,11 @@ def build_parser():
     t.add_argument("--calibrate-batches", type=int, default=50,
                    help="after pruning, re-estimate the BatchNorm statistics on this many training batches "
                         "(no weight changes; 0 skips it)")
+    t.add_argument("--structure-from", default=None,
+                   help="take the trimmed structure of this trim run instead of searching one")
+    t.add_argument("--baseline", action="store_true",
+                   help="also fine-tune the same trimmed network with cross-entropy only (--kd none) for the same "
+                        "epochs, in OUT-baseline, and print both accuracies")
     add_distillation_options(p)
     return p
 
@@ -49,14 +57,30 @@ def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
     missing = [o for o, v in (("--teacher", args.teacher), ("--reduce", args.reduce)) if v is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
-    derive = Trim(args.teacher, args.reduce, args.by, args.importance, args.round_to, args.calibrate_batches)
+    derive = Trim(args.teacher, args.reduce, args.by, args.importance, args.round_to, args.calibrate_batches,
+                  args.structure_from)
     return from_options(vars(args), derive), args
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
     spec, args = parse(argv)
-    return run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.trim", "argv": argv})
+    summary = run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.trim", "argv": argv})
+    if not args.baseline:
+        return summary
+    out = summary["run_dir"]
+    if spec.loss.kd == "none" and spec.loss.feature_kd == "none":
+        raise ConfigError("--baseline fine-tunes with cross-entropy only, which this run already does (--kd none)")
+    baseline = replace(spec, out=f"{out}-baseline", loss=LossSpec(kd="none"),
+                       derive=replace(spec.derive, structure_from=str(out)))
+    print(f"trim: the baseline: the same trimmed network, fine-tuned with cross-entropy only, in {baseline.out}")
+    base = run(baseline, resume=args.resume and Path(baseline.out, "train_state.pt").is_file(),
+               overwrite=args.overwrite, cli={"module": "train.trim", "argv": argv})
+    print(f"trim: {summary['last_test_acc']:.2f}% distilled ({spec.loss.kd}"
+          f"{', ' + spec.loss.feature_kd if spec.loss.feature_kd != 'none' else ''}) against "
+          f"{base['last_test_acc']:.2f}% with cross-entropy only, after {spec.optim.epochs} "
+          f"epoch{'s' * (spec.optim.epochs != 1)} each")
+    return {**summary, "baseline": base}
 
 
 if __name__ == "__main__":
