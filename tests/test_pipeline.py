@@ -181,3 +181,37 @@ def test_any_classifier_or_image_folder_gets_a_warm_up_and_a_learning_rate_for_i
     assert (mine.optim.lr, mine.warmup_epochs()) == (0.3, 0.0)
     paper = RunSpec(Fresh("torchvision:resnet18"), recipe="reducenet-paper").with_recipe()
     assert (paper.optim.lr, paper.warmup_epochs()) == (0.1, 0.0)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "cifar10-jpeg.zip").is_file()
+                    and not __import__("os").environ.get("REDUCENET_SHARED_DATA"), reason="needs cifar10-jpeg.zip")
+def test_the_readme_walkthrough_for_your_own_image_folder_runs_as_written(tmp_path):
+    """The README's "Your own image folder" block, run by bash as it stands with its variables set small: every
+    step ends well and says what it does (train -> trim with a baseline -> distil -> evaluate ONNX -> compare)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import PurePosixPath
+
+    from _shared import SHARED
+    from train.data import extract_images, scan_image_tree
+
+    tree = scan_image_tree(SHARED / "cifar10-jpeg.zip")
+    chosen = {split: [(n, y) for n, y in items if int(PurePosixPath(n).stem) < k]
+              for split, items, k in (("train", tree.train, 14), ("test", tree.test, 4))}
+    folder = extract_images(tree, chosen, tmp_path / "my_images")
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("## Your own image folder"):], re.S).group(1)
+    first = block.splitlines()[0]
+    assert first.startswith("DATA=my_images SIZE=64 EPOCHS=30")
+    script = block.replace(first, f"set -e; DATA={folder} SIZE=32 EPOCHS=1")
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("model: torchvision:") >= 3 and "data: my_images (image folder)" in out  # each run says so
+    assert "trim: params" in out and "trimmed, before fine-tuning" in out and "with cross-entropy only" in out
+    assert "model.onnx: torchvision:resnet18" in out and "top-1" in out
+    assert "torch.export" in out and "runs/mine-small" in out  # the comparison's rows
