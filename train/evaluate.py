@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def run(args: argparse.Namespace) -> dict:
     check_classes(model, info, "the checkpoint", "pass the dataset it was trained on with --dataset/--data-dir")
     preprocess = model.preprocess or normalization("dataset", info)
     data.normalize(preprocess)
+    print(f"evaluating {args.checkpoint} ({form_of(args.checkpoint)}, {model.config.get('model')}) on {info.label}: "
+          f"{len(data.test.labels):,} test images at {info.image_size} px, {data.test.kind} loader, {device}",
+          file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
     metrics = check_finite(evaluate(model, data.test, info.num_classes, autocast, device=device), str(args.checkpoint))
     return {"checkpoint": str(args.checkpoint), "form": form_of(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
