@@ -215,3 +215,14 @@ def test_the_readme_walkthrough_for_your_own_image_folder_runs_as_written(tmp_pa
     assert "trim: params" in out and "trimmed, before fine-tuning" in out and "with cross-entropy only" in out
     assert "model.onnx: torchvision:resnet18" in out and "top-1" in out
     assert "torch.export" in out and "runs/mine-small" in out  # the comparison's rows
+
+
+def test_a_spec_record_leaves_out_the_machine_s_worker_count():
+    """Two machines with other core counts ask for the same run; a mark written with the whole JSON form (before
+    records) compares equal after as_record."""
+    from train.spec import as_record
+
+    a = RunSpec(Fresh("reduce20"), DataSpec(workers=2))
+    b = RunSpec(Fresh("reduce20"), DataSpec(workers=8))
+    assert a.record() == b.record() and "workers" not in a.record()["data"]
+    assert as_record(b.to_dict()) == a.record() and as_record(["--epochs", "3"]) == ["--epochs", "3"]

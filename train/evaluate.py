@@ -78,9 +78,11 @@ def run(args: argparse.Namespace) -> dict:
           f"{len(data.test.labels):,} test images at {info.image_size} px, {data.test.kind} loader, {device}",
           file=sys.stderr if getattr(args, "json", False) else sys.stdout, flush=True)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    metrics = check_finite(evaluate(model, data.test, info.num_classes, autocast, device=device), str(args.checkpoint))
-    return {"checkpoint": str(args.checkpoint), "form": form_of(args.checkpoint), "model": model.config, "data": info.label, "dataset": info.name,
-            "data_source": info.source, "preprocess": preprocess, "classes": info.classes,
+    metrics = check_finite(evaluate(model, data.test, info.num_classes, autocast, device=device),
+                           str(args.checkpoint))
+    return {"checkpoint": str(args.checkpoint), "form": form_of(args.checkpoint), "model": model.config,
+            "data": info.label, "dataset": info.name, "data_source": info.source, "preprocess": preprocess,
+            "classes": info.classes,
             "hardware": hardware(device), **metrics}
 
 

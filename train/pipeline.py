@@ -44,7 +44,7 @@ from .engine import Trainer, evaluate
 from .preprocess import Renormalize, normalization
 from .rundir import command_line, finished_summary, mark_done, options_of_run
 from .schedules import LambdaSchedule
-from .spec import Distil, Fresh, Inherit, OptimSpec, Pyramid, RunSpec, Trim, differences, options_of
+from .spec import Distil, Fresh, Inherit, OptimSpec, Pyramid, RunSpec, Trim, as_record, differences, options_of
 from .tasks import TAUGHT_BY_TOP, Classify, Distill, PyramidLevel, teacher_paths
 from .timing import latency
 
@@ -451,7 +451,7 @@ def run_chain(chain: Chain, *, overwrite: bool = False, cli: dict[str, Any] | No
               "levels": {}}
     for spec in chain.levels:  # each level a run of the pipeline in OUT/<level>, taught by the one above
         level, run_path, asked = spec.derive.level, Path(spec.out), spec.record()
-        summary = finished_summary(run_path, asked)
+        summary = finished_summary(run_path, asked, as_record)
         if summary is None:
             resume = (run_path / "train_state.pt").is_file() and not overwrite
             summary = run(spec, resume=resume, overwrite=overwrite, cli=cli)

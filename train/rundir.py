@@ -85,12 +85,13 @@ def same_record(a: Any, b: Any) -> bool:
     return False
 
 
-def finished_summary(run: str | Path, record: Any) -> dict[str, Any] | None:
+def finished_summary(run: str | Path, record: Any,
+                     normalize: Callable[[Any], Any] = lambda r: r) -> dict[str, Any] | None:
     """The summary of the run in ``run`` if it finished (:func:`mark_done`) made as ``record`` says
-    (:func:`same_record`), else None."""
+    (:func:`same_record`, after ``normalize`` of the recorded mark), else None."""
     run = Path(run)
     try:
-        if same_record(json.loads((run / "done").read_text()), record):
+        if same_record(normalize(json.loads((run / "done").read_text())), record):
             return json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
         pass

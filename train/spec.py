@@ -364,9 +364,7 @@ class RunSpec:
     def record(self) -> dict[str, Any]:
         """What makes two runs the same run: :meth:`to_dict` without the fields that cannot change what a run
         computes and whose default depends on the machine (``data.workers``). A finished run is marked with it."""
-        out = self.to_dict()
-        out["data"].pop("workers")
-        return out
+        return as_record(self.to_dict())
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> RunSpec:
@@ -409,6 +407,15 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         return cls(**out)
     except TypeError as e:
         raise ConfigError(f"spec {where}: {e}") from None
+
+
+def as_record(spec_dict: Any) -> Any:
+    """A spec's JSON form (or a record already) as :meth:`RunSpec.record` gives it: without ``data.workers``; a
+    run marked finished with its whole JSON form (the Pyramid's levels before 2026-12-06) compares as the same run.
+    Anything that is not a spec's JSON form is returned as it is."""
+    if isinstance(spec_dict, dict) and isinstance(spec_dict.get("data"), dict) and "workers" in spec_dict["data"]:
+        return {**spec_dict, "data": {k: v for k, v in spec_dict["data"].items() if k != "workers"}}
+    return spec_dict
 
 
 def resumable_fields(spec: RunSpec) -> set[str]:

@@ -18,6 +18,7 @@ from models.errors import ReduceNetError
 from .. import pyramid, stage1, stage2, trim
 from ..pipeline import Chain, run, run_chain
 from ..rundir import finished_summary, in_use, mark_done, same_record
+from ..spec import as_record
 from .report import epochs, median_epoch_seconds
 from .specs import Row
 
@@ -30,7 +31,7 @@ def _as_asked(record: Any, row: Row) -> Any:
     """A run's record of how it was asked for, as a spec record: runs made before specs recorded their command's
     options (a list), read here with the parser of ``row``'s kind; None where that command is not one of it."""
     if not isinstance(record, list):
-        return record
+        return as_record(record)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # a command of another kind is simply not this row's
             spec, _ = _PARSERS[row.kind].parse([*map(str, record), "--out", str(row.run)])
