@@ -41,6 +41,7 @@ class ModelCard:
         preprocess: the normalisation its weights expect: ``{"mean": [3], "std": [3]}`` in [0, 1] units, or None
             (not known yet: the training run sets it from the data).
         metadata: the metadata of the checkpoint it was loaded from (dataset, stage, teacher, ...).
+        grow: for a grown teacher (:mod:`models.grow`), ``{"expansion": E, "modules": [conv paths]}``; else None.
     """
 
     name: str | None
@@ -48,13 +49,17 @@ class ModelCard:
     structure: dict[str, Any] | None = None
     preprocess: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    grow: dict[str, Any] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
-        """The JSON form checkpoints store: ``{"model": name, **args}`` and ``structure`` when there is one."""
+        """The JSON form checkpoints store: ``{"model": name, **args}``, with ``structure`` and ``grow`` when there
+        are."""
         out = {"model": self.name, **copy.deepcopy(self.args)}
         if self.structure:
             out["structure"] = copy.deepcopy(self.structure)
+        if self.grow:
+            out["grow"] = copy.deepcopy(self.grow)
         return out
 
     @property
@@ -65,8 +70,9 @@ class ModelCard:
     def from_config(cls, config: dict[str, Any], preprocess: dict[str, Any] | None = None,
                     metadata: dict[str, Any] | None = None) -> ModelCard:
         """The card of a checkpoint's ``config`` (and its ``preprocess`` and ``metadata``)."""
-        args = {k: v for k, v in config.items() if k not in ("model", "structure")}
-        return cls(config.get("model"), args, config.get("structure") or None, preprocess, dict(metadata or {}))
+        args = {k: v for k, v in config.items() if k not in ("model", "structure", "grow")}
+        return cls(config.get("model"), args, config.get("structure") or None, preprocess, dict(metadata or {}),
+                   config.get("grow") or None)
 
     def with_args(self, **changes: Any) -> ModelCard:
         """The card with some builder arguments changed (e.g. ``lora_rank=8``)."""

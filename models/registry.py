@@ -161,12 +161,19 @@ def classifier_of(model: nn.Module) -> nn.Linear:
 def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:
     """Rebuild a model from its ``config`` (as stored in checkpoints), with optional overrides.
 
-    A ``structure`` entry (pruned or folded layers) is applied after the build and kept in the new config.
+    A ``structure`` entry (pruned or folded layers) is applied after the build, then a ``grow`` entry (a grown
+    teacher's branches, :mod:`models.grow`); both are kept in the new config.
     """
     cfg = {**config, **overrides}
-    structure = cfg.pop("structure", None)
+    structure, grown = cfg.pop("structure", None), cfg.pop("grow", None)
     model = create_model(cfg.pop("model"), **cfg)
     if structure:
         apply_structure(model, structure)
         set_card(model, replace(card_of(model), structure=structure))
+    if grown:
+        from .grow import grow  # noqa: PLC0415 (grow builds on the registry's models)
+
+        if not isinstance(grown, dict):
+            raise ConfigError("a config's grow record is {'expansion': E, 'modules': [conv paths]}")
+        grow(model, grown.get("expansion"), modules=grown.get("modules"))
     return model

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
+from .grow import is_grown, ungrow
 from .identity import card_of, set_card, set_preprocess
 from .layers import add_lora
 from .registry import is_reducible, model_from_config
@@ -57,6 +58,14 @@ def student_from_teacher(
     config = getattr(teacher, "config", None)
     if not config or "model" not in config:
         raise ConfigError("student_from_teacher needs a model built by models.create_model (it has no .config)")
+    if is_grown(teacher):  # any classifier grown by models.grow: the original network, every tensor inherited
+        student = ungrow(teacher)
+        if lora_rank:
+            if not is_reducible(config):
+                raise ConfigError(f"--lora-rank adds branches to the zoo's ConvBN layers; {config['model']} has "
+                                  "none: drop --lora-rank")
+            _add_lora(student, teacher, lora_rank, lora_targets or config["lora_targets"])
+        return student
     if not is_reducible(config):
         raise ConfigError(f"{config['model']} has no teacher branch to remove: student_from_teacher takes ReduceNet's "
                           "families (python -m models lists them); distil it with train.stage2 --teacher instead")
@@ -71,9 +80,12 @@ def student_from_teacher(
         raise ConfigError(f"the teacher lacks the student's tensors {missing[:3]}...; is its family registered?")
     inherit(student, teacher, student_state)
     if lora_rank:
-        targets = ([lora_targets] if isinstance(lora_targets, str) else list(lora_targets)) if lora_targets \
-            else config["lora_targets"]
-        add_lora(student, lora_rank, targets)
-        set_card(student, card_of(student).with_args(lora_rank=lora_rank, lora_targets=targets))
-        student.train(teacher.training)  # the new branches too
+        _add_lora(student, teacher, lora_rank, lora_targets or config["lora_targets"])
     return student
+
+
+def _add_lora(student: nn.Module, teacher: nn.Module, rank: int, targets: str | Sequence[str]) -> None:
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    add_lora(student, rank, targets)
+    set_card(student, card_of(student).with_args(lora_rank=rank, lora_targets=targets))
+    student.train(teacher.training)  # the new branches too

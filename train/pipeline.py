@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from models import complexity, create_model, read_record, student_from_teacher
-from models.checkpoint import atomic_write_text, resolve
+from models.checkpoint import atomic_write_text, load_checkpoint as load_checkpoint_model, resolve
+from models.grow import grow, is_grown, ungrow
 from models.errors import CheckpointError, ConfigError
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
@@ -105,9 +106,20 @@ def check_input_size(model: nn.Module, name: str, image_size: int) -> None:
 
 def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Module, str, Fresh]:
     """The model of ``derive``, its role (teacher, scratch student or model) and ``derive`` resolved (a ReduceNet's
-    expansion and width)."""
-    if is_reducible(derive.model):
-        derive = replace(derive, expansion=1 if derive.expansion is None else derive.expansion,
+    expansion and width); grown into a teacher with ``derive.grow`` (:mod:`models.grow`)."""
+    if Path(derive.model).exists():  # a checkpoint or run: its architecture (a trimmed one, say) and weights
+        given = [o for o, v in (("--expansion", derive.expansion), ("--width", derive.width),
+                                ("--weights", derive.weights)) if v is not None]
+        if given:
+            raise ConfigError(f"-m {derive.model} is a checkpoint, which fixes its architecture and weights: "
+                              f"drop {given[0]}")
+        model, role = load_checkpoint_model(derive.model), "model"
+        if model.num_classes != num_classes:
+            raise ConfigError(f"-m {derive.model} has {model.num_classes} classes but the data has {num_classes}")
+    elif is_reducible(derive.model):
+        if derive.grow and derive.expansion:
+            raise ConfigError("--grow grows a student into a teacher: leave --expansion out (or pass 0)")
+        derive = replace(derive, expansion=(0 if derive.grow else 1) if derive.expansion is None else derive.expansion,
                          width=1 if derive.width is None else derive.width)
         model = create_model(derive.model, num_classes=num_classes, width=derive.width, expansion=derive.expansion)
         role = "teacher" if derive.expansion else "scratch"
@@ -122,6 +134,9 @@ def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Mo
         torch_default_init(model)
     if derive.weights:
         load_pretrained(model, derive.weights)
+    if derive.grow:
+        grow(model, derive.grow, derive.grow_targets)
+        role = "teacher"
     return model, role, derive
 
 
@@ -134,7 +149,9 @@ def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
     set_preprocess(model, normalization(spec.data.normalize, data.info))
     data.normalize(model.preprocess)
     reducible = is_reducible(derive.model)
-    tag = derive.model.replace(":", "-") + (f"-{role}-e{derive.expansion}-w{derive.width:g}" if reducible else "")
+    tag = Path(derive.model).name.replace(":", "-") + (
+        f"-{role}-e{derive.expansion}-w{derive.width:g}" if reducible else "") + (
+        f"-grown-e{derive.grow}" if derive.grow else "")
     spec = _with_out(spec, f"{tag}-s{spec.optim.seed}")
     with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
         metadata = {"stage": 1, "role": role, **data_metadata(data, spec.data.data_dir)}
@@ -158,10 +175,11 @@ def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
     p = resolve(path)
     record = read_record(p)
     config = record["config"]
-    if inherit and not (is_reducible(config) and config.get("expansion")):
+    if inherit and not (is_reducible(config) and config.get("expansion")) and not config.get("grow"):
         what = "a student (expansion=0)" if config.get("expansion") == 0 else "not a ReduceNet teacher"
         raise CheckpointError(f"{p} is {what} ({config.get('model')}); --inherit needs a teacher trained by "
-                              "train.stage1 with --expansion >= 1 (use --teacher CKPT -m MODEL for plain distillation)")
+                              "train.stage1 with --expansion >= 1 or --grow E (use --teacher CKPT -m MODEL for plain "
+                              "distillation)")
     if inherit and expected_model and expected_model != config.get("model"):
         raise CheckpointError(f"{p} holds a {config.get('model')} teacher, not {expected_model}; "
                               "pass the matching -m or another --inherit")
@@ -264,7 +282,11 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     size = (1, 3, data.info.image_size, data.info.image_size)
     say = print if info.is_main else (lambda line: None)
     source = teacher
-    if is_reducible(teacher.config) and teacher.config.get("expansion"):
+    if is_grown(teacher):
+        source = ungrow(teacher)
+        say(f"trim: {teacher_path} is a grown teacher; its original network (every branch (b) removed) is trimmed "
+            "and distilled from the whole teacher")
+    elif is_reducible(teacher.config) and teacher.config.get("expansion"):
         # branch (b) is non-linear: no fusion could remove it after trimming, so the student form is trimmed
         source = student_from_teacher(teacher)
         say(f"trim: {teacher_path} is a ReduceNet teacher; its student (branch (b) removed, every other weight "

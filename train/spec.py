@@ -159,18 +159,27 @@ class LossSpec:
 class Fresh:
     """A model trained from its initialisation (stage 1): a ReduceNet teacher, a scratch student, any classifier.
 
-    ``expansion`` and ``width`` belong to ReduceNet's families (``None``: 1, the teacher, width 1); ``weights``
-    starts from a file; ``init`` is the zoo's conv init (``None``: the recipe's)."""
+    ``model``: a zoo name, ``torchvision:NAME``, ``timm:NAME``, or a checkpoint or run directory (its architecture
+    and weights: a trimmed network, say). ``expansion`` and ``width`` belong to ReduceNet's families (``None``: 1,
+    the teacher, width 1); ``weights`` starts from a file; ``init`` is the zoo's conv init (``None``: the
+    recipe's). ``grow`` E makes the model a ReduceNet teacher of any architecture (:mod:`models.grow`): branch (b)
+    of width E beside its convs that feed a BatchNorm, or those ``grow_targets`` (globs over module paths) name."""
 
     model: str = "reduce56"
     expansion: int | None = None
     width: float | None = None
     weights: str | None = None
     init: str | None = None
+    grow: int | None = None
+    grow_targets: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         if self.init is not None and self.init not in ("kaiming", "torch"):
             raise _bad("--init", self.init, "kaiming or torch")
+        if self.grow is not None and not (isinstance(self.grow, int) and 1 <= self.grow <= 64):
+            raise _bad("--grow", self.grow, "a branch width factor in [1, 64], such as 1")
+        if self.grow_targets and self.grow is None:
+            raise ConfigError("--grow-targets chooses the convs --grow gives a branch: pass --grow E as well")
 
 
 @dataclass(frozen=True, kw_only=True)

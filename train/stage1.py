@@ -30,6 +30,12 @@ def build_parser():
     m.add_argument("--width", type=float, default=None, help="zoo: channel multiplier (ReduceNet 1, 2, 4; default 1)")
     m.add_argument("--weights", default=None,
                    help="start from these weights (.safetensors, or a .pth state_dict read with weights_only=True)")
+    m.add_argument("--grow", type=int, default=None, metavar="E",
+                   help="grow the model into a ReduceNet teacher: branch (b) of width E beside every conv that "
+                        "feeds a BatchNorm (kxk, groups 1; a ReduceNet student: its blocks' first convs); "
+                        "train.stage2 --inherit RUN then gives back exactly the original network")
+    m.add_argument("--grow-targets", nargs="+", default=None, metavar="GLOB",
+                   help="with --grow: the convs to grow, as globs over module paths (e.g. 'layer*.conv1')")
     m.add_argument("--init", choices=("kaiming", "torch"), default=None,
                    help="zoo conv init: the model's own (Kaiming normal, fan-out) or PyTorch's default "
                         f"({help_default('init', 'stage1')})")
@@ -39,7 +45,8 @@ def build_parser():
 def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
     """The spec that ``argv`` asks for, and the parsed options (``--resume``, ``--overwrite``)."""
     args = parse_options(build_parser(), argv, kinds=("fresh",))
-    derive = Fresh(args.model, args.expansion, args.width, args.weights, args.init)
+    derive = Fresh(args.model, args.expansion, args.width, args.weights, args.init, args.grow,
+                   args.grow_targets and tuple(args.grow_targets))
     return from_options(vars(args), derive), args
 
 
