@@ -16,6 +16,8 @@ Tables:
                        with CE only, with KD and with KD + SemCKD; params, MACs, latency ratio, accuracy.
     precision          the same teacher and stage-2 runs in float32 and in bf16 autocast (the CPU default where the
                        CPU has native bf16), accuracies side by side.
+    grow               a torchvision and a timm classifier grown into ReduceNet teachers, shrunk back into themselves
+                       and distilled, against the same architecture trained alone for the same total epochs.
     deploy-speed       params, MACs, latency and throughput of every zoo model's forms.
 
 Every training row is a run spec (:mod:`train.reproduce.specs`), trained by :func:`train.pipeline.run` in

@@ -33,6 +33,12 @@ BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
     "pyramid": {"full": (60, 10, 30), "medium": (15, 2, 6), "short": (8, 1, 2), "smoke": (1, 1, 1)},
 }
 PYRAMID_SUBSET = {"full": None, "medium": 10000, "short": 2500, "smoke": None}
+#: grow: (grown teacher, stage 2) epochs; the CPU budgets train on GROW_SUBSET images of the CIFAR-10 JPEG copy.
+BUDGETS["grow"] = {"full": (200, 200), "medium": (8, 8), "short": (3, 3), "smoke": (1, 1)}
+GROW_SUBSET = {"full": None, "medium": 10000, "short": 2500, "smoke": None}
+#: Two architectures that are not ReduceNet, small enough for a CPU budget and sensible at 32 px.
+GROW_MODELS = ("torchvision:resnet18", "timm:resnet10t")
+GROW_EXPANSION = 1
 #: The knowledge-distillation project's setting: an image folder at 224 px (Imagenette there), a torchvision
 #: teacher and a smaller torchvision student, MSE on logits (its loss) or KL.
 KD_FOLDER = {"teacher": "torchvision:resnet18", "student": "torchvision:mobilenet_v3_small", "image_size": 224}
@@ -321,9 +327,34 @@ def pyramid_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def grow_rows(args: argparse.Namespace) -> list[Row]:
+    """Any classifier grown into a ReduceNet teacher (branch (b) of width 1 beside its kxk convs), then shrunk back
+    into itself and distilled (stage 2 --inherit), against the same architecture trained alone for the same total
+    epochs."""
+    e1, e2 = BUDGETS["grow"][args.budget]
+    runs, rows = Path(args.runs) / "grow", []
+    for model in args.models or GROW_MODELS:
+        group, tag = model, model.replace(":", "-")
+        for seed in args.seeds:
+            common = dict(dataset="cifar10", **_common(args, seed))
+            if not args.subset and GROW_SUBSET[args.budget]:
+                common["subset"] = GROW_SUBSET[args.budget]
+            teacher, alone = runs / f"{tag}-grown-s{seed}", runs / f"{tag}-alone-s{seed}"
+            rows += [
+                Row(f"grown teacher (E={GROW_EXPANSION}, {e1} ep)", group,
+                    RunSpec.of(Fresh(model, grow=GROW_EXPANSION), epochs=e1, out=str(teacher), **common), seed),
+                Row(f"{model.split(':')[1]} alone ({e1 + e2} ep)", group,
+                    RunSpec.of(Fresh(model), epochs=e1 + e2, out=str(alone), **common), seed),
+                Row(f"shrunk back + KD ({e2} ep)", group,
+                    RunSpec.of(Inherit(str(teacher)), epochs=e2, kd="kd", out=f"{runs / tag}-student-s{seed}",
+                               **common), seed, baseline=alone),
+            ]
+    return rows
+
+
 #: Every table's rows, by the name ``train.reproduce`` takes (``original-stage2`` reads its teacher's path).
 ROW_BUILDERS = {"cifar10-reducenet": cifar10_rows, "cifar100-kd": cifar100_rows, "kd-imagefolder": kd_folder_rows,
-                "precision": precision_rows, "trim": trim_rows, "pyramid": pyramid_rows,
+                "precision": precision_rows, "trim": trim_rows, "pyramid": pyramid_rows, "grow": grow_rows,
                 "original-stage2": lambda args: original_rows(args, Path(args.runs) / "teacher.safetensors")}
 
 

@@ -27,6 +27,7 @@ from .runner import duration, plan_row, train_row
 from .specs import BUDGETS, PAPER, Row, inherits_from, original_rows, pyramid_rows
 
 TABLES = ("cifar10-reducenet", "original-stage2", "cifar100-kd", "kd-imagefolder", "trim", "pyramid", "precision",
+          "grow",
           "deploy-speed")
 VALUES = ["last_acc", "fused_acc", "best_acc", "train_s", "exact_acc"]
 COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "epochs"), ("params", "params"),
