@@ -8,13 +8,14 @@ from . import mobilenetv2, reducenet, vgg  # noqa: F401  (registers the families
 from .checkpoint import load_checkpoint, load_weights, read_record, save_checkpoint
 from .complexity import complexity, count_macs, count_params
 from .deployed import load_any
+from .grow import grow, ungrow
 from .errors import CheckpointError, ConfigError, ReduceNetError, ReparamError, UnknownModelError
 from .layers import ConvBN, LambdaReLU, LoRABranch, add_lora, set_lambda
 from .registry import create_model, list_models, model_from_config
 from .surgery import student_from_teacher
 
 __all__ = [
-    "create_model", "list_models", "model_from_config", "student_from_teacher",
+    "create_model", "list_models", "model_from_config", "student_from_teacher", "grow", "ungrow",
     "save_checkpoint", "load_checkpoint", "load_weights", "read_record", "load_any",
     "complexity", "count_params", "count_macs",
     "ConvBN", "LambdaReLU", "LoRABranch", "add_lora", "set_lambda",

@@ -226,3 +226,13 @@ def test_a_spec_record_leaves_out_the_machine_s_worker_count():
     b = RunSpec(Fresh("reduce20"), DataSpec(workers=8))
     assert a.record() == b.record() and "workers" not in a.record()["data"]
     assert as_record(b.to_dict()) == a.record() and as_record(["--epochs", "3"]) == ["--epochs", "3"]
+
+
+def test_the_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
+    """The README's "In Python" block (create, grow, inherit, fuse, export, load), run as it stands."""
+    monkeypatch.chdir(tmp_path)
+    code = readme_snippet("## In Python")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert "grow" not in namespace["resnet18"].config and namespace["grown"].config["grow"]["expansion"] == 1
+    assert (tmp_path / "deploy" / "model.pt2").is_file() and namespace["deployed"].config["inference_mode"]
