@@ -130,3 +130,19 @@ def test_stage1_grows_resumes_and_stage2_gives_back_the_original_network(tmp_pat
     with torch.no_grad():
         assert torch.equal(plain.eval()(X), trained.eval()(X))
     assert student["fused_check"]["max_abs_diff"] < 1e-3 and (tmp_path / "student" / "deploy" / "model.onnx").is_file()
+
+
+def test_a_trimmed_network_grows_and_shrinks_back_into_its_trimmed_self(tmp_path, single_thread):
+    from models.trim import trim
+    from train.pipeline import is_checkpoint_path
+
+    trimmed = trim(randomize_model(models.create_model("reduce20", expansion=0)).eval(), 2.0).model
+    size = models.count_params(trimmed)
+    path = models.save_checkpoint(grow(trimmed, 1), tmp_path / "grown")  # the structure patch, then the branches
+    reloaded = models.load_checkpoint(path)
+    assert reloaded.config["structure"] and reloaded.config["grow"]["expansion"] == 1
+    back = ungrow(reloaded)
+    assert back.config == {k: v for k, v in reloaded.config.items() if k != "grow"}
+    assert models.count_params(back) == size
+    assert is_checkpoint_path(str(path)) and is_checkpoint_path(str(tmp_path / "grown.json"))
+    assert not is_checkpoint_path("reduce20") and not is_checkpoint_path(str(tmp_path))  # a name, a plain folder

@@ -62,7 +62,8 @@ class FuseCheckExport(Callback):
             summary["export_max_diff"] = report.max_diff
         print(f"data: {data.info.label}, {fused_eval['count']} test images")
         config = self.teacher.config
-        kind = f" (e{config['expansion']})" if "expansion" in config else ""
+        kind = (f" (grown e{config['grow']['expansion']})" if config.get("grow")
+                else f" (e{config['expansion']})" if "expansion" in config else "")
         print(size_line(f"teacher {config['model']}{kind}", sizes["teacher"], teacher_eval["test_acc"]))
         if self.before:
             print(size_line(self.before["label"], self.before, self.before["acc"]))

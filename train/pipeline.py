@@ -104,10 +104,17 @@ def check_input_size(model: nn.Module, name: str, image_size: int) -> None:
         model.train(was_training)
 
 
+def is_checkpoint_path(model: str) -> bool:
+    """Whether ``-m`` names a checkpoint or run directory rather than a model name: a path to an existing file or
+    folder that says it is one (a ``.safetensors``/``.json`` file, a folder with ``last.safetensors``)."""
+    p = Path(model)
+    return (p.is_file() and p.suffix in (".safetensors", ".json")) or (p / "last.safetensors").is_file()
+
+
 def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Module, str, Fresh]:
     """The model of ``derive``, its role (teacher, scratch student or model) and ``derive`` resolved (a ReduceNet's
     expansion and width); grown into a teacher with ``derive.grow`` (:mod:`models.grow`)."""
-    if Path(derive.model).exists():  # a checkpoint or run: its architecture (a trimmed one, say) and weights
+    if is_checkpoint_path(derive.model):  # a checkpoint or run: its architecture (a trimmed one, say) and weights
         given = [o for o, v in (("--expansion", derive.expansion), ("--width", derive.width),
                                 ("--weights", derive.weights)) if v is not None]
         if given:
