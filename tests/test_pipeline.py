@@ -77,7 +77,8 @@ def test_config_reruns_a_run_exactly(tmp_path):
     quiet(stage1.main, [*TINY, "--out", str(first)])
     spec = json.loads((first / "spec.json").read_text())
     assert spec["derive"] == {"kind": "fresh", "model": "reduce20", "expansion": 1, "width": 1, "weights": None,
-                              "init": "kaiming"}  # resolved: the recipe's init, the zoo's defaults
+                              "init": "kaiming", "grow": None, "grow_targets": None}  # resolved: the recipe's init,
+    # the zoo's defaults
     assert spec["optim"]["lr"] == 0.1 and spec["data"]["loader"] == "memory"
     quiet(stage1.main, ["--config", str(first), "--out", str(again)])
     a, b = load_file(str(first / "last.safetensors")), load_file(str(again / "last.safetensors"))
