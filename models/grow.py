@@ -20,12 +20,11 @@ from dataclasses import replace
 from fnmatch import fnmatch
 from typing import Sequence
 
-import torch
-import torch.fx
 import torch.nn as nn
 from torch import Tensor
 
 from .errors import ConfigError, ReparamError
+from .graph import conv_bn_pairs
 from .identity import card_of, set_card
 
 #: The most channels of a branch relative to its conv's output (a record asking for more is refused).
@@ -59,31 +58,6 @@ class GrownConv2d(nn.Module):
     def reparameterize(self) -> None:
         raise ReparamError("it is a grown teacher's non-linear branch (b), which no conv can replace; take the "
                            "student with models.ungrow(teacher) (train.stage2 --inherit) and fuse that")
-
-
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv path, BatchNorm path)`` of every conv whose output feeds only a BatchNorm, found on the model's
-    ``torch.fx`` graph (BN folding's pairs).
-
-    Raises:
-        ConfigError: the model cannot be traced by ``torch.fx``.
-    """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as e:  # fx raises many kinds on data-dependent control flow
-        raise ConfigError(f"cannot trace {type(model).__name__} with torch.fx to find its conv-BatchNorm pairs "
-                          f"({type(e).__name__})") from None
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            continue
-        src = node.args[0]
-        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-        if isinstance(conv, nn.Conv2d) and len(src.users) == 1:
-            pairs.append((src.target, node.target))
-    return pairs
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...] | None:

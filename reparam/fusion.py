@@ -10,7 +10,8 @@ import torch.fx
 import torch.nn as nn
 
 from models import fusion_math as T
-from models.errors import ReparamError
+from models.errors import ConfigError, ReparamError
+from models.graph import conv_bn_pairs
 from models.identity import card_of, keep_card, set_card
 from models.layers import LambdaReLU, LoRABranch
 from models.registry import is_zoo, model_from_config
@@ -41,19 +42,14 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
         ReparamError: the model cannot be traced by ``torch.fx``; the message names it.
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as e:  # fx raises many kinds on data-dependent control flow
-        raise ReparamError(f"cannot trace {type(model).__name__} with torch.fx to find conv-BatchNorm pairs "
-                           f"({type(e).__name__}); export it unfused, or give its blocks a reparameterize()") from None
+        pairs = conv_bn_pairs(model)
+    except ConfigError as e:
+        raise ReparamError(f"{e}; export it unfused, or give its blocks a reparameterize()") from None
     modules = dict(model.named_modules())
     folded = []
-    for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
+    for conv_path, bn_path in pairs:
+        conv, bn = modules[conv_path], modules[bn_path]
         if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
-            continue
-        src = node.args[0]
-        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d) or len(src.users) != 1:
             continue
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
@@ -61,9 +57,9 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
         kernel, bias = T.fold_bn(conv.weight, bias, bn.running_mean, bn.running_var, gamma, beta, bn.eps)
         conv.weight.copy_(kernel)
         conv.bias = nn.Parameter(bias)
-        parent, _, name = node.target.rpartition(".")
+        parent, _, name = bn_path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
-        folded.append(node.target)
+        folded.append(bn_path)
     return folded
 
 
