@@ -211,7 +211,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
     name = config.get("model")
     if not isinstance(name, str):
         raise CheckpointError(f"{where}: its config names model {name!r}; a model is named by a string")
-    args = {k: v for k, v in config.items() if k not in ("model", "structure", "grow")}
+    args = {k: v for k, v in config.items() if k not in ("model", "structure", "grow", "lora")}
     if is_zoo(name):  # what the family declares: the config of its default build (on the meta device)
         with torch.device("meta"):
             allowed = set(create_model(name).config) - {"model", "structure"}
@@ -225,11 +225,12 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
                 if not (_scalar(v) or isinstance(v, list) and len(v) <= 64 and all(map(_scalar, v)))), None)
     if bad is not None:
         raise CheckpointError(f"{where}: its config's {bad!r} is not a number, string or list of them")
-    grown = config.get("grow")
-    if grown is not None and not (isinstance(grown, dict) and set(grown) == {"expansion", "modules"}
-                                  and isinstance(grown["modules"], list) and len(grown["modules"]) <= 10_000
-                                  and all(isinstance(m, str) for m in grown["modules"])):
-        raise CheckpointError(f"{where}: its grow record is not {{'expansion': E, 'modules': [conv paths]}}")
+    for key, size in (("grow", "expansion"), ("lora", "rank")):
+        record = config.get(key)
+        if record is not None and not (isinstance(record, dict) and set(record) == {size, "modules"}
+                                       and isinstance(record["modules"], list) and len(record["modules"]) <= 10_000
+                                       and all(isinstance(m, str) for m in record["modules"])):
+            raise CheckpointError(f"{where}: its {key} record is not {{'{size}': n, 'modules': [conv paths]}}")
     structure = config.get("structure")
     if structure is not None and not (isinstance(structure, dict) and all(
             isinstance(k, str) and isinstance(v, dict) and all(_scalar(x) or isinstance(x, list) and len(x) <= 8

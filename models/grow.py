@@ -123,6 +123,45 @@ def grow(model: nn.Module, expansion: int, targets: Sequence[str] | None = None,
     return model
 
 
+def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None = None,
+                      modules: Sequence[str] | None = None) -> nn.Module:
+    """LoRA branches (:class:`~models.layers.LoRAConv2d`, rank ``rank``, LambdaReLU inside) on the convs of any
+    classifier that feed a BatchNorm (kxk, groups 1; or those ``targets`` name; or exactly ``modules``, from a
+    record), in place; the card records them, so the student saves, reloads and fuses (the branch folds into its
+    conv, the BN into that). The zoo's own ``add_lora`` serves its ConvBN layers.
+
+    Raises:
+        ConfigError: ``rank`` is not a whole number >= 1, or no conv qualifies.
+    """
+    from .layers import LoRAConv2d  # noqa: PLC0415 (layers imports the zoo's helpers)
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"--lora-rank {rank!r} is not valid: pass a rank >= 1")
+    paths = list(modules) if modules is not None else _plain_convs(model, targets)
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        conv = getattr(owner, name, None)
+        if not isinstance(conv, nn.Conv2d):
+            raise ConfigError(f"LoRA: {path} is not a Conv2d of {type(model).__name__}")
+        setattr(owner, name, LoRAConv2d(conv, rank))
+    card = card_of(model)
+    if card is not None:
+        set_card(model, replace(card, lora={"rank": rank, "modules": paths}))
+    return model
+
+
+def _plain_convs(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
+    modules = dict(model.named_modules())
+    convs = [c for c, _ in conv_bn_pairs(model)]
+    chosen = ([c for c in convs if any(fnmatch(c, g) for g in targets)] if targets else
+              [c for c in convs if modules[c].kernel_size != (1, 1) and modules[c].groups == 1])
+    if not chosen:
+        raise ConfigError(f"no conv of {type(model).__name__} can take a LoRA branch"
+                          + (f" among --lora-targets {' '.join(targets)}" if targets else ""))
+    return chosen
+
+
 def is_grown(model: nn.Module) -> bool:
     return any(isinstance(m, GrownConv2d) for m in model.modules())
 

@@ -42,6 +42,8 @@ class ModelCard:
             (not known yet: the training run sets it from the data).
         metadata: the metadata of the checkpoint it was loaded from (dataset, stage, teacher, ...).
         grow: for a grown teacher (:mod:`models.grow`), ``{"expansion": E, "modules": [conv paths]}``; else None.
+        lora: for a torchvision/timm student with LoRA branches (:func:`models.grow.add_lora_to_convs`),
+            ``{"rank": r, "modules": [conv paths]}``; else None (the zoo records LoRA in its arguments).
     """
 
     name: str | None
@@ -50,6 +52,7 @@ class ModelCard:
     preprocess: dict[str, Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     grow: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -60,6 +63,8 @@ class ModelCard:
             out["structure"] = copy.deepcopy(self.structure)
         if self.grow:
             out["grow"] = copy.deepcopy(self.grow)
+        if self.lora:
+            out["lora"] = copy.deepcopy(self.lora)
         return out
 
     @property
@@ -70,9 +75,9 @@ class ModelCard:
     def from_config(cls, config: dict[str, Any], preprocess: dict[str, Any] | None = None,
                     metadata: dict[str, Any] | None = None) -> ModelCard:
         """The card of a checkpoint's ``config`` (and its ``preprocess`` and ``metadata``)."""
-        args = {k: v for k, v in config.items() if k not in ("model", "structure", "grow")}
+        args = {k: v for k, v in config.items() if k not in ("model", "structure", "grow", "lora")}
         return cls(config.get("model"), args, config.get("structure") or None, preprocess, dict(metadata or {}),
-                   config.get("grow") or None)
+                   config.get("grow") or None, config.get("lora") or None)
 
     def with_args(self, **changes: Any) -> ModelCard:
         """The card with some builder arguments changed (e.g. ``lora_rank=8``)."""

@@ -165,7 +165,7 @@ def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:
     teacher's branches, :mod:`models.grow`); both are kept in the new config.
     """
     cfg = {**config, **overrides}
-    structure, grown = cfg.pop("structure", None), cfg.pop("grow", None)
+    structure, grown, lora = cfg.pop("structure", None), cfg.pop("grow", None), cfg.pop("lora", None)
     model = create_model(cfg.pop("model"), **cfg)
     if structure:
         apply_structure(model, structure)
@@ -176,4 +176,10 @@ def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:
         if not isinstance(grown, dict):
             raise ConfigError("a config's grow record is {'expansion': E, 'modules': [conv paths]}")
         grow(model, grown.get("expansion"), modules=grown.get("modules"))
+    if lora:
+        from .grow import add_lora_to_convs  # noqa: PLC0415
+
+        if not isinstance(lora, dict):
+            raise ConfigError("a config's lora record is {'rank': r, 'modules': [conv paths]}")
+        add_lora_to_convs(model, lora.get("rank"), modules=lora.get("modules"))
     return model

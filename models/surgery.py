@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError
-from .grow import is_grown, ungrow
+from .grow import add_lora_to_convs, is_grown, ungrow
 from .identity import card_of, set_card, set_preprocess
 from .layers import add_lora
 from .registry import is_reducible, model_from_config
@@ -60,11 +60,11 @@ def student_from_teacher(
         raise ConfigError("student_from_teacher needs a model built by models.create_model (it has no .config)")
     if is_grown(teacher):  # any classifier grown by models.grow: the original network, every tensor inherited
         student = ungrow(teacher)
-        if lora_rank:
-            if not is_reducible(config):
-                raise ConfigError(f"--lora-rank adds branches to the zoo's ConvBN layers; {config['model']} has "
-                                  "none: drop --lora-rank")
+        if lora_rank and is_reducible(config):
             _add_lora(student, teacher, lora_rank, lora_targets or config["lora_targets"])
+        elif lora_rank:  # any other classifier: a branch beside every kxk conv that feeds a BatchNorm
+            add_lora_to_convs(student, lora_rank, lora_targets)
+            student.train(teacher.training)
         return student
     if not is_reducible(config):
         raise ConfigError(f"{config['model']} has no teacher branch to remove: student_from_teacher takes ReduceNet's "

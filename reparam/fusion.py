@@ -13,15 +13,28 @@ from models import fusion_math as T
 from models.errors import ConfigError, ReparamError
 from models.graph import conv_bn_pairs
 from models.identity import card_of, keep_card, set_card
-from models.layers import LambdaReLU, LoRABranch
+from models.layers import LambdaReLU, LoRABranch, LoRAConv2d
 from models.registry import is_zoo, model_from_config
 from models.structure import apply_structure, structure_diff
 
 
 def _reparameterize(module: nn.Module, prefix: str = "") -> None:
     """timm's ``reparameterize_model`` walk, naming the module that refuses."""
-    for name, child in module.named_children():
+    for name, child in list(module.named_children()):
         path = f"{prefix}{name}"
+        if isinstance(child, LoRAConv2d):  # a LoRA branch beside a plain conv (a torchvision/timm student)
+            try:
+                kernel, bias = child.fused_kernel()
+            except ReparamError as e:
+                raise ReparamError(f"cannot fuse {path}: {e}") from None
+            base = child.conv
+            conv = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                             base.dilation, bias=True).to(device=kernel.device, dtype=kernel.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(kernel)
+                conv.bias.copy_(bias)
+            setattr(module, name, conv)
+            continue
         if hasattr(child, "reparameterize"):
             try:
                 child.reparameterize()
@@ -91,7 +104,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
                                "give its block a reparameterize() method")
     if not config:
         return fused
-    deploy_config = {k: v for k, v in config.items() if k != "structure"}
+    deploy_config = {k: v for k, v in config.items() if k not in ("structure", "lora")}
     if zoo:  # the plain deploy form: no teacher branch, no LoRA (for the families that have them)
         deploy_config.update({k: 0 for k in ("expansion", "lora_rank") if k in config}, inference_mode=True)
     deploy = model_from_config(deploy_config)

@@ -130,6 +130,12 @@ def test_stage1_grows_resumes_and_stage2_gives_back_the_original_network(tmp_pat
     with torch.no_grad():
         assert torch.equal(plain.eval()(X), trained.eval()(X))
     assert student["fused_check"]["max_abs_diff"] < 1e-3 and (tmp_path / "student" / "deploy" / "model.onnx").is_file()
+    with contextlib.redirect_stdout(out):  # with LoRA branches annealed to linear: they fuse away
+        lora = stage2.main(["--inherit", str(tmp_path / "teacher"), "--epochs", "1", "--lora-rank", "2",
+                            "--lambda-epochs", "1", *args, "--out", str(tmp_path / "lora")])
+    assert lora["model"]["lora"]["rank"] == 2 and lora["fused_check"]["max_abs_diff"] < 1e-3
+    deploy = models.load_checkpoint(tmp_path / "lora" / "deploy" / "model.safetensors")
+    assert "lora" not in deploy.config and deploy.config["structure"]
 
 
 def test_a_trimmed_network_grows_and_shrinks_back_into_its_trimmed_self(tmp_path, single_thread):
@@ -146,3 +152,26 @@ def test_a_trimmed_network_grows_and_shrinks_back_into_its_trimmed_self(tmp_path
     assert models.count_params(back) == size
     assert is_checkpoint_path(str(path)) and is_checkpoint_path(str(tmp_path / "grown.json"))
     assert not is_checkpoint_path("reduce20") and not is_checkpoint_path(str(tmp_path))  # a name, a plain folder
+
+
+def test_a_shrunk_torchvision_student_takes_lora_saves_and_fuses(tmp_path, single_thread):
+    """Stage 2's LoRA with LambdaReLU on a shrunk torchvision student: the branches start at zero (the student is
+    the original network), save and reload without pickle, and fuse into plain convs with the same function."""
+    teacher = grow(randomize_model(models.create_model("torchvision:resnet18", num_classes=10)), 1).eval()
+    student = models.student_from_teacher(teacher, lora_rank=2).eval()
+    assert student.config["lora"]["rank"] == 2 and "grow" not in student.config
+    with torch.no_grad():
+        assert torch.equal(student(X), ungrow(teacher)(X))  # zero-initialised branches
+        for m in student.modules():
+            if hasattr(m, "up"):
+                m.up.weight.normal_(0, 0.01)  # as after training
+    models.set_lambda(student, 0.5)
+    with pytest.raises(ReparamError):  # a LambdaReLU that is not linear yet does not fuse
+        fuse_model(student)
+    models.set_lambda(student, 1.0)
+    reloaded = models.load_checkpoint(models.save_checkpoint(student, tmp_path / "s")).eval()
+    fused = fuse_model(reloaded)
+    with torch.no_grad():
+        assert torch.equal(reloaded(X), student(X))
+        assert (fused(X) - student(X)).abs().max().item() < 1e-4
+    assert "lora" not in fused.config and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
