@@ -2,8 +2,8 @@
 
 ReduceNet's idea is not tied to its CIFAR ResNets: give a conv a removable non-linear branch (b) beside it,
 ``Conv(k×k, in→E·out, same stride/padding/dilation) → BN → ReLU → Conv1x1(→out) → BN``, summed with the conv's
-output **before** the conv's BatchNorm (the published block); train that larger teacher; then drop the branches,
-and the student is exactly the original network with every remaining weight inherited.
+output **before** the conv's BatchNorm (the published block); train that larger teacher; then drop the
+branches, and the student is exactly the original network with every remaining weight inherited.
 
 :func:`grow` finds the convs that feed a BatchNorm on the model's ``torch.fx`` graph (:func:`conv_bn_pairs`, as BN
 folding does), never by editing a ``forward``, and wraps each chosen one in a :class:`GrownConv2d`. By default it
@@ -107,20 +107,25 @@ def grow(model: nn.Module, expansion: int, targets: Sequence[str] | None = None,
     if isinstance(expansion, bool) or not isinstance(expansion, int) or not 1 <= expansion <= MAX_EXPANSION:
         raise ConfigError(f"--grow {expansion!r} is not valid: pass a branch width factor in [1, {MAX_EXPANSION}]")
     paths = list(modules) if modules is not None else eligible(model, targets)
+    _wrap_convs(model, paths, lambda conv: GrownConv2d(conv, expansion), "grow")
+    card = card_of(model)
+    if card is not None:
+        set_card(model, replace(card, grow={"expansion": expansion, "modules": paths}))
+    return model
+
+
+def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str) -> None:
+    """Replace each conv at ``paths`` by ``wrap(conv)``, in place; one line for a path that is not a conv."""
     for path in paths:
         parent, _, name = path.rpartition(".")
         try:
             owner = model.get_submodule(parent) if parent else model
             conv = getattr(owner, name)
         except AttributeError:
-            raise ConfigError(f"grow: {type(model).__name__} has no module {path}") from None
+            raise ConfigError(f"{what}: {type(model).__name__} has no module {path}") from None
         if not isinstance(conv, nn.Conv2d):
-            raise ConfigError(f"grow: {path} is a {type(conv).__name__}, not a Conv2d")
-        setattr(owner, name, GrownConv2d(conv, expansion))
-    card = card_of(model)
-    if card is not None:
-        set_card(model, replace(card, grow={"expansion": expansion, "modules": paths}))
-    return model
+            raise ConfigError(f"{what}: {path} is a {type(conv).__name__}, not a Conv2d")
+        setattr(owner, name, wrap(conv))
 
 
 def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None = None,
@@ -138,13 +143,7 @@ def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"--lora-rank {rank!r} is not valid: pass a rank >= 1")
     paths = list(modules) if modules is not None else _plain_convs(model, targets)
-    for path in paths:
-        parent, _, name = path.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        conv = getattr(owner, name, None)
-        if not isinstance(conv, nn.Conv2d):
-            raise ConfigError(f"LoRA: {path} is not a Conv2d of {type(model).__name__}")
-        setattr(owner, name, LoRAConv2d(conv, rank))
+    _wrap_convs(model, paths, lambda conv: LoRAConv2d(conv, rank), "LoRA")
     card = card_of(model)
     if card is not None:
         set_card(model, replace(card, lora={"rank": rank, "modules": paths}))
