@@ -20,7 +20,7 @@ import torch.nn as nn
 from models.checkpoint import save_checkpoint
 from models.errors import ReparamError
 
-from .fusion import fuse_model, max_abs_diff
+from .fusion import flatten, fuse_model, max_abs_diff
 
 
 @dataclass
@@ -117,7 +117,7 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
         if torchscript:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notice
-                traced = torch.jit.trace(fused, x)
+                traced = trace(fused, x)
                 torch.jit.save(traced, str(tmp / "model.ts"))
                 loaded = torch.jit.load(str(tmp / "model.ts"))
                 report.max_diff["torchscript"] = _check("TorchScript", (loaded(x) - reference).abs().max().item(), atol)
@@ -147,6 +147,19 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
             os.replace(path, out_dir / path.name)
             report.files[kind] = out_dir / path.name
     return report
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` traced to TorchScript from its flat form (:func:`~reparam.fusion.flatten`: one call per conv, no
+    wrapper or container calls, which TorchScript would otherwise keep and pay for at batch 1), or from the module
+    itself when ``torch.fx`` cannot trace it."""
+    try:
+        model = flatten(model)
+    except ReparamError:
+        pass
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        return torch.jit.trace(model, example)
 
 
 def _export_onnx(fused: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path) -> float | None:

@@ -356,9 +356,17 @@ def test_flatten_keeps_the_function_and_the_weights_and_drops_the_wrappers(name,
     calls = [n for n in flat.graph.nodes if n.op == "call_module"]
     convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
     assert len(calls) <= len(convs) + 2  # the convs, the pool and the classifier: nothing else is a module call
+    assert "getattr(" not in flat.code  # every call one attribute lookup, not one per level of the tree
     x = make_images(2)
     with torch.no_grad():
         assert torch.equal(flat(x), fused(x))
+    changed = {k: v * 0.9 if v.is_floating_point() else v for k, v in fused.state_dict().items()}
+    flat.load_state_dict(changed, strict=True)  # the tree's names load into the flat graph ...
+    fused.load_state_dict(changed, strict=True)
+    with torch.no_grad():
+        out = flat(x)
+        assert torch.isfinite(out).all() and torch.equal(out, fused(x))  # ... into the tensors its calls use
+    assert list(torch.nn.Sequential(flat).state_dict()) == ["0." + k for k in changed]  # also as a child
 
 
 def test_export_refuses_metadata_that_is_not_json_and_a_read_only_folder_in_one_line(tmp_path, monkeypatch):

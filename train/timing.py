@@ -34,31 +34,46 @@ def keep_freed_memory() -> bool:
 
 
 @torch.inference_mode()
-def measure(models: dict[str, Callable[[torch.Tensor], Any]], batch: int, device: torch.device, repeats: int,
-            warmup: int = 10, image_size: int | dict[str, int] = 32) -> dict[str, float]:
-    """Median seconds of one forward pass at ``batch`` for each model (any callable).
+def time_rounds(models: dict[str, Callable[[torch.Tensor], Any]], batch: int, device: torch.device, repeats: int,
+                warmup: int = 10, image_size: int | dict[str, int] = 32) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` forward passes at ``batch`` for each model (any callable), round by round.
 
-    The models are timed side by side: each round runs every model once, in turn, so that drift in the
-    machine's speed (other processes, clock changes) affects them alike. ``warmup`` rounds are not timed. Freed
-    memory is kept (:func:`keep_freed_memory`), so that no form pays for page faults that another escapes.
-    ``image_size``: one for all, or each model's (by name).
+    The models are timed side by side: each round runs every model once, so that drift in the machine's speed
+    (other processes, clock changes) affects them alike, and each round starts one model further on, so that
+    none always runs right after the same other one. ``warmup`` rounds are not timed. Freed memory is kept
+    (:func:`keep_freed_memory`), so that no form pays for page faults that another escapes. ``image_size``: one
+    for all, or each model's (by name). Entry ``i`` of every list comes from round ``i``: see :func:`paired_ratio`.
     """
     keep_freed_memory()
     models = {k: m.to(device).eval() if isinstance(m, nn.Module) else m for k, m in models.items()}
     sizes = image_size if isinstance(image_size, dict) else {k: image_size for k in models}
     inputs = {k: torch.randn(batch, 3, sizes[k], sizes[k], device=device) for k in models}
+    names = list(models)
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + repeats):
-        for k, model in models.items():
+        for k in names[i % len(names):] + names[:i % len(names)]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            model(inputs[k])
+            models[k](inputs[k])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def measure(models: dict[str, Callable[[torch.Tensor], Any]], batch: int, device: torch.device, repeats: int,
+            warmup: int = 10, image_size: int | dict[str, int] = 32) -> dict[str, float]:
+    """Median seconds of one forward pass at ``batch`` for each model, timed side by side (:func:`time_rounds`)."""
+    return {k: statistics.median(v) for k, v in time_rounds(models, batch, device, repeats, warmup, image_size).items()}
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of ``a[i] / b[i]``: a ratio of two models timed in the same rounds of
+    :func:`time_rounds`, each round's pair seeing the same machine state (steadier than a ratio of medians when
+    the machine's speed drifts during the measurement)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def latency(model: nn.Module, input_size: tuple[int, ...], device: torch.device | str = "cpu",
