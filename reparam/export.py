@@ -70,6 +70,9 @@ def export_deploy(
             check (at least 1): random input can give an untrained or trimmed model huge logits.
         metadata: stored in the checkpoint's JSON (JSON data only).
         pt2: also write a ``torch.export`` program with a dynamic batch (``torch.export.load(path).module()``).
+
+    ``model.ts`` and ``model.pt2`` are made from the fused model's flat graph (:func:`flat_or_tree`), as fast at
+    batch 1 as the same network written by hand (``results/deploy-speed.md``).
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"export_deploy needs a torch.nn.Module, got {type(model).__name__}")
@@ -125,8 +128,7 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
         program = None
         if pt2:
             try:
-                batch = torch.export.Dim("batch", min=1, max=1 << 16)
-                program = torch.export.export(fused, (x,), dynamic_shapes=({0: batch},))
+                program = export_program(fused, x)
             except Exception as e:  # an architecture torch.export cannot capture: the other forms still serve
                 reason = " ".join(str(e).split())[:160]
                 warnings.warn(f"model.pt2 not written: torch.export cannot capture {type(fused).__name__} "
@@ -149,17 +151,30 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
     return report
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """``model`` traced to TorchScript from its flat form (:func:`~reparam.fusion.flatten`: one call per conv, no
-    wrapper or container calls, which TorchScript would otherwise keep and pay for at batch 1), or from the module
-    itself when ``torch.fx`` cannot trace it."""
+def flat_or_tree(model: nn.Module) -> nn.Module:
+    """The form the deploy programs (``model.ts``, ``model.pt2``) are made from: :func:`~reparam.fusion.flatten` of
+    ``model`` (one call and one attribute lookup per conv: no wrapper or container calls, which TorchScript keeps
+    and ``torch.export``'s program looks up level by level, at a cost that shows at batch 1), or ``model`` itself
+    when ``torch.fx`` cannot trace it. The programs' parameter names are then the flat graph's (``layer1_0_conv1_conv
+    .weight`` for the checkpoint's ``layer1.0.conv1.conv.weight``)."""
     try:
-        model = flatten(model)
+        return flatten(model)
     except ReparamError:
-        pass
+        return model
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` traced to TorchScript as export writes ``model.ts`` (from :func:`flat_or_tree`)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice
-        return torch.jit.trace(model, example)
+        return torch.jit.trace(flat_or_tree(model), example)
+
+
+def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """``model`` captured by ``torch.export`` (from :func:`flat_or_tree`) with a dynamic batch, as export writes
+    ``model.pt2``."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return torch.export.export(flat_or_tree(model), (example,), dynamic_shapes=({0: batch},))
 
 
 def _export_onnx(fused: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path) -> float | None:

@@ -397,3 +397,27 @@ def test_export_and_complexity_default_to_the_recorded_input_size(tmp_path):
     report = export_deploy(model, tmp_path / "d", onnx=False, torchscript=False)
     program = torch.export.load(str(report.files["pt2"])).module()
     assert program(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_deploy_programs_are_made_from_the_flat_graph_and_from_the_model_when_fx_cannot_trace_it(make_images):
+    from reparam.export import export_program, flat_or_tree, trace
+
+    class Branchy(nn.Module):  # control flow on a tensor's value: torch.fx refuses it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    branchy = Branchy().eval()
+    assert flat_or_tree(branchy) is branchy
+    fused = reparam.fuse_model(models.create_model("reduce20", expansion=0))
+    flat = flat_or_tree(fused)
+    assert isinstance(flat, torch.fx.GraphModule) and "stem_conv" in dict(flat.named_children())
+    x = make_images(2)
+    program = export_program(fused, x)
+    assert "stem_conv.weight" in program.state_dict  # one lookup per parameter in the program
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), fused(x), atol=1e-5)
+        assert torch.allclose(trace(fused, x)(x), fused(x), atol=1e-5)

@@ -24,7 +24,7 @@ from models import complexity, create_model, list_models
 from models.deployed import Deployed
 from models.reducenet import ReduceNet
 from reparam import flatten, fuse_model
-from reparam.export import trace
+from reparam.export import export_program, trace
 
 from ..provenance import git_commit, hardware
 from ..timing import paired_ratio, time_rounds
@@ -89,10 +89,8 @@ def onnx_runner(model: nn.Module, image_size: int) -> Callable[[torch.Tensor], A
 
 
 def exported_program(model: nn.Module, image_size: int) -> nn.Module:
-    """``model`` as ``reparam.export`` writes it to ``model.pt2`` (``torch.export``, dynamic batch), loaded back as a
-    module the way :func:`models.load_any` serves it."""
-    x = torch.randn(2, 3, image_size, image_size)
-    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},))
+    """``model`` as ``reparam.export`` writes it to ``model.pt2``, loaded back as :func:`models.load_any` serves it."""
+    program = export_program(model, torch.randn(2, 3, image_size, image_size))
     return Deployed(program.module(), Path("model.pt2"), "torch.export")
 
 
