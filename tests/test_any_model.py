@@ -15,6 +15,7 @@ import models
 from _shared import CIFAR10, one_line
 from conftest import randomize_model, training_stopped_at
 from models.errors import CheckpointError, ConfigError, UnknownModelError
+from models.layers import LoRAConv2d
 from models.structure import apply_structure, structure_diff
 from models.weights import load_pretrained
 from reparam import fuse_model
@@ -113,13 +114,15 @@ def test_stage1_and_stage2_on_external_models(tmp_path):
     assert summary["model"]["model"] == "torchvision:resnet18" and summary["last_epoch"] == 1
     timm_run = tmp_path / "timm"
     assert run(stage1.main, ["-m", "timm:resnet10t", *ARGS, "--out", str(timm_run)])["last_epoch"] == 1
-    # a torchvision teacher into a zoo student and into a torchvision student, fused and exported
-    for student in ("reduce20", "torchvision:mobilenet_v3_small"):
+    # a torchvision teacher into a zoo student and into a fresh torchvision student with LoRA, fused and exported
+    for student, extra in (("reduce20", []), ("torchvision:mobilenet_v3_small", ["--lora-rank", "2"])):
         out = tmp_path / student.replace(":", "-")
-        s = run(stage2.main, ["--teacher", str(tv), "-m", student, *ARGS, "--out", str(out)])
+        s = run(stage2.main, ["--teacher", str(tv), "-m", student, *extra, *ARGS, "--out", str(out)])
         assert s["model"]["model"] == student and s["fused_check"]["max_abs_diff"] < 1e-3
         deploy = models.load_checkpoint(out / "deploy" / "model.safetensors")
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in deploy.modules())
+        assert not any(isinstance(m, (nn.BatchNorm2d, LoRAConv2d)) for m in deploy.modules())
+    assert s["model"]["lora"] == {"rank": 2, "modules": ["features.0.0"]}  # its one 3x3 conv of groups 1
+    assert isinstance(models.load_checkpoint(out / "last.safetensors").features[0][0], LoRAConv2d)
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
         stage1.main(["-m", "torchvision:resnet18", "--expansion", "1", *ARGS, "--out", str(tmp_path / "x")])
     assert "--expansion" in err.getvalue() and not (tmp_path / "x").exists()

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from models import complexity, create_model, read_record, student_from_teacher
 from models.checkpoint import atomic_write_text, load_checkpoint as load_checkpoint_model, resolve
-from models.grow import grow, is_grown, ungrow
+from models.grow import add_lora_to_convs, grow, is_grown, ungrow
 from models.errors import CheckpointError, ConfigError
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
@@ -200,14 +200,14 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
     if is_reducible(derive.model):
         student = create_model(derive.model, num_classes=num_classes, expansion=0, lora_rank=derive.lora_rank,
                                lora_targets=derive.lora_targets)
-    elif derive.lora_rank:
-        raise ConfigError(f"--lora-rank adds branches to ReduceNet's ConvBN layers; {derive.model} has none")
     else:
         sized = {"image_size": image_size} if accepts(derive.model, "image_size") else {}
         student = create_model(derive.model, num_classes=num_classes, **sized)
         check_input_size(student, derive.model, image_size)
     if derive.weights:
         load_pretrained(student, derive.weights)
+    if derive.lora_rank and not is_reducible(derive.model):  # after the weights, which name the convs unwrapped
+        add_lora_to_convs(student, derive.lora_rank, derive.lora_targets)
     return student
 
 
