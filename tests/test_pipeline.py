@@ -237,3 +237,5 @@ def test_the_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert "grow" not in namespace["resnet18"].config and namespace["grown"].config["grow"]["expansion"] == 1
     assert (tmp_path / "deploy" / "model.pt2").is_file() and namespace["deployed"].config["inference_mode"]
+    fast, deployed = namespace["fast"], namespace["deployed"]
+    assert list(fast.state_dict()) == list(deployed.state_dict()) and "getattr(" not in fast.code
