@@ -205,7 +205,8 @@ def speed_table(args) -> Path:
         "TorchScript, or exported with `torch.export` as `model.pt2` holds it). `module calls` counts the "
         "`nn.Module` calls of one eager forward pass: the op counts of the fused forms and the hand-written net are "
         "equal, and what the module tree adds at b1 is Python, one module call and one submodule lookup at a time "
-        f"(measured here: {call_us:.2f} us per call, {lookup_us:.2f} us per lookup). `reparam.flatten` (one flat torch.fx graph) is the eager deploy form. "
+        f"(measured here: {call_us:.2f} us per call, {lookup_us:.2f} us per lookup). `reparam.flatten` (one flat "
+        "torch.fx graph) is the eager deploy form. "
         "`teacher / fused` is the teacher's latency (b1) or time per image (b128) over the flattened fused "
         "student's, beside their MACs ratio.",
         "- glibc's malloc keeps freed memory in this process (`train.timing.keep_freed_memory`): by default it "
