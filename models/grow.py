@@ -107,15 +107,13 @@ def grow(model: nn.Module, expansion: int, targets: Sequence[str] | None = None,
     if isinstance(expansion, bool) or not isinstance(expansion, int) or not 1 <= expansion <= MAX_EXPANSION:
         raise ConfigError(f"--grow {expansion!r} is not valid: pass a branch width factor in [1, {MAX_EXPANSION}]")
     paths = list(modules) if modules is not None else eligible(model, targets)
-    _wrap_convs(model, paths, lambda conv: GrownConv2d(conv, expansion), "grow")
-    card = card_of(model)
-    if card is not None:
-        set_card(model, replace(card, grow={"expansion": expansion, "modules": paths}))
-    return model
+    return _wrap_convs(model, paths, lambda conv: GrownConv2d(conv, expansion), "grow",
+                       grow={"expansion": expansion, "modules": paths})
 
 
-def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str) -> None:
-    """Replace each conv at ``paths`` by ``wrap(conv)``, in place; one line for a path that is not a conv."""
+def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str, **record: dict) -> nn.Module:
+    """Replace each conv at ``paths`` by ``wrap(conv)``, in place, and write ``record`` (one card field: ``grow``
+    or ``lora``) into the model's card; returns ``model``. One line for a path that is not a conv."""
     for path in paths:
         parent, _, name = path.rpartition(".")
         try:
@@ -126,6 +124,10 @@ def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str) -> None
         if not isinstance(conv, nn.Conv2d):
             raise ConfigError(f"{what}: {path} is a {type(conv).__name__}, not a Conv2d")
         setattr(owner, name, wrap(conv))
+    card = card_of(model)
+    if card is not None:
+        set_card(model, replace(card, **record))
+    return model
 
 
 def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None = None,
@@ -143,11 +145,8 @@ def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"--lora-rank {rank!r} is not valid: pass a rank >= 1")
     paths = list(modules) if modules is not None else _plain_convs(model, targets)
-    _wrap_convs(model, paths, lambda conv: LoRAConv2d(conv, rank), "LoRA")
-    card = card_of(model)
-    if card is not None:
-        set_card(model, replace(card, lora={"rank": rank, "modules": paths}))
-    return model
+    return _wrap_convs(model, paths, lambda conv: LoRAConv2d(conv, rank), "LoRA",
+                       lora={"rank": rank, "modules": paths})
 
 
 def _plain_convs(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
