@@ -1,14 +1,12 @@
 """models.convert: the original ReduceNet's checkpoints become ours, computing the same function."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _shared import ROOT, SHARED, one_line
+from _shared import SHARED, one_line, run_main
 from conftest import randomize_model
 
 import models
@@ -105,8 +103,8 @@ def test_not_a_reducenet_state_dict_is_refused(tmp_path):
     assert "not an original ReduceNet" in one_line(e)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a zip")
-    assert subprocess.run([sys.executable, "-m", "models.convert", "reducenet-original", str(bad), "--out",
-                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True).returncode == 2
+    proc = run_main(main, ["reducenet-original", str(bad), "--out", str(tmp_path / "out")])
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "bad.pth" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models
-from _shared import CIFAR10, ROOT, SHARED
+from _shared import CIFAR10, ROOT, SHARED, run_main
 from models.convert import main as convert
 from reparam.export import export_deploy
 from train import evaluate
@@ -30,16 +30,20 @@ def converted(tmp_path_factory):
     return {"teacher": teacher, "student": student, "dir": out}
 
 
-def run_json(*argv: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "train.evaluate", *argv, "--json"], cwd=ROOT, capture_output=True,
-                          text=True, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+def run_json(*argv: str, subprocess_: bool = False) -> dict:
+    """The report of ``python -m train.evaluate ARGV --json`` (with ``subprocess_``), or of its ``main`` here."""
+    if subprocess_:
+        proc = subprocess.run([sys.executable, "-m", "train.evaluate", *argv, "--json"], cwd=ROOT,
+                              capture_output=True, text=True, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    else:
+        proc = run_main(evaluate.main, [*argv, "--json"])
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout)  # stdout is the JSON report alone
 
 
 @pytest.mark.parametrize("role, accuracy", [("teacher", 93.41), ("student", 93.61)])
 def test_original_checkpoints_score_as_in_the_original(converted, role, accuracy):
-    report = run_json(str(converted[role]), "--data-dir", str(CIFAR10))
+    report = run_json(str(converted[role]), "--data-dir", str(CIFAR10), subprocess_=role == "teacher")
     assert report["count"] == 1017 and report["data"] == "CIFAR-10 (exact subset, 5438 train / 1017 test)"
     assert f"{report['test_acc']:.2f}" == f"{accuracy:.2f}"
     assert report["top5_acc"] >= report["test_acc"] and 0 < report["test_loss"] < 1

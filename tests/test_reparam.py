@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from _shared import one_line
+from _shared import one_line, run_main
 import reparam
 from models import ReparamError
 from models.layers import LambdaReLU, LoRABranch, LoRAConv2d
@@ -257,7 +257,11 @@ def test_export_failed_check_leaves_out_dir_untouched(tmp_path, monkeypatch, ran
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def run_fuse(*args: str) -> subprocess.CompletedProcess:
+def run_fuse(*args: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """``python -m reparam.fuse ARGS`` (with ``subprocess_``), or its ``main`` in this process (:func:`run_main`)."""
+    if not subprocess_:
+        from reparam.fuse import main
+        return run_main(main, args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "reparam.fuse", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -268,7 +272,7 @@ def test_fuse_cli_success(tmp_path, randomize, make_images):
     model = lora_student("reduce20", randomize, rank=2).eval()
     models.save_checkpoint(model, tmp_path / "run" / "last")
     out = tmp_path / "deploy"
-    p = run_fuse(str(tmp_path / "run"), "--out", str(out))  # a run directory: uses last.safetensors
+    p = run_fuse(str(tmp_path / "run"), "--out", str(out), subprocess_=True)  # a run directory: its last
     assert p.returncode == 0, p.stderr
     assert {"model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"} == {f.name for f in out.iterdir()}
     assert models.read_record(out / "model.safetensors")["metadata"]["fused_from"] == str(tmp_path / "run")
