@@ -38,34 +38,41 @@ zoo: install
 
 # A GPU's checks in one call of at most 10 minutes (the GPU speed issue), in the issue's order, each step under its
 # own time limit so that the call always returns what it measured:
-#  1. train.bench on CUDA, reduce20: the paths side by side with the kernel-time column (top kernels in
-#     profile/), then N = 1, 2, 4, 8 teachers trained at once;
-#  2. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once; a row cut
-#     short resumes from its last epoch when the target runs again on the same machine.
-# OUT gets bench.txt, rows.log and one gpu-check.tgz with everything else (profiles, row logs, metrics, results):
-# few files, as the device tool returns at most 8. DATA must hold cifar10-jpeg.zip; torch_pruning (which
-# train.reproduce imports) is not on the GPU machines: copy it beside the data and put that folder on PYTHONPATH:
+#  1. train.bench on CUDA, reduce20, ours with the whole step as one CUDA graph (--cuda-graph, eager kernels): the
+#     paths side by side with the kernel-time column (top kernels in profile-graph/), then N = 1, 2, 4, 8 teachers
+#     trained at once;
+#  2. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS, --cuda-graph), JOBS rows at
+#     once; a row cut short resumes from its last epoch when the target runs again on the same machine;
+#  3. train.bench again with torch.compile's reduce-overhead (CUDA graphs of the forward and backward, the
+#     optimizer outside) instead, for the comparison, with what time is left.
+# OUT gets bench.txt, bench-compile.txt, rows.log and one gpu-check.tgz with everything else (profiles, row logs,
+# metrics, results): few files, as the device tool returns at most 8. DATA must hold cifar10-jpeg.zip; torch_pruning
+# (which train.reproduce imports) is not on the GPU machines: copy it beside the data and put that folder on
+# PYTHONPATH (the zip, the working tree and torch_pruning fill about 63 of the 64 MiB a call may carry):
 #   mkdir -p .device-data && cp ../shared/data/cifar10-jpeg.zip .device-data/
 #   cp -r .venv/lib/python3*/site-packages/torch_pruning .device-data/
+#   find .device-data -name __pycache__ -prune -exec rm -rf {} +
 #   then on the device: make gpu-check DATA=.device-data PYTHONPATH=.device-data   (carry .device-data)
 # Runs with the python that holds torch (no install: the GPU machine has every other package these import).
 OUT          ?= runs/gpu-check
-BENCH_S      ?= 240
+BENCH_S      ?= 170
 ROWS_S       ?= 300
+BENCH2_S     ?= 100
 GPU          ?= cuda
-COMPILE_MODE ?= reduce-overhead
 SEEDS        ?= 0
 JOBS         ?= 3
 gpu-check:
 	mkdir -p $(OUT)/work
 	-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $(OUT)/work/gpu.txt 2>&1
 	-PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 \
-		--workers 8 --data-dir $(DATA) --compile-mode $(COMPILE_MODE) --pack 1 2 4 8 \
-		--profile-dir $(OUT)/work/profile > $(OUT)/bench.txt 2>&1
+		--workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
+		--profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
 	-PYTHONUNBUFFERED=1 timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet --budget full \
-		--models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) --compile \
-		--compile-mode $(COMPILE_MODE) --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu \
-		--results $(OUT)/work/results > $(OUT)/rows.log 2>&1
+		--models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) --cuda-graph \
+		--jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results > $(OUT)/rows.log 2>&1
+	-PYTHONUNBUFFERED=1 timeout $(BENCH2_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 \
+		--workers 8 --data-dir $(DATA) --compile-mode reduce-overhead \
+		--profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1
 	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do mkdir -p $(abspath $(OUT))/work/runs/$$run && \
 		cp $$run/metrics.csv $$run/args.json $$run/summary.json $(abspath $(OUT))/work/runs/$$run 2>/dev/null; done; \
 		cp -r logs $(abspath $(OUT))/work/ 2>/dev/null

@@ -489,8 +489,9 @@ def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
     from train.provenance import native_bf16
     rows = bench.main(["--models", "reduce20", "--steps", "2", "--batch-size", "16", "--workers", "0",
                        "--data-dir", str(CIFAR10), "--device", "cpu", "--folder", str(SHARED / "cifar10-jpeg.zip"),
-                       "--folder-images", "40", "--pack", "2"])
+                       "--folder-images", "40", "--pack", "2", "--cuda-graph"])
     out = capsys.readouterr().out
+    assert "the step captured whole (run eagerly" in out.splitlines()[0]  # the header says how ours ran
     assert [r["job"] for r in rows[:3]] == ["teacher (stage 1)", "student (stage 1)", "student (stage 2, KD)"]
     for r in rows[:3]:
         assert r["ours_over_dataloader"] == pytest.approx(r["ours"] / r["dataloader"]) and r["compute"] > 0

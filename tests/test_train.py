@@ -584,11 +584,12 @@ def syncs_per_step(monkeypatch):
     ("stage1", []),
     ("stage2", ["--feature-kd", "fitnet", "--lora-rank", "2", "--lambda-epochs", "1"]),
     ("stage2", ["--kd", "dkd", "--feature-kd", "semckd", "--feature-weight", "1", "--lora-rank", "2",
-                "--lambda-epochs", "2"]),
+                "--lambda-epochs", "2", "--cuda-graph"]),
 ])
 def test_no_host_device_sync_in_a_steady_state_step(teacher, stage, extra, tmp_path, monkeypatch):
     """Between the read-backs (every Trainer.sync_every steps and at the end of an epoch), a training step queues
-    work and never waits for the device: no .item(), no bool(tensor), no copy to the host, no synchronize."""
+    work and never waits for the device: no .item(), no bool(tensor), no copy to the host, no synchronize; also
+    with the step captured whole (--cuda-graph: its eager steps, captures and replays, run eagerly on the CPU)."""
     from train.engine import Trainer
 
     monkeypatch.setattr(Trainer, "sync_every", 4)

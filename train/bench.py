@@ -22,6 +22,7 @@ folder) it also times the data alone at 224 px: the project's streaming loader a
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import tempfile
@@ -42,7 +43,7 @@ from models.errors import ConfigError, ReduceNetError, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .distill import DistillLoss
-from .engine import COMPILE_MODES, TrainConfig, Trainer, init_distributed
+from .engine import COMPILE_MODES, GRAPH_COMPILE_MODES, TrainConfig, Trainer, init_distributed
 from .provenance import hardware, native_bf16
 from .data.stream import StreamLoader
 from .tasks import Classify, Distill
@@ -115,14 +116,16 @@ class FixedBatches:
 
 
 def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: bool, amp: bool,
-                  compile_mode: str = "default", profile: bool = False) -> dict[str, Any]:
-    """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults (``amp``: bf16 autocast), after one warm-up
-    epoch: ``{"img_s", "wall_ms"}`` (milliseconds per step), and with ``profile`` on a GPU ``"kernel_ms"`` (the GPU's
-    kernel time per step, from one more epoch under ``torch.profiler``) and ``"top_kernels"``."""
-    cfg = TrainConfig(epochs=3, amp=amp, compile=compile_, compile_mode=compile_mode, channels_last=True)
+                  compile_mode: str = "default", profile: bool = False, cuda_graph: bool = False) -> dict[str, Any]:
+    """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults (``amp``: bf16 autocast; ``cuda_graph``: the
+    step captured whole), after one warm-up epoch: ``{"img_s", "wall_ms"}`` (milliseconds per step), and with
+    ``profile`` on a GPU ``"kernel_ms"`` (the GPU's kernel time per step, from one more epoch under
+    ``torch.profiler``) and ``"top_kernels"``."""
+    cfg = TrainConfig(epochs=3, amp=amp, compile=compile_, compile_mode=compile_mode, channels_last=True,
+                      cuda_graph=cuda_graph)
     if fixed:
         data = type(data)(FixedBatches(data.train), data.test, data.info)
-    trainer = Trainer(make_task(), data, cfg, device=device)
+    trainer = Trainer(make_task(), data, cfg, device=device, log=lambda line: None)  # the table alone on stdout
     trainer.train_epoch(0)
     img_s = trainer.train_epoch(1)["images_per_s"]
     out: dict[str, Any] = {"img_s": img_s, "wall_ms": 1e3 * data.train.num_samples / len(data.train) / img_s}
@@ -160,8 +163,8 @@ def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
         task = Classify(make_student()) if make_teacher is None else Distill(make_student(), make_teacher(),
                                                                              DistillLoss("kd"))
         cfg = TrainConfig(epochs=2, amp=job["amp"], compile=job["compile"], compile_mode=job["compile_mode"],
-                          channels_last=True)
-        trainer = Trainer(task, data, cfg, device=device)
+                          channels_last=True, cuda_graph=job["cuda_graph"])
+        trainer = Trainer(task, data, cfg, device=device, log=lambda line: None)
         trainer.train_epoch(0)
         barrier.wait()
         start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of this machine
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile in the project path on CUDA")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile's mode for the project path on CUDA (reduce-overhead: CUDA graphs)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="ours: the whole training step as one CUDA graph (with --compile-mode default or --no-compile)")
     p.add_argument("--pack", type=int, nargs="+", default=[], metavar="N",
                    help="also train N copies of (b) at once (the first model's teacher), one process each")
     p.add_argument("--profile-dir", default=None,
@@ -270,8 +275,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       device=device, channels_last=True)
     train = ArrayData(data.train.images.cpu(), data.train.labels.cpu())  # the same images, for the DataLoader
     compile_ = device.type == "cuda" and not args.no_compile
+    if args.cuda_graph and compile_ and args.compile_mode in GRAPH_COMPILE_MODES:
+        raise ConfigError(f"--cuda-graph captures the whole step, which --compile-mode {args.compile_mode} (CUDA graphs "
+                          "of its own) cannot share: use --compile-mode default or --no-compile with --cuda-graph")
     bf16 = native_bf16(device)
-    mode = f", torch.compile (mode {args.compile_mode})" if compile_ else ""
+    mode = (f", torch.compile (mode {args.compile_mode})" if compile_ else "") + (
+        (", the step as one CUDA graph" if device.type == "cuda" else
+         ", the step captured whole (run eagerly: a CPU has no CUDA graphs)") if args.cuda_graph else "")
     print(f"{hardware(device)}; {data.info.label}; batch {args.batch_size}, {args.steps} timed steps per path; "
           f"ours: {'bf16 autocast' if bf16 else 'float32'}, channels-last{mode}")
     print("| model | job | (a) DataLoader fp32 img/s | (b) ours img/s | (c) pure compute img/s | (d) ours in fp32 "
@@ -287,13 +297,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
             a = plain_loop(make_student(), make_teacher() if make_teacher else None, train, data.info, device,
                            args.batch_size, args.steps, args.workers)
-            ours = trainer_speed(make_task, data, device, compile_, fixed=False, amp=bf16,
-                                 compile_mode=args.compile_mode, profile=True)
+            speed = functools.partial(trainer_speed, make_task, data, device, compile_,
+                                      compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
+            ours = speed(fixed=False, amp=bf16, profile=True)
             b = ours["img_s"]
-            c = trainer_speed(make_task, data, device, compile_, fixed=True, amp=bf16,
-                              compile_mode=args.compile_mode)["img_s"]
-            d = (trainer_speed(make_task, data, device, compile_, fixed=False, amp=False,
-                               compile_mode=args.compile_mode)["img_s"] if bf16 else None)
+            c = speed(fixed=True, amp=bf16)["img_s"]
+            d = speed(fixed=False, amp=False)["img_s"] if bf16 else None
             kernel = ours.get("kernel_ms")
             rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c, "ours_float32": d,
                          "ours_over_dataloader": b / a, "ours_over_compute": b / c,
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.pack:
         job = {"model": args.models[0], "job": "teacher (stage 1)", "dataset": args.dataset, "data_dir": args.data_dir,
                "batch_size": args.batch_size, "steps": args.steps, "device": str(device), "amp": bf16,
-               "compile": compile_, "compile_mode": args.compile_mode,
+               "compile": compile_, "compile_mode": args.compile_mode, "cuda_graph": args.cuda_graph,
                "threads": max(1, torch.get_num_threads() // max(args.pack)) if device.type == "cpu" else 1}
         print(f"\n{args.models[0]} teacher (stage 1), path (b), N runs at once (one process each, "
               f"{args.steps} timed steps after a warm-up epoch)")

@@ -215,7 +215,9 @@ def start_lines(trainer: Trainer, metadata: dict[str, Any]) -> list[str]:
     left_out = (f"; {per_epoch:,} of {total:,} training images per epoch (last partial batch dropped)"
                 if per_epoch < total else "")
     steps = len(data.train)
-    precision = "bf16 autocast" if cfg.amp else "float32"
+    precision = ("bf16 autocast" if cfg.amp else "float32") + (
+        f", torch.compile ({cfg.compile_mode})" if cfg.compile else "") + (
+        ", the step as one CUDA graph" if cfg.cuda_graph and trainer.device.type == "cuda" else "")
     processes = f" x {world} processes" if world > 1 else ""
     resumes = f", resumed after epoch {trainer.epoch}" if trainer.epoch else ""
     where = f"; writes {trainer.run_dir}/ (checkpoints, metrics.csv, tb/, summary.json)" if trainer.run_dir else ""

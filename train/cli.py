@@ -95,6 +95,9 @@ def common_parser(prog: str, description: str, *, stage: str, epochs: int) -> ar
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
+    r.add_argument("--cuda-graph", action="store_true",
+                   help="the whole training step (forward, backward, optimizer) as one CUDA graph, replayed with one launch per "
+                        "step (train/graphs.py); with --compile, only --compile-mode default")
     r.add_argument("--sync-bn", action="store_true",
                    help="torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); without it "
                         "each process normalises with its own batch's statistics")

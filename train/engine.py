@@ -35,6 +35,7 @@ from models.errors import ReduceNetError
 
 from .callbacks import Callback, run_dir_callbacks
 from .data import Data
+from .graphs import GraphedStep, python_state
 from .progress import Progress
 from .provenance import hardware
 from .rundir import RunDir
@@ -42,6 +43,8 @@ from .tasks import TASK_OUTPUTS, Task
 
 #: torch.compile's modes; ``reduce-overhead`` replays each compiled graph as a CUDA graph (no per-kernel launches).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes that make CUDA graphs of their own, which a step captured whole (``cuda_graph``) cannot hold.
+GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 class TrainingDiverged(ReduceNetError):
@@ -66,6 +69,7 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     compile_mode: str = "default"  # one of COMPILE_MODES
+    cuda_graph: bool = False  # the whole step as one CUDA graph (train.graphs); not with CUDA-graph compile modes
     channels_last: bool = False
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in summary.json
@@ -95,6 +99,10 @@ class EpochSums:
     and the first step whose loss was not finite, with what the diagnosis of that step needs (its loss, and
     whether the model's and the teacher's outputs were finite). Nothing is read back to the host until
     :meth:`read`, which the loop calls at a slow, fixed interval and at the end of the epoch.
+
+    Every sum is updated in place (:meth:`record`) and :meth:`reset` zeroes them in place, so a step captured as a
+    CUDA graph (:mod:`train.graphs`) adds to the same tensors at every replay; the images seen are counted on the
+    host (:attr:`seen`), by the loop.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -107,25 +115,40 @@ class EpochSums:
         self.bad_loss = zero(dtype=torch.float32)
         self.bad_flags = torch.ones(2, dtype=torch.bool, device=device)
 
-    @torch.no_grad()
+    def reset(self) -> None:
+        """Zero every sum in place (a new epoch), keeping the tensors and the names of the terms."""
+        for t in (self.loss, self.correct, self.steps, self.bad_loss, *self.terms.values()):
+            t.zero_()
+        self.bad_step.fill_(-1)
+        self.bad_flags.fill_(True)
+        self.seen = 0
+
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
             teacher_logits: torch.Tensor | None = None) -> None:
-        """Add one step (asynchronous: no value leaves the device)."""
+        """Add one step (asynchronous: no value leaves the device): :meth:`record`, and count its images."""
+        self.record(loss, logits, y, terms, teacher_logits)
+        self.seen += y.numel()
+
+    @torch.no_grad()
+    def record(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
+               teacher_logits: torch.Tensor | None = None) -> None:
+        """Add one step's sums on the device, in place; the images are not counted (``seen``)."""
         n = y.numel()
         loss = loss.detach()
-        self.loss += loss.double() * n
-        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.loss.add_(loss.double() * n)
+        self.correct.add_((logits.detach().argmax(1) == y).sum())
         for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0) + v.detach().to(self.loss.device, torch.float64) * n
+            if k not in self.terms:  # a new term starts at 0 (in a captured step, it was seen in the eager one)
+                self.terms[k] = torch.zeros((), dtype=torch.float64, device=self.loss.device)
+            self.terms[k].add_(v.detach().to(self.loss.device, torch.float64) * n)
         first = ~torch.isfinite(loss) & (self.bad_step < 0)
-        self.bad_step = torch.where(first, self.steps, self.bad_step)
-        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+        self.bad_loss.copy_(torch.where(first, loss.float(), self.bad_loss))
         flags = torch.stack([torch.isfinite(logits.detach()).all(),
                              torch.isfinite(teacher_logits).all() if teacher_logits is not None
                              else torch.ones((), dtype=torch.bool, device=loss.device)])
-        self.bad_flags = torch.where(first, flags, self.bad_flags)
-        self.steps += 1
-        self.seen += n
+        self.bad_flags.copy_(torch.where(first, flags, self.bad_flags))
+        self.bad_step.copy_(torch.where(first, self.steps, self.bad_step))
+        self.steps.add_(1)
 
     def read(self) -> dict[str, Any]:
         """The sums on the host, in one transfer: ``loss``, ``correct``, ``terms`` (sums weighted by batch size),
@@ -241,14 +264,23 @@ class Trainer:
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         if self.dist.world_size > 1 and cfg.sync_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
+        if cfg.cuda_graph and (self.dist.world_size > 1 or cfg.compile and cfg.compile_mode in GRAPH_COMPILE_MODES):
+            what = "torchrun" if self.dist.world_size > 1 else f"--compile-mode {cfg.compile_mode}"
+            raise ReduceNetError(f"--cuda-graph captures the whole step in one CUDA graph, which {what} cannot share; "
+                                 "leave out one of them (--compile-mode default compiles inside the graph)")
         self.task = task.to_device(self.device, memory_format)
         self.model = task.student
-        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for all parameters
+        # one kernel for all parameters on a GPU; in a captured step, the learning rate is a tensor the scheduler
+        # fills in place (the graph reads it at every replay)
+        fused = {"fused": True} if self.device.type == "cuda" or cfg.cuda_graph else {}
+        self.lr_tensor = torch.tensor(cfg.lr, device=self.device) if cfg.cuda_graph else None
+        lr = self.lr_tensor if self.lr_tensor is not None else cfg.lr
         if cfg.optimizer == "adam":
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.task.parameters(), lr=cfg.lr,
-                                                                     weight_decay=cfg.wd, **fused)
+            capturable = {"capturable": True} if cfg.cuda_graph and self.device.type == "cuda" else {}
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.task.parameters(), lr=lr,
+                                                                     weight_decay=cfg.wd, **fused, **capturable)
         else:
-            self.optimizer = torch.optim.SGD(self.task.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+            self.optimizer = torch.optim.SGD(self.task.parameters(), lr=lr, momentum=cfg.momentum,
                                              nesterov=cfg.nesterov, weight_decay=cfg.wd, **fused)
         steps = len(data.train)  # >= 1: a Loader with fewer samples than one batch refuses to be built
         self.total_steps = steps * cfg.epochs
@@ -261,6 +293,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward_task = nn.parallel.DistributedDataParallel(self.task, device_ids=ids)
         self.forward_task = torch.compile(forward_task, mode=cfg.compile_mode) if cfg.compile else forward_task
+        self.sums = EpochSums(self.device)
+        self.graphed = (GraphedStep(functools.partial(self._step, self.sums),
+                                    functools.partial(self.optimizer.zero_grad, set_to_none=True), self.device,
+                                    key=functools.partial(python_state, self.task))
+                        if cfg.cuda_graph else None)
+        if self.graphed is not None and not self.graphed.capture:
+            log("--cuda-graph: no CUDA graphs on the CPU; each step runs eagerly through the graph's buffers")
         self.history: list[dict[str, float]] = []
         self.epoch = 0  # epochs finished
 
@@ -298,6 +337,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["initial_lr"] = self.cfg.lr
             group["lr"] = self.cfg.lr * self.lr_factor(self.scheduler.last_epoch)
+        self._keep_lr_tensor()
+
+    def _keep_lr_tensor(self) -> None:
+        """With a captured step, every group's ``lr`` is :attr:`lr_tensor`, the tensor the graph reads, holding the
+        scheduler's value: a loaded state dict (and a scheduler of an older torch) puts a new object there."""
+        if self.lr_tensor is None:
+            return
+        for group in self.optimizer.param_groups:
+            if group["lr"] is not self.lr_tensor:
+                self.lr_tensor.fill_(float(group["lr"]))
+                group["lr"] = self.lr_tensor
 
     def resume(self) -> None:
         """Load ``train_state.pt`` of the run directory: :meth:`load_state_dict`."""
@@ -311,9 +361,24 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loops
     def _autocast(self):
-        if self.cfg.amp:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.amp:  # a captured step may not reuse casts cached outside it
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not self.cfg.cuda_graph)
         return nullcontext()
+
+    def _step(self, sums: EpochSums, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on ``(x, y)`` with its sums recorded on the device; the gradients are None before it
+        (eagerly: set so by the loop; captured: made by the graph's backward)."""
+        with self._autocast():
+            out = self.forward_task(x, y)
+        loss = out["loss"]
+        loss.backward()
+        self.optimizer.step()
+        sums.record(loss, out["logits"], y, {k: v for k, v in out.items() if k not in TASK_OUTPUTS},
+                    out.get("teacher_logits"))
+
+    def current_lr(self) -> float:
+        """The learning rate of the next step, computed on the host (reading the optimizer's tensor would wait)."""
+        return self.cfg.lr * self.lr_factor(self.scheduler.last_epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train the (0-based) ``epoch``; its metrics row: train loss and accuracy, images/s, lr, what the task
@@ -325,28 +390,30 @@ class Trainer:
         steps = len(self.data.train)
         progress = Progress(steps, f"epoch {epoch + 1}/{self.cfg.epochs}", unit="step", log=self.log,
                             enabled=self.dist.is_main)
-        sums = EpochSums(self.device)
+        sums = self.sums
+        sums.reset()
+        if self.graphed is not None:
+            self.graphed.new_epoch()
         step_logs: dict[str, float] = {}
         start = time.perf_counter()
         for step, (x, y) in enumerate(self.data.train):
             for callback in self.callbacks:
                 step_logs.update(callback.on_step(epoch, step, steps) or {})
-            with self._autocast():
-                out = self.forward_task(x, y)
-            loss = out["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.graphed is not None:
+                self.graphed(x, y)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step(sums, x, y)
             self.scheduler.step()
-            sums.add(loss, out["logits"], y, {k: v for k, v in out.items() if k not in TASK_OUTPUTS},
-                     out.get("teacher_logits"))
+            self._keep_lr_tensor()
+            sums.seen += y.shape[0]
             progress.tick()
             # a read-back makes the host wait for the device: every sync_every steps, or when a line is due
             if ((step + 1) % self.sync_every == 0 or progress.due()) and step + 1 < steps:
                 done = self._check(sums.read(), epoch)
                 progress.show(loss=f"{done['loss'] / done['seen']:.4f}",
                               img_s=f"{done['seen'] / (time.perf_counter() - start):.0f}",
-                              lr=f"{self.scheduler.get_last_lr()[0]:.4f}")
+                              lr=f"{self.current_lr():.4f}")
         progress.close(final=False)  # the epoch's own line follows
         done = self._check(sums.read(), epoch)  # waits for the device: the epoch's work is finished after it
         elapsed = time.perf_counter() - start
@@ -355,7 +422,7 @@ class Trainer:
                                self.device)
         total_loss, total_correct, total_seen = totals[:3]
         return {"train_loss": total_loss / total_seen, "train_acc": 100.0 * total_correct / total_seen,
-                "images_per_s": total_seen / elapsed, "lr": self.scheduler.get_last_lr()[0], **step_logs,
+                "images_per_s": total_seen / elapsed, "lr": self.current_lr(), **step_logs,
                 **{k: v / total_seen for k, v in zip(keys, totals[3:])}}
 
     def _check(self, done: dict[str, Any], epoch: int) -> dict[str, Any]:
@@ -432,6 +499,7 @@ class Trainer:
             "wall_s_this_call": wall_s, "train_s_total": sum(r["epoch_s"] for r in self.history),
             "hardware": hardware(self.device), "world_size": self.dist.world_size,
             "precision": "bf16 autocast" if self.cfg.amp else "float32", "channels_last": self.cfg.channels_last,
+            "cuda_graph": self.cfg.cuda_graph,
             "torch": torch.__version__, "command": " ".join(sys.argv),
             **self.cfg.extra,
         }

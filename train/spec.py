@@ -30,7 +30,7 @@ from models.registry import is_zoo
 from models.trim import COSTS, IMPORTANCES
 
 from .data import DATASETS
-from .engine import COMPILE_MODES, TrainConfig
+from .engine import COMPILE_MODES, GRAPH_COMPILE_MODES, TrainConfig
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .recipes import defaults as recipe_defaults
@@ -125,12 +125,17 @@ class RuntimeSpec:
     amp: bool | None = field(default=None, metadata=RESUMABLE)
     compile: bool = field(default=False, metadata=RESUMABLE)
     compile_mode: str = field(default="default", metadata=RESUMABLE)
+    cuda_graph: bool = field(default=False, metadata=RESUMABLE)
     channels_last: bool = field(default=True, metadata=RESUMABLE)
     sync_bn: bool = False
 
     def validate(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
             raise _bad("--compile-mode", self.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
+        if self.cuda_graph and self.compile and self.compile_mode in GRAPH_COMPILE_MODES:
+            raise ConfigError(f"--cuda-graph captures the whole step in one CUDA graph, which --compile-mode "
+                              f"{self.compile_mode} (CUDA graphs of its own) cannot share; use --compile-mode default "
+                              "with --cuda-graph, or leave --cuda-graph out")
 
 
 @dataclass(frozen=True)
@@ -419,12 +424,20 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def as_record(spec_dict: Any) -> Any:
-    """A spec's JSON form (or a record already) as :meth:`RunSpec.record` gives it: without ``data.workers``; a
-    run marked finished with its whole JSON form (the Pyramid's levels before 2026-12-06) compares as the same run.
-    Anything that is not a spec's JSON form is returned as it is."""
-    if isinstance(spec_dict, dict) and isinstance(spec_dict.get("data"), dict) and "workers" in spec_dict["data"]:
-        return {**spec_dict, "data": {k: v for k, v in spec_dict["data"].items() if k != "workers"}}
-    return spec_dict
+    """A spec's JSON form (or a record already) as :meth:`RunSpec.record` gives it: without ``data.workers``, and
+    with the default of every field its part did not have yet (``runtime.cuda_graph``, added 2026-12-07), so a
+    run marked finished before compares as the same run, as one marked with its whole JSON form does (the
+    Pyramid's levels before 2026-12-06). Anything that is not a spec's JSON form is returned as it is."""
+    if not (isinstance(spec_dict, dict) and isinstance(spec_dict.get("data"), dict)):
+        return spec_dict
+    out = dict(spec_dict)
+    for name, cls in _PARTS.items():
+        if isinstance(out.get(name), dict):
+            added = {f.name: json.loads(json.dumps(f.default)) for f in fields(cls)
+                     if f.name not in out[name] and f.default is not dataclasses.MISSING}
+            out[name] = {**out[name], **added}
+    out["data"] = {k: v for k, v in out["data"].items() if k != "workers"}
+    return out
 
 
 def resumable_fields(spec: RunSpec) -> set[str]:
@@ -466,6 +479,7 @@ def make_train_config(optim: OptimSpec, runtime: RuntimeSpec, **extra: Any) -> T
                        nesterov=optim.nesterov, schedule=optim.schedule, milestones=tuple(optim.milestones),
                        gamma=optim.gamma, warmup_epochs=optim.warmup_epochs or 0.0, seed=optim.seed,
                        amp=bool(runtime.amp), compile=runtime.compile, compile_mode=runtime.compile_mode,
+                       cuda_graph=runtime.cuda_graph,
                        channels_last=runtime.channels_last, sync_bn=runtime.sync_bn, extra=extra)
 
 

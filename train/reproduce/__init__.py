@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="every row: torch.compile (with --compile-mode)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="every row: the whole training step as one CUDA graph (see train.stage1 --help)")
     p.add_argument("--runs", default="runs/reproduce", help="where the rows' run directories go")
     p.add_argument("--results", default="results", help="where TABLE.md/.csv/.png go")
     p.add_argument("--repeats", type=int, default=30,

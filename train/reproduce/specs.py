@@ -119,6 +119,8 @@ def _common(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     out = dict(seed=seed, device=args.device, data_dir=args.data_dir, subset=args.subset)
     if getattr(args, "compile", False):
         out.update(compile=True, compile_mode=args.compile_mode)
+    if getattr(args, "cuda_graph", False):
+        out.update(cuda_graph=True)
     return out
 
 
