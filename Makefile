@@ -41,8 +41,9 @@ zoo: install
 #  1. train.bench on CUDA, reduce20, ours with the whole step as one CUDA graph (--cuda-graph, eager kernels): the
 #     paths side by side with the kernel-time column (top kernels in profile-graph/), then N = 1, 2, 4, 8 teachers
 #     trained at once;
-#  2. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS, --cuda-graph), JOBS rows at
-#     once; a row cut short resumes from its last epoch when the target runs again on the same machine;
+#  2. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once, with
+#     --cuda-graph when step 1 measured it (eagerly otherwise); a row cut short resumes from its last epoch when the
+#     target runs again on the same machine;
 #  3. train.bench again with torch.compile's reduce-overhead (CUDA graphs of the forward and backward, the
 #     optimizer outside) instead, for the comparison, with what time is left.
 # OUT gets bench.txt, bench-compile.txt, rows.log and one gpu-check.tgz with everything else (profiles, row logs,
@@ -67,9 +68,10 @@ gpu-check:
 	-PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 \
 		--workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
 		--profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
-	-PYTHONUNBUFFERED=1 timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet --budget full \
-		--models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) --cuda-graph \
-		--jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results > $(OUT)/rows.log 2>&1
+	-GRAPH=$$(grep -q '^| reduce20 | teacher' $(OUT)/bench.txt && echo --cuda-graph); echo "rows: $${GRAPH:-eager}" \
+		> $(OUT)/rows.log; PYTHONUNBUFFERED=1 timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet \
+		--budget full --models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) \
+		$$GRAPH --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results >> $(OUT)/rows.log 2>&1
 	-PYTHONUNBUFFERED=1 timeout $(BENCH2_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 \
 		--workers 8 --data-dir $(DATA) --compile-mode reduce-overhead \
 		--profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models.errors import ReduceNetError
+
 #: Ordinary steps before the first capture of a run, and before a capture again (a Python value changed).
 FIRST_WARMUP_STEPS, EPOCH_WARMUP_STEPS = 3, 1
 
@@ -106,9 +108,16 @@ class GraphedStep:
         self.zero_grad()  # the captured backward allocates the gradients, which every replay writes afresh
         if self.capture:
             self.graph = torch.cuda.CUDAGraph()
-            # thread_local: a loader's pinning thread may touch CUDA while this thread captures
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.step(*self.static)
+            try:
+                # thread_local: a loader's pinning thread may touch CUDA while this thread captures
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                    self.step(*self.static)
+            except RuntimeError as e:  # a value read back, a shape that depends on data, an op CUDA cannot capture
+                self.graph = None
+                reason = " ".join(str(e).split())[:160]
+                raise ReduceNetError(f"--cuda-graph: the training step cannot be captured as a CUDA graph ({reason}); "
+                                     "a captured step may not wait for the GPU (.item(), data-dependent shapes): "
+                                     "train without --cuda-graph") from None
         self.captures += 1
         self._replay()
 
