@@ -47,6 +47,18 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def cuda_graph_conflict(compile_: bool, compile_mode: str, world_size: int = 1) -> str | None:
+    """Why the step cannot be captured whole (``--cuda-graph``) with these settings, in one line; None if it can."""
+    if world_size > 1:
+        what = "torchrun (DistributedDataParallel)"
+    elif compile_ and compile_mode in GRAPH_COMPILE_MODES:
+        what = f"--compile-mode {compile_mode} (CUDA graphs of its own)"
+    else:
+        return None
+    return (f"--cuda-graph captures the whole step in one CUDA graph, which {what} cannot share: leave out one of "
+            "them (with --cuda-graph, --compile-mode default compiles inside the graph)")
+
+
 class TrainingDiverged(ReduceNetError):
     """The loss became NaN or infinite."""
 
@@ -264,10 +276,9 @@ class Trainer:
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         if self.dist.world_size > 1 and cfg.sync_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
-        if cfg.cuda_graph and (self.dist.world_size > 1 or cfg.compile and cfg.compile_mode in GRAPH_COMPILE_MODES):
-            what = "torchrun" if self.dist.world_size > 1 else f"--compile-mode {cfg.compile_mode}"
-            raise ReduceNetError(f"--cuda-graph captures the whole step in one CUDA graph, which {what} cannot share; "
-                                 "leave out one of them (--compile-mode default compiles inside the graph)")
+        conflict = cuda_graph_conflict(cfg.compile, cfg.compile_mode, self.dist.world_size)
+        if cfg.cuda_graph and conflict:
+            raise ReduceNetError(conflict)
         self.task = task.to_device(self.device, memory_format)
         self.model = task.student
         # one kernel for all parameters on a GPU; in a captured step, the learning rate is a tensor the scheduler

@@ -30,7 +30,7 @@ from models.registry import is_zoo
 from models.trim import COSTS, IMPORTANCES
 
 from .data import DATASETS
-from .engine import COMPILE_MODES, GRAPH_COMPILE_MODES, TrainConfig
+from .engine import COMPILE_MODES, TrainConfig, cuda_graph_conflict
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .recipes import defaults as recipe_defaults
@@ -132,10 +132,9 @@ class RuntimeSpec:
     def validate(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
             raise _bad("--compile-mode", self.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
-        if self.cuda_graph and self.compile and self.compile_mode in GRAPH_COMPILE_MODES:
-            raise ConfigError(f"--cuda-graph captures the whole step in one CUDA graph, which --compile-mode "
-                              f"{self.compile_mode} (CUDA graphs of its own) cannot share; use --compile-mode default "
-                              "with --cuda-graph, or leave --cuda-graph out")
+        conflict = cuda_graph_conflict(self.compile, self.compile_mode)
+        if self.cuda_graph and conflict:
+            raise ConfigError(conflict)
 
 
 @dataclass(frozen=True)
