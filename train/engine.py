@@ -281,17 +281,14 @@ class Trainer:
             raise ReduceNetError(conflict)
         self.task = task.to_device(self.device, memory_format)
         self.model = task.student
-        # one kernel for all parameters on a GPU; in a captured step, the learning rate is a tensor the scheduler
-        # fills in place (the graph reads it at every replay)
+        # one kernel for all parameters on a GPU (and in a captured step, which needs it for a tensor lr)
         fused = {"fused": True} if self.device.type == "cuda" or cfg.cuda_graph else {}
-        self.lr_tensor = torch.tensor(cfg.lr, device=self.device) if cfg.cuda_graph else None
-        lr = self.lr_tensor if self.lr_tensor is not None else cfg.lr
         if cfg.optimizer == "adam":
             capturable = {"capturable": True} if cfg.cuda_graph and self.device.type == "cuda" else {}
-            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.task.parameters(), lr=lr,
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.task.parameters(), lr=cfg.lr,
                                                                      weight_decay=cfg.wd, **fused, **capturable)
         else:
-            self.optimizer = torch.optim.SGD(self.task.parameters(), lr=lr, momentum=cfg.momentum,
+            self.optimizer = torch.optim.SGD(self.task.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                              nesterov=cfg.nesterov, weight_decay=cfg.wd, **fused)
         steps = len(data.train)  # >= 1: a Loader with fewer samples than one batch refuses to be built
         self.total_steps = steps * cfg.epochs
@@ -299,6 +296,11 @@ class Trainer:
         warmup = int(cfg.warmup_epochs * steps)
         self.lr_factor = lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule, milestones, cfg.gamma, steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        # in a captured step the learning rate is a device tensor, which the graph reads at every replay; it goes
+        # into the groups after the scheduler has taken its base rates as numbers (an older torch's scheduler
+        # would take the tensor itself as the base and scale its own output)
+        self.lr_tensor = torch.tensor(cfg.lr, device=self.device) if cfg.cuda_graph else None
+        self._keep_lr_tensor()
         forward_task: nn.Module = self.task
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
