@@ -13,12 +13,14 @@ exists.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -175,7 +177,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     record = read_record(p)
     check_config(record["config"], record.get("preprocess"), p)
     try:
-        model = model_from_config(record["config"], **overrides)
+        with skip_init():  # the strict load below overwrites every parameter and persistent buffer
+            model = model_from_config(record["config"], **overrides)
     except ReduceNetError as e:
         raise CheckpointError(f"{p}: its config cannot be built ({e})") from None
     load_weights(model, p)
@@ -212,11 +215,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
     if not isinstance(name, str):
         raise CheckpointError(f"{where}: its config names model {name!r}; a model is named by a string")
     args = {k: v for k, v in config.items() if k not in ("model", "structure", "grow", "lora")}
-    if is_zoo(name):  # what the family declares: the config of its default build (on the meta device)
-        with torch.device("meta"):
-            allowed = set(create_model(name).config) - {"model", "structure"}
-    else:
-        allowed = EXTERNAL_ARGS
+    allowed = _declared_args(name) if is_zoo(name) else EXTERNAL_ARGS
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise CheckpointError(f"{where}: its config passes {unknown[0]!r} to {name}, which a checkpoint may not set "
@@ -238,7 +237,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
             for k, v in structure.items())):
         raise CheckpointError(f"{where}: its structure patch is not a {{module path: layer spec}} object")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), skip_init():
             model = model_from_config(config)
     except ReduceNetError as e:
         raise CheckpointError(f"{where}: its config cannot be built ({e})") from None
@@ -262,6 +261,34 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
         except Exception as e:
             raise CheckpointError(f"{where}: its structure patch does not fit the model ({type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:160]})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_args(name: str) -> frozenset[str]:
+    """The arguments zoo model ``name`` declares: the config of its default build (on the meta device)."""
+    with torch.device("meta"), skip_init():
+        return frozenset(create_model(name).config) - {"model", "structure"}
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Within, ``torch.nn.init``'s initialisers return their tensor untouched: for a model whose every parameter is
+    overwritten next (a strict load) or never read (a build on the meta device, where each initialiser runs
+    torch's Python reference code, about 1 ms a call). As ``transformers``' ``no_init_weights``, it patches the
+    module for the whole process while it lasts: build nothing real in another thread meanwhile."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+    saved = {n: getattr(nn.init, n) for n in names}
+
+    def keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    try:
+        for n in names:
+            setattr(nn.init, n, keep)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 def _device(map_location: str | torch.device | None) -> torch.device:

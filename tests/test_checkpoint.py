@@ -72,6 +72,37 @@ def test_run_dir_and_json_path(tmp_path, randomize, make_images):
     assert_same_model(model, fresh, x)
 
 
+def test_loading_runs_no_weight_initialiser_and_leaves_them_working(tmp_path, randomize, make_images, monkeypatch):
+    """load_checkpoint builds the model with torch.nn.init's initialisers skipped (every parameter is loaded
+    next; on the meta device of its checks each costs about 1 ms); the model is the saved one, and the
+    initialisers are themselves again afterwards, also when the load fails."""
+    calls = []
+
+    def counting(name):
+        real = getattr(torch.nn.init, name)
+
+        def init(tensor, *args, **kwargs):
+            calls.append(name)
+            return real(tensor, *args, **kwargs)
+        return init
+
+    for name in ("kaiming_normal_", "kaiming_uniform_", "uniform_", "zeros_", "constant_"):
+        monkeypatch.setattr(torch.nn.init, name, counting(name))
+    model = randomize(models.create_model("reduce20", expansion=0, lora_rank=2))
+    path = models.save_checkpoint(model, tmp_path / "m")
+    calls.clear()
+    loaded = models.load_checkpoint(path)
+    assert calls == []
+    assert_same_model(model, loaded, make_images(2))
+    with pytest.raises(RuntimeError), ckpt_mod.skip_init():
+        raise RuntimeError("a build that fails")
+    models.create_model("reduce20")
+    assert "kaiming_normal_" in calls  # a build outside a load (and after a failed one) initialises again
+    w = torch.empty(3, 3)
+    torch.nn.init.zeros_(torch.nn.init.uniform_(w))
+    assert not w.any()
+
+
 def test_round_trip_float64(tmp_path):
     model = models.create_model("reduce20", expansion=0).double()
     with torch.no_grad():
