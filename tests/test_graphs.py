@@ -105,12 +105,14 @@ def test_the_sums_stay_in_the_same_tensors():
     sums = EpochSums(torch.device("cpu"))
     logits, y = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
     sums.add(torch.tensor(1.0), logits, y, {"term": torch.tensor(0.5)})
-    tensors = [sums.loss, sums.correct, sums.steps, sums.bad_step, sums.bad_loss, sums.bad_flags, sums.terms["term"]]
+    tensors = [sums.loss, sums.correct, sums.steps, sums.seen, sums.bad_step, sums.bad_loss, sums.bad_flags,
+               sums.terms["term"]]
     ptrs = [t.data_ptr() for t in tensors]
     sums.add(torch.tensor(float("nan")), logits, y, {"term": torch.tensor(1.0)})
-    assert sums.read()["bad"]["step"] == 1 and sums.read()["terms"] == {"term": 3.0}
+    assert sums.read()["bad"]["step"] == 1 and sums.read()["terms"] == {"term": 3.0} and sums.read()["seen"] == 4
     sums.reset()
-    now = [sums.loss, sums.correct, sums.steps, sums.bad_step, sums.bad_loss, sums.bad_flags, sums.terms["term"]]
+    now = [sums.loss, sums.correct, sums.steps, sums.seen, sums.bad_step, sums.bad_loss, sums.bad_flags,
+           sums.terms["term"]]
     assert all(a is b and a.data_ptr() == p for a, b, p in zip(tensors, now, ptrs))
     assert sums.read() == {"loss": 0.0, "correct": 0.0, "seen": 0, "bad": None, "terms": {"term": 0.0}}
 

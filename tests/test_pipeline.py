@@ -229,6 +229,20 @@ def test_a_spec_record_leaves_out_the_machine_s_worker_count():
     assert as_record(b.to_dict()) == a.record() and as_record(["--epochs", "3"]) == ["--epochs", "3"]
 
 
+def test_a_run_marked_before_a_field_existed_is_the_same_run():
+    """A finished run's mark written before runtime.cuda_graph existed compares equal to the spec asking for it at
+    its default, and not to one asking for it."""
+    from train.rundir import same_record
+    from train.spec import RuntimeSpec, as_record
+
+    spec = RunSpec(Fresh("reduce20"))
+    old = spec.record()
+    del old["runtime"]["cuda_graph"]
+    assert same_record(as_record(old), spec.record())
+    graphed = RunSpec(Fresh("reduce20"), runtime=RuntimeSpec(cuda_graph=True))
+    assert not same_record(as_record(old), graphed.record())
+
+
 def test_the_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     """The README's "In Python" block (create, grow, inherit, fuse, export, load), run as it stands."""
     monkeypatch.chdir(tmp_path)

@@ -112,15 +112,14 @@ class EpochSums:
     whether the model's and the teacher's outputs were finite). Nothing is read back to the host until
     :meth:`read`, which the loop calls at a slow, fixed interval and at the end of the epoch.
 
-    Every sum is updated in place (:meth:`record`) and :meth:`reset` zeroes them in place, so a step captured as a
-    CUDA graph (:mod:`train.graphs`) adds to the same tensors at every replay; the images seen are counted on the
-    host (:attr:`seen`), by the loop.
+    Every sum, the images seen among them, is updated in place (:meth:`add`) and :meth:`reset` zeroes them in
+    place, so a step captured as a CUDA graph (:mod:`train.graphs`) adds to the same tensors at every replay.
     """
 
     def __init__(self, device: torch.device) -> None:
         zero = functools.partial(torch.zeros, (), device=device)
         self.loss, self.correct = zero(dtype=torch.float64), zero(dtype=torch.int64)
-        self.steps, self.seen = zero(dtype=torch.int64), 0
+        self.steps, self.seen = zero(dtype=torch.int64), zero(dtype=torch.int64)
         self.terms: dict[str, torch.Tensor] = {}
         # the first non-finite step: its index (-1: none yet), loss, and whether logits / teacher logits were finite
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -129,22 +128,15 @@ class EpochSums:
 
     def reset(self) -> None:
         """Zero every sum in place (a new epoch), keeping the tensors and the names of the terms."""
-        for t in (self.loss, self.correct, self.steps, self.bad_loss, *self.terms.values()):
+        for t in (self.loss, self.correct, self.steps, self.seen, self.bad_loss, *self.terms.values()):
             t.zero_()
         self.bad_step.fill_(-1)
         self.bad_flags.fill_(True)
-        self.seen = 0
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
-            teacher_logits: torch.Tensor | None = None) -> None:
-        """Add one step (asynchronous: no value leaves the device): :meth:`record`, and count its images."""
-        self.record(loss, logits, y, terms, teacher_logits)
-        self.seen += y.numel()
 
     @torch.no_grad()
-    def record(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
-               teacher_logits: torch.Tensor | None = None) -> None:
-        """Add one step's sums on the device, in place; the images are not counted (``seen``)."""
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
+            teacher_logits: torch.Tensor | None = None) -> None:
+        """Add one step, in place (asynchronous: no value leaves the device)."""
         n = y.numel()
         loss = loss.detach()
         self.loss.add_(loss.double() * n)
@@ -161,19 +153,20 @@ class EpochSums:
         self.bad_flags.copy_(torch.where(first, flags, self.bad_flags))
         self.bad_step.copy_(torch.where(first, self.steps, self.bad_step))
         self.steps.add_(1)
+        self.seen.add_(n)
 
     def read(self) -> dict[str, Any]:
         """The sums on the host, in one transfer: ``loss``, ``correct``, ``terms`` (sums weighted by batch size),
         ``seen``, and ``bad`` (None, or the first non-finite step's ``step``, ``loss``, ``logits_finite``,
         ``teacher_finite``)."""
         keys = sorted(self.terms)
-        packed = torch.stack([self.loss, self.correct.double(), self.bad_step.double(), self.bad_loss.double(),
-                              *self.bad_flags.double(), *(self.terms[k] for k in keys)]).tolist()
-        loss, correct, bad_step, bad_loss, logits_ok, teacher_ok = packed[:6]
+        packed = torch.stack([self.loss, self.correct.double(), self.seen.double(), self.bad_step.double(),
+                              self.bad_loss.double(), *self.bad_flags.double(), *(self.terms[k] for k in keys)]).tolist()
+        loss, correct, seen, bad_step, bad_loss, logits_ok, teacher_ok = packed[:7]
         bad = None if bad_step < 0 else {"step": int(bad_step), "loss": bad_loss, "logits_finite": bool(logits_ok),
                                          "teacher_finite": bool(teacher_ok)}
-        return {"loss": loss, "correct": correct, "seen": self.seen, "bad": bad,
-                "terms": dict(zip(keys, packed[6:]))}
+        return {"loss": loss, "correct": correct, "seen": int(seen), "bad": bad,
+                "terms": dict(zip(keys, packed[7:]))}
 
 
 @dataclass
@@ -386,8 +379,8 @@ class Trainer:
         loss = out["loss"]
         loss.backward()
         self.optimizer.step()
-        sums.record(loss, out["logits"], y, {k: v for k, v in out.items() if k not in TASK_OUTPUTS},
-                    out.get("teacher_logits"))
+        sums.add(loss, out["logits"], y, {k: v for k, v in out.items() if k not in TASK_OUTPUTS},
+                 out.get("teacher_logits"))
 
     def current_lr(self) -> float:
         """The learning rate of the next step, computed on the host (reading the optimizer's tensor would wait)."""
@@ -419,7 +412,6 @@ class Trainer:
                 self._step(sums, x, y)
             self.scheduler.step()
             self._keep_lr_tensor()
-            sums.seen += y.shape[0]
             progress.tick()
             # a read-back makes the host wait for the device: every sync_every steps, or when a line is due
             if ((step + 1) % self.sync_every == 0 or progress.due()) and step + 1 < steps:
