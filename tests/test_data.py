@@ -32,7 +32,7 @@ from train.data import (
     scan_image_tree,
 )
 
-from _shared import SHARED
+from _shared import CIFAR10, SHARED
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -803,3 +803,15 @@ def test_data_dir_may_be_the_jpeg_zip_itself_and_another_file_is_one_line(tmp_pa
         data.build_data("cifar10", str(other), 32)
     with pytest.raises(DataError, match="is a file, not a CIFAR-100 folder"):
         data.build_data("cifar100", str(z), 32)
+
+
+def test_a_gpu_tests_in_large_batches_a_cpu_in_twice_the_training_batch():
+    """On a GPU a small test batch costs its launches: at least 1,024 CIFAR-sized images a batch, fewer as the
+    images grow (never less than twice the training batch); on a CPU, twice the training batch as ever."""
+    from train.data import default_eval_batch_size
+
+    assert default_eval_batch_size(128, 32, "cpu") == 256
+    assert default_eval_batch_size(128, 32, "cuda") == 1024 and default_eval_batch_size(128, 64, "cuda:1") == 256
+    assert default_eval_batch_size(32, 224, "cuda") == 64 and default_eval_batch_size(1024, 32, "cuda") == 2048
+    loaders = build_data("cifar10", CIFAR10, 16, subset=100, download=False)
+    assert loaders.test.batch_size == 32
