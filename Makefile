@@ -54,26 +54,31 @@ zoo: install
 #   cp -r .venv/lib/python3*/site-packages/torch_pruning .device-data/
 #   find .device-data -name __pycache__ -prune -exec rm -rf {} +
 #   then on the device: make gpu-check DATA=.device-data PYTHONPATH=.device-data   (carry .device-data)
+# A step whose limit is 0 is skipped: a call for the rows alone, once bench has shown --cuda-graph works, is
+#   make gpu-check DATA=.device-data PYTHONPATH=.device-data BENCH_S=0 ROWS_S=570 BENCH2_S=0 ROWS_GRAPH=--cuda-graph
+# (runs do not outlive the session's machine: the rows must finish within one session's device time).
 # Runs with the python that holds torch (no install: the GPU machine has every other package these import).
 OUT          ?= runs/gpu-check
 BENCH_S      ?= 170
 ROWS_S       ?= 300
 BENCH2_S     ?= 100
+ROWS_GRAPH   ?=
 GPU          ?= cuda
 SEEDS        ?= 0
 JOBS         ?= 3
 gpu-check:
 	mkdir -p $(OUT)/work
 	-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $(OUT)/work/gpu.txt 2>&1
-	-PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 \
-		--workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
+	-[ $(BENCH_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) \
+		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
 		--profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
-	-GRAPH=$$(grep -q '^| reduce20 | teacher' $(OUT)/bench.txt && echo --cuda-graph); echo "rows: $${GRAPH:-eager}" \
-		> $(OUT)/rows.log; PYTHONUNBUFFERED=1 timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet \
+	-GRAPH=$$(grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt && echo --cuda-graph || echo $(ROWS_GRAPH)); \
+		echo "rows: $${GRAPH:-eager}" > $(OUT)/rows.log; [ $(ROWS_S) -gt 0 ] && PYTHONUNBUFFERED=1 \
+		timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet \
 		--budget full --models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) \
 		$$GRAPH --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results >> $(OUT)/rows.log 2>&1
-	-PYTHONUNBUFFERED=1 timeout $(BENCH2_S) $(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 \
-		--workers 8 --data-dir $(DATA) --compile-mode reduce-overhead \
+	-[ $(BENCH2_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH2_S) $(PYTHON) -m train.bench --device $(GPU) \
+		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --compile-mode reduce-overhead \
 		--profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1
 	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do mkdir -p $(abspath $(OUT))/work/runs/$$run && \
 		cp $$run/metrics.csv $$run/args.json $$run/summary.json $(abspath $(OUT))/work/runs/$$run 2>/dev/null; done; \
