@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,24 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"reducenet": json.dumps(record)}))
     atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     return path
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Place checkpoint ``src`` (its ``.safetensors`` and ``.json``) at ``dst`` too, atomically, without writing
+    it again: each file a hard link where the filesystem has them (a later :func:`save_checkpoint` over either name
+    replaces that name's file and leaves the other), else a copy."""
+    src, dst = Path(src).with_suffix(".safetensors"), Path(dst).with_suffix(".safetensors")
+
+    def link_or_copy(source: Path, tmp: str) -> None:
+        os.unlink(tmp)  # atomic_write's fresh temp name, taken by the link
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (FAT, some network filesystems)
+            shutil.copyfile(source, tmp)
+
+    atomic_write(dst, functools.partial(link_or_copy, src))
+    atomic_write(dst.with_suffix(".json"), functools.partial(link_or_copy, src.with_suffix(".json")))
+    return dst
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

@@ -368,3 +368,26 @@ def test_a_disk_that_fills_during_a_write_is_one_line_and_the_last_good_file_sta
         ckpt_mod.atomic_write(path, write)
     assert "cannot write" in one_line(e) and "free some disk space" in str(e.value)
     assert path.read_bytes() == b"the last good checkpoint" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_a_copied_checkpoint_survives_the_next_save_over_its_source(tmp_path, randomize, make_images, monkeypatch,
+                                                                      links):
+    """best = last of the best epoch, placed without writing it again (a hard link, or a copy where the filesystem
+    has none); the next epoch's last replaces its own name only."""
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    if not links:
+        monkeypatch.setattr(ckpt_mod.os, "link", no_links)
+    first = randomize(models.create_model("reduce20", expansion=0))
+    last = models.save_checkpoint(first, tmp_path / "last", metadata={"epoch": 1})
+    best = ckpt_mod.copy_checkpoint(last, tmp_path / "best")
+    assert best == tmp_path / "best.safetensors" and best.read_bytes() == last.read_bytes()
+    assert (tmp_path / "best.json").read_text() == (tmp_path / "last.json").read_text()
+    assert os.path.samefile(best, last) == links
+    models.save_checkpoint(randomize(models.create_model("reduce20", expansion=0)), last, metadata={"epoch": 2})
+    assert models.read_record(best)["metadata"] == {"epoch": 1} and models.read_record(last)["metadata"]["epoch"] == 2
+    assert_same_model(first, models.load_checkpoint(best), make_images(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors", "last.json",
+                                                           "last.safetensors"]

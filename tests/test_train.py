@@ -629,7 +629,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
 
     def disk_full(state, path, metadata=None):
         calls["n"] += 1
-        if calls["n"] == 3:  # epoch 1 wrote last + best; this is epoch 2's last.safetensors
+        if calls["n"] == 2:  # epoch 1 wrote last (best is linked to it); this is epoch 2's last.safetensors
             kept.update(snapshot(out))
             with open(path, "wb") as f:
                 f.write(b"\x00" * 1000)  # a partial file
@@ -641,6 +641,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
     assert "last.safetensors" in line and "No space left" in line, line
     assert kept, "the failing write was never reached"
     assert snapshot(out).get("last.safetensors") == kept["last.safetensors"]
+    assert snapshot(out).get("best.safetensors") == kept["best.safetensors"]
     assert snapshot(out).get("train_state.pt") == kept["train_state.pt"]
     assert not hidden_files(out)
     assert torch.load(out / "train_state.pt", weights_only=True)["epoch"] == 1

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from models import complexity, save_checkpoint
-from models.checkpoint import atomic_write, atomic_write_text
+from models.checkpoint import atomic_write, atomic_write_text, copy_checkpoint
 
 from .provenance import git_commit
 from .rundir import RunDir
@@ -93,9 +93,9 @@ class Checkpointing(Callback):
         self.run.commit()
         epoch, acc = int(row["epoch"]), row["test_acc"]
         meta = {**self.metadata, "epoch": epoch, "test_acc": acc}
-        save_checkpoint(trainer.model, self.run.path / "last.safetensors", meta)
+        last = save_checkpoint(trainer.model, self.run.path / "last.safetensors", meta)
         if all(acc > r["test_acc"] for r in trainer.history[:-1]):
-            save_checkpoint(trainer.model, self.run.path / "best.safetensors", meta)
+            copy_checkpoint(last, self.run.path / "best.safetensors")  # the same files: linked, not written again
         buf = io.BytesIO()
         torch.save(trainer.state_dict(), buf)
         atomic_write(self.run.path / "train_state.pt", lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
