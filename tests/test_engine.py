@@ -129,13 +129,14 @@ def test_evaluate_matches_a_direct_computation():
 
 
 def test_kernel_time_profiles_one_epoch(tmp_path):
-    """bench's kernel-time column: one epoch under torch.profiler; a CPU has no GPU kernels to count."""
+    """bench's kernel-time column: one epoch under torch.profiler; a trace with no GPU kernels (a CPU has none) is
+    the profiler's failure, which bench reports beside its numbers, not a kernel time of 0."""
     from train.bench import kernel_time
 
     trainer = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1), tmp_path)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    got = kernel_time(trainer, 0)
-    assert got == {"kernel_ms": 0, "top_kernels": []}
+    with pytest.raises(RuntimeError, match="no GPU kernels"):
+        kernel_time(trainer, 0)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # it trained
 
 

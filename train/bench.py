@@ -152,6 +152,8 @@ def kernel_time(trainer: Trainer, epoch: int) -> dict[str, Any]:
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
             per_kernel[event.name] += event.time_range.elapsed_us() / 1e3 / steps
+    if not per_kernel:  # a trace without the GPU's activity would read as a kernel time of 0
+        raise RuntimeError("the profiler recorded no GPU kernels")
     return {"kernel_ms": sum(per_kernel.values()), "top_kernels": per_kernel.most_common(10)}
 
 
