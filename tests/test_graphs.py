@@ -1,6 +1,7 @@
 """The training step captured whole (train/graphs.py, ``--cuda-graph``), checked on the CPU: there the captured
 function runs eagerly through the graph's static buffers, so these tests check what the capture relies on (the
-schedule of eager steps and captures, the static inputs, sums and learning rate changed in place, resume); the
+schedule of eager steps and captures, the static inputs, sums and learning rate changed in place, resume), and
+the GPU branch's order of streams, capture and replays with torch.cuda's streams and graphs stood in for; the
 CUDA graph itself runs only on a GPU (``make gpu-check``)."""
 from __future__ import annotations
 
@@ -139,3 +140,100 @@ def test_what_cannot_share_the_graph_is_refused_in_one_line():
     with pytest.raises(ReduceNetError) as e:
         Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(cuda_graph=True), dist_info=Dist(0, 2, 0))
     assert "torchrun" in one_line(e)
+
+
+class FakeCuda:
+    """Stands in for torch.cuda's streams and graphs on the CPU: records what GraphedStep asks of them. A capture
+    runs the step (a real one only records its kernels) and a replay counts; ``fail`` makes the capture raise as
+    torch does for a step that waits on the GPU."""
+
+    def __init__(self, fail: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+        self.capturing = False
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                fake.calls.append("side stream")
+
+            def wait_stream(self, other):
+                fake.calls.append("side waits")
+
+        class Current:
+            def wait_stream(self, other):
+                fake.calls.append("current waits")
+
+        class CUDAGraph:
+            def replay(self):
+                fake.calls.append("replay")
+
+        class StreamContext:
+            def __init__(self, stream):
+                pass
+
+            def __enter__(self):
+                fake.calls.append("on side")
+
+            def __exit__(self, *exc):
+                return False
+
+        class GraphContext:
+            def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+                assert isinstance(graph, CUDAGraph)
+                fake.calls.append(f"capture ({capture_error_mode})")
+
+            def __enter__(self):
+                fake.capturing = True
+                if fake.fail:
+                    raise RuntimeError(fake.fail)
+
+            def __exit__(self, *exc):
+                fake.capturing = False
+                return False
+
+        self.Stream, self.CUDAGraph, self.stream, self.graph = Stream, CUDAGraph, StreamContext, GraphContext
+        self.current_stream = lambda device=None: Current()
+
+    def install(self, monkeypatch) -> None:
+        for name in ("Stream", "CUDAGraph", "stream", "graph", "current_stream"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+
+def test_on_a_gpu_the_warm_up_runs_on_a_side_stream_then_one_capture_is_replayed(monkeypatch):
+    """The CUDA branch, with torch.cuda's streams and graphs stood in for: three eager steps on a side stream
+    that waits for the current one (and the current for it), each after the gradients are reset; then the
+    gradients reset, one capture of the step on the static buffers (thread-local errors: a loader thread may use
+    CUDA meanwhile), and a replay for that batch and every later one, without calling the step again."""
+    import inspect
+
+    assert "capture_error_mode" in inspect.signature(torch.cuda.graph).parameters  # this torch's own API
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    log: list = []
+    graphed = GraphedStep(lambda x, y: log.append(("step", x.data_ptr(), fake.capturing)),
+                          lambda: log.append("zero_grad"), torch.device("cuda"))
+    assert graphed.capture
+    batches = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(6)]
+    for x, y in batches:
+        graphed(x, y)
+    eager = ["zero_grad", ("step", None, False)]
+    assert [("step", None, e[2]) if isinstance(e, tuple) else e for e in log] == (
+        eager * FIRST_WARMUP_STEPS + ["zero_grad", ("step", None, True)])
+    assert log[-1][1] == graphed.static[0].data_ptr()  # captured on the static buffer
+    warm = ["side stream", "side waits", "on side", "current waits"]
+    assert fake.calls == warm * FIRST_WARMUP_STEPS + ["capture (thread_local)"] + ["replay"] * 3
+    assert torch.equal(graphed.static[0], batches[-1][0]) and graphed.captures == 1
+
+
+def test_a_step_that_cannot_be_captured_ends_in_one_line(monkeypatch):
+    FakeCuda(fail="CUDA error: operation not permitted when stream is capturing\nmore detail").install(monkeypatch)
+    graphed = GraphedStep(lambda x, y: None, lambda: None, torch.device("cuda"))
+    x, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    for _ in range(FIRST_WARMUP_STEPS):
+        graphed(x, y)
+    with pytest.raises(ReduceNetError) as e:
+        graphed(x, y)
+    message = one_line(e)
+    assert "not permitted when stream is capturing more detail" in message
+    assert "train without --cuda-graph" in message and graphed.graph is None
