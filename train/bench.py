@@ -44,7 +44,7 @@ from models.errors import ConfigError, ReduceNetError, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .distill import DistillLoss
-from .engine import COMPILE_MODES, TrainConfig, Trainer, cuda_graph_conflict, init_distributed
+from .engine import COMPILE_MODES, TrainConfig, Trainer, check_cuda_graph, init_distributed
 from .provenance import hardware, native_bf16
 from .data.stream import StreamLoader
 from .tasks import Classify, Distill
@@ -281,9 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       device=device, channels_last=True)
     train = ArrayData(data.train.images.cpu(), data.train.labels.cpu())  # the same images, for the DataLoader
     compile_ = device.type == "cuda" and not args.no_compile
-    conflict = cuda_graph_conflict(compile_, args.compile_mode)
-    if args.cuda_graph and conflict:
-        raise ConfigError(conflict)
+    check_cuda_graph(args.cuda_graph, compile_, args.compile_mode)
     bf16 = native_bf16(device)
     mode = (f", torch.compile (mode {args.compile_mode})" if compile_ else "") + (
         (", the step as one CUDA graph" if device.type == "cuda" else

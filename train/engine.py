@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models import complexity
-from models.errors import ReduceNetError
+from models.errors import ConfigError, ReduceNetError
 
 from .callbacks import Callback, run_dir_callbacks
 from .data import Data
@@ -47,16 +47,19 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
-def cuda_graph_conflict(compile_: bool, compile_mode: str, world_size: int = 1) -> str | None:
-    """Why the step cannot be captured whole (``--cuda-graph``) with these settings, in one line; None if it can."""
+def check_cuda_graph(cuda_graph: bool, compile_: bool, compile_mode: str, world_size: int = 1) -> None:
+    """With ``cuda_graph`` (the whole step captured, ``--cuda-graph``), a one-line :class:`ConfigError` for what
+    cannot share its graph: torchrun's DistributedDataParallel, or a compile mode that makes CUDA graphs of its own."""
+    if not cuda_graph:
+        return
     if world_size > 1:
         what = "torchrun (DistributedDataParallel)"
     elif compile_ and compile_mode in GRAPH_COMPILE_MODES:
         what = f"--compile-mode {compile_mode} (CUDA graphs of its own)"
     else:
-        return None
-    return (f"--cuda-graph captures the whole step in one CUDA graph, which {what} cannot share: leave out one of "
-            "them (with --cuda-graph, --compile-mode default compiles inside the graph)")
+        return
+    raise ConfigError(f"--cuda-graph captures the whole step in one CUDA graph, which {what} cannot share: leave out "
+                      "one of them (with --cuda-graph, --compile-mode default compiles inside the graph)")
 
 
 class TrainingDiverged(ReduceNetError):
@@ -269,9 +272,7 @@ class Trainer:
         memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         if self.dist.world_size > 1 and cfg.sync_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(task)  # in place below the root: same keys, same .config
-        conflict = cuda_graph_conflict(cfg.compile, cfg.compile_mode, self.dist.world_size)
-        if cfg.cuda_graph and conflict:
-            raise ReduceNetError(conflict)
+        check_cuda_graph(cfg.cuda_graph, cfg.compile, cfg.compile_mode, self.dist.world_size)
         self.task = task.to_device(self.device, memory_format)
         self.model = task.student
         # one kernel for all parameters on a GPU (and in a captured step, which needs it for a tensor lr)

@@ -30,7 +30,7 @@ from models.registry import is_zoo
 from models.trim import COSTS, IMPORTANCES
 
 from .data import DATASETS
-from .engine import COMPILE_MODES, TrainConfig, cuda_graph_conflict
+from .engine import COMPILE_MODES, TrainConfig, check_cuda_graph
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .recipes import defaults as recipe_defaults
@@ -132,9 +132,7 @@ class RuntimeSpec:
     def validate(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
             raise _bad("--compile-mode", self.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
-        conflict = cuda_graph_conflict(self.compile, self.compile_mode)
-        if self.cuda_graph and conflict:
-            raise ConfigError(conflict)
+        check_cuda_graph(self.cuda_graph, self.compile, self.compile_mode)
 
 
 @dataclass(frozen=True)
