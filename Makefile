@@ -40,7 +40,8 @@ zoo: install
 # own time limit so that the call always returns what it measured:
 #  1. train.bench on CUDA, reduce20, ours with the whole step as one CUDA graph (--cuda-graph, eager kernels): the
 #     paths side by side with the kernel-time column (top kernels in profile-graph/), then N = 1, 2, 4, 8 teachers
-#     trained at once;
+#     trained at once, first as threads of one process on a CUDA stream each (their kernels may run side by side),
+#     then as processes (as `--jobs` runs rows: without MPS they take turns on the chip);
 #  2. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once, with
 #     --cuda-graph when step 1 measured it (eagerly otherwise); a row cut short resumes from its last epoch when the
 #     target runs again on the same machine;
@@ -59,8 +60,8 @@ zoo: install
 # (runs do not outlive the session's machine: the rows must finish within one session's device time).
 # Runs with the python that holds torch (no install: the GPU machine has every other package these import).
 OUT          ?= runs/gpu-check
-BENCH_S      ?= 170
-ROWS_S       ?= 300
+BENCH_S      ?= 200
+ROWS_S       ?= 270
 BENCH2_S     ?= 100
 ROWS_GRAPH   ?=
 GPU          ?= cuda
@@ -71,7 +72,7 @@ gpu-check:
 	-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $(OUT)/work/gpu.txt 2>&1
 	-[ $(BENCH_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) \
 		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
-		--profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
+		--pack-mode streams processes --profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
 	-GRAPH=$$(grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt && echo --cuda-graph || echo $(ROWS_GRAPH)); \
 		echo "rows: $${GRAPH:-eager}" > $(OUT)/rows.log; [ $(ROWS_S) -gt 0 ] && PYTHONUNBUFFERED=1 \
 		timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet \

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import models
+from models.errors import ReduceNetError
 from _shared import CIFAR10, CIFAR100, SHARED
 from train import reproduce
 from train.data import extract_images, scan_image_tree
@@ -489,7 +490,8 @@ def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
     from train.provenance import native_bf16
     rows = bench.main(["--models", "reduce20", "--steps", "2", "--batch-size", "16", "--workers", "0",
                        "--data-dir", str(CIFAR10), "--device", "cpu", "--folder", str(SHARED / "cifar10-jpeg.zip"),
-                       "--folder-images", "40", "--pack", "2", "--cuda-graph"])
+                       "--folder-images", "40", "--pack", "2", "--pack-mode", "processes", "streams",
+                       "--cuda-graph"])
     out = capsys.readouterr().out
     assert "the step captured whole (run eagerly" in out.splitlines()[0]  # the header says how ours ran
     assert [r["job"] for r in rows[:3]] == ["teacher (stage 1)", "student (stage 1)", "student (stage 2, KD)"]
@@ -502,10 +504,21 @@ def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
         assert r["wall_ms_per_step"] == pytest.approx(1e3 * 16 / r["ours"])
         assert r["kernel_ms_per_step"] is None  # the GPU's kernel time: on CUDA only
     assert "(b)/(c)" in out and "(b)/(d)" in out and "kernel / wall" in out
-    packed = rows[3]  # two teachers trained at once, in two processes
-    assert packed["pack"] == 2 and packed["aggregate_img_s"] > 0 and packed["median_img_s"] > 0
-    assert "| 2 |" in out and "all runs together" in out
-    assert "streaming loader" in out and rows[4]["stream"] > 0
+    for packed, how in zip(rows[3:5], ("processes", "streams")):  # two teachers at once: two processes, two threads
+        assert packed["pack"] == 2 and packed["pack_mode"] == how
+        assert packed["aggregate_img_s"] > 0 and packed["median_img_s"] > 0
+    assert "| 2 | processes |" in out and "| 2 | threads (no CUDA streams) |" in out and "all runs together" in out
+    assert "streaming loader" in out and rows[5]["stream"] > 0
+
+
+def test_packed_runs_report_the_error_that_stopped_them_not_the_broken_barrier():
+    from train.bench import _packed
+    done = [(0, 0, 0.0, 0.0, "BrokenBarrierError: "), (2, 0, 0.0, 0.0, "BrokenBarrierError: "),
+            (1, 0, 0.0, 0.0, "OutOfMemoryError: CUDA out of memory")]
+    with pytest.raises(ReduceNetError, match=r"^--pack 3: thread 1: OutOfMemoryError: CUDA out of memory$"):
+        _packed(3, done, "thread")
+    rates = _packed(2, [(0, 100, 1.0, 2.0, None), (1, 300, 1.5, 3.0, None)], "process")
+    assert rates == {"runs": 2, "aggregate_img_s": 200.0, "median_img_s": pytest.approx((100 + 200) / 2)}
 
 
 def test_precision_table_runs_the_same_rows_in_float32_and_bf16(tmp_path):

@@ -13,8 +13,9 @@ distilled from the teacher), on the current device:
 
 and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys), and (b)'s wall time per step beside the GPU's
 kernel time per step (from ``torch.profiler``, on CUDA only; ``--profile-dir`` keeps each path's top kernels).
-``--pack 1 2 4 8`` also trains that many copies of (b) (the first model's teacher) at once, one process each,
-and prints the images/s of all of them together against one alone. With ``--folder`` (an image-folder zip or
+``--pack 1 2 4 8`` also trains that many copies of (b) (the first model's teacher) at once, one process each
+(``--pack-mode streams``: threads of this process, each on its own CUDA stream), and prints the images/s of all of
+them together against one alone. With ``--folder`` (an image-folder zip or
 folder) it also times the data alone at 224 px: the project's streaming loader against torchvision's
 ``ImageFolder`` + ``DataLoader`` with the same augmentation and workers. Each path runs one warm-up epoch, then
 ``--steps`` timed steps. A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
@@ -22,11 +23,13 @@ folder) it also times the data alone at 224 px: the project's streaming loader a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,6 +51,10 @@ from .engine import COMPILE_MODES, TrainConfig, Trainer, check_cuda_graph, init_
 from .provenance import hardware, native_bf16
 from .data.stream import StreamLoader
 from .tasks import Classify, Distill
+
+
+#: How ``--pack``'s runs share the device, and what the table calls it.
+PACK_MODES = {"processes": "processes", "streams": "threads, a CUDA stream each"}
 
 
 class PILDataset(Dataset):
@@ -157,33 +164,56 @@ def kernel_time(trainer: Trainer, epoch: int) -> dict[str, Any]:
     return {"kernel_ms": sum(per_kernel.values()), "top_kernels": per_kernel.most_common(10)}
 
 
+def _pack_trainer(job: dict[str, Any], device: torch.device) -> Trainer:
+    """A trainer of ``job`` (path (b), its own data and model) for one of ``--pack N``'s runs."""
+    data = build_data(job["dataset"], job["data_dir"], job["batch_size"], subset=job["steps"] * job["batch_size"],
+                      device=device, channels_last=True)
+    make_student, make_teacher = jobs(job["model"], data.info.num_classes)[job["job"]]
+    task = Classify(make_student()) if make_teacher is None else Distill(make_student(), make_teacher(),
+                                                                         DistillLoss("kd"))
+    cfg = TrainConfig(epochs=2, amp=job["amp"], compile=job["compile"], compile_mode=job["compile_mode"],
+                      channels_last=True, cuda_graph=job["cuda_graph"])
+    return Trainer(task, data, cfg, device=device, log=lambda line: None)
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
 def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
     """One of ``--pack N`` processes: (b) of ``job``, timed over one epoch that starts when every process has
     warmed up; puts ``(index, images, start, end, error)`` on ``results``."""
     try:
         torch.set_num_threads(job["threads"])
         _, device = init_distributed(job["device"])
-        data = build_data(job["dataset"], job["data_dir"], job["batch_size"], subset=job["steps"] * job["batch_size"],
-                          device=device, channels_last=True)
-        make_student, make_teacher = jobs(job["model"], data.info.num_classes)[job["job"]]
-        task = Classify(make_student()) if make_teacher is None else Distill(make_student(), make_teacher(),
-                                                                             DistillLoss("kd"))
-        cfg = TrainConfig(epochs=2, amp=job["amp"], compile=job["compile"], compile_mode=job["compile_mode"],
-                          channels_last=True, cuda_graph=job["cuda_graph"])
-        trainer = Trainer(task, data, cfg, device=device, log=lambda line: None)
+        trainer = _pack_trainer(job, device)
         trainer.train_epoch(0)
         barrier.wait()
         start = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of this machine
         trainer.train_epoch(1)
-        results.put((index, data.train.num_samples, start, time.perf_counter(), None))
+        results.put((index, trainer.data.train.num_samples, start, time.perf_counter(), None))
     except Exception as e:  # reported by the parent, which names the process
         barrier.abort()
-        results.put((index, 0, 0.0, 0.0, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+        results.put((index, 0, 0.0, 0.0, _error(e)))
+
+
+def _packed(n: int, done: list[tuple[int, int, float, float, str | None]], what: str) -> dict[str, Any]:
+    """The packed rates of ``n`` runs' ``(index, images, start, end, error)``: all images over the time from the
+    first start to the last end, and the median of each run's own rate."""
+    errors = sorted(((err, i) for i, _, _, _, err in done if err),  # the cause first, then the others it stopped
+                    key=lambda e: ("BrokenBarrierError" in e[0], e[1]))
+    errors = [f"{what} {i}: {err}" for err, i in errors]
+    if errors:
+        raise ReduceNetError(f"--pack {n}: {errors[0]}")
+    images = sum(d[1] for d in done)
+    span = max(d[3] for d in done) - min(d[2] for d in done)
+    return {"runs": n, "aggregate_img_s": images / span,
+            "median_img_s": statistics.median(d[1] / (d[3] - d[2]) for d in done)}
 
 
 def packed_speed(n: int, job: dict[str, Any]) -> dict[str, Any]:
-    """Images/s of ``n`` copies of ``job`` trained at once, each in its own process: all images over the time
-    from the first start to the last end, and the median of each process's own rate."""
+    """Images/s of ``n`` copies of ``job`` trained at once, each in its own process (on one GPU without MPS, the
+    processes take turns on the whole chip: their kernels do not run side by side)."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -194,13 +224,54 @@ def packed_speed(n: int, job: dict[str, Any]) -> dict[str, Any]:
     done = [results.get() for _ in procs]
     for proc in procs:
         proc.join()
-    errors = [f"process {i}: {err}" for i, _, _, _, err in done if err]
-    if errors:
-        raise ReduceNetError(f"--pack {n}: {errors[0]}")
-    images = sum(d[1] for d in done)
-    span = max(d[3] for d in done) - min(d[2] for d in done)
-    return {"runs": n, "aggregate_img_s": images / span,
-            "median_img_s": statistics.median(d[1] / (d[3] - d[2]) for d in done)}
+    return _packed(n, done, "process")
+
+
+def streams_speed(n: int, job: dict[str, Any]) -> dict[str, Any]:
+    """Images/s of ``n`` copies of ``job`` trained at once in this process, each by its own thread on its own CUDA
+    stream: one process's streams share the GPU, so the small kernels of one run can fill the SMs that another
+    run's leave idle (with ``--cuda-graph`` a step is one graph launch, and the threads hardly contend for Python).
+    The runs are built and warmed up (captured) one after another; then all train one timed epoch at once. On the
+    CPU there are no streams: the threads share the CPU's cores."""
+    _, device = init_distributed(job["device"])
+    trainers = [_pack_trainer(job, device) for _ in range(n)]
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(n)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the models and data were made on the default stream; the runs use others
+
+    def on(stream):  # the current stream is per thread: each thread sets its own
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    for trainer, stream in zip(trainers, streams):
+        with on(stream):
+            trainer.train_epoch(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    barrier = threading.Barrier(n)
+    done: list[tuple[int, int, float, float, str | None]] = []
+
+    def run(i: int) -> None:
+        try:
+            with on(streams[i]):
+                barrier.wait()
+                start = time.perf_counter()
+                trainers[i].train_epoch(1)  # ends with a read-back, which waits for this stream alone
+                done.append((i, trainers[i].data.train.num_samples, start, time.perf_counter(), None))
+        except Exception as e:  # a broken barrier included: the first error is reported, naming its thread
+            barrier.abort()
+            done.append((i, 0, 0.0, 0.0, _error(e)))
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"pack-{i}") for i in range(n)]
+    intra_op = torch.get_num_threads()
+    torch.set_num_threads(job["threads"])  # on the CPU, the cores shared out as among --pack's processes
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        torch.set_num_threads(intra_op)
+    return _packed(n, done, "thread")
 
 
 def jobs(name: str, num_classes: int):
@@ -264,6 +335,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="ours: the whole training step as one CUDA graph (with --compile-mode default or --no-compile)")
     p.add_argument("--pack", type=int, nargs="+", default=[], metavar="N",
                    help="also train N copies of (b) at once (the first model's teacher), one process each")
+    p.add_argument("--pack-mode", nargs="+", choices=PACK_MODES, default=["processes"],
+                   help="how --pack's runs share the device: processes (as train.reproduce --jobs runs them), "
+                        "streams (threads of one process, a CUDA stream each), or both")
     p.add_argument("--profile-dir", default=None,
                    help="write each path's top GPU kernels here (CUDA only)")
     p.add_argument("--folder", default=None, help="also time the streaming loader on this image folder or zip")
@@ -332,17 +406,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "batch_size": args.batch_size, "steps": args.steps, "device": str(device), "amp": bf16,
                "compile": compile_, "compile_mode": args.compile_mode, "cuda_graph": args.cuda_graph,
                "threads": max(1, torch.get_num_threads() // max(args.pack)) if device.type == "cpu" else 1}
-        print(f"\n{args.models[0]} teacher (stage 1), path (b), N runs at once (one process each, "
-              f"{args.steps} timed steps after a warm-up epoch)")
-        print("| runs at once | img/s per run (median) | all runs together img/s | together / one run alone |")
-        print("|---:|---:|---:|---:|")
-        alone = None
-        for n in args.pack:
-            packed = packed_speed(n, job)
-            alone = alone or (packed["aggregate_img_s"] if n == 1 else None)
-            ratio = f"{packed['aggregate_img_s'] / alone:.2f}" if alone else "–"
-            rows.append({"pack": n, **packed})
-            print(f"| {n} | {packed['median_img_s']:,.0f} | {packed['aggregate_img_s']:,.0f} | {ratio} |", flush=True)
+        print(f"\n{args.models[0]} teacher (stage 1), path (b), N runs at once ({args.steps} timed steps each, "
+              "after a warm-up epoch)")
+        print("| runs at once | as | img/s per run (median) | all runs together img/s | together / one run alone |")
+        print("|---:|---|---:|---:|---:|")
+        for how in dict.fromkeys(args.pack_mode):
+            alone = None
+            for n in args.pack:
+                packed = (packed_speed if how == "processes" else streams_speed)(n, job)
+                alone = alone or (packed["aggregate_img_s"] if n == 1 else None)
+                ratio = f"{packed['aggregate_img_s'] / alone:.2f}" if alone else "–"
+                rows.append({"pack": n, "pack_mode": how, **packed})
+                label = PACK_MODES[how] if how == "processes" or device.type == "cuda" else "threads (no CUDA streams)"
+                print(f"| {n} | {label} | {packed['median_img_s']:,.0f} | {packed['aggregate_img_s']:,.0f} "
+                      f"| {ratio} |", flush=True)
     if args.folder:
         batch = min(64, args.folder_images)
         tv, ours = folder_speed(Path(args.folder), args.folder_images, batch, args.workers, args.steps)
