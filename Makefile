@@ -48,15 +48,13 @@ zoo: install
 #  3. train.bench again with torch.compile's reduce-overhead (CUDA graphs of the forward and backward, the
 #     optimizer outside) instead, for the comparison, with what time is left.
 # OUT gets bench.txt, bench-compile.txt, rows.log and one gpu-check.tgz with everything else (profiles, row logs,
-# metrics, results): few files, as the device tool returns at most 8. DATA must hold cifar10-jpeg.zip; torch_pruning
-# (which train.reproduce imports) is not on the GPU machines: copy it beside the data and put that folder on
-# PYTHONPATH (the zip, the working tree and torch_pruning fill about 63 of the 64 MiB a call may carry):
+# metrics, results): few files, as the device tool returns at most 8. DATA must hold cifar10-jpeg.zip (the zip and the
+# working tree fill about 62.6 of the 64 MiB a call may carry; Torch-Pruning, which the GPU machines lack, is imported
+# by trims alone):
 #   mkdir -p .device-data && cp ../shared/data/cifar10-jpeg.zip .device-data/
-#   cp -r .venv/lib/python3*/site-packages/torch_pruning .device-data/
-#   find .device-data -name __pycache__ -prune -exec rm -rf {} +
-#   then on the device: make gpu-check DATA=.device-data PYTHONPATH=.device-data   (carry .device-data)
+#   then on the device: make gpu-check DATA=.device-data   (carry .device-data)
 # A step whose limit is 0 is skipped: a call for the rows alone, once bench has shown --cuda-graph works, is
-#   make gpu-check DATA=.device-data PYTHONPATH=.device-data BENCH_S=0 ROWS_S=570 BENCH2_S=0 ROWS_GRAPH=--cuda-graph
+#   make gpu-check DATA=.device-data BENCH_S=0 ROWS_S=570 BENCH2_S=0 ROWS_GRAPH=--cuda-graph
 # (runs do not outlive the session's machine: the rows must finish within one session's device time).
 # Runs with the python that holds torch (no install: the GPU machine has every other package these import).
 OUT          ?= runs/gpu-check

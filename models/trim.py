@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from .complexity import count_macs, count_params
 from .errors import ConfigError, ReduceNetError
@@ -53,8 +52,18 @@ class TrimResult:
         return self.cost_before / self.cost_after
 
 
+def _torch_pruning():
+    """Torch-Pruning, imported where a trim needs it: the rest of the project (training, fusing, the tables without
+    trims) runs where it is not installed."""
+    try:
+        import torch_pruning
+    except ImportError:
+        raise TrimError("trimming needs Torch-Pruning, which is not installed: pip install torch-pruning") from None
+    return torch_pruning
+
+
 def _importance(name: str):
-    imp = tp.pruner.importance
+    imp = _torch_pruning().pruner.importance
     return {"l2": lambda: imp.MagnitudeImportance(p=2), "l1": lambda: imp.MagnitudeImportance(p=1),
             "lamp": lambda: imp.LAMPImportance(p=2), "bn": lambda: imp.BNScaleImportance(),
             "random": lambda: imp.RandomImportance()}[name]()
@@ -67,7 +76,7 @@ def prune(model: nn.Module, ratio: float, input_size: tuple[int, ...], importanc
     param = next(pruned.parameters())
     example = torch.zeros(input_size, device=param.device, dtype=param.dtype)
     try:
-        pruner = tp.pruner.BasePruner(pruned, example, importance=_importance(importance), pruning_ratio=ratio,
+        pruner = _torch_pruning().pruner.BasePruner(pruned, example, importance=_importance(importance), pruning_ratio=ratio,
                                       ignored_layers=[classifier_of(pruned)], round_to=round_to)
         pruner.step()
         with torch.no_grad():

@@ -1,16 +1,18 @@
 """Trimming (models/trim.py, python -m train.trim): weights kept, cost met, checkpoints rebuilt, chains of trims."""
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import models
-from _shared import CIFAR10, SHARED, one_line
+from _shared import CIFAR10, ROOT, SHARED, one_line
 from conftest import randomize_model
 from models.convert import from_reducenet_original
 from models.weights import read_state_dict
@@ -188,6 +190,36 @@ def test_a_layer_torch_pruning_cannot_handle_is_named(monkeypatch):
         trim(model, 2.0)
     msg = one_line(e)
     assert "layer1.0.conv2.bn.1 (Scale)" in msg and "unsupported operation" in msg
+
+
+def test_without_torch_pruning_only_a_trim_fails_and_says_what_to_install(monkeypatch):
+    """Torch-Pruning is imported where a trim needs it: no module imports it when it is imported (the GPU machines
+    lack it), and a trim without it is one line naming the package."""
+    class Imports(ast.NodeVisitor):  # what a module imports when it is imported: not inside functions
+        def __init__(self) -> None:
+            self.names: set[str] = set()
+
+        def visit_Import(self, node: ast.Import) -> None:
+            self.names.update(a.name for a in node.names)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            self.names.add(node.module or "")
+
+        def visit_FunctionDef(self, node) -> None:
+            pass
+
+        visit_AsyncFunctionDef = visit_FunctionDef
+
+    eager = []
+    for path in sorted(p for pkg in ("models", "reparam", "train") for p in (ROOT / pkg).rglob("*.py")):
+        visitor = Imports()
+        visitor.visit(ast.parse(path.read_text()))
+        eager += [str(path.relative_to(ROOT)) for name in visitor.names if name.split(".")[0] == "torch_pruning"]
+    assert eager == []
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # what `import torch_pruning` meets where it is absent
+    with pytest.raises(TrimError) as e:
+        trim(models.create_model("reduce20", expansion=0), 2.0)
+    assert one_line(e) == "trimming needs Torch-Pruning, which is not installed: pip install torch-pruning"
 
 
 @needs_data
