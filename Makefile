@@ -42,11 +42,11 @@ zoo: install
 #     paths side by side with the kernel-time column (top kernels in profile-graph/), then N = 1, 2, 4, 8 teachers
 #     trained at once, first as threads of one process on a CUDA stream each (their kernels may run side by side),
 #     then as processes (as `--jobs` runs rows: without MPS they take turns on the chip);
-#  2. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once, with
-#     --cuda-graph when step 1 measured it (eagerly otherwise); a row cut short resumes from its last epoch when the
-#     target runs again on the same machine;
-#  3. train.bench again with torch.compile's reduce-overhead (CUDA graphs of the forward and backward, the
-#     optimizer outside) instead, for the comparison, with what time is left.
+#  2. when step 1 did not measure the captured step (its teacher row missing): train.bench with torch.compile's
+#     reduce-overhead instead (CUDA graphs of the forward and backward, the optimizer outside), BENCH2_S seconds;
+#  3. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once, with
+#     --cuda-graph when step 1 measured it (then step 2's time too, ROWS_S + BENCH2_S seconds; eagerly otherwise,
+#     ROWS_S); a row cut short resumes from its last epoch when the target runs again on the same machine.
 # OUT gets bench.txt, bench-compile.txt, rows.log and one gpu-check.tgz with everything else (profiles, row logs,
 # metrics, results): few files, as the device tool returns at most 8. DATA must hold cifar10-jpeg.zip (the zip and the
 # working tree fill about 62.6 of the 64 MiB a call may carry; Torch-Pruning, which the GPU machines lack, is imported
@@ -71,15 +71,15 @@ gpu-check:
 	-[ $(BENCH_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) \
 		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
 		--pack-mode streams processes --profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
-	-GRAPH=$$(grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt && echo --cuda-graph || echo $(ROWS_GRAPH)); \
-		echo "rows: $${GRAPH:-eager}" > $(OUT)/rows.log; [ $(ROWS_S) -gt 0 ] && PYTHONUNBUFFERED=1 \
-		timeout $(ROWS_S) $(PYTHON) -m train.reproduce cifar10-reducenet \
+	-if grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt; then GRAPH=--cuda-graph; ROWS=$$(($(ROWS_S) + $(BENCH2_S))); \
+	else GRAPH=$(ROWS_GRAPH); ROWS=$(ROWS_S); [ $(BENCH2_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH2_S) \
+		$(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 --workers 8 --data-dir $(DATA) \
+		--compile-mode reduce-overhead --profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1; fi; \
+		echo "rows: $${GRAPH:-eager}, $$ROWS s" > $(OUT)/rows.log; [ $$ROWS -gt 0 ] && PYTHONUNBUFFERED=1 \
+		timeout $$ROWS $(PYTHON) -m train.reproduce cifar10-reducenet \
 		--budget full --models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) \
 		$$GRAPH --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results >> $(OUT)/rows.log 2>&1
-	-[ $(BENCH2_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH2_S) $(PYTHON) -m train.bench --device $(GPU) \
-		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --compile-mode reduce-overhead \
-		--profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1
-	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do mkdir -p $(abspath $(OUT))/work/runs/$$run && \
+	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do [ $$run = logs/ ] && continue; mkdir -p $(abspath $(OUT))/work/runs/$$run && \
 		cp $$run/metrics.csv $$run/args.json $$run/summary.json $(abspath $(OUT))/work/runs/$$run 2>/dev/null; done; \
 		cp -r logs $(abspath $(OUT))/work/ 2>/dev/null
 	tar czf $(OUT)/gpu-check.tgz -C $(OUT)/work .
