@@ -75,8 +75,9 @@ def prune(model: nn.Module, ratio: float, input_size: tuple[int, ...], importanc
     pruned = copy.deepcopy(model).eval()
     param = next(pruned.parameters())
     example = torch.zeros(input_size, device=param.device, dtype=param.dtype)
+    tp = _torch_pruning()
     try:
-        pruner = _torch_pruning().pruner.BasePruner(pruned, example, importance=_importance(importance), pruning_ratio=ratio,
+        pruner = tp.pruner.BasePruner(pruned, example, importance=_importance(importance), pruning_ratio=ratio,
                                       ignored_layers=[classifier_of(pruned)], round_to=round_to)
         pruner.step()
         with torch.no_grad():

@@ -15,9 +15,9 @@ and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys), and (b)'s wal
 kernel time per step (from ``torch.profiler``, on CUDA only; ``--profile-dir`` keeps each path's top kernels).
 ``--pack 1 2 4 8`` also trains that many copies of (b) (the first model's teacher) at once, one process each
 (``--pack-mode streams``: threads of this process, each on its own CUDA stream), and prints the images/s of all of
-them together against one alone. With ``--folder`` (an image-folder zip or
-folder) it also times the data alone at 224 px: the project's streaming loader against torchvision's
-``ImageFolder`` + ``DataLoader`` with the same augmentation and workers. Each path runs one warm-up epoch, then
+them together against one alone. With ``--folder`` (an image-folder zip or folder) it also times the data alone at
+224 px: the project's streaming loader against torchvision's ``ImageFolder`` + ``DataLoader`` with the same
+augmentation and workers. Each path runs one warm-up epoch, then
 ``--steps`` timed steps. A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
@@ -177,6 +177,7 @@ def _pack_trainer(job: dict[str, Any], device: torch.device) -> Trainer:
 
 
 def _error(e: Exception) -> str:
+    """``e`` in one line: its type and the start of its message."""
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--cuda-graph", action="store_true",
                    help="ours: the whole training step as one CUDA graph (with --compile-mode default or --no-compile)")
     p.add_argument("--pack", type=int, nargs="+", default=[], metavar="N",
-                   help="also train N copies of (b) at once (the first model's teacher), one process each")
+                   help="also train N copies of (b) at once (the first model's teacher), as --pack-mode says")
     p.add_argument("--pack-mode", nargs="+", choices=PACK_MODES, default=["processes"],
                    help="how --pack's runs share the device: processes (as train.reproduce --jobs runs them), "
                         "streams (threads of one process, a CUDA stream each), or both")
