@@ -19,17 +19,20 @@ def pytest_configure(config: pytest.Config) -> None:
     """The tests' temporary folders in memory (/dev/shm) where it has room, unless ``--basetemp`` says otherwise:
     the runs the tests train write and fsync a checkpoint every epoch, and on a disk the suite waits for it (the
     whole suite on 2 CPU cores, one run each way: 464 s in memory, 527 s on the disk). The folders of passed tests are removed as they pass
-    (``tmp_path_retention_policy``), so memory holds one test's files at a time, and a failed test's stay."""
+    (``tmp_path_retention_policy``), so memory holds little more than one test's files at a time, and a failed
+    test's stay."""
     shm = "/dev/shm"
     if config.option.basetemp or not os.access(shm, os.W_OK) or shutil.disk_usage(shm).free < SHM_FREE_BYTES:
         return
     config.option.basetemp = _SHM_DIRS[config] = tempfile.mkdtemp(prefix="reducenet-tests-", dir=shm)
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Remove the in-memory folder of :func:`pytest_configure` when no failed test left its files there."""
-    with contextlib.suppress(KeyError, OSError):
-        os.rmdir(_SHM_DIRS.pop(config))
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the in-memory folder of :func:`pytest_configure` when every test passed (what pytest does with the
+    folders it picks itself): the session fixtures' runs go too; after a failure it stays for a look."""
+    folder = _SHM_DIRS.pop(session.config, None)
+    if folder is not None and exitstatus == 0:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @torch.no_grad()
