@@ -71,7 +71,8 @@ gpu-check:
 	-[ $(BENCH_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) \
 		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
 		--pack-mode streams processes --profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
-	-if grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt; then GRAPH=--cuda-graph; ROWS=$$(($(ROWS_S) + $(BENCH2_S))); \
+	-if grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt; then \
+		GRAPH=--cuda-graph; ROWS=$$(($(ROWS_S) + $(BENCH2_S))); \
 	else GRAPH=$(ROWS_GRAPH); ROWS=$(ROWS_S); [ $(BENCH2_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH2_S) \
 		$(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 --workers 8 --data-dir $(DATA) \
 		--compile-mode reduce-overhead --profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1; fi; \
@@ -79,7 +80,8 @@ gpu-check:
 		timeout $$ROWS $(PYTHON) -m train.reproduce cifar10-reducenet \
 		--budget full --models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) \
 		$$GRAPH --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results >> $(OUT)/rows.log 2>&1
-	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do [ $$run = logs/ ] && continue; mkdir -p $(abspath $(OUT))/work/runs/$$run && \
+	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do [ $$run = logs/ ] && continue; \
+		mkdir -p $(abspath $(OUT))/work/runs/$$run && \
 		cp $$run/metrics.csv $$run/args.json $$run/summary.json $(abspath $(OUT))/work/runs/$$run 2>/dev/null; done; \
 		cp -r logs $(abspath $(OUT))/work/ 2>/dev/null
 	tar czf $(OUT)/gpu-check.tgz -C $(OUT)/work .

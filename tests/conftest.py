@@ -18,9 +18,9 @@ _SHM_DIRS: dict[pytest.Config, str] = {}  # the folder made for each session's t
 def pytest_configure(config: pytest.Config) -> None:
     """The tests' temporary folders in memory (/dev/shm) where it has room, unless ``--basetemp`` says otherwise:
     the runs the tests train write and fsync a checkpoint every epoch, and on a disk the suite waits for it (the
-    whole suite on 2 CPU cores, one run each way: 464 s in memory, 527 s on the disk). The folders of passed tests are removed as they pass
-    (``tmp_path_retention_policy``), so memory holds little more than one test's files at a time, and a failed
-    test's stay."""
+    whole suite on 2 CPU cores, one run each way: 464 s in memory, 527 s on the disk). The folders of passed tests
+    are removed as they pass (``tmp_path_retention_policy``), so memory holds little more than one test's files at
+    a time, and a failed test's stay."""
     shm = "/dev/shm"
     if config.option.basetemp or not os.access(shm, os.W_OK) or shutil.disk_usage(shm).free < SHM_FREE_BYTES:
         return
