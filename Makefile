@@ -39,9 +39,9 @@ zoo: install
 # A GPU's checks in one call of at most 10 minutes (the GPU speed issue), in the issue's order, each step under its
 # own time limit so that the call always returns what it measured:
 #  1. train.bench on CUDA, reduce20, ours with the whole step as one CUDA graph (--cuda-graph, eager kernels): the
-#     paths side by side with the kernel-time column (top kernels in profile-graph/), then N = 1, 2, 4, 8 teachers
-#     trained at once, first as threads of one process on a CUDA stream each (their kernels may run side by side),
-#     then as processes (as `--jobs` runs rows: without MPS they take turns on the chip);
+#     paths side by side with the kernel-time column (top kernels and host ops in profile-graph/), then N = 1, 2, 4,
+#     8 teachers trained at once, first as threads of one process on a CUDA stream each (their kernels may run side
+#     by side), then as processes (as `--jobs` runs rows: without MPS they take turns on the chip);
 #  2. when step 1 did not measure the captured step (its teacher row missing): train.bench with torch.compile's
 #     reduce-overhead instead (CUDA graphs of the forward and backward, the optimizer outside), BENCH2_S seconds;
 #  3. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once, with

@@ -140,6 +140,26 @@ def test_kernel_time_profiles_one_epoch(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # it trained
 
 
+def test_host_ops_are_per_step_and_largest_first():
+    """bench's host side of a profile: each op's self CPU time and calls per step, the largest first, and their
+    sum (where a step's wall time goes when the GPU waits)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from train.bench import host_ops
+
+    a = torch.randn(384, 384)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):  # 4 steps of two matrix products and an addition
+            torch.mm(a, a)
+            torch.mm(a, a)
+            a.add(1)
+    got = host_ops(prof, 4)
+    top = {name: (ms, calls) for name, ms, calls in got["top_host_ops"]}
+    assert got["top_host_ops"][0][0] == "aten::mm" and top["aten::mm"][1] == 2 and top["aten::add"][1] == 1
+    ms = [m for _, m, _ in got["top_host_ops"]]
+    assert ms == sorted(ms, reverse=True) and got["host_ms"] >= sum(ms) > 0
+
+
 class CountEpochs(Callback):
     """A callback with state: the epochs it has seen, across a resume."""
 

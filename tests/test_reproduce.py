@@ -511,6 +511,31 @@ def test_bench_prints_each_path_and_its_ratios(single_thread, capsys):
     assert "streaming loader" in out and rows[5]["stream"] > 0
 
 
+def test_bench_reports_a_gpu_profile_beside_the_rates(tmp_path, monkeypatch, capsys):
+    """What bench prints and writes from a GPU's profile (faked here: a CPU has no kernels): the kernel time per step
+    beside the wall time, and per path a file with the top kernels and the host's ops and runtime calls."""
+    from train import bench
+
+    def speed(make_task, data, device, compile_, fixed, amp, compile_mode="default", profile=False, cuda_graph=False):
+        out = {"img_s": 1000.0, "wall_ms": 128.0}
+        if profile:  # 100 of the 128 ms a step computing, the rest launching and waiting
+            out.update(kernel_ms=100.0, top_kernels=[("sm90_conv", 60.0), ("bn_fwd", 40.0)], host_ms=30.0,
+                       top_host_ops=[("cudaGraphLaunch", 20.0, 1.0), ("aten::index", 10.0, 2.0)])
+        return out
+
+    monkeypatch.setattr(bench, "trainer_speed", speed)
+    monkeypatch.setattr(bench, "plain_loop", lambda *a, **k: 500.0)
+    rows = bench.main(["--models", "reduce20", "--steps", "1", "--batch-size", "128", "--data-dir", str(CIFAR10),
+                       "--device", "cpu", "--profile-dir", str(tmp_path / "profile")])
+    out = capsys.readouterr().out
+    assert "| reduce20 | teacher (stage 1) | 500 | 1,000 | 1,000 |" in out and "| 128.00 | 100.000 | 0.78 |" in out
+    assert rows[0]["kernel_ms_per_step"] == 100.0 and rows[0]["host_ms_per_step"] == 30.0
+    text = (tmp_path / "profile" / "reduce20-teacher-stage-1.txt").read_text()
+    assert text.startswith("reduce20, teacher (stage 1): wall 128.000 ms/step, kernels 100.000 ms/step, host ops "
+                           "30.000 ms/step")
+    assert " 60.0000 ms/step  sm90_conv" in text and " 10.0000 ms/step      2.0 calls/step  aten::index" in text
+
+
 def test_packed_runs_report_the_error_that_stopped_them_not_the_broken_barrier():
     from train.bench import _packed
     done = [(0, 0, 0.0, 0.0, "BrokenBarrierError: "), (2, 0, 0.0, 0.0, "BrokenBarrierError: "),

@@ -12,7 +12,8 @@ distilled from the teacher), on the current device:
 (d) where (b) trains in bf16 autocast: (b) in float32, all else the same,
 
 and prints (b)/(a), (b)/(c) and (b)/(d) (what bf16 autocast buys), and (b)'s wall time per step beside the GPU's
-kernel time per step (from ``torch.profiler``, on CUDA only; ``--profile-dir`` keeps each path's top kernels).
+kernel time per step (from ``torch.profiler``, on CUDA only; ``--profile-dir`` keeps each path's top kernels
+and the host's top ops and CUDA runtime calls per step: where the rest of the wall time goes).
 ``--pack 1 2 4 8`` also trains that many copies of (b) (the first model's teacher) at once, one process each
 (``--pack-mode streams``: threads of this process, each on its own CUDA stream), and prints the images/s of all of
 them together against one alone. With ``--folder`` (an image-folder zip or folder) it also times the data alone at
@@ -128,7 +129,7 @@ def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: 
     """Images/s of :meth:`Trainer.train_epoch` with the shipped defaults (``amp``: bf16 autocast; ``cuda_graph``: the
     step captured whole), after one warm-up epoch: ``{"img_s", "wall_ms"}`` (milliseconds per step), and with
     ``profile`` on a GPU ``"kernel_ms"`` (the GPU's kernel time per step, from one more epoch under
-    ``torch.profiler``) and ``"top_kernels"``."""
+    ``torch.profiler``), ``"top_kernels"``, ``"host_ms"`` and ``"top_host_ops"`` (:func:`kernel_time`)."""
     cfg = TrainConfig(epochs=3, amp=amp, compile=compile_, compile_mode=compile_mode, channels_last=True,
                       cuda_graph=cuda_graph)
     if fixed:
@@ -147,7 +148,8 @@ def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: 
 
 def kernel_time(trainer: Trainer, epoch: int) -> dict[str, Any]:
     """The GPU's kernel time per step over one epoch of ``trainer`` under ``torch.profiler``, and the kernels
-    that take most of it (``[(name, ms per step)]``): what the chip computes, against the wall time per step."""
+    that take most of it (``[(name, ms per step)]``): what the chip computes, against the wall time per step; and
+    the host's side of the same steps (:func:`host_ops`), where the rest of the wall time goes."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -161,7 +163,21 @@ def kernel_time(trainer: Trainer, epoch: int) -> dict[str, Any]:
             per_kernel[event.name] += event.time_range.elapsed_us() / 1e3 / steps
     if not per_kernel:  # a trace without the GPU's activity would read as a kernel time of 0
         raise RuntimeError("the profiler recorded no GPU kernels")
-    return {"kernel_ms": sum(per_kernel.values()), "top_kernels": per_kernel.most_common(10)}
+    return {"kernel_ms": sum(per_kernel.values()), "top_kernels": per_kernel.most_common(10),
+            **host_ops(prof, steps)}
+
+
+def host_ops(prof, steps: int) -> dict[str, Any]:
+    """The host's time per step in ``prof`` (a finished ``torch.profiler.profile`` over ``steps`` steps):
+    ``host_ms``, the self CPU time of every op and CUDA runtime call (launches, copies, waits), and
+    ``top_host_ops``, the ten that take most of it (``[(name, ms per step, calls per step)]``). Beside the kernel
+    time it says where a step's wall time goes when the GPU waits: launches, the data's ops, a wait on the device."""
+    from torch.autograd import DeviceType
+
+    ops = [(a.key, a.self_cpu_time_total / 1e3 / steps, a.count / steps) for a in prof.key_averages()
+           if a.device_type == DeviceType.CPU and a.self_cpu_time_total > 0]
+    ops.sort(key=lambda op: -op[1])
+    return {"host_ms": sum(ms for _, ms, _ in ops), "top_host_ops": ops[:10]}
 
 
 def _pack_trainer(job: dict[str, Any], device: torch.device) -> Trainer:
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="how --pack's runs share the device: processes (as train.reproduce --jobs runs them), "
                         "streams (threads of one process, a CUDA stream each), or both")
     p.add_argument("--profile-dir", default=None,
-                   help="write each path's top GPU kernels here (CUDA only)")
+                   help="write each path's top GPU kernels and host ops here (CUDA only)")
     p.add_argument("--folder", default=None, help="also time the streaming loader on this image folder or zip")
     p.add_argument("--folder-images", type=int, default=1024, help="images of --folder to use")
     args = p.parse_args(argv)
@@ -386,14 +402,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"model": name, "job": job, "dataloader": a, "ours": b, "compute": c, "ours_float32": d,
                          "ours_over_dataloader": b / a, "ours_over_compute": b / c,
                          "ours_over_float32": b / d if d else None, "wall_ms_per_step": ours["wall_ms"],
-                         "kernel_ms_per_step": kernel, "top_kernels": ours.get("top_kernels")})
+                         "kernel_ms_per_step": kernel, "top_kernels": ours.get("top_kernels"),
+                         "host_ms_per_step": ours.get("host_ms"), "top_host_ops": ours.get("top_host_ops")})
             if args.profile_dir and kernel is not None:
                 folder = Path(args.profile_dir)
                 folder.mkdir(parents=True, exist_ok=True)
                 lines = [f"{ms:9.4f} ms/step  {k}" for k, ms in ours["top_kernels"]]
+                host = [f"{ms:9.4f} ms/step  {calls:7.1f} calls/step  {k}" for k, ms, calls in ours["top_host_ops"]]
                 (folder / f"{name}-{re.sub(r'[^a-z0-9]+', '-', job).strip('-')}.txt").write_text(
-                    f"{name}, {job}: wall {ours['wall_ms']:.3f} ms/step, kernels {kernel:.3f} ms/step\n"
-                    + "\n".join(lines) + "\n")
+                    f"{name}, {job}: wall {ours['wall_ms']:.3f} ms/step, kernels {kernel:.3f} ms/step, host ops "
+                    f"{ours['host_ms']:.3f} ms/step\n\nGPU kernels, by time per step:\n" + "\n".join(lines)
+                    + "\n\nhost ops and CUDA runtime calls, by self CPU time per step:\n" + "\n".join(host) + "\n")
             fp32, bf16_gain = (f"{d:,.0f}", f"{b / d:.2f}") if d else ("– (b is fp32)", "–")
             gpu = (f"{kernel:.3f} | {kernel / ours['wall_ms']:.2f}" if kernel is not None else
                    "profiler failed | –" if "profile_error" in ours else "– | –")
