@@ -18,8 +18,8 @@ and the host's top ops and CUDA runtime calls per step: where the rest of the wa
 (``--pack-mode streams``: threads of this process, each on its own CUDA stream), and prints the images/s of all of
 them together against one alone. With ``--folder`` (an image-folder zip or folder) it also times the data alone at
 224 px: the project's streaming loader against torchvision's ``ImageFolder`` + ``DataLoader`` with the same
-augmentation and workers. Each path runs one warm-up epoch, then
-``--steps`` timed steps. A benchmark, not a test: the numbers depend on the machine and on what else runs on it.
+augmentation and workers. Each path runs one warm-up epoch, then ``--steps`` timed steps. A benchmark, not a test:
+the numbers depend on the machine and on what else runs on it.
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: 
         try:
             out.update(kernel_time(trainer, 2))
         except Exception as e:  # a profiler that cannot trace this path must not cost the measurements beside it
-            out["profile_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            out["profile_error"] = _error(e, 160)
     return out
 
 
@@ -192,9 +192,9 @@ def _pack_trainer(job: dict[str, Any], device: torch.device) -> Trainer:
     return Trainer(task, data, cfg, device=device, log=lambda line: None)
 
 
-def _error(e: Exception) -> str:
-    """``e`` in one line: its type and the start of its message."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+def _error(e: Exception, limit: int = 200) -> str:
+    """``e`` in one line: its type and the first ``limit`` characters of its message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
 
 
 def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
