@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, ConfigError, ReduceNetError
+from .errors import CheckpointError, ConfigError, ReduceNetError, brief
 from .identity import card_of, set_card
 from .registry import create_model, is_zoo, model_from_config
 from .weights import read_state_dict
@@ -74,7 +74,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if (isinstance(e, OSError) or failed_write) and not isinstance(e, ReduceNetError):
-            reason = " ".join((getattr(e, "strerror", None) or str(e)).split())[:160]
+            reason = brief(getattr(e, "strerror", None) or e, typed=False)  # "No space left on device", no errno
             if full and "No space" not in reason:
                 reason = f"no space left on the disk: {reason}"
             raise WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
@@ -261,8 +261,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
     except ReduceNetError as e:
         raise CheckpointError(f"{where}: its config cannot be built ({e})") from None
     except Exception as e:  # a builder given a wrong type or size raises many kinds
-        raise CheckpointError(f"{where}: its config cannot be built ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]})") from None
+        raise CheckpointError(f"{where}: its config cannot be built ({brief(e)})") from None
     params = sum(t.numel() for t in model.parameters())
     if params > MAX_PARAMS:
         raise CheckpointError(f"{where}: its config asks for {params:,} parameters ({params * 4 / 2**30:,.0f} GiB), "
@@ -278,8 +277,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
         except NotImplementedError:  # an operation without a meta kernel: the real forward will tell
             pass
         except Exception as e:
-            raise CheckpointError(f"{where}: its structure patch does not fit the model ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:160]})") from None
+            raise CheckpointError(f"{where}: its structure patch does not fit the model ({brief(e)})") from None
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,6 +336,5 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        detail = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{p} does not fit this model ({detail})") from None
+        raise CheckpointError(f"{p} does not fit this model ({brief(e, 200, typed=False)})") from None
     return model

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
-from .errors import CheckpointError
+from .errors import CheckpointError, brief
 from .identity import ModelCard, set_card
 
 #: The file forms :func:`load_any` reads, by suffix.
@@ -94,7 +94,6 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
     except ImportError:
         raise CheckpointError(f"{p}: reading ONNX needs onnxruntime (pip install onnxruntime)") from None
     except Exception as e:  # each reader raises its own kinds for a damaged file
-        reason = " ".join(str(e).split())[:160]
-        raise CheckpointError(f"{p} is not a readable {form} file ({type(e).__name__}: {reason})") from None
+        raise CheckpointError(f"{p} is not a readable {form} file ({brief(e)})") from None
     card = ModelCard.from_config(record["config"], record.get("preprocess"), record.get("metadata"))
     return set_card(model, card).eval()

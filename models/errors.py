@@ -34,6 +34,14 @@ class DataError(ReduceNetError, ValueError):
     """Missing, empty or malformed data."""
 
 
+def brief(e: BaseException | str, limit: int = 160, *, typed: bool = True) -> str:
+    """``e`` as a clause of a one-line error message: ``"TypeName: message"`` (``typed=False``: the message alone),
+    the message's whitespace collapsed to single spaces and cut at ``limit`` characters, so that a library's
+    multi-line error (a shape mismatch, a traceback-like text) cannot break the line or bury the advice after it."""
+    text = " ".join(str(e).split())[:limit]
+    return f"{type(e).__name__}: {text}" if typed else text
+
+
 def cli_errors(main: F) -> F:
     """Decorate a CLI ``main`` so that a :class:`ReduceNetError` prints ``error: ...`` and exits with 2."""
 

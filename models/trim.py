@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .complexity import count_macs, count_params
-from .errors import ConfigError, ReduceNetError
+from .errors import ConfigError, ReduceNetError, brief
 from .identity import card_of, set_card
 from .registry import classifier_of, model_from_config
 from .structure import structure_diff
@@ -88,9 +88,8 @@ def prune(model: nn.Module, ratio: float, input_size: tuple[int, ...], importanc
         odd = next((f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                     if not isinstance(m, _KNOWN) and any(True for _ in m.parameters(recurse=False))), None)
         where = f"; the layer it cannot handle is probably {odd}" if odd else ""
-        reason = " ".join(str(e).split())[:160]
         raise TrimError(f"Torch-Pruning cannot prune {model.config.get('model', type(model).__name__)} "
-                        f"({type(e).__name__}: {reason}){where}") from None
+                        f"({brief(e)}){where}") from None
     return pruned
 
 

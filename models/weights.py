@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, brief
 from .registry import classifier_of
 
 
@@ -36,8 +36,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals, truncated zips, non-torch files: all mean "not a state_dict"
-        reason = " ".join(str(e).split())[:160]
-        raise CheckpointError(f"{path} is not a readable PyTorch state_dict ({type(e).__name__}: {reason}); "
+        raise CheckpointError(f"{path} is not a readable PyTorch state_dict ({brief(e)}); "
                               "pass a file saved with torch.save(model.state_dict())") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from models.checkpoint import save_checkpoint
-from models.errors import ReparamError
+from models.errors import ReparamError, brief
 
 from .fusion import flatten, fuse_model, max_abs_diff
 
@@ -105,9 +105,8 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
         try:
             reference = model(x)
         except RuntimeError as e:
-            detail = " ".join(str(e).split())[:160]
-            raise ReparamError(f"the model does not take input of size {tuple(input_size)} ({detail}); pass the "
-                               "input size it was trained at") from None
+            raise ReparamError(f"the model does not take input of size {tuple(input_size)} "
+                               f"({brief(e, typed=False)}); pass the input size it was trained at") from None
     report = ExportReport(out_dir)
     staging_parent = out_dir.absolute().parent
     staging_parent.mkdir(parents=True, exist_ok=True)
@@ -130,9 +129,8 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
             try:
                 program = export_program(fused, x)
             except Exception as e:  # an architecture torch.export cannot capture: the other forms still serve
-                reason = " ".join(str(e).split())[:160]
-                warnings.warn(f"model.pt2 not written: torch.export cannot capture {type(fused).__name__} "
-                              f"({type(e).__name__}: {reason})", stacklevel=3)
+                warnings.warn(f"model.pt2 not written: torch.export cannot capture {type(fused).__name__} ({brief(e)})",
+                              stacklevel=3)
         if program is not None:
             torch.export.save(program, str(tmp / "model.pt2"))
             loaded = torch.export.load(str(tmp / "model.pt2")).module()

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from models import create_model, student_from_teacher
-from models.errors import ConfigError, ReduceNetError, cli_errors
+from models.errors import ConfigError, ReduceNetError, brief, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .distill import DistillLoss
@@ -142,7 +142,7 @@ def trainer_speed(make_task, data, device: torch.device, compile_: bool, fixed: 
         try:
             out.update(kernel_time(trainer, 2))
         except Exception as e:  # a profiler that cannot trace this path must not cost the measurements beside it
-            out["profile_error"] = _error(e, 160)
+            out["profile_error"] = brief(e)
     return out
 
 
@@ -192,11 +192,6 @@ def _pack_trainer(job: dict[str, Any], device: torch.device) -> Trainer:
     return Trainer(task, data, cfg, device=device, log=lambda line: None)
 
 
-def _error(e: Exception, limit: int = 200) -> str:
-    """``e`` in one line: its type and the first ``limit`` characters of its message."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"
-
-
 def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
     """One of ``--pack N`` processes: (b) of ``job``, timed over one epoch that starts when every process has
     warmed up; puts ``(index, images, start, end, error)`` on ``results``."""
@@ -211,7 +206,7 @@ def _pack_worker(index: int, barrier, results, job: dict[str, Any]) -> None:
         results.put((index, trainer.data.train.num_samples, start, time.perf_counter(), None))
     except Exception as e:  # reported by the parent, which names the process
         barrier.abort()
-        results.put((index, 0, 0.0, 0.0, _error(e)))
+        results.put((index, 0, 0.0, 0.0, brief(e, 200)))
 
 
 def _packed(n: int, done: list[tuple[int, int, float, float, str | None]], what: str) -> dict[str, Any]:
@@ -276,7 +271,7 @@ def streams_speed(n: int, job: dict[str, Any]) -> dict[str, Any]:
                 done.append((i, trainers[i].data.train.num_samples, start, time.perf_counter(), None))
         except Exception as e:  # a broken barrier included: the first error is reported, naming its thread
             barrier.abort()
-            done.append((i, 0, 0.0, 0.0, _error(e)))
+            done.append((i, 0, 0.0, 0.0, brief(e, 200)))
 
     threads = [threading.Thread(target=run, args=(i,), name=f"pack-{i}") for i in range(n)]
     intra_op = torch.get_num_threads()

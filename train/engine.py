@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models import complexity
-from models.errors import ConfigError, ReduceNetError
+from models.errors import ConfigError, ReduceNetError, brief
 
 from .callbacks import Callback, run_dir_callbacks
 from .data import Data
@@ -362,9 +362,8 @@ class Trainer:
         try:
             self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         except Exception as e:  # a torn, truncated or foreign file: all mean "cannot resume from it"
-            reason = " ".join(str(e).split())[:120]
-            raise ReduceNetError(f"--resume: {path} is damaged or from another model ({type(e).__name__}: "
-                                 f"{reason}); start the run again with --overwrite") from None
+            raise ReduceNetError(f"--resume: {path} is damaged or from another model ({brief(e, 120)}); start the run "
+                                 "again with --overwrite") from None
 
     # ----------------------------------------------------------------------------------------------- loops
     def _autocast(self):

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.errors import ReduceNetError
+from models.errors import ReduceNetError, brief
 
 #: Ordinary steps before the first capture of a run, and before a capture again (a Python value changed).
 FIRST_WARMUP_STEPS, EPOCH_WARMUP_STEPS = 3, 1
@@ -114,8 +114,8 @@ class GraphedStep:
                     self.step(*self.static)
             except RuntimeError as e:  # a value read back, a shape that depends on data, an op CUDA cannot capture
                 self.graph = None
-                reason = " ".join(str(e).split())[:160]
-                raise ReduceNetError(f"--cuda-graph: the training step cannot be captured as a CUDA graph ({reason}); "
+                raise ReduceNetError("--cuda-graph: the training step cannot be captured as a CUDA graph "
+                                     f"({brief(e, typed=False)}); "
                                      "a captured step may not wait for the GPU (.item(), data-dependent shapes): "
                                      "train without --cuda-graph") from None
         self.captures += 1

@@ -31,7 +31,7 @@ import torch.nn as nn
 from models import complexity, create_model, read_record, student_from_teacher
 from models.checkpoint import atomic_write_text, load_checkpoint as load_checkpoint_model, resolve
 from models.grow import add_lora_to_convs, grow, is_grown, ungrow
-from models.errors import CheckpointError, ConfigError
+from models.errors import CheckpointError, ConfigError, brief
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
 from models.trim import TrimResult, trim, trim_at, trim_record
@@ -96,8 +96,7 @@ def check_input_size(model: nn.Module, name: str, image_size: int) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:  # the architectures raise AssertionError, ValueError or RuntimeError
-        reason = " ".join(str(e).split())[:120]
-        raise ConfigError(f"{name} cannot take {image_size} px inputs ({type(e).__name__}: {reason}); pass "
+        raise ConfigError(f"{name} cannot take {image_size} px inputs ({brief(e, 120)}); pass "
                           "--image-size with the size it needs (image folders), or choose a model made for small "
                           "images (python -m models lists the zoo)") from None
     finally:
