@@ -1,14 +1,14 @@
-"""Shared helpers for the model / reparam / checkpoint tests (no data fixtures), and where the tests' files go."""
+"""The fixtures shared by the test modules, and where the tests' files go; plain helpers are in ``_shared.py``."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 
 import pytest
 import torch
-import torch.nn as nn
+
+from _shared import images, randomize_model
 
 #: Free space /dev/shm needs before the tests' files go there: the largest test (the Pyramid table) holds 2.4 GB.
 SHM_FREE_BYTES = 6 * 2**30
@@ -35,66 +35,24 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@torch.no_grad()
-def randomize_model(model: nn.Module, seed: int = 0, calibrate: bool = True) -> nn.Module:
-    """Give ``model`` non-trivial BN affine params, BN running stats, LoRA ``up`` weights and step counts.
-
-    BN running statistics are first calibrated on random input (so activations stay O(1) through deep
-    residual stacks and a float32 comparison is meaningful), then perturbed at random so that they are
-    not the statistics of any batch. Keeps the model's train/eval mode and dtype.
-    """
-    from models.layers import LoRABranch
-
-    g = torch.Generator().manual_seed(seed)
-    param = next(model.parameters())
-    dtype = param.dtype
-
-    def rand(shape, lo=0.0, hi=1.0):
-        return (torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dtype)
-
-    def randn(shape, std=1.0):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * std).to(dtype)
-
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.weight.copy_(rand(bn.weight.shape, 0.5, 1.5))
-        bn.bias.copy_(randn(bn.bias.shape, 0.2))
-    for m in model.modules():
-        if isinstance(m, LoRABranch):
-            m.up.weight.copy_(randn(m.up.weight.shape, 0.5 / m.up.weight.shape[1] ** 0.5))
-    if calibrate and bns:
-        was_training = model.training
-        momenta = [bn.momentum for bn in bns]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average
-        model.train()
-        model(randn((4, 3, 32, 32)))
-        for bn, mom in zip(bns, momenta):
-            bn.momentum = mom
-        model.train(was_training)
-    for bn in bns:
-        std = bn.running_var.sqrt()
-        bn.running_mean.add_(randn(bn.running_mean.shape, 0.1) * std)
-        bn.running_var.mul_(rand(bn.running_var.shape, 0.7, 1.4))
-        bn.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=g)))
-    return model
-
-
 @pytest.fixture
 def randomize():
     """The :func:`randomize_model` helper, as a fixture."""
     return randomize_model
 
 
-def images(n: int = 2, dtype: torch.dtype = torch.float32, seed: int = 1, size: int = 32) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-
-
 @pytest.fixture
 def make_images():
     """``make_images(n=2, dtype=float32, seed=1)`` -> a deterministic ``[n, 3, 32, 32]`` batch."""
     return images
+
+
+@pytest.fixture
+def seeded():
+    """``torch.manual_seed(0)`` before the test: modules whose tests draw from the global generator use it
+    (``pytestmark = pytest.mark.usefixtures("seeded")``), so that each test's draws do not depend on the tests
+    run before it."""
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="module")
@@ -112,23 +70,3 @@ def isolated_cache(tmp_path, monkeypatch):
     """Decode caches under a temporary folder, and no $REDUCENET_DATA from the caller's shell."""
     monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("REDUCENET_DATA", raising=False)
-
-
-@contextlib.contextmanager
-def training_stopped_at(call: int):
-    """Within the block, the ``call``-th :meth:`Trainer.train_epoch` (1-based, counting every run) raises
-    ``KeyboardInterrupt``, as a user's Ctrl-C in that epoch would: the CLIs then exit with code 130."""
-    from train.engine import Trainer
-
-    epoch_fn = Trainer.train_epoch
-    calls = {"n": 0}
-
-    def train_epoch(self, epoch):
-        calls["n"] += 1
-        if calls["n"] == call:
-            raise KeyboardInterrupt
-        return epoch_fn(self, epoch)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_epoch", train_epoch)
-        yield

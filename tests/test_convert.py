@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _shared import SHARED, one_line, run_main
-from conftest import randomize_model
+from _shared import SHARED, one_line, randomize_model, run_main
 
 import models
 from models.convert import from_reducenet_original, main

@@ -32,7 +32,7 @@ from train.data import (
     scan_image_tree,
 )
 
-from _shared import CIFAR10, SHARED
+from _shared import CIFAR10, SHARED, one_line
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -75,12 +75,6 @@ def zip_tree(folder: Path, dest: Path, top: str | None = None, compression: int 
                 rel = p.relative_to(folder).as_posix()
                 z.write(p, f"{top}/{rel}" if top else rel)
     return dest
-
-
-def one_line_error(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR pickles
@@ -165,7 +159,7 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
     dump({**cifar_batch(10), "batch_label": Touch()}, folder / "data_batch_1")
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path / "c", download=False)
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "refusing to load" in msg and "data_batch_1" in msg and "system" in msg and "intact copy" in msg
     assert not marker.exists()
 
@@ -208,7 +202,7 @@ def test_malformed_cifar_batches_raise_one_line(tmp_path, change, expected):
     dump(batch, folder / "data_batch_3")
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, download=False)
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert expected in msg and "data_batch_3" in msg and "intact copy" in msg
 
 
@@ -217,17 +211,17 @@ def test_malformed_cifar_files_that_are_not_batches_raise_one_line(tmp_path):
     dump({"num_vis": 3072}, folder / "batches.meta")
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, download=False)
-    assert "batches.meta" in one_line_error(e) and "'label_names'" in str(e.value)
+    assert "batches.meta" in one_line(e) and "'label_names'" in str(e.value)
     dump([1, 2, 3], folder / "test_batch")
     make_cifar(tmp_path / "b")
     dump([1, 2, 3], tmp_path / "b" / "cifar-10-batches-py" / "test_batch")
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path / "b", download=False)
-    assert "test_batch is not a CIFAR batch" in one_line_error(e)
+    assert "test_batch is not a CIFAR batch" in one_line(e)
     (tmp_path / "b" / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(cifar_batch(10))[:500])
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path / "b", download=False)
-    assert "cannot read" in one_line_error(e)
+    assert "cannot read" in one_line(e)
 
 
 def test_cifar_class_count_comes_from_the_meta_file(tmp_path):
@@ -263,7 +257,7 @@ def test_cifar10_zip_with_other_classes_is_rejected(tmp_path):
     zip_tree(make_tree(tmp_path / "t"), tmp_path / "cifar10-jpeg.zip")
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, download=False)
-    assert "imagefolder" in one_line_error(e)
+    assert "imagefolder" in one_line(e)
 
 
 # ----------------------------------------------------------------------------------------------- image folders
@@ -338,7 +332,7 @@ def test_a_zip_that_cannot_be_opened_is_one_line_wherever_it_is_read(tmp_path, m
     for read in (lambda: tree.read(tree.train[0][0]), lambda: ImageFiles(tree, tree.train, 8, False, 0)[0, 0]):
         with pytest.raises(DataError) as e:
             read()
-        assert one_line_error(e) == f"cannot open {tmp_path / 'tree.zip'} (Permission denied); make it readable"
+        assert one_line(e) == f"cannot open {tmp_path / 'tree.zip'} (Permission denied); make it readable"
 
 
 def test_a_damaged_deflated_member_and_an_encrypted_zip_are_one_line(tmp_path):
@@ -352,18 +346,18 @@ def test_a_damaged_deflated_member_and_an_encrypted_zip_are_one_line(tmp_path):
     zipped.write_bytes(bytes(raw))
     with pytest.raises(DataError) as e:
         tree.read("train/bee/003.png")
-    assert "train/bee/003.png" in one_line_error(e) and "intact copy" in one_line_error(e)
+    assert "train/bee/003.png" in one_line(e) and "intact copy" in one_line(e)
     from train.data.stream import ImageFiles  # the streaming loader says the same, not "cannot decode image"
     with pytest.raises(DataError) as streamed:
         ImageFiles(tree, tree.train, 8, False, 0)[[n for n, _ in tree.train].index(name), 0]
-    assert one_line_error(streamed) == one_line_error(e)
+    assert one_line(streamed) == one_line(e)
     raw = bytearray(zip_tree(root, tmp_path / "plain.zip").read_bytes())
     at = raw.find(b"PK\x01\x02")  # the first central directory entry: set its "encrypted" flag
     raw[at + 8] |= 0x1
     (tmp_path / "locked.zip").write_bytes(bytes(raw))
     with pytest.raises(DataError) as e:
         scan_image_tree(tmp_path / "locked.zip")
-    assert "encrypted" in one_line_error(e)
+    assert "encrypted" in one_line(e)
 
 
 def test_imagefolder_resizes_and_center_crops(tmp_path):
@@ -430,7 +424,7 @@ def test_link_from_train_into_test_is_refused(tmp_path):
         make_link(root)
         with pytest.raises(DataError) as e:
             load_dataset("imagefolder", root)
-        msg = one_line_error(e)
+        msg = one_line(e)
         assert "the splits would overlap" in msg and "remove the link" in msg and "train/" in msg
     assert not (tmp_path / "cache").exists()
 
@@ -440,7 +434,7 @@ def test_link_into_another_class_is_refused(tmp_path):
     (root / "train" / "ant" / "more").symlink_to(root / "train" / "cat")
     with pytest.raises(DataError) as e:
         scan_image_tree(root)
-    assert "train/ant/more is a link into train/cat/" in one_line_error(e) and "two labels" in str(e.value)
+    assert "train/ant/more is a link into train/cat/" in one_line(e) and "two labels" in str(e.value)
 
 
 def test_link_loops_and_duplicate_links_count_each_file_once(tmp_path):
@@ -468,7 +462,7 @@ def test_a_tree_of_one_class_is_refused(tmp_path):
     root = make_tree(tmp_path / "tree", classes=("cat",))
     with pytest.raises(DataError) as e:
         scan_image_tree(root)
-    assert "one class folder" in one_line_error(e)
+    assert "one class folder" in one_line(e)
 
 
 @pytest.mark.parametrize("link", ["self", "dangling"])
@@ -478,7 +472,7 @@ def test_a_link_to_itself_or_to_nothing_is_one_line(tmp_path, link):
     bad.symlink_to(bad if link == "self" else tmp_path / "gone.png")
     with pytest.raises(DataError) as e:
         scan_image_tree(root)
-    assert "train/cat/bad.png" in one_line_error(e) and "link" in str(e.value)
+    assert "train/cat/bad.png" in one_line(e) and "link" in str(e.value)
 
 
 def png16(path: Path, a: np.ndarray) -> None:
@@ -552,11 +546,11 @@ def test_large_tree_decodes_in_a_process_pool(tmp_path):
 def test_missing_and_empty_dirs_raise_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", tmp_path / "nope")
-    assert "--data-dir" in one_line_error(e)
+    assert "--data-dir" in one_line(e)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", tmp_path / "empty")
-    assert "train/" in one_line_error(e)
+    assert "train/" in one_line(e)
     assert not (tmp_path / "cache").exists()
 
 
@@ -565,17 +559,17 @@ def test_bad_zips_raise_one_line_and_write_nothing(tmp_path):
     junk.write_bytes(b"not a zip at all")
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", junk)
-    one_line_error(e)
+    one_line(e)
     with zipfile.ZipFile(tmp_path / "text.zip", "w") as z:
         z.writestr("train/readme.txt", "hello\n")
         z.writestr("notes/a/b.png", b"")
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", tmp_path / "text.zip")
-    assert "not an image tree" in one_line_error(e)
+    assert "not an image tree" in one_line(e)
     no_test = make_tree(tmp_path / "t", test_name="holdout")
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", no_test)
-    assert "val/" in one_line_error(e)
+    assert "val/" in one_line(e)
     assert not (tmp_path / "cache").exists()
 
 
@@ -584,7 +578,7 @@ def test_corrupt_image_raises_one_line(tmp_path):
     (root / "train" / "bee" / "001.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", root)
-    assert "001.png" in one_line_error(e)
+    assert "001.png" in one_line(e)
 
 
 def test_corrupt_zip_member_raises_one_line(tmp_path):
@@ -597,7 +591,7 @@ def test_corrupt_zip_member_raises_one_line(tmp_path):
     zipped.write_bytes(bytes(raw))
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", zipped)
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "train/bee/003.png" in msg and str(zipped) in msg and "intact copy" in msg
     assert not (tmp_path / "cache").exists()
 
@@ -605,7 +599,7 @@ def test_corrupt_zip_member_raises_one_line(tmp_path):
 def test_cifar_not_found_without_download(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, download=False)
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "cifar-10-batches-py" in msg and "cifar10-jpeg.zip" in msg and "--data-dir" in msg and str(tmp_path) in msg
 
 
@@ -620,13 +614,13 @@ def test_failed_download_raises_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
     with pytest.raises(DataError) as e:
         load_dataset("cifar100", tmp_path)
-    assert calls == [str(tmp_path)] and "download failed" in one_line_error(e)
+    assert calls == [str(tmp_path)] and "download failed" in one_line(e)
 
 
 def test_unknown_dataset(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("mnist", tmp_path)
-    assert "cifar10" in one_line_error(e)
+    assert "cifar10" in one_line(e)
 
 
 # ----------------------------------------------------------------------------------------------- subsets
@@ -663,7 +657,7 @@ def test_build_data_subset_shares_train_and_test(tmp_path):
     for bad in (3, 41):
         with pytest.raises(DataError) as e:
             build_data("imagefolder", root, batch_size=4, subset=bad)
-        assert "--subset" in one_line_error(e)
+        assert "--subset" in one_line(e)
 
 
 def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
@@ -671,7 +665,7 @@ def test_subset_is_drawn_before_resizing(tmp_path, monkeypatch):
     monkeypatch.setattr(data.base, "available_memory", lambda: 16 * 2**20)  # half: 8 MB
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", tmp_path, image_size=256, download=False)
-    msg = one_line_error(e)
+    msg = one_line(e)
     assert "70 images at 256x256 px" in msg and "--image-size" in msg and "--subset" in msg
     d = build_data("cifar10", tmp_path, batch_size=5, subset=10, image_size=256, download=False)  # 20 x 0.2 MB
     raw = torch.from_numpy(np.concatenate([raw_pickle(folder / f"data_batch_{i}")["data"] for i in range(1, 6)]))
@@ -689,7 +683,7 @@ def test_image_folder_too_big_for_memory_is_refused_before_decoding(tmp_path, mo
     monkeypatch.setattr(data.folders, "_decode_images", lambda *a, **k: pytest.fail("decoded before the memory check"))
     with pytest.raises(DataError) as e:
         load_dataset("imagefolder", root, image_size=64)
-    assert "18 images at 64x64 px" in one_line_error(e) and "--subset" in str(e.value)
+    assert "18 images at 64x64 px" in one_line(e) and "--subset" in str(e.value)
     monkeypatch.undo()
     monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(data.base, "available_memory", lambda: 300 * 2**10)
@@ -763,7 +757,7 @@ def test_train_drops_last_partial_batch():
     assert len(loader) == 2 and loader.num_samples == 32 and sum(len(y) for _, y in loader) == 32
     with pytest.raises(DataError) as e:
         Loader(arrays, info, 64, train=True)
-    assert "--batch-size" in one_line_error(e)
+    assert "--batch-size" in one_line(e)
 
 
 def test_test_loader_returns_every_sample_in_order_unaugmented():

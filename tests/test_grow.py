@@ -12,8 +12,7 @@ import torch.nn as nn
 import torchvision
 
 import models
-from _shared import CIFAR10, one_line
-from conftest import randomize_model, training_stopped_at
+from _shared import CIFAR10, one_line, randomize_model, training_stopped_at
 from models.errors import ConfigError, ReparamError
 from models.grow import GrownConv2d, eligible, grow, ungrow
 from reparam import fuse_model

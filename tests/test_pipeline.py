@@ -16,7 +16,7 @@ from train import stage1, stage2
 from train.spec import (DataSpec, Distil, Fresh, Inherit, LossSpec, OptimSpec, RunSpec, RuntimeSpec, Trim,
                         differences)
 
-from _shared import CIFAR10, ROOT, one_line
+from _shared import CIFAR10, ROOT, SHARED, one_line
 
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():
     pytest.skip(f"{CIFAR10} is absent (set REDUCENET_SHARED_DATA to the shared data folder)", allow_module_level=True)
@@ -103,7 +103,7 @@ def test_config_of_another_kind_or_command_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_a_run_made_before_specs_still_resumes(tmp_path):
+def test_a_run_made_before_specs_still_resumes(tmp_path, capsys):
     """A run directory without spec.json (written before specs existed) resumes by its recorded options."""
     run = tmp_path / "old"
     quiet(stage1.main, [*TINY, "--epochs", "1", "--out", str(run)])
@@ -112,8 +112,11 @@ def test_a_run_made_before_specs_still_resumes(tmp_path):
     del record["spec"]
     (run / "args.json").write_text(json.dumps(record))
     # another --epochs is refused by its name, the same command resumes
-    with pytest.raises(SystemExit):
+    capsys.readouterr()  # the first run's own output
+    with pytest.raises(SystemExit) as e:
         stage1.main([*TINY, "--out", str(run), "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--epochs 2" in err, err
     summary = quiet(stage1.main, [*TINY, "--epochs", "1", "--out", str(run), "--resume"])
     assert summary["last_epoch"] == 1
 
@@ -195,7 +198,6 @@ def test_the_readme_walkthrough_for_your_own_image_folder_runs_as_written(tmp_pa
     import sys
     from pathlib import PurePosixPath
 
-    from _shared import SHARED
     from train.data import extract_images, scan_image_tree
 
     tree = scan_image_tree(SHARED / "cifar10-jpeg.zip")

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import models
-from _shared import CIFAR10
+from _shared import CIFAR10, training_stopped_at
 from train import pyramid, stage1, tasks
 from train.distill import DistillLoss, fsp_matrix, gram_loss, hint_mse
-from conftest import training_stopped_at
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 

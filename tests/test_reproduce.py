@@ -12,7 +12,7 @@ import torch
 
 import models
 from models.errors import ReduceNetError
-from _shared import CIFAR10, CIFAR100, SHARED
+from _shared import CIFAR10, CIFAR100, SHARED, randomize_model
 from train import reproduce
 from train.data import extract_images, scan_image_tree
 from train.rundir import RunDir
@@ -423,7 +423,6 @@ def test_timing_keeps_freed_memory_where_glibc_allows():
 
 
 def test_the_hand_written_net_computes_the_fused_students_function(single_thread):
-    from conftest import randomize_model
     from train.reproduce.speed import HandWrittenResNet
 
     fused = reproduce.speed.fuse_model(randomize_model(models.create_model("reduce20", expansion=0, lora_rank=2)))
@@ -775,8 +774,8 @@ def test_a_table_row_naming_an_option_no_spec_has_fails_at_import(monkeypatch):
     with pytest.raises(ConfigError, match="no option 'epoch'"):
         RunSpec.of(Fresh("reduce20"), epoch=3)
     monkeypatch.setitem(specs.ROW_BUILDERS, "bad", lambda args: [
-        reproduce.Row("r", "g", RunSpec.of(Inherit("t"), epochs=1, lambda_epochs=2.0))])
-    with pytest.raises(ConfigError):  # a value no run takes (lambda without LoRA) fails there too
+        reproduce.Row("r", "g", RunSpec.of(Inherit("t", lambda_epochs=2.0), epochs=3))])
+    with pytest.raises(ConfigError, match="--lora-rank"):  # a value no run takes (lambda without LoRA) fails too
         specs.check_tables()
 
 

@@ -7,10 +7,9 @@ import io
 import pytest
 import torch
 
-from _shared import SHARED
+from _shared import SHARED, training_stopped_at
 from train import stage1
 from train.data import DatasetInfo, scan_image_tree
-from conftest import training_stopped_at
 from train.data.stream import StreamLoader, build_stream_data, random_resized_crop_params
 
 ZIP = SHARED / "cifar10-jpeg.zip"

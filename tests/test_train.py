@@ -38,10 +38,9 @@ from train.data import build_data
 from train.distill import DistillLoss
 from train.engine import init_distributed
 from models.errors import ReduceNetError
-from conftest import training_stopped_at
+from _shared import CIFAR10, CIFAR100, ROOT, training_stopped_at
 from train.tasks import Classify
 
-from _shared import CIFAR10, CIFAR100, ROOT
 
 pytestmark = pytest.mark.e2e  # every test here trains or runs a CLI on data
 if not (CIFAR10 / "cifar-10-batches-py").is_dir():

@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 
 import models
-from _shared import CIFAR10, ROOT, SHARED, one_line
-from conftest import randomize_model
+from _shared import CIFAR10, ROOT, SHARED, one_line, randomize_model, training_stopped_at
 from models.convert import from_reducenet_original
 from models.weights import read_state_dict
 from models.errors import ConfigError
@@ -141,7 +140,6 @@ def test_a_teacher_is_trimmed_in_its_student_form_and_a_resumed_latency_trim_kee
                                                                                                  monkeypatch):
     """Branch (b) goes before any pruning (it could never be fused after); a `--by latency` run stopped after an
     epoch resumes with the structure it chose, even when latency now measures otherwise."""
-    from conftest import training_stopped_at
     from train import pipeline, stage1
 
     args = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu"]

@@ -18,14 +18,10 @@ from models import ConfigError
 from models.vgg import LEVELS, chain, hint_points, next_level, svgg_from
 from reparam.export import export_deploy
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
 SVGG = [n for n in LEVELS if n.startswith("svgg")]
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 # ---------------------------------------------------------------------------------------------------- the original
