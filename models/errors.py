@@ -37,7 +37,8 @@ class DataError(ReduceNetError, ValueError):
 def brief(e: BaseException | str, limit: int = 160, *, typed: bool = True) -> str:
     """``e`` as a clause of a one-line error message: ``"TypeName: message"`` (``typed=False``: the message alone),
     the message's whitespace collapsed to single spaces and cut at ``limit`` characters, so that a library's
-    multi-line error (a shape mismatch, a traceback-like text) cannot break the line or bury the advice after it."""
+    multi-line error (a shape mismatch, a traceback-like text) cannot break the line or bury the advice after it.
+    A string ``e`` (an ``OSError``'s ``strerror``) is the message itself: pass it with ``typed=False``."""
     text = " ".join(str(e).split())[:limit]
     return f"{type(e).__name__}: {text}" if typed else text
 
