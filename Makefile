@@ -47,10 +47,12 @@ zoo: install
 #  3. the reduce20-w1 rows of `cifar10-reducenet --budget full` (paper recipe, SEEDS), JOBS rows at once, with
 #     --cuda-graph when step 1 measured it (then step 2's time too, ROWS_S + BENCH2_S seconds; eagerly otherwise,
 #     ROWS_S); a row cut short resumes from its last epoch when the target runs again on the same machine.
-# OUT gets bench.txt, bench-compile.txt, rows.log and one gpu-check.tgz with everything else (profiles, row logs,
-# metrics, results): few files, as the device tool returns at most 8. DATA must hold cifar10-jpeg.zip (the zip and the
-# working tree fill about 62.6 of the 64 MiB a call may carry; Torch-Pruning, which the GPU machines lack, is imported
-# by trims alone):
+# OUT gets bench.txt, bench-compile.txt, rows.log and gpu-check.tgz, the archive of everything else (gpu.txt,
+# profiles, row logs, metrics, results) that WORK, outside OUT, collects: few files, as the device tool returns at
+# most 8 (on the device, make takes OUT from the tool's environment variable). The archive is written again after
+# each step, so a call cut short still returns what its finished steps wrote. DATA must hold cifar10-jpeg.zip (the
+# zip and the working tree fill about 62.6 of the 64 MiB a call may carry; Torch-Pruning, which the GPU machines
+# lack, is imported by trims alone):
 #   mkdir -p .device-data && cp ../shared/data/cifar10-jpeg.zip .device-data/
 #   then on the device: make gpu-check DATA=.device-data   (carry .device-data)
 # A step whose limit is 0 is skipped: a call for the rows alone, once bench has shown --cuda-graph works, is
@@ -58,6 +60,7 @@ zoo: install
 # (runs do not outlive the session's machine: the rows must finish within one session's device time).
 # Runs with the python that holds torch (no install: the GPU machine has every other package these import).
 OUT          ?= runs/gpu-check
+WORK         ?= runs/gpu-check-work
 BENCH_S      ?= 200
 ROWS_S       ?= 270
 BENCH2_S     ?= 100
@@ -65,26 +68,29 @@ ROWS_GRAPH   ?=
 GPU          ?= cuda
 SEEDS        ?= 0
 JOBS         ?= 3
+PACK_WORK     = tar czf $(OUT)/gpu-check.tgz -C $(WORK) .
 gpu-check:
-	mkdir -p $(OUT)/work
-	-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $(OUT)/work/gpu.txt 2>&1
+	mkdir -p $(OUT) $(WORK)
+	-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $(WORK)/gpu.txt 2>&1
 	-[ $(BENCH_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH_S) $(PYTHON) -m train.bench --device $(GPU) \
 		--models reduce20 --steps 40 --workers 8 --data-dir $(DATA) --cuda-graph --no-compile --pack 1 2 4 8 \
-		--pack-mode streams processes --profile-dir $(OUT)/work/profile-graph > $(OUT)/bench.txt 2>&1
+		--pack-mode streams processes --profile-dir $(WORK)/profile-graph > $(OUT)/bench.txt 2>&1
+	$(PACK_WORK)
 	-if grep -qs '^| reduce20 | teacher' $(OUT)/bench.txt; then \
 		GRAPH=--cuda-graph; ROWS=$$(($(ROWS_S) + $(BENCH2_S))); \
 	else GRAPH=$(ROWS_GRAPH); ROWS=$(ROWS_S); [ $(BENCH2_S) -gt 0 ] && PYTHONUNBUFFERED=1 timeout $(BENCH2_S) \
 		$(PYTHON) -m train.bench --device $(GPU) --models reduce20 --steps 40 --workers 8 --data-dir $(DATA) \
-		--compile-mode reduce-overhead --profile-dir $(OUT)/work/profile-compile > $(OUT)/bench-compile.txt 2>&1; fi; \
+		--compile-mode reduce-overhead --profile-dir $(WORK)/profile-compile > $(OUT)/bench-compile.txt 2>&1; \
+		$(PACK_WORK); fi; \
 		echo "rows: $${GRAPH:-eager}, $$ROWS s" > $(OUT)/rows.log; [ $$ROWS -gt 0 ] && PYTHONUNBUFFERED=1 \
 		timeout $$ROWS $(PYTHON) -m train.reproduce cifar10-reducenet \
 		--budget full --models reduce20 --widths 1 --recipes paper --no-lora-rows --seeds $(SEEDS) --device $(GPU) \
-		$$GRAPH --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(OUT)/work/results >> $(OUT)/rows.log 2>&1
+		$$GRAPH --jobs $(JOBS) --data-dir $(DATA) --runs runs/gpu --results $(WORK)/results >> $(OUT)/rows.log 2>&1
 	-cd runs/gpu/cifar10-reducenet 2>/dev/null && for run in */; do [ $$run = logs/ ] && continue; \
-		mkdir -p $(abspath $(OUT))/work/runs/$$run && \
-		cp $$run/metrics.csv $$run/args.json $$run/summary.json $(abspath $(OUT))/work/runs/$$run 2>/dev/null; done; \
-		cp -r logs $(abspath $(OUT))/work/ 2>/dev/null
-	tar czf $(OUT)/gpu-check.tgz -C $(OUT)/work .
+		mkdir -p $(abspath $(WORK))/runs/$$run && \
+		cp $$run/metrics.csv $$run/args.json $$run/summary.json $(abspath $(WORK))/runs/$$run 2>/dev/null; done; \
+		cp -r logs $(abspath $(WORK))/ 2>/dev/null
+	$(PACK_WORK)
 
 clean:
 	rm -rf $(VENV) runs
