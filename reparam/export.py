@@ -22,6 +22,9 @@ from models.errors import ReparamError, brief
 
 from .fusion import flatten, fuse_model, max_abs_diff
 
+#: The files an export writes into its folder: one model's set, replaced together.
+DEPLOY_FILES = ("model.safetensors", "model.json", "model.ts", "model.pt2", "model.onnx")
+
 
 @dataclass
 class ExportReport:
@@ -61,7 +64,9 @@ def export_deploy(
 
     Args:
         model: the trained (unfused) student; any model :func:`fuse_model` accepts.
-        out_dir: destination folder (created; existing files of the same names are replaced).
+        out_dir: destination folder (created). Its deploy files (:data:`DEPLOY_FILES`) are replaced as one set: a
+            file of an earlier export that this one does not write (``onnx=False``, say) is removed, so that the
+            folder never holds two models; other files stay.
         input_size: ``(C, H, W)`` of the random check input (default: the model's recorded ``input_size``, else
             ``(3, 32, 32)``).
         onnx: also write ONNX (checked with onnxruntime when it is installed).
@@ -146,6 +151,8 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
         for kind, path in staged.items():
             os.replace(path, out_dir / path.name)
             report.files[kind] = out_dir / path.name
+        for name in set(DEPLOY_FILES) - {path.name for path in staged.values()}:
+            (out_dir / name).unlink(missing_ok=True)  # an earlier export's: it would not match this model
     return report
 
 

@@ -294,7 +294,7 @@ def test_fuse_cli_teacher(tmp_path):
     ckpt = models.save_checkpoint(models.create_model("reduce20"), tmp_path / "teacher")
     out = tmp_path / "deploy"
     before = _prefill(out)
-    p = run_fuse(str(ckpt), "--out", str(out))
+    p = run_fuse(str(ckpt), "--out", str(out), "--overwrite")
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "branch_b" in lines[0], p.stderr
@@ -321,6 +321,33 @@ def test_fuse_cli_bad_options(tmp_path, randomize, args, words):
         assert out.is_file() and out.read_text() == "mine"
     else:  # nothing is written for a refused command
         assert not out.exists()
+
+
+@pytest.mark.e2e
+def test_fuse_cli_replaces_a_deploy_folder_only_when_asked_and_as_one_set(tmp_path, randomize):
+    """An --out that holds files is refused without --overwrite; with it, a re-export without ONNX removes the
+    earlier export's model.onnx (it belongs to another model) and keeps the user's other files; a run folder is
+    refused either way."""
+    first = models.save_checkpoint(lora_student("reduce20", randomize, rank=2), tmp_path / "first")
+    out = tmp_path / "deploy"
+    assert run_fuse(str(first), "--out", str(out), "--no-torchscript", "--no-pt2").returncode == 0
+    (out / "notes.txt").write_text("keep me")
+    before = tree(out)
+    second = models.save_checkpoint(lora_student("reduce20", randomize, rank=4), tmp_path / "second")
+    p = run_fuse(str(second), "--out", str(out), "--no-onnx", "--no-torchscript", "--no-pt2")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0], p.stderr
+    assert tree(out) == before
+    p = run_fuse(str(second), "--out", str(out), "--no-onnx", "--no-torchscript", "--no-pt2", "--overwrite")
+    assert p.returncode == 0, p.stderr
+    assert {f.name for f in out.iterdir()} == {"model.safetensors", "model.json", "notes.txt"}
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert models.read_record(out / "model.safetensors")["metadata"]["fused_from"] == str(second)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text("{}")
+    p = run_fuse(str(second), "--out", str(run), "--overwrite")
+    assert p.returncode == 2 and "training run" in p.stderr and sorted(f.name for f in run.iterdir()) == ["args.json"]
 
 
 def test_failed_export_creates_no_folder(tmp_path):
