@@ -12,13 +12,12 @@ Every ``.pth`` is read with ``torch.load(weights_only=True)``, so no code in it 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from pathlib import Path
 
 from torch import Tensor
 
-from .checkpoint import save_checkpoint
+from .checkpoint import file_sha256, save_checkpoint
 from .errors import CheckpointError, ConfigError, cli_errors
 from .identity import set_preprocess
 from .reducenet import DEPTHS, ReduceNet
@@ -111,14 +110,6 @@ def from_reducenet_original(state: dict[str, Tensor], name: str = "checkpoint") 
     return model.eval()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__,
@@ -147,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         model = from_reducenet_original(read_state_dict(f), name=str(f))
         classes = model.config["num_classes"]
         dataset = args.dataset or {10: "cifar10", 100: "cifar100"}.get(classes)
-        meta = {"converted_from": str(f.absolute()), "source": args.source, "sha256": sha256(f),
+        meta = {"converted_from": str(f.absolute()), "source": args.source, "sha256": file_sha256(f),
                 "role": "teacher" if model.config["expansion"] else "student", "preprocessing": "none ([0, 1] pixels)"}
         if dataset:
             meta["dataset"] = dataset

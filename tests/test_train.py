@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -27,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import models.checkpoint
 import train.data
@@ -736,6 +738,50 @@ def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
     torch.save(state, out / "train_state.pt")
     run_main(stage1.main, [*argv[:-4], "--lr", "0.01", "--out", str(out), "--resume"])
     assert json.loads((out / "args.json").read_text())["resumed"][-1]["changed"]["loader"] == [None, "memory"]
+
+
+def test_resume_refuses_other_data_and_a_retrained_teacher(teacher, tmp_path, capsys):
+    """What a run reads while it trains must be the same when it resumes, or its epochs would mix two: other data
+    at another --data-dir (here this CIFAR copy with every test label moved by one) and a teacher retrained in
+    place are refused. An --out that holds the teacher is refused too, --overwrite or not."""
+    from train.data.cifar import _batch
+
+    run = tmp_path / "run"
+    run_main(stage1.main, [*TINY_ARGS, "--epochs", "1", "--out", str(run)])
+    other = tmp_path / "other" / "cifar-10-batches-py"
+    other.mkdir(parents=True)
+    for f in (CIFAR10 / "cifar-10-batches-py").iterdir():
+        if f.name != "test_batch":
+            (other / f.name).symlink_to(f)
+    x, y = _batch(CIFAR10 / "cifar-10-batches-py" / "test_batch", "labels", 10)
+    with open(other / "test_batch", "wb") as f:
+        pickle.dump({"data": x, "labels": [int(v + 1) % 10 for v in y]}, f)
+    before = snapshot(run)
+    argv = [*TINY_ARGS, "--epochs", "1", "--out", str(run), "--resume"]
+    line = expect_error(capsys, stage1.main, [*argv[:argv.index("--data-dir")], "--data-dir", str(other.parent),
+                                              *argv[argv.index("--data-dir") + 2:]])
+    assert "--data-dir" in line and "args.json" in line and snapshot(run) == before, line
+    run_main(stage1.main, argv)  # its own data: accepted (the run is finished, nothing to train)
+
+    teacher_dir = tmp_path / "teacher"
+    shutil.copytree(teacher["dir"], teacher_dir)
+    student = tmp_path / "student"
+
+    def student_argv(out: Path, *extra: str) -> list[str]:
+        return [*student_args(teacher_dir, out), "--epochs", "1", "--lambda-epochs", "1", "--no-export", *extra]
+
+    run_main(stage2.main, student_argv(student))
+    weights = teacher_dir / "last.safetensors"
+    with safe_open(str(weights), "pt") as f:  # the teacher retrained: other weights, the same architecture
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}, str(weights), metadata)
+    before = snapshot(student)
+    line = expect_error(capsys, stage2.main, student_argv(student, "--resume"))
+    assert "the teacher" in line and "changed" in line and snapshot(student) == before, line
+    before = snapshot(teacher_dir)
+    for extra in ([], ["--overwrite"]):
+        line = expect_error(capsys, stage2.main, student_argv(teacher_dir, *extra))
+        assert "holds the teacher" in line and snapshot(teacher_dir) == before, line
 
 
 def test_resume_takes_a_teacher_spelled_another_way_as_the_same(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -182,6 +183,17 @@ def data_metadata(data: Data, data_dir: str | None) -> dict[str, Any]:
     return {"dataset": data.info.name, "data": data.info.label, "data_dir": str(data_root(data_dir)),
             "data_source": str(data.info.source), "image_size": data.info.image_size,
             "classes": list(data.info.classes)}
+
+
+def data_identity(data: Data) -> dict[str, Any]:
+    """What a resumed run must read again, recorded in its ``args.json`` (``inputs``): the dataset, its classes, the
+    number of training and test images and a digest of their labels in order. Another dataset or subset is told
+    apart; the same images moved to another ``--data-dir`` are not (the images themselves are not read again)."""
+    h = hashlib.sha256()
+    for loader in (data.train, data.test):
+        h.update(loader.labels.cpu().numpy().tobytes())
+    return {"dataset": data.info.name, "label": data.info.label, "classes": list(data.info.classes),
+            "train": len(data.train.labels), "test": len(data.test.labels), "labels": h.hexdigest()[:16]}
 
 
 def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bool = False, overwrite: bool = False,

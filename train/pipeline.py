@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from models import complexity, create_model, read_record, student_from_teacher
-from models.checkpoint import atomic_write_text, load_checkpoint as load_checkpoint_model, resolve
+from models.checkpoint import atomic_write_text, file_sha256, load_checkpoint as load_checkpoint_model, resolve
 from models.grow import add_lora_to_convs, grow, is_grown, ungrow
 from models.errors import CheckpointError, ConfigError, brief
 from models.identity import set_preprocess
@@ -38,7 +38,7 @@ from models.trim import TrimResult, trim, trim_at, trim_record
 from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
 from models.weights import load_pretrained
 
-from .cli import (check_teacher, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint, logit_loss,
+from .cli import (check_teacher, data_identity, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint, logit_loss,
                   make_run_dir, setup, size_line, teachers_data)
 from .deploy import FuseCheckExport
 from .engine import Trainer, evaluate
@@ -159,7 +159,7 @@ def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
         f"-{role}-e{derive.expansion}-w{derive.width:g}" if reducible else "") + (
         f"-grown-e{derive.grow}" if derive.grow else "")
     spec = _with_out(spec, f"{tag}-s{spec.optim.seed}")
-    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+    with _run_dir(spec, info, resume, overwrite, cli, data) as run_dir:
         metadata = {"stage": 1, "role": role, **data_metadata(data, spec.data.data_dir)}
         if derive.weights:
             metadata["weights"] = str(derive.weights)
@@ -230,7 +230,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     name = (teacher.config["model"] if inherit else derive.model).replace(":", "-")
     spec = _with_out(spec, f"{name}-student-r{derive.lora_rank}-{spec.loss.kd}-s{spec.optim.seed}")
     # only now, so that bad options, data or a mismatched teacher leave the run directory untouched
-    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+    with _run_dir(spec, info, resume, overwrite, cli, data, {"teacher": teacher_path}) as run_dir:
         metadata = {"stage": 2, "role": "student", **data_metadata(data, spec.data.data_dir),
                     "teacher": str(teacher_path), "kd": spec.loss.kd}
         cfg = spec.train_config(stage=2, recipe=spec.recipe, teacher=str(teacher_path), kd=repr(loss_fn),
@@ -335,7 +335,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, list(size[1:]))
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
-    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+    with _run_dir(spec, info, resume, overwrite, cli, data, {"teacher": teacher_path}) as run_dir:
         if "pruning_ratio" in trimmed and "test_acc_before_finetune" not in trimmed:  # a new trim: measured once
             trimmed.update(_trim_report(teacher, student, size, device, data, info, derive, say))
         metadata = {"stage": "trim", "role": "trimmed", **data_metadata(data, spec.data.data_dir),
@@ -385,14 +385,15 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
     derive: Pyramid = spec.derive
     spec = spec.with_recipe()
     kd = logit_loss(spec.loss) if derive.loss == "kd" else None
-    top, top_meta, _ = load_teacher_checkpoint(derive.top)
+    top, top_meta, top_path = load_teacher_checkpoint(derive.top)
+    reads = {"teacher": top_path}
     if derive.parent is None:
         if level_of(top)[0] != LEVELS[derive.level].parent:
             raise ConfigError(f"{derive.level}'s parent is {LEVELS[derive.level].parent}, not {level_of(top)[0]} "
                               f"({derive.top}); pass the parent level's run")
         parent = top
     else:
-        parent, _, _ = load_teacher_checkpoint(derive.parent)
+        parent, _, reads["parent"] = load_teacher_checkpoint(derive.parent)
         set_preprocess(parent, parent.preprocess or top.preprocess)
     spec = replace(spec, data=teachers_data(spec.data, top_meta))
     spec, info, device, data = _device_and_data(spec)
@@ -407,7 +408,7 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
                         Renormalize(student.preprocess, teacher.preprocess))
     data.normalize(student.preprocess)
     spec = _with_out(spec, f"pyramid-{derive.level}-{derive.loss}-s{spec.optim.seed}")
-    with _run_dir(spec, info, resume, overwrite, cli) as run_dir:
+    with _run_dir(spec, info, resume, overwrite, cli, data, reads) as run_dir:
         metadata = {"stage": "pyramid", "role": derive.level, **data_metadata(data, spec.data.data_dir),
                     "loss": derive.loss, "scheme": LEVELS[derive.level].scheme,
                     "teacher": "VGG19 (--teacher)" if by_top else LEVELS[derive.level].parent}
@@ -513,14 +514,26 @@ def _with_out(spec: RunSpec, default_name: str) -> RunSpec:
     return replace(spec, out=str(Path(spec.out) if spec.out else Path("runs") / default_name))
 
 
-def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any]):
-    """The run directory of the resolved ``spec``, recording it (``spec.json``) and how it was asked for (``cli``:
-    the command, or ``module`` None from Python, and ``asked``, the spec's record before it was resolved)."""
+def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any], data,
+             reads: dict[str, Path] | None = None):
+    """The run directory of the resolved ``spec``, recording it (``spec.json``), how it was asked for (``cli``:
+    the command, or ``module`` None from Python, and ``asked``, the spec's record before it was resolved) and what
+    it reads while it trains (``inputs``: the data's identity, the SHA-256 of each checkpoint of ``reads``, such as
+    the teacher), which a ``--resume`` must find unchanged. An ``--out`` that holds one of ``reads`` is refused."""
+    reads = reads or {}
+    out = Path(spec.out).resolve()
+    for role, path in reads.items():
+        if out in Path(path).resolve().parents:
+            raise ConfigError(f"--out {spec.out} holds the {role} this run learns from ({path}); pass another --out "
+                              "(--overwrite there would replace it)")
+    inputs = {"data": data_identity(data), **{role: {"path": str(path), "sha256": file_sha256(path)}
+                                              for role, path in reads.items()}}
     module = MODULES[spec.kind]
     if cli["module"] is None:  # from Python: the command that repeats it reads the spec it writes
         cli = {**cli, "module": module, "argv": ["--config", str(Path(spec.out) / "spec.json")]}
     argv = sys.argv[1:] if cli["argv"] is None else list(cli["argv"])
     record = {"command": command_line(cli["module"], argv), "argv": options_of_run(argv),
-              "args": options_of(spec), "spec": spec.to_dict(), "asked": cli["asked"], "world_size": info.world_size}
+              "args": options_of(spec), "spec": spec.to_dict(), "asked": cli["asked"], "world_size": info.world_size,
+              "inputs": inputs}
     return make_run_dir(spec.out, info, record, resume=resume, overwrite=overwrite,
                         spec_differences=lambda saved: differences(saved, spec))

@@ -13,7 +13,9 @@ Guarantees (rank 0 of a job does all of this; the other ranks write nothing):
   different ``--lr`` is honoured (the schedule continues from the new peak; recorded under ``resumed`` in
   ``args.json``, e.g. a lower lr after a NaN), as are the device, precision and speed options; any other
   difference (model, data, epochs, batch size, seed, schedule, process count, ...) is refused with one line
-  naming each.
+  naming each. What the run reads while it trains is compared too (``inputs`` in ``args.json``): the data's
+  classes, image counts and labels (the same images at another ``--data-dir`` resume; other ones do not), and the
+  SHA-256 of each checkpoint it learns from (a teacher retrained in place is refused).
 """
 from __future__ import annotations
 
@@ -211,12 +213,30 @@ class RunDir:
             raise RunDirError(f"the run in {self.path} was started with other options ({shown}), so it cannot "
                               f"continue with these: repeat its options to continue it (see "
                               f"{self.path / 'args.json'}), or pass --overwrite or another --out to start anew")
+        self._check_inputs(saved.get("inputs") or {}, self.record.get("inputs") or {})
         changed = {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES
                    if k in ("lr", "amp", "device") and old.get(k) != new.get(k)}
         changed.update({k: [None, new[k]] for k in added})
         if changed:
             saved.setdefault("resumed", []).append({"command": self.record.get("command"), "changed": changed})
             atomic_write_text(self.path / "args.json", json.dumps(saved, indent=2, default=str) + "\n")
+
+    def _check_inputs(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Refuse to resume on other data, or with a checkpoint it learns from (the teacher) that has changed since
+        the run started: its epochs would mix two. A run recorded before ``inputs`` existed is not checked."""
+        start = " or pass --overwrite or another --out to start anew"
+        if "data" in old and "data" in new and old["data"] != new["data"]:
+            o, n = old["data"], new["data"]
+            same_size = (o.get("train"), o.get("test")) == (n["train"], n["test"])
+            raise RunDirError(f"--resume: the run in {self.path} trained on {o.get('label')} ({o.get('train')} train "
+                              f"/ {o.get('test')} test images), but this --data-dir gives {n['label']} ({n['train']} / "
+                              f"{n['test']}{', other labels' if same_size else ''}): pass the run's data (see "
+                              f"{self.path / 'args.json'}),{start}")
+        for role in sorted(set(old) & set(new) - {"data"}):
+            if old[role].get("sha256") != new[role].get("sha256"):
+                raise RunDirError(f"--resume: the {role} {new[role]['path']} has changed since the run in {self.path} "
+                                  f"started (another SHA-256), so its epochs would learn from two {role}s: pass the "
+                                  f"{role} it started with,{start}")
 
     def commit(self) -> None:
         """Called before the first write of a new run: remove the replaced run's files, write ``args.json``."""
