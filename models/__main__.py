@@ -13,9 +13,9 @@ def zoo_table(num_classes: int = 10, expansion: int = 1, lora_rank: int = 8) -> 
             "| student+LoRA params | fused params | fused MACs |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in list_models(reducible=True):
+        lora = create_model(name, num_classes=num_classes, expansion=0, lora_rank=lora_rank)  # first: a bad rank stops
         teacher = complexity(create_model(name, num_classes=num_classes, expansion=expansion))
         student = complexity(create_model(name, num_classes=num_classes, expansion=0))
-        lora = create_model(name, num_classes=num_classes, expansion=0, lora_rank=lora_rank)
         fused = complexity(create_model(name, num_classes=num_classes, expansion=0, inference_mode=True))
         rows.append(f"| {name} | {teacher['params']:,} | {teacher['macs'] / 1e6:.1f}M | {student['params']:,} "
                     f"| {student['macs'] / 1e6:.1f}M | {complexity(lora)['params']:,} | {fused['params']:,} "

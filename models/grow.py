@@ -138,13 +138,16 @@ def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None
     conv, the BN into that). The zoo's own ``add_lora`` serves its ConvBN layers.
 
     Raises:
-        ConfigError: ``rank`` is not a whole number >= 1, or no conv qualifies.
+        ConfigError: ``rank`` is not a whole number >= 1 or more than any chosen conv can use
+            (:func:`~models.layers.lora_rank_limit`), or no conv qualifies.
     """
-    from .layers import LoRAConv2d  # noqa: PLC0415 (layers imports the zoo's helpers)
+    from .layers import LoRAConv2d, check_lora_rank  # noqa: PLC0415 (layers imports the zoo's helpers)
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"--lora-rank {rank!r} is not valid: pass a rank >= 1")
     paths = list(modules) if modules is not None else _plain_convs(model, targets)
+    named = dict(model.named_modules())  # a path that is no conv is refused by _wrap_convs, after this check
+    check_lora_rank(rank, {p: named[p] for p in paths if isinstance(named.get(p), nn.Conv2d)}, "--lora-rank")
     return _wrap_convs(model, paths, lambda conv: LoRAConv2d(conv, rank), "LoRA",
                        lora={"rank": rank, "modules": paths})
 

@@ -206,12 +206,33 @@ def check_family_args(num_classes: int, expansion: int, lora_rank: int, lora_tar
     return list(lora_targets) if lora_targets is not None else list(default_targets)
 
 
+def lora_rank_limit(conv: nn.Conv2d) -> int:
+    """The largest rank a :class:`LoRABranch` on ``conv`` can use: its ``down`` (kxk, in -> r) and ``up`` (1x1, r ->
+    out) convs fuse into a kernel of rank at most ``min(out, in * k * k)``, so more channels add parameters only."""
+    k = conv.kernel_size[0]
+    return min(conv.out_channels, conv.in_channels * k * k)
+
+
+def check_lora_rank(rank: int, convs: dict[str, nn.Conv2d], option: str = "lora_rank") -> None:
+    """Refuse, in one line and before any branch is allocated, a ``rank`` larger than any of ``convs`` (the targeted
+    convs, by name) can use (:func:`lora_rank_limit`); a rank that at least one of them uses in full is accepted."""
+    if not convs:
+        return
+    name, conv = max(convs.items(), key=lambda item: lora_rank_limit(item[1]))
+    limit = lora_rank_limit(conv)
+    if rank > limit:
+        k = conv.kernel_size[0]
+        raise ConfigError(f"{option} {rank} is larger than any targeted conv can use: the largest useful rank is "
+                          f"{limit} (min(out channels, in channels x k x k) = min({conv.out_channels}, "
+                          f"{conv.in_channels} x {k} x {k}) for {name}); pass {option} {limit} or less")
+
+
 def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
     """Give every :class:`ConvBN` whose name matches a glob in ``targets`` a LoRA branch of ``rank``.
 
     Args:
         model: any model built from :class:`ConvBN` layers, in training form.
-        rank: LoRA rank r >= 1.
+        rank: LoRA rank r >= 1, at most the largest :func:`lora_rank_limit` of the targeted convs.
         targets: ``fnmatch`` patterns over module names (``*`` also matches dots), e.g. ``"layer*.conv1"``.
 
     Returns:
@@ -226,10 +247,12 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
         raise ConfigError(f"lora_targets {list(targets)} match no conv of this model; "
                           "use glob patterns over module names such as 'layer*.conv1'")
     modules = dict(model.named_modules())
+    convs = {n: modules[n].base_conv for n in names}
+    grouped = next((n for n, conv in convs.items() if conv.groups != 1), None)
+    if grouped is not None:
+        raise ConfigError(f"lora_targets matches the grouped (depthwise) conv {grouped!r}; LoRA needs dense convs")
+    check_lora_rank(rank, convs)
     for n in names:
-        conv = modules[n].base_conv
-        if conv.groups != 1:
-            raise ConfigError(f"lora_targets matches the grouped (depthwise) conv {n!r}; LoRA needs dense convs")
         modules[n].add_lora(rank)
     return names
 

@@ -31,6 +31,14 @@ _REDUCIBLE: set[str] = set()
 EXTERNAL = ("torchvision", "timm")
 # Keyword arguments timm.create_model passes to every entrypoint; ours take no pretrained weights.
 _TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+# torchvision classifiers built with other defaults: without the auxiliary classifiers, whose extra outputs in train
+# mode no loss here takes, and with torchvision's own initialisation said explicitly (it warns when left unsaid).
+_TORCHVISION_DEFAULTS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                         "inception_v3": {"aux_logits": False, "init_weights": True}}
+# The torchvision.models subpackages whose models are not image classifiers, and what they are.
+_TORCHVISION_OTHER = {"detection": "an object-detection model", "segmentation": "a semantic-segmentation model",
+                      "video": "a video (clip) model", "optical_flow": "an optical-flow model",
+                      "quantization": "a quantized (int8 inference) model"}
 
 
 def register_model(fn: Callable[..., nn.Module] | None = None, *, reducible: bool = False):
@@ -90,20 +98,47 @@ def _unknown(name: str, known: list[str], hint: str, prefix: str = "") -> Unknow
                                                                       else hint))
 
 
+def _check_torchvision_classifier(arch: str) -> None:
+    """Refuse, in one line, an ``arch`` that is not one of torchvision's image classifiers (``torchvision.models``'
+    own builders, not those of its detection, segmentation, video, optical-flow or quantization subpackages).
+
+    Raises:
+        ConfigError: ``arch`` is a torchvision model of another kind (its builder would download backbone weights).
+        UnknownModelError: ``arch`` is no torchvision model; the message lists the close matches among classifiers.
+    """
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch in known:
+        return
+    for module, what in _TORCHVISION_OTHER.items():
+        sub = getattr(torchvision.models, module, None)
+        if sub is not None and arch in torchvision.models.list_models(module=sub):
+            plain = arch.removeprefix("quantized_")
+            hint = (f"use torchvision:{plain}, the float classifier it quantizes" if plain != arch and plain in known
+                    else "choose an image classifier of torchvision.models.list_models(module=torchvision.models)")
+            raise ConfigError(f"torchvision:{arch} is {what} (torchvision.models.{module}), and this toolkit trains "
+                              f"image classifiers; {hint}")
+    raise _unknown(arch, known, "see torchvision.models.list_models(module=torchvision.models)", "torchvision:")
+
+
 def _external(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
     """A torchvision or timm classifier, built without any download."""
     source, _, arch = name.partition(":")
     if "pretrained" in kwargs or "weights" in kwargs:
         raise ConfigError(f"{name} is built without downloaded weights (these machines reach no model hub); "
                           "load your own with --weights FILE (or models.load_pretrained)")
+    if kwargs.get("aux_logits"):
+        raise ConfigError(f"{name} is built without auxiliary classifiers here: training takes one logits tensor, not "
+                          "the (logits, aux) outputs aux_logits=True gives in train mode; drop aux_logits")
     extra = {} if num_classes is None else {"num_classes": num_classes}
     if source == "torchvision":
         import torchvision
 
-        known = torchvision.models.list_models()
-        if arch not in known:
-            raise _unknown(arch, known, "see torchvision.models.list_models()", "torchvision:")
-        build = lambda: torchvision.models.get_model(arch, weights=None, **extra, **kwargs)  # noqa: E731
+        _check_torchvision_classifier(arch)
+        defaults = _TORCHVISION_DEFAULTS.get(arch, {})
+        build = lambda: torchvision.models.get_model(  # noqa: E731
+            arch, weights=None, **extra, **{**defaults, **kwargs})
     else:
         import timm
 
@@ -129,7 +164,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
     Raises:
         UnknownModelError: the name is not known; the message lists the close matches.
-        ConfigError: an argument is not valid.
+        ConfigError: an argument is not valid, or a torchvision model is not an image classifier.
     """
     if not isinstance(name, str):
         raise ConfigError(f"a model name is a string such as 'reduce20' or 'torchvision:resnet18', got {name!r}")

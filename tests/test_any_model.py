@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 
 import pytest
 import torch
@@ -53,6 +54,64 @@ def test_unknown_or_downloading_models_are_refused():
     with pytest.raises(ConfigError) as e:
         models.create_model("timm:resnet18", pretrained=True)
     assert "--weights" in one_line(e)
+
+
+@pytest.mark.parametrize("name, kind", [("fasterrcnn_resnet50_fpn", "object-detection"),
+                                        ("fcn_resnet50", "semantic-segmentation"),
+                                        ("deeplabv3_mobilenet_v3_large", "semantic-segmentation"),
+                                        ("r3d_18", "video"), ("raft_small", "optical-flow"),
+                                        ("quantized_resnet18", "quantized")])
+def test_torchvision_models_that_are_not_image_classifiers_are_refused_before_any_download(name, kind):
+    """Their builders download backbone weights even with weights=None; a classifier's typo still gets suggestions."""
+    with pytest.raises(ConfigError) as e:
+        models.create_model(f"torchvision:{name}", num_classes=10)
+    msg = one_line(e)
+    assert f"torchvision:{name} is a" in msg and kind in msg and "trains image classifiers" in msg
+    if name == "quantized_resnet18":
+        assert "use torchvision:resnet18" in msg
+    with pytest.raises(UnknownModelError) as e:
+        models.create_model("torchvision:googlnet")
+    assert "did you mean torchvision:googlenet" in one_line(e)
+
+
+def test_auxiliary_classifiers_are_left_out_so_training_gets_one_logits_tensor(single_thread):
+    """torchvision's googlenet and inception_v3 are built without aux heads (whose train-mode outputs no loss here
+    takes) and without torchvision's init warning; aux_logits=True is refused; timm's inceptions have no aux head."""
+    for name, size in (("torchvision:googlenet", 64), ("torchvision:inception_v3", 75), ("timm:inception_v3", 75)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = models.create_model(name, num_classes=10).train()
+        assert model.config == {"model": name, "num_classes": 10}
+        assert not any("aux" in n.lower() for n, _ in model.named_modules()), name
+        with torch.no_grad():
+            out = model(torch.zeros(2, 3, size, size))
+        assert type(out) is torch.Tensor and out.shape == (2, 10), name
+    for name in ("torchvision:googlenet", "timm:inception_v3"):
+        with pytest.raises(ConfigError) as e:
+            models.create_model(name, aux_logits=True)
+        assert "drop aux_logits" in one_line(e)
+
+
+def test_a_lora_rank_no_conv_of_a_classifier_can_use_is_refused_before_any_branch_is_built(monkeypatch):
+    """Any classifier's LoRA (stage2 on a grown teacher or a torchvision/timm student): resnet18's 3x3 convs use at
+    most rank 512 (layer4's, 512 out); 513 is refused in one line naming 512, before a branch is allocated."""
+    from models.grow import add_lora_to_convs  # noqa: PLC0415
+
+    grown = models.grow(models.create_model("torchvision:resnet18", num_classes=10), 1)
+
+    def allocate(*args, **kwargs):
+        raise AssertionError("a LoRA branch was built before the rank was checked")
+
+    monkeypatch.setattr(models.layers.LoRAConv2d, "__init__", allocate)
+    with pytest.raises(ConfigError) as e:
+        models.student_from_teacher(grown, lora_rank=513)
+    assert "--lora-rank 513 is larger than" in one_line(e) and "the largest useful rank is 512" in one_line(e)
+    with pytest.raises(ConfigError) as e:
+        add_lora_to_convs(models.create_model("torchvision:resnet18"), 65, targets=["conv1", "layer1.*"])
+    assert "the largest useful rank is 64" in one_line(e)
+    monkeypatch.undo()
+    student = add_lora_to_convs(models.create_model("torchvision:resnet18"), 64, targets=["conv1", "layer1.*"])
+    assert student.config["lora"]["rank"] == 64
 
 
 def test_weights_load_and_the_head_is_replaced(tmp_path):

@@ -300,6 +300,35 @@ def test_lora_params_get_gradients(randomize, make_images):
     assert all(b.up.weight.grad.abs().sum() > 0 for b in branches)
 
 
+def test_a_lora_rank_no_targeted_conv_can_use_is_refused_before_any_branch_is_built(monkeypatch, capsys):
+    """A LoRA branch on a kxk conv (in -> r -> out) has rank at most min(out, in*k*k): reduce20's largest is 64
+    (layer3's 3x3 convs, 64 out), reduce_mobilenetv2's 320 (the last 1x1 projection, 960 -> 320). A rank above the
+    largest is refused in one line naming it, before a branch is allocated (10^5 once built 629 M parameters)."""
+    assert models.layers.lora_rank_limit(nn.Conv2d(32, 64, 3)) == 64
+    assert models.layers.lora_rank_limit(nn.Conv2d(3, 64, 3)) == 27
+    assert len(lora_convs(models.create_model("reduce20", expansion=0, lora_rank=64))) == 18  # the largest: accepted
+
+    def allocate(*args, **kwargs):
+        raise AssertionError("a LoRA branch was built before the rank was checked")
+
+    monkeypatch.setattr(models.layers.LoRAConv2d, "__init__", allocate)
+    for name, limit in (("reduce20", 64), ("reduce_mobilenetv2", 320)):
+        with pytest.raises(ConfigError) as e:
+            models.create_model(name, expansion=0, lora_rank=limit + 1)
+        assert f"the largest useful rank is {limit}" in one_line(e)
+    with pytest.raises(ConfigError) as e:  # stage2 --inherit's path; layer1 only: 16 channels
+        models.student_from_teacher(models.create_model("reduce20"), lora_rank=17, lora_targets=["layer1.*"])
+    assert "largest useful rank is 16" in one_line(e)
+
+    from models.__main__ import main  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as e:
+        main(["--lora-rank", "100000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lora_rank 100000 is larger than") and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------------------------------- surgery
 class _Zeroed(nn.Module):
     """Keeps a branch's shape but contributes exact zeros."""
