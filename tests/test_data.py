@@ -465,6 +465,23 @@ def test_a_tree_of_one_class_is_refused(tmp_path):
     assert "one class folder" in one_line(e)
 
 
+@pytest.mark.parametrize("form", ["empty folder", "no image file", "zip"])
+def test_a_train_class_folder_without_images_is_refused_not_dropped(tmp_path, form):
+    """Dropping it would shift the labels of the classes after it and train a classifier of fewer classes without a
+    word (torchvision's ImageFolder refuses it too); hidden folders (.ipynb_checkpoints) are not classes."""
+    root = make_tree(tmp_path / "tree")
+    (root / "train" / "dog").mkdir()
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    if form != "empty folder":
+        (root / "train" / "dog" / "d.gif").write_bytes(b"GIF89a")
+    source = zip_tree(root, tmp_path / "tree.zip") if form == "zip" else root
+    with pytest.raises(DataError) as e:
+        scan_image_tree(source)
+    assert "train/ has class folders without images (dog)" in one_line(e) and ".png" in one_line(e)
+    (root / "train" / "dog").rename(tmp_path / "dog")  # without it, the tree (and its hidden folder) is fine
+    assert scan_image_tree(root).classes == ["ant", "bee", "cat"]
+
+
 @pytest.mark.parametrize("link", ["self", "dangling"])
 def test_a_link_to_itself_or_to_nothing_is_one_line(tmp_path, link):
     root = make_tree(tmp_path / "tree")

@@ -259,8 +259,8 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
 
     In a folder, links are followed, but each real folder is listed and each real file counted once (a link
     loop adds nothing), and a link into another split or class folder of the tree is refused (a ``train/``
-    link into ``test/`` would train on test images). A class of ``train/`` without test images gives a
-    ``UserWarning``.
+    link into ``test/`` would train on test images). A class folder of ``train/`` without images is refused (as
+    torchvision's ``ImageFolder`` does); a class of ``train/`` without test images gives a ``UserWarning``.
 
     Args:
         source: A folder or a ``.zip`` file.
@@ -269,19 +269,22 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
         The classes and the per-split ``(path, label)`` lists.
 
     Raises:
-        DataError: The source is missing, not a zip, or not such a tree, or a link crosses its splits.
+        DataError: The source is missing, not a zip, or not such a tree, a class folder of ``train/`` holds no
+            image, or a link crosses its splits.
     """
     source = Path(source).expanduser().absolute()
     if not source.exists():
         raise DataError(f"{source} does not exist; pass --data-dir DIR with train/ and test/ (or val/) class folders")
     splits: dict[str, dict[str, list[str]]] = {}  # "prefix/split" -> class -> files
+    folders: dict[str, set[str]] = {}  # "prefix/split" -> class folders holding any file
     names, members = _list_files(source)
     for n in names:
         parts = n.split("/")
         place = _place("/".join(parts[:-1]))
-        if (n.lower().endswith(IMG_EXTENSIONS) and place and place[1] is not None
-                and not any(p.startswith(".") or p == "__MACOSX" for p in parts)):
-            splits.setdefault(place[0], {}).setdefault(place[1], []).append(n)
+        if place and place[1] is not None and not any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            folders.setdefault(place[0], set()).add(place[1])
+            if n.lower().endswith(IMG_EXTENSIONS):
+                splits.setdefault(place[0], {}).setdefault(place[1], []).append(n)
     prefixes = sorted({k.rpartition("/")[0] for k in splits if k.endswith("train")})
     if len(prefixes) != 1:
         found = "several train/ folders" if prefixes else "no train/<class>/<image> files"
@@ -294,6 +297,13 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     if test_key is None:
         raise DataError(f"{source} has {top}train/ but no {top}test/ or {top}val/ class folders; add the test split")
     classes = sorted(splits[top + "train"])
+    train_dir = source / f"{top}train"
+    listed = {e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")} \
+        if train_dir.is_dir() else set()  # an empty class folder lists no file
+    imageless = sorted((folders.get(top + "train", set()) | listed) - set(classes))
+    if imageless:  # as torchvision's ImageFolder: a class dropped without a word would shift every label
+        raise DataError(f"{source}: {top}train/ has class folders without images ({', '.join(imageless[:5])}); "
+                        f"add images ({', '.join(IMG_EXTENSIONS)}) or remove those folders")
     if len(classes) < 2:  # every prediction would be right: a 100% that means nothing
         raise DataError(f"{source} has one class folder ({top}train/{classes[0]}/); a classifier needs two or more "
                         "class folders under train/ and test/")
