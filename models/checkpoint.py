@@ -104,11 +104,25 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def user_path(path: str | os.PathLike) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded as a shell would: a quoted ``'~/runs'``, an ``--out=~/runs``
+    (no shell expands a ``~`` after ``=``) or a path in a JSON spec reaches a program unexpanded.
+
+    Raises:
+        ConfigError: ``~user`` names no user, or the home directory is unknown.
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise ConfigError(f"{path}: cannot expand {str(path).split('/')[0]} (no such user, or no home directory); "
+                          "write the path out in full") from None
+
+
 def resolve(path: str | Path, default_name: str = "last") -> Path:
     """The ``.safetensors`` file meant by ``path``: the file, its ``.json`` twin, or a run directory."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise CheckpointError(f"a checkpoint is named by a path (a .safetensors file or a run directory), got {path!r}")
-    p = Path(path)
+    p = user_path(path)
     if p.is_dir():
         p = p / f"{default_name}.safetensors"
     elif p.suffix == ".json":

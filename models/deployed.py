@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, user_path
 from .errors import CheckpointError, brief
 from .identity import ModelCard, set_card
 
@@ -71,10 +71,13 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
     Raises:
         CheckpointError: an unknown suffix, a missing record, or a file its reader cannot read.
     """
-    p = Path(path) if isinstance(path, (str, Path)) else path
+    p = user_path(path) if isinstance(path, (str, Path)) else path
     form = form_of(p) if isinstance(p, Path) else "unknown"
     if form == "checkpoint" or not isinstance(p, Path):
         return load_checkpoint(path, map_location=map_location).eval()
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: pass a checkpoint, a run directory or a deploy file "
+                              f"({', '.join(FORMS)})")
     if form == "unknown":
         raise CheckpointError(f"{p}: not a form this reads ({', '.join(FORMS)}, or a run directory)")
     if not p.is_file():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, user_path
 from models.errors import ReparamError, cli_errors
 
 from .export import DEPLOY_FILES, export_deploy
@@ -32,10 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.image_size is not None and args.image_size < 1:
         raise ReparamError(f"--image-size {args.image_size} is not valid: pass the model's input size in pixels")
-    check_out(Path(args.out), args.overwrite)
+    out = user_path(args.out)
+    check_out(out, args.overwrite)
     model = load_checkpoint(args.checkpoint)
     size = args.image_size or ((model.preprocess or {}).get("input_size") or [3, 32, 32])[-1]
-    report = export_deploy(model, args.out, (3, size, size), onnx=not args.no_onnx,
+    report = export_deploy(model, out, (3, size, size), onnx=not args.no_onnx,
                            torchscript=not args.no_torchscript, pt2=not args.no_pt2,
                            metadata={"fused_from": str(args.checkpoint), **model.checkpoint_metadata})
     print(report)

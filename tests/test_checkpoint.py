@@ -118,6 +118,23 @@ def test_missing_file(tmp_path):
         one_line(e)
 
 
+def test_a_path_with_a_tilde_is_the_home_folder_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    """A quoted '~/run', an --out=~/run or a path in a JSON spec reaches the program unexpanded: it means the home
+    folder, as in a shell; ~user of no such user, and a missing deploy file, are one line saying so."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "run" / "last")
+    assert models.load_checkpoint("~/run").config["model"] == "reduce20"
+    assert models.load_any("~/run/last.safetensors").config["model"] == "reduce20"
+    assert ckpt_mod.user_path("~/runs/x") == tmp_path / "runs" / "x"
+    with pytest.raises(models.ConfigError) as e:
+        ckpt_mod.user_path("~no_such_user_here/x")
+    assert "cannot expand ~no_such_user_here" in one_line(e)
+    for missing in ("~/gone.onnx", tmp_path / "gone"):
+        with pytest.raises(CheckpointError) as e:
+            models.load_any(missing)
+        assert "gone" in one_line(e) and "does not exist" in one_line(e)
+
+
 @pytest.fixture
 def saved(tmp_path) -> Path:
     return models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "good")

@@ -829,8 +829,12 @@ def test_out_that_is_a_file_and_a_damaged_train_state_are_one_line(tmp_path, cap
     target.write_text("mine")
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(target)])
     assert "is a file" in line and target.read_text() == "mine"
+    assert "--out is empty" in expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", ""])
+    with pytest.MonkeyPatch.context() as mp:  # --out=~/run: no shell expands a ~ after "="; the program does
+        mp.setenv("HOME", str(tmp_path))
+        run_main(stage1.main, [*TINY_ARGS, "--out=~/run"])
     run = tmp_path / "run"
-    run_main(stage1.main, [*TINY_ARGS, "--out", str(run)])
+    assert (run / "last.safetensors").is_file()
     (run / "train_state.pt").write_bytes(b"\x00not a torch file")
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(run), "--resume"])
     assert "train_state.pt is damaged" in line and "--overwrite" in line

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from models import complexity, create_model, read_record, student_from_teacher
-from models.checkpoint import atomic_write_text, file_sha256, load_checkpoint as load_checkpoint_model, resolve
+from models.checkpoint import (atomic_write_text, file_sha256, load_checkpoint as load_checkpoint_model, resolve,
+                               user_path)
 from models.grow import add_lora_to_convs, grow, is_grown, ungrow
 from models.errors import CheckpointError, ConfigError, brief
 from models.identity import set_preprocess
@@ -458,6 +459,7 @@ def chain_of(top: str, top_model: str | None, scheme: str, out: str | Path, loss
     """The chain below ``top`` (a run or checkpoint of the model ``top_model``) in ``out``; ``options`` are the
     levels' spec options (:meth:`train.spec.RunSpec.of`: ``epochs``, ``seed``, ``dataset``, ...). ``hint_epochs``
     None: a third of the epochs, at least 1 (0 for ``scratch``)."""
+    out = user_path(out)
     if hint_epochs is None:
         hint_epochs = 0 if loss == "scratch" else max(1, options.get("epochs", OptimSpec.epochs) // 3)
     specs = []
@@ -511,7 +513,10 @@ def _fit(trainer: Trainer, resume: bool) -> dict:
 
 # ----------------------------------------------------------------------------------------------- run directory
 def _with_out(spec: RunSpec, default_name: str) -> RunSpec:
-    return replace(spec, out=str(Path(spec.out) if spec.out else Path("runs") / default_name))
+    """``spec`` with its run directory: ``--out`` (``~`` expanded), else ``runs/<default_name>``."""
+    if spec.out is not None and not str(spec.out).strip():
+        raise ConfigError("--out is empty; pass a folder for the run, or leave --out out for runs/<its name>")
+    return replace(spec, out=str(user_path(spec.out) if spec.out else Path("runs") / default_name))
 
 
 def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any], data,

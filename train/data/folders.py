@@ -26,6 +26,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from models.checkpoint import user_path
 from models.errors import DataError
 
 from ..progress import Progress
@@ -272,7 +273,7 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
         DataError: The source is missing, not a zip, or not such a tree, a class folder of ``train/`` holds no
             image, or a link crosses its splits.
     """
-    source = Path(source).expanduser().absolute()
+    source = user_path(source).absolute()
     if not source.exists():
         raise DataError(f"{source} does not exist; pass --data-dir DIR with train/ and test/ (or val/) class folders")
     splits: dict[str, dict[str, list[str]]] = {}  # "prefix/split" -> class -> files

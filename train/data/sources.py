@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torchvision
 
+from models.checkpoint import user_path
 from models.errors import DataError
 
 from .base import _NICE, _WHERE, DATASETS, _one_line
@@ -15,7 +16,7 @@ from .cifar import _PICKLE_DIRS, _PICKLE_FILES
 def data_root(data_dir: str | os.PathLike | None) -> Path:
     """The data root meant by ``data_dir``: itself, else ``$REDUCENET_DATA``, else ``./data``; absolute."""
     root = data_dir if data_dir is not None else os.environ.get("REDUCENET_DATA") or "data"
-    return Path(root).expanduser().absolute()
+    return user_path(root).absolute()
 
 
 def _is_pickle_dir(path: Path, name: str) -> bool:
