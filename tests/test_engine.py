@@ -140,6 +140,17 @@ def test_kernel_time_profiles_one_epoch(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # it trained
 
 
+def test_bench_refuses_a_bad_folder_before_it_loads_or_times_anything(tmp_path, monkeypatch, capsys):
+    import train.bench as bench
+
+    monkeypatch.setattr(bench, "build_data", lambda *a, **k: pytest.fail("the benchmark started"))
+    (tmp_path / "a.txt").write_text("not images")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--models", "reduce20", "--steps", "1", "--folder", str(tmp_path / "a.txt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and "a.txt" in err and err.count("\n") == 1
+
+
 def test_host_ops_are_per_step_and_largest_first():
     """bench's host side of a profile: each op's self CPU time and calls per step, the largest first, and their
     sum (where a step's wall time goes when the GPU waits)."""

@@ -129,3 +129,14 @@ def test_bad_levels_are_one_line(tmp_path, capsys):
                           "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert err.startswith("error:") and words in err and err.count("\n") == 1, err
+
+
+def test_a_teacher_that_is_not_the_chains_top_is_named(tmp_path, capsys):
+    """A chain without --levels starts below its VGG19: another model as --teacher is named as the cause (the
+    message spoke of a --levels nobody passed)."""
+    teacher = models.save_checkpoint(models.create_model("reduce20"), tmp_path / "reduce20")
+    with pytest.raises(SystemExit):
+        pyramid.main(["--teacher", str(teacher), "--scheme", "forward", *ARGS, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "is a reduce20" in err and "pyramid_vgg19" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

@@ -778,6 +778,10 @@ def test_resume_refuses_other_data_and_a_retrained_teacher(teacher, tmp_path, ca
     before = snapshot(student)
     line = expect_error(capsys, stage2.main, student_argv(student, "--resume"))
     assert "the teacher" in line and "changed" in line and snapshot(student) == before, line
+    moved = tmp_path / "moved"
+    shutil.copytree(teacher["dir"], moved)
+    line = expect_error(capsys, stage2.main, [*student_argv(student, "--resume"), "--inherit", str(moved)])
+    assert f"--inherit {moved}" in line, line  # the option as the user wrote it (not the spec's field name)
     before = snapshot(teacher_dir)
     for extra in ([], ["--overwrite"]):
         line = expect_error(capsys, stage2.main, student_argv(teacher_dir, *extra))

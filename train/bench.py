@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  *(("--pack", n, 1) for n in args.pack)):
         if value < least:
             raise ConfigError(f"{option} {value} is not valid: pass {least} or more")
+    if args.folder:
+        scan_image_tree(args.folder)  # a bad --folder stops here, not after the whole benchmark (nothing decoded)
     _, device = init_distributed(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

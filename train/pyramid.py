@@ -30,7 +30,7 @@ from pathlib import Path
 from models import read_record
 from models.checkpoint import resolve
 from models.errors import ConfigError, cli_errors
-from models.vgg import SCHEMES
+from models.vgg import LEVELS, SCHEMES
 
 from .cli import add_distillation_options, common_parser
 from .pipeline import Chain, chain_of, run_chain
@@ -69,8 +69,14 @@ def parse(argv: list[str] | None) -> tuple[Chain, argparse.Namespace]:
         return chain_of(args.teacher, top_model, args.scheme, out, args.loss, args.hint_epochs, args.levels,
                         export=not args.no_export, **{k: v for k, v in options.items() if k in SPEC_OPTIONS})
 
-    chain(None)  # the options and levels are checked before the teacher is read
-    return chain(read_record(resolve(args.teacher))["config"].get("model")), args
+    first = chain(None).levels[0].derive  # the options and levels are checked before the teacher is read
+    top_model = read_record(resolve(args.teacher))["config"].get("model")
+    top = LEVELS[first.level].parent
+    if not args.levels and top_model != top:
+        raise ConfigError(f"--teacher {args.teacher} is a {top_model}, but the {args.scheme} chain is taught by "
+                          f"{top}: pass a trained {top} (python -m train.stage1 -m {top}), or --levels to go on "
+                          "below a level this --out has finished")
+    return chain(top_model), args
 
 
 @cli_errors

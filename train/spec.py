@@ -457,9 +457,14 @@ def differences(old: dict[str, Any], new: RunSpec) -> list[str]:
             before = old.get(part, {}).get(name) if name else old.get(part)
             if path in allowed or _same(before, value):
                 continue
-            option = "--" + (name or part).replace("_", "-")
+            key = (type(new.derive), name) if part == "derive" else None
+            option = "--" + _CLI_NAMES.get(key, name or part).replace("_", "-")
             out.append(f"{option} {_show(value)} (run: {_show(before)})")
     return out
+
+
+#: The command-line option of a derivation's field whose name is not the option's.
+_CLI_NAMES = {(Inherit, "teacher"): "inherit", (Pyramid, "top"): "teacher"}
 
 
 def _same(a: Any, b: Any) -> bool:
