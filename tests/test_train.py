@@ -788,6 +788,36 @@ def test_resume_refuses_other_data_and_a_retrained_teacher(teacher, tmp_path, ca
         assert "holds the teacher" in line and snapshot(teacher_dir) == before, line
 
 
+def test_a_relative_data_dir_is_recorded_absolute_so_config_reruns_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(CIFAR10.parent)
+    argv = [*TINY_ARGS, "--epochs", "1", "--out", str(tmp_path / "run")]
+    argv[argv.index("--data-dir") + 1] = CIFAR10.name
+    first, _ = run_main(stage1.main, argv)
+    assert json.loads((tmp_path / "run" / "spec.json").read_text())["data"]["data_dir"] == str(CIFAR10)
+    monkeypatch.chdir(tmp_path)
+    again, _ = run_main(stage1.main, ["--config", "run", "--out", "again"])
+    assert again["last_test_acc"] == first["last_test_acc"]
+
+
+def test_resume_without_a_run_says_what_to_do_instead(tmp_path):
+    """--resume into a folder of no run: without --resume when it is empty (a lock file left by a run killed at
+    once counts as nothing), --overwrite when a run began there, another --out when it holds the user's files."""
+    from train.rundir import LOCK, RunDir, RunDirError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text("")
+    for made, fix in ((None, "start the run without --resume"), ("args.json", "--overwrite instead of --resume"),
+                      ("notes.txt", "choose another --out")):
+        if made:
+            for p in run.iterdir():
+                p.unlink()
+            (run / made).write_text("{}")
+        with pytest.raises(RunDirError) as e:
+            RunDir(run, resume=True).open()
+        assert fix in str(e.value) and "\n" not in str(e.value)
+
+
 def test_resume_takes_a_teacher_spelled_another_way_as_the_same(tmp_path, monkeypatch):
     from train.rundir import RunDir, RunDirError
 

@@ -168,11 +168,12 @@ def load_data(data: DataSpec, seed: int, channels_last: bool, info: Dist, device
               eval_batch_size: int | None = None) -> tuple[Data, DataSpec]:
     """The loaders of ``data`` (the one entry point of training and evaluation: image folders too big for memory
     stream), and ``data`` with its loader resolved (``memory`` or ``stream``: recorded so, since ``--resume``
-    compares it). ``eval_batch_size``: the test loader's batch (default twice ``data.batch_size``)."""
+    compares it) and its ``data_dir`` absolute. ``eval_batch_size``: the test loader's batch (default twice ``data.batch_size``)."""
     common = dict(subset=data.subset, seed=seed, device=device, rank=info.rank, world_size=info.world_size,
                   image_size=data.image_size, channels_last=channels_last, eval_batch_size=eval_batch_size)
     tree = use_stream(data)
-    data = replace(data, loader="memory" if tree is None else "stream")
+    # recorded as resolved: the loader, and the data folder made absolute (a --config rerun from another folder)
+    data = replace(data, loader="memory" if tree is None else "stream", data_dir=str(data_root(data.data_dir)))
     if tree is not None:
         return build_stream_data(data.data_dir, data.batch_size, workers=data.workers, tree=tree, **common), data
     return rank0_first(info, build_data, data.dataset, data.data_dir, data.batch_size, **common), data

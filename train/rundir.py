@@ -154,10 +154,13 @@ class RunDir:
         resumable = (self.path / "train_state.pt").is_file()
         started = (self.path / "args.json").is_file()  # a run began here (killed before its first epoch ended?)
         if self.resume and not resumable:
-            why = ("its run stopped before its first epoch ended, so there is nothing to resume" if started
-                   else "it holds no run")
-            raise RunDirError(f"--resume: {self.path} has no train_state.pt ({why}); start the run anew with "
-                              "--overwrite instead of --resume")
+            if started:
+                raise RunDirError(f"--resume: {self.path} has no train_state.pt (its run stopped before its first "
+                                  "epoch ended, so there is nothing to resume); start the run anew with --overwrite "
+                                  "instead of --resume")
+            what, fix = (("holds no run", "start the run without --resume") if not self.holds_run() else
+                         ("holds files, but not a run", "choose another --out"))
+            raise RunDirError(f"--resume: {self.path} {what} to resume; {fix}")
         if not self.resume and self.holds_run() and not self.overwrite:
             if resumable:
                 raise RunDirError(f"run directory {self.path} already holds a run; pass --resume to continue it, "
