@@ -9,6 +9,7 @@ came from. ``.pt2`` and ``.ts`` files are programs: load only files you or your 
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -93,7 +94,13 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice: it still loads
                 model = Deployed(torch.jit.load(str(p), map_location=map_location), p, form)
         else:
-            model = Deployed(torch.export.load(str(p)).module(), p, form)
+            export_log = logging.getLogger("torch.export")  # logs a traceback for a damaged file, then raises
+            level = export_log.level
+            export_log.setLevel(logging.CRITICAL)
+            try:
+                model = Deployed(torch.export.load(str(p)).module(), p, form)
+            finally:
+                export_log.setLevel(level)
     except ImportError:
         raise CheckpointError(f"{p}: reading ONNX needs onnxruntime (pip install onnxruntime)") from None
     except Exception as e:  # each reader raises its own kinds for a damaged file

@@ -135,6 +135,22 @@ def test_a_path_with_a_tilde_is_the_home_folder_and_a_missing_one_is_named(tmp_p
         assert "gone" in one_line(e) and "does not exist" in one_line(e)
 
 
+def test_a_damaged_deploy_file_is_one_line_and_nothing_else_is_printed(tmp_path, capfd):
+    """torch.export logs a traceback for a damaged .pt2 before it raises: the user sees our line alone."""
+    from reparam.export import export_deploy
+
+    report = export_deploy(models.create_model("reduce20", expansion=0), tmp_path / "d", onnx=False)
+    capfd.readouterr()
+    for kind, name in (("pt2", "bad.pt2"), ("torchscript", "bad.ts")):
+        (tmp_path / "d" / name).write_bytes(report.files[kind].read_bytes()[:4000])
+        (tmp_path / "d" / name).with_suffix(".json").write_bytes((tmp_path / "d" / "model.json").read_bytes())
+        with pytest.raises(CheckpointError) as e:
+            models.load_any(tmp_path / "d" / name)
+        assert "is not a readable" in one_line(e)
+        out, err = capfd.readouterr()
+        assert out == err == "", (out, err)
+
+
 @pytest.fixture
 def saved(tmp_path) -> Path:
     return models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "good")
