@@ -799,6 +799,23 @@ def test_a_relative_data_dir_is_recorded_absolute_so_config_reruns_from_anywhere
     assert again["last_test_acc"] == first["last_test_acc"]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder_or_lock(tmp_path, capsys):
+    """Ctrl-C in the first epoch: the folders the run made and its lock file go (an --out the user made stays, as it
+    was); after the first checkpoint, the run is kept for --resume."""
+    out = tmp_path / "new" / "run"
+    with training_stopped_at(call=1):
+        expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)], code=130)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with training_stopped_at(call=1):
+        expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(mine)], code=130)
+    assert mine.is_dir() and not any(mine.iterdir())
+    with training_stopped_at(call=2):
+        expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)], code=130)
+    assert (out / "train_state.pt").is_file() and (out / "run.lock").is_file()
+
+
 def test_resume_without_a_run_says_what_to_do_instead(tmp_path):
     """--resume into a folder of no run: without --resume when it is empty (a lock file left by a run killed at
     once counts as nothing), --overwrite when a run began there, another --out when it holds the user's files."""

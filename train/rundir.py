@@ -8,7 +8,8 @@ Guarantees (rank 0 of a job does all of this; the other ranks write nothing):
 * **Nothing lost on a typo.** A new run (with or without ``--overwrite``) deletes nothing and writes nothing
   until :meth:`RunDir.commit`, which the trainer calls just before it writes its first checkpoint: every option,
   the model, the loss and the data have been validated by then. Only then are the previous run's files
-  removed (``--overwrite``) and ``args.json`` written. A run that fails earlier leaves the folder as it was.
+  removed (``--overwrite``) and ``args.json`` written. A run that fails earlier leaves the folder as it was: the
+  lock file and the folders it made are taken back when it closes.
 * **Resume honours or refuses.** ``--resume`` compares the options that shape the run with ``args.json``: a
   different ``--lr`` is honoured (the schedule continues from the new peak; recorded under ``resumed`` in
   ``args.json``, e.g. a lower lr after a NaN), as are the device, precision and speed options; any other
@@ -19,6 +20,7 @@ Guarantees (rank 0 of a job does all of this; the other ranks write nothing):
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -142,6 +144,7 @@ class RunDir:
         self.spec_differences = spec_differences
         self._lock_fd: int | None = None
         self._committed = resume
+        self._made: list[Path] = []
 
     def holds_run(self) -> bool:
         """Whether the folder holds anything but a lock and the temporary files of a killed run's writes."""
@@ -170,6 +173,9 @@ class RunDir:
                                   "(nothing to resume); pass --overwrite to start it anew, or choose another --out")
             raise RunDirError(f"--out {self.path} is not empty; choose another --out, or pass --overwrite (it removes "
                               "only the files a run writes)")
+        lock, path = self.path / LOCK, self.path.absolute()
+        # what close() takes back if the run ends before its first checkpoint: the lock file, the folders it makes
+        self._made = ([lock] if not lock.exists() else []) + [p for p in (path, *path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -257,10 +263,16 @@ class RunDir:
             atomic_write_text(self.path / "spec.json", json.dumps(self.record["spec"], indent=2) + "\n")
 
     def close(self) -> None:
-        """Release the lock (the process's exit does it too)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Release the lock (the process's exit does it too). A run that ends before its first checkpoint (an
+        error, Ctrl-C) takes back the lock file and the folders it made, so the folder is left as it was."""
+        if self._lock_fd is None:
+            return
+        if not self._committed:
+            for made in self._made:  # the lock file, then the folders, innermost first; a folder in use stays
+                with contextlib.suppress(OSError):
+                    made.unlink() if made == self.path / LOCK else made.rmdir()
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> RunDir:
         return self
