@@ -97,8 +97,8 @@ def common_parser(prog: str, description: str, *, stage: str, epochs: int) -> ar
     r.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU)")
     r.add_argument("--cuda-graph", action="store_true",
-                   help="the whole training step (forward, backward, optimizer) as one CUDA graph, replayed with one launch per "
-                        "step (train/graphs.py); with --compile, only --compile-mode default")
+                   help="the whole training step (forward, backward, optimizer) as one CUDA graph, replayed with one "
+                        "launch per step (train/graphs.py); with --compile, only --compile-mode default")
     r.add_argument("--sync-bn", action="store_true",
                    help="torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); without it "
                         "each process normalises with its own batch's statistics")
@@ -168,7 +168,8 @@ def load_data(data: DataSpec, seed: int, channels_last: bool, info: Dist, device
               eval_batch_size: int | None = None) -> tuple[Data, DataSpec]:
     """The loaders of ``data`` (the one entry point of training and evaluation: image folders too big for memory
     stream), and ``data`` with its loader resolved (``memory`` or ``stream``: recorded so, since ``--resume``
-    compares it) and its ``data_dir`` absolute. ``eval_batch_size``: the test loader's batch (default twice ``data.batch_size``)."""
+    compares it) and its ``data_dir`` absolute. ``eval_batch_size``: the test loader's batch (default twice
+    ``data.batch_size``)."""
     common = dict(subset=data.subset, seed=seed, device=device, rank=info.rank, world_size=info.world_size,
                   image_size=data.image_size, channels_last=channels_last, eval_batch_size=eval_batch_size)
     tree = use_stream(data)

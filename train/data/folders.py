@@ -298,10 +298,11 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     if test_key is None:
         raise DataError(f"{source} has {top}train/ but no {top}test/ or {top}val/ class folders; add the test split")
     classes = sorted(splits[top + "train"])
-    train_dir = source / f"{top}train"
-    listed = {e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith(".")} \
-        if train_dir.is_dir() else set()  # an empty class folder lists no file
-    imageless = sorted((folders.get(top + "train", set()) | listed) - set(classes))
+    class_dirs, train_dir = folders[top + "train"], source / f"{top}train"
+    if train_dir.is_dir():  # an empty class folder lists no file
+        class_dirs |= {e.name for e in os.scandir(train_dir)
+                       if e.is_dir() and not e.name.startswith(".") and e.name != "__MACOSX"}
+    imageless = sorted(class_dirs - set(classes))
     if imageless:  # as torchvision's ImageFolder: a class dropped without a word would shift every label
         raise DataError(f"{source}: {top}train/ has class folders without images ({', '.join(imageless[:5])}); "
                         f"add images ({', '.join(IMG_EXTENSIONS)}) or remove those folders")
