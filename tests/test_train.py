@@ -778,10 +778,15 @@ def test_resume_refuses_other_data_and_a_retrained_teacher(teacher, tmp_path, ca
     before = snapshot(student)
     line = expect_error(capsys, stage2.main, student_argv(student, "--resume"))
     assert "the teacher" in line and "changed" in line and snapshot(student) == before, line
-    moved = tmp_path / "moved"
+    retrained = tmp_path / "retrained"  # the retrained teacher at another path
+    shutil.copytree(teacher_dir, retrained)
+    line = expect_error(capsys, stage2.main, [*student_argv(student, "--resume"), "--inherit", str(retrained)])
+    assert f"--inherit {retrained}" in line, line  # the option as the user wrote it (not the spec's field name)
+    moved = tmp_path / "moved"  # the teacher the run started with, moved: the same run, and the move is recorded
     shutil.copytree(teacher["dir"], moved)
-    line = expect_error(capsys, stage2.main, [*student_argv(student, "--resume"), "--inherit", str(moved)])
-    assert f"--inherit {moved}" in line, line  # the option as the user wrote it (not the spec's field name)
+    run_main(stage2.main, [*student_argv(student, "--resume"), "--inherit", str(moved)])
+    changed = json.loads((student / "args.json").read_text())["resumed"][-1]["changed"]
+    assert changed["teacher"] == [str(weights), str(moved / "last.safetensors")], changed
     before = snapshot(teacher_dir)
     for extra in ([], ["--overwrite"]):
         line = expect_error(capsys, stage2.main, student_argv(teacher_dir, *extra))

@@ -540,5 +540,20 @@ def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, 
     record = {"command": command_line(cli["module"], argv), "argv": options_of_run(argv),
               "args": options_of(spec), "spec": spec.to_dict(), "asked": cli["asked"], "world_size": info.world_size,
               "inputs": inputs}
-    return make_run_dir(spec.out, info, record, resume=resume, overwrite=overwrite,
-                        spec_differences=lambda saved: differences(saved, spec))
+
+    def spec_differences(saved: dict[str, Any]) -> list[str]:  # a read checkpoint moved, same bytes: the same run
+        recorded = saved.get("inputs") or {}
+        same = {role for role in reads if recorded.get(role, {}).get("sha256") == inputs[role]["sha256"]}
+        moved = {name for name, value in vars(spec.derive).items() if isinstance(value, str)
+                 and any(_names(value, reads[role]) for role in same)}
+        return differences(saved["spec"], spec, frozenset(moved))
+
+    return make_run_dir(spec.out, info, record, resume=resume, overwrite=overwrite, spec_differences=spec_differences)
+
+
+def _names(value: str, checkpoint: Path) -> bool:
+    """Whether the option's ``value`` names ``checkpoint`` (its file, or the run directory holding it)."""
+    try:
+        return resolve(value) == checkpoint
+    except (CheckpointError, ConfigError):
+        return False

@@ -16,7 +16,8 @@ Guarantees (rank 0 of a job does all of this; the other ranks write nothing):
   difference (model, data, epochs, batch size, seed, schedule, process count, ...) is refused with one line
   naming each. What the run reads while it trains is compared too (``inputs`` in ``args.json``): the data's
   classes, image counts and labels (the same images at another ``--data-dir`` resume; other ones do not), and the
-  SHA-256 of each checkpoint it learns from (a teacher retrained in place is refused).
+  SHA-256 of each checkpoint it learns from (a teacher retrained in place is refused; the same bytes moved to
+  another path resume, the move recorded under ``resumed``).
 """
 from __future__ import annotations
 
@@ -131,8 +132,9 @@ class RunDir:
         overwrite: replace the run in it once the new run writes its first checkpoint.
         record: what ``args.json`` holds: ``{"command", "argv", "args", "world_size"}``, and ``"spec"`` (the
             resolved :class:`~train.spec.RunSpec`, also written to ``spec.json``) for runs made from a spec.
-        spec_differences: for a spec's run, ``(recorded spec) -> ["--option new (run: old)", ...]``, the
-            differences ``--resume`` refuses; runs recorded before specs are compared by their ``args``.
+        spec_differences: for a spec's run, ``(recorded args.json) -> ["--option new (run: old)", ...]``, the
+            differences of its spec that ``--resume`` refuses; runs recorded before specs are compared by their
+            ``args``.
     """
 
     def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False,
@@ -210,7 +212,7 @@ class RunDir:
                               "are unknown; start a new run with --overwrite") from None
         # an option the run's version did not have yet is taken as today's (it is recorded under "resumed")
         if "spec" in saved and self.spec_differences is not None:
-            differ = self.spec_differences(saved["spec"])
+            differ = self.spec_differences(saved)
         else:
             differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(old)
                       if k not in RESUMABLE_CHANGES and not same_record(old.get(k), new.get(k))]
@@ -222,17 +224,19 @@ class RunDir:
             raise RunDirError(f"the run in {self.path} was started with other options ({shown}), so it cannot "
                               f"continue with these: repeat its options to continue it (see "
                               f"{self.path / 'args.json'}), or pass --overwrite or another --out to start anew")
-        self._check_inputs(saved.get("inputs") or {}, self.record.get("inputs") or {})
+        moved = self._check_inputs(saved.get("inputs") or {}, self.record.get("inputs") or {})
         changed = {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES
                    if k in ("lr", "amp", "device") and old.get(k) != new.get(k)}
+        changed.update(moved)
         changed.update({k: [None, new[k]] for k in added})
         if changed:
             saved.setdefault("resumed", []).append({"command": self.record.get("command"), "changed": changed})
             atomic_write_text(self.path / "args.json", json.dumps(saved, indent=2, default=str) + "\n")
 
-    def _check_inputs(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+    def _check_inputs(self, old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[str]]:
         """Refuse to resume on other data, or with a checkpoint it learns from (the teacher) that has changed since
-        the run started: its epochs would mix two. A run recorded before ``inputs`` existed is not checked."""
+        the run started: its epochs would mix two. A run recorded before ``inputs`` existed is not checked. Returns
+        ``{role: [old path, new path]}`` for each such checkpoint found, with the same bytes, at another path."""
         start = " or pass --overwrite or another --out to start anew"
         if "data" in old and "data" in new and old["data"] != new["data"]:
             o, n = old["data"], new["data"]
@@ -246,6 +250,8 @@ class RunDir:
                 raise RunDirError(f"--resume: the {role} {new[role]['path']} has changed since the run in {self.path} "
                                   f"started (another SHA-256), so its epochs would learn from two {role}s: pass the "
                                   f"{role} it started with,{start}")
+        return {role: [old[role].get("path"), new[role]["path"]] for role in sorted(set(old) & set(new) - {"data"})
+                if old[role].get("path") != new[role]["path"]}
 
     def commit(self) -> None:
         """Called before the first write of a new run: remove the replaced run's files, write ``args.json``."""

@@ -445,10 +445,11 @@ def resumable_fields(spec: RunSpec) -> set[str]:
     return out
 
 
-def differences(old: dict[str, Any], new: RunSpec) -> list[str]:
+def differences(old: dict[str, Any], new: RunSpec, moved: frozenset[str] = frozenset()) -> list[str]:
     """``--option new (run: old)`` for every field of ``new`` that differs from the recorded spec ``old`` and that
-    a resume may not change."""
-    mine, allowed = new.to_dict(), resumable_fields(new)
+    a resume may not change. ``moved``: the derivation's fields (``teacher``) naming a checkpoint found at another
+    path with the bytes the run started with, which are the same checkpoint."""
+    mine, allowed = new.to_dict(), resumable_fields(new) | {f"derive.{name}" for name in moved}
     out = []
     for part, values in mine.items():
         flat = values.items() if isinstance(values, dict) else [(None, values)]
