@@ -14,7 +14,7 @@ from train.data import ArrayData, Data, DatasetInfo, Loader
 from train.engine import EpochSums, TrainConfig, Trainer, TrainingDiverged, evaluate
 from train.tasks import Classify
 
-from _shared import ROOT, one_line
+from _shared import CIFAR10, ROOT, one_line
 
 NUM_CLASSES, SIZE = 3, 8
 
@@ -149,6 +149,21 @@ def test_bench_refuses_a_bad_folder_before_it_loads_or_times_anything(tmp_path, 
         bench.main(["--models", "reduce20", "--steps", "1", "--folder", str(tmp_path / "a.txt")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error:") and "a.txt" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("steps, batch, says", [(10, 1000, "5,438 training images; pass fewer --steps"),
+                                                (1, 2, "10 classes; pass more --steps")])
+def test_bench_names_its_own_options_when_steps_x_batch_does_not_fit_the_data(steps, batch, says, capsys):
+    """bench times steps x batch images drawn once each: a product out of the data's range is told in bench's
+    options (its subset is not the user's --subset)."""
+    import train.bench as bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--models", "reduce20", "--device", "cpu", "--data-dir", str(CIFAR10), "--steps", str(steps),
+                    "--batch-size", str(batch)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--subset" not in err, err
+    assert f"--steps {steps} x --batch-size {batch} = {steps * batch:,} images" in err and says in err, err
 
 
 def test_host_ops_are_per_step_and_largest_first():

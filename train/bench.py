@@ -47,6 +47,7 @@ from models import create_model, student_from_teacher
 from models.errors import ConfigError, ReduceNetError, brief, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
+from .data.subsets import SubsetSizeError
 from .distill import DistillLoss
 from .engine import COMPILE_MODES, TrainConfig, Trainer, check_cuda_graph, init_distributed
 from .provenance import hardware, native_bf16
@@ -365,8 +366,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _, device = init_distributed(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size,
-                      device=device, channels_last=True)
+    try:
+        data = build_data(args.dataset, args.data_dir, args.batch_size, subset=args.steps * args.batch_size,
+                          device=device, channels_last=True)
+    except SubsetSizeError as e:  # the subset is ours: steps x batch size images, each drawn once
+        few = e.n < e.least
+        raise ConfigError(f"--steps {args.steps} x --batch-size {args.batch_size} = {e.n:,} images, but {e.label} "
+                          + (f"has {e.least} classes; pass more --steps or a larger --batch-size" if few else
+                             f"has {e.most:,} training images; pass fewer --steps or a smaller --batch-size")) from None
     train = ArrayData(data.train.images.cpu(), data.train.labels.cpu())  # the same images, for the DataLoader
     compile_ = device.type == "cuda" and not args.no_compile
     check_cuda_graph(args.cuda_graph, compile_, args.compile_mode)

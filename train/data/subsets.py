@@ -6,15 +6,22 @@ import torch
 from models.errors import DataError
 
 
+class SubsetSizeError(DataError):
+    """A subset size out of range: fewer images than classes, or more than the training set (``n``, ``least``,
+    ``most`` and the data's ``label`` are kept, so that a caller that chose ``n`` itself can say so)."""
+
+    def __init__(self, n: int, least: int, most: int, label: str) -> None:
+        super().__init__(f"--subset {n} is outside [{least}, {most}] for {label}; "
+                         "pass at least one image per class and at most the training set")
+        self.n, self.least, self.most, self.label = n, least, most, label
+
+
 def _subset_indices(
     train: torch.Tensor, test: torch.Tensor, n: int, seed: int, num_classes: int, label: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced indices of ``n`` of the ``train`` labels and of the same share of ``test`` (at least one per class)."""
     if not num_classes <= n <= len(train):
-        raise DataError(
-            f"--subset {n} is outside [{num_classes}, {len(train)}] for {label}; "
-            "pass at least one image per class and at most the training set"
-        )
+        raise SubsetSizeError(n, num_classes, len(train), label)
     n_test = min(max(round(n * len(test) / len(train)), num_classes), len(test))
     return balanced_subset(train, n, seed), balanced_subset(test, n_test, seed)
 
