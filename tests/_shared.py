@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Callable, Sequence
@@ -110,3 +111,17 @@ def training_stopped_at(call: int):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "train_epoch", train_epoch)
         yield
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    """The environment of a CLI run as a subprocess: ``threads`` threads, unbuffered, no REDUCENET_DATA."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("REDUCENET_DATA", None)
+    return env

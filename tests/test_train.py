@@ -18,7 +18,6 @@ import pickle
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from train.data import build_data
 from train.distill import DistillLoss
 from train.engine import init_distributed
 from models.errors import ReduceNetError
-from _shared import CIFAR10, CIFAR100, ROOT, training_stopped_at
+from _shared import CIFAR10, CIFAR100, ROOT, free_port, subprocess_env, training_stopped_at
 from train.tasks import Classify
 
 
@@ -128,18 +127,6 @@ def tensors_equal(a: Path, b: Path) -> None:
 
 def lambdas(state: dict[str, torch.Tensor]) -> list[float]:
     return [float(v) for k, v in state.items() if k.endswith(".lam")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def subprocess_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    env.pop("REDUCENET_DATA", None)
-    return env
 
 
 # ----------------------------------------------------------------------------------------------- shared runs

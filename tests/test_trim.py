@@ -5,6 +5,7 @@ import ast
 import contextlib
 import io
 import json
+import subprocess
 import sys
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 import torch.nn as nn
 
 import models
-from _shared import CIFAR10, ROOT, SHARED, one_line, randomize_model, training_stopped_at
+from _shared import (CIFAR10, ROOT, SHARED, free_port, one_line, randomize_model, subprocess_env,
+                     training_stopped_at)
 from models.convert import from_reducenet_original
 from models.weights import read_state_dict
 from models.errors import ConfigError
@@ -240,3 +242,50 @@ def test_baseline_fine_tunes_the_same_trimmed_network_with_cross_entropy_only(tm
     assert base["model"]["structure"] and json.loads((tmp_path / "trim-baseline" / "args.json").read_text())[
         "spec"]["loss"]["kd"] == "none"
     assert "trimmed, before fine-tuning" in said and "with cross-entropy only, after 1 epoch each" in said
+
+
+SEARCH_UNDER_TORCHRUN = '''
+import json, sys
+import train.pipeline as pipeline
+from models import complexity, create_model
+from models.errors import ReduceNetError
+from train.engine import init_distributed
+from train.spec import Trim
+
+info, device = init_distributed("cpu")
+reach = sys.argv[1] == "reach"
+def measured(model, size, device):  # each process its own "latency", as two processes measure differently
+    if not reach:
+        return 1.0  # no ratio changes it: the search fails on rank 0
+    macs = complexity(model, size)["macs"]
+    return macs if info.rank == 0 else macs ** 0.5
+pipeline.latency = measured
+source = create_model("reduce20", expansion=0)
+try:
+    student, record = pipeline._search_trim(source, Trim("t", 2.0, by="latency"), (1, 3, 32, 32), device, info,
+                                            print if info.is_main else (lambda line: None))
+    print("config", json.dumps({"rank": info.rank, "config": student.config, "record": record}), flush=True)
+except ReduceNetError as e:
+    print(f"error: rank {info.rank}: {e}", flush=True)
+'''
+
+
+@pytest.mark.parametrize("reach", ["reach", "fail"])
+def test_under_torchrun_rank_0_searches_the_trim_and_every_rank_trains_its_network(reach, tmp_path):
+    """Latency differs between processes: were each to search, they would train different networks (DDP then
+    fails or mixes them). Rank 0 searches and the others prune at its ratio; its failure stops them all, no hang."""
+    script = tmp_path / "search.py"
+    script.write_text(SEARCH_UNDER_TORCHRUN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), reach]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if reach == "fail":  # (the two processes' lines may interleave)
+        assert "error: rank 0: pruning removes at most" in proc.stdout, proc.stdout
+        assert "error: rank 1: rank 0 found no trimmed network" in proc.stdout, proc.stdout
+        return
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("config ")]
+    assert len(lines) == 2, proc.stdout
+    got = sorted((json.loads(line[len("config "):]) for line in lines), key=lambda r: r["rank"])
+    assert got[0]["config"] == got[1]["config"] and got[0]["record"] == got[1]["record"], got
+    assert got[0]["config"].get("structure"), got[0]  # trimmed

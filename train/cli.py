@@ -16,7 +16,7 @@ import torch.nn as nn
 from models import load_checkpoint
 from models.identity import set_preprocess
 from models.checkpoint import resolve
-from models.errors import CheckpointError, ConfigError, DataError
+from models.errors import CheckpointError, ConfigError, DataError, ReduceNetError, brief
 
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size
@@ -211,7 +211,14 @@ def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bo
     if info.is_main:
         run.open()
     if info.world_size > 1:
-        dist.barrier()
+        try:
+            dist.barrier()
+        except BaseException as e:  # another rank failed: the lock file and the folders made are taken back
+            run.close()
+            if isinstance(e, RuntimeError):  # gloo/NCCL: the peer's connection closed
+                raise ReduceNetError(f"rank {info.rank}: another process of this torchrun job stopped before "
+                                     f"the run started (its error says why): {brief(e)}") from None
+            raise
     return run
 
 

@@ -23,9 +23,10 @@ import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from models import complexity, create_model, read_record, student_from_teacher
@@ -276,6 +277,30 @@ def recalibrate_batchnorms(model: nn.Module, loader, batches: int) -> int:
     return used
 
 
+def _search_trim(source: nn.Module, derive: Trim, size: tuple[int, ...], device: torch.device, info,
+                 say: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
+    """``source`` trimmed as ``derive`` asks, and its trim record. Under torchrun rank 0 searches alone and the
+    others prune at the ratio it chose: measured latencies differ between processes, and every rank must train the
+    same network."""
+    if info.world_size == 1:
+        result = trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
+                      latency=lambda m: latency(m, size, device), log=say)
+        return result.model, trim_record(result)
+    chosen: list[Any] = [None]
+    try:
+        if info.is_main:
+            result = trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
+                          latency=lambda m: latency(m, size, device), log=say)
+            chosen = [trim_record(result)]
+    finally:  # rank 0's failure (None) reaches the others too, which would otherwise wait for its ratio
+        dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] is None:
+        raise ConfigError("rank 0 found no trimmed network to train (its error says why)")
+    if info.is_main:
+        return result.model, chosen[0]
+    return trim_at(source, chosen[0]["pruning_ratio"], size, derive.importance, derive.round_to), chosen[0]
+
+
 def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive: Trim = spec.derive
     spec = spec.with_recipe()
@@ -326,9 +351,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         before = complexity(source, size)
         say(f"trim: {source.config['model']} ({before['params']:,} params, {before['macs'] / 1e6:,.1f} M MACs at "
             f"{size[-1]} px) to 1/{derive.reduce:g} of its {derive.by}, {derive.importance} importance")
-        result = trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
-                      latency=lambda m: latency(m, size, device), log=say)
-        student, trimmed = result.model, trim_record(result)
+        student, trimmed = _search_trim(source, derive, size, device, info, say)
     data.normalize(student.preprocess)
     student.to(device)
     if derive.calibrate_batches and not resumed:  # a resumed run's statistics come from its train_state
