@@ -116,7 +116,15 @@ def test_a_two_level_chain_runs_and_resumes(tmp_path):
         b = torch.load(tmp_path / "split" / level / "train_state.pt", weights_only=True)["task"]
         assert all(torch.equal(a[k], b[k]) for k in a), level
     assert split["levels"]["svgg14_forward"]["last_test_acc"] == whole["levels"]["svgg14_forward"]["last_test_acc"]
-    assert json.loads((tmp_path / "split" / "summary.json").read_text())["loss"] == "two-stage"
+    recorded = json.loads((tmp_path / "split" / "summary.json").read_text())["levels"]
+    assert [(k, v["loss"], v["scheme"]) for k, v in recorded.items()] == [
+        ("svgg17_forward", "two-stage", "forward"), ("svgg14_forward", "two-stage", "forward")]
+    # a call for the lower level alone (svgg17 skipped as its parent) keeps both levels in OUT/summary.json
+    with contextlib.redirect_stdout(io.StringIO()):
+        lower = pyramid.main([*argv[:argv.index("--levels") + 1], "svgg14", *argv[argv.index("--loss"):],
+                              "--out", str(tmp_path / "split")])
+    assert list(lower["levels"]) == ["svgg14_forward"]
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["levels"] == recorded
 
 
 @needs_data

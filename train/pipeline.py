@@ -495,7 +495,8 @@ def chain_of(top: str, top_model: str | None, scheme: str, out: str | Path, loss
 
 def run_chain(chain: Chain, *, overwrite: bool = False, cli: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train the chain's levels in order: a finished level (made by its spec) is skipped, an interrupted one
-    resumed (``overwrite``: restarted); returns the chain's per-level results, also in ``OUT/summary.json``."""
+    resumed (``overwrite``: restarted); returns the chain's per-level results, which ``OUT/summary.json`` adds
+    to the other levels finished in ``OUT`` (:func:`_levels_in`)."""
     first = chain.levels[0].derive
     if first.parent is not None and not (Path(first.parent) / "last.safetensors").is_file():
         raise ConfigError(f"--levels starts at {first.level}, whose parent {LEVELS[first.level].parent} has no run "
@@ -514,8 +515,28 @@ def run_chain(chain: Chain, *, overwrite: bool = False, cli: dict[str, Any] | No
             print(f"[skip] {level}: finished in {run_path}")
         result["levels"][level] = {k: summary.get(k) for k in (
             "last_test_acc", "best_test_acc", "params", "macs", "fused_test_acc", "epochs")}
-    atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(_levels_in(out, result), indent=2) + "\n")
     return result
+
+
+def _levels_in(out: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """What ``OUT/summary.json`` holds: every level finished in ``out``, each with its scheme, loss and teacher,
+    in chain order (forward, then backward): ``result``'s levels, and those an earlier call recorded (another
+    scheme, or levels above these) whose run is still there."""
+    levels: dict[str, Any] = {}
+    try:
+        before = json.loads((out / "summary.json").read_text())
+        for level, values in before["levels"].items():  # a summary written before levels carried these
+            levels[level] = {"scheme": before.get("scheme"), "loss": before.get("loss"),
+                             "teacher": before.get("teacher"), **values}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    levels = {level: values for level, values in levels.items()
+              if level in LEVELS and (out / level / "summary.json").is_file()}
+    for level, values in result["levels"].items():
+        levels[level] = {"scheme": result["scheme"], "loss": result["loss"], "teacher": result["teacher"], **values}
+    order = [level for scheme in SCHEMES for level in chain_levels(scheme)]
+    return {"levels": {level: levels[level] for level in order if level in levels}}
 
 
 # ----------------------------------------------------------------------------------------------- shared steps

@@ -4,7 +4,8 @@ pyramid_compression (Ravindran & Fita Sanmartin) compresses VGG19 level by level
 SVGG11 -> SVGG8 -> SVGG5 (``models/vgg.py``), each level inheriting every tensor of the level above but the one
 conv (or head) that replaces a block, and taught by it. Each level is a normal run directory ``OUT/<level>``
 (resume, metrics, TensorBoard, checkpoint, fused and exported model); an interrupted chain resumes where it
-stopped, and finished levels are skipped. ``OUT/summary.json`` holds the chain's per-level results.
+stopped, and finished levels are skipped. ``OUT/summary.json`` holds the results of every level finished in
+``OUT``, each with its scheme, loss and teacher (a second call, another scheme or fewer levels, adds to it).
 
 Losses (``--loss``), each level in two stages of ``--hint-epochs`` and ``--epochs`` epochs, as the original:
 
