@@ -148,3 +148,19 @@ def test_a_teacher_that_is_not_the_chains_top_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "is a reduce20" in err and "pyramid_vgg19" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_config_of_a_level_points_to_the_chain_and_pyramid_offers_no_config(tmp_path, capsys):
+    """A level's spec is part of a chain: --config of stage1/stage2/trim names train.pyramid (it named stage2);
+    train.pyramid, which runs chains, has no --config to offer."""
+    from train import stage2, trim
+    from train.spec import Pyramid, RunSpec
+
+    spec = RunSpec.of(Pyramid(str(tmp_path / "vgg19"), "svgg17_forward"), out=str(tmp_path / "level"))
+    (tmp_path / "level.json").write_text(json.dumps(spec.to_dict()))
+    for main in (stage1.main, stage2.main, trim.main):
+        with pytest.raises(SystemExit):
+            main(["--config", str(tmp_path / "level.json")])
+        err = capsys.readouterr().err
+        assert "level of a Pyramid chain" in err and "python -m train.pyramid" in err and err.count("\n") == 1, err
+    assert "--config" not in pyramid.build_parser().format_help()

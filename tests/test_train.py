@@ -780,6 +780,18 @@ def test_resume_refuses_other_data_and_a_retrained_teacher(teacher, tmp_path, ca
         assert "holds the teacher" in line and snapshot(teacher_dir) == before, line
 
 
+def test_a_relative_teacher_is_recorded_absolute_so_config_reruns_from_anywhere(teacher, tmp_path, monkeypatch):
+    shutil.copytree(teacher["dir"], tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    argv = [*student_args(Path("teacher"), Path("student")), "--epochs", "1", "--lambda-epochs", "1", "--no-export"]
+    first, _ = run_main(stage2.main, argv)
+    assert json.loads(Path("student/spec.json").read_text())["derive"]["teacher"] == str(tmp_path / "teacher")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again, _ = run_main(stage2.main, ["--config", str(tmp_path / "student"), "--out", "again"])
+    assert again["last_test_acc"] == first["last_test_acc"]
+
+
 def test_a_relative_data_dir_is_recorded_absolute_so_config_reruns_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(CIFAR10.parent)
     argv = [*TINY_ARGS, "--epochs", "1", "--out", str(tmp_path / "run")]

@@ -40,9 +40,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def common_parser(prog: str, description: str, *, stage: str, epochs: int) -> argparse.ArgumentParser:
+def common_parser(prog: str, description: str, *, stage: str, epochs: int,
+                  one_run: bool = True) -> argparse.ArgumentParser:
     """The options every training CLI takes; defaults the recipes set are described from them
-    (:func:`train.recipes.help_default` for ``stage``), the others are the spec dataclasses' own."""
+    (:func:`train.recipes.help_default` for ``stage``), the others are the spec dataclasses' own. ``one_run``
+    False (a chain of runs, the Pyramid): no ``--config``, which reruns one run, and ``--out`` holds the runs."""
     data, optim = DataSpec(), OptimSpec()
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.add_argument("--recipe", choices=tuple(RECIPES), default="ours",
@@ -83,10 +85,12 @@ def common_parser(prog: str, description: str, *, stage: str, epochs: int) -> ar
                    help=f"linear warm-up ({help_default('warmup_epochs', stage)})")
     o.add_argument("--seed", type=int, default=optim.seed, help="weights, data order, augmentation and --subset draw")
     r = p.add_argument_group("run")
-    r.add_argument("--config", default=None,
-                   help="a run spec (JSON) or a run directory (its spec.json): its options, which the options "
-                        "given here override; --config RUN --out NEW reruns that run exactly")
-    r.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    if one_run:
+        r.add_argument("--config", default=None,
+                       help="a run spec (JSON) or a run directory (its spec.json): its options, which the options "
+                            "given here override; --config RUN --out NEW reruns that run exactly")
+    r.add_argument("--out", default=None, help="run directory (default runs/<name>)" if one_run else
+                   "the chain's folder, a run directory per level in it (default runs/<name>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     r.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -115,6 +119,9 @@ def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None,
     args = parser.parse_args(argv)
     if args.config:
         spec = load_spec(args.config)
+        if spec.kind == "pyramid":
+            raise ConfigError(f"--config {args.config} is a level of a Pyramid chain; rerun the chain with "
+                              "python -m train.pyramid and its options (its finished levels are skipped)")
         if spec.kind not in kinds:
             module = {"fresh": "train.stage1", "trim": "train.trim"}.get(spec.kind, "train.stage2")
             raise ConfigError(f"--config {args.config} is a {spec.kind} run; run it with python -m {module}")

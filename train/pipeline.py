@@ -19,7 +19,9 @@ Example (a teacher, then its student; both are run directories)::
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -563,6 +565,25 @@ def _with_out(spec: RunSpec, default_name: str) -> RunSpec:
     return replace(spec, out=str(user_path(spec.out) if spec.out else Path("runs") / default_name))
 
 
+#: The derivations' fields that name a file or run directory (``Fresh.model`` may too: :func:`is_checkpoint_path`).
+PATH_FIELDS = ("teacher", "top", "parent", "structure_from", "weights")
+
+
+def with_absolute_paths(derive: Any) -> Any:
+    """``derive`` with each existing file or folder it names made absolute, as ``spec.json`` records it: a
+    ``--config RUN`` rerun from another folder reads the same teacher (``~`` is expanded; other values stay)."""
+    names = [f for f in PATH_FIELDS if isinstance(getattr(derive, f, None), str)]
+    if isinstance(derive, Fresh) and is_checkpoint_path(derive.model):
+        names.append("model")
+    changes = {}
+    for name in names:
+        with contextlib.suppress(ConfigError, OSError):
+            path = user_path(getattr(derive, name))
+            if path.exists():
+                changes[name] = os.path.abspath(path)
+    return replace(derive, **changes)
+
+
 def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, Any], data,
              reads: dict[str, Path] | None = None):
     """The run directory of the resolved ``spec``, recording it (``spec.json``), how it was asked for (``cli``:
@@ -570,6 +591,7 @@ def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, 
     it reads while it trains (``inputs``: the data's identity, the SHA-256 of each checkpoint of ``reads``, such as
     the teacher), which a ``--resume`` must find unchanged. An ``--out`` that holds one of ``reads`` is refused."""
     reads = reads or {}
+    spec = replace(spec, derive=with_absolute_paths(spec.derive))
     out = Path(spec.out).resolve()
     for role, path in reads.items():
         if out in Path(path).resolve().parents:

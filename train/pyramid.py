@@ -40,7 +40,7 @@ from .tasks import LOSSES
 
 
 def build_parser():
-    p = common_parser("python -m train.pyramid", __doc__, stage="pyramid", epochs=30)
+    p = common_parser("python -m train.pyramid", __doc__, stage="pyramid", epochs=30, one_run=False)
     g = p.add_argument_group("pyramid")
     g.add_argument("--teacher", required=True, help="the trained top: a pyramid_vgg19(_bn) run or checkpoint")
     g.add_argument("--scheme", choices=tuple(SCHEMES), required=True,
@@ -58,12 +58,9 @@ def build_parser():
 def parse(argv: list[str] | None) -> tuple[Chain, argparse.Namespace]:
     """The chain that ``argv`` asks for, and the parsed options (``--overwrite``)."""
     args = build_parser().parse_args(argv)
-    if args.config:
-        raise ConfigError("--config reruns one run; rerun a level with python -m train.pyramid and its options, or "
-                          "its run directory's spec with the pipeline (train.pipeline.run)")
     options = {k: v for k, v in vars(args).items()
                if k not in ("teacher", "scheme", "levels", "loss", "hint_epochs", "out", "resume", "overwrite",
-                            "config", "no_export")}
+                            "no_export")}
     out = args.out or Path("runs") / f"pyramid-{args.scheme}-{args.loss}-s{args.seed}"
 
     def chain(top_model: str | None) -> Chain:
