@@ -45,6 +45,21 @@ class Deployed(nn.Module):
         return torch.from_numpy(out).to(x.device)
 
 
+def session_options(threads: int | None = None):
+    """onnxruntime ``SessionOptions`` for a session timed in turn with PyTorch in one process (as benchmarks do).
+
+    ``threads`` intra-op threads (default: torch's thread count, so ``torch.set_num_threads`` limits both), and
+    no spin-waiting: by default onnxruntime's idle threads spin after each run and take the cores from PyTorch's
+    next turn, slowing the PyTorch models timed beside it.
+    """
+    import onnxruntime as ort  # noqa: PLC0415 (optional)
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def form_of(path: str | Path) -> str:
     """``checkpoint``, ``torch.export``, ``TorchScript`` or ``ONNX`` (a run directory is a checkpoint)."""
     p = Path(path)
@@ -88,7 +103,8 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
         if form == "ONNX":
             import onnxruntime as ort  # noqa: PLC0415 (optional)
 
-            model = Deployed(None, p, form, ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]))
+            session = ort.InferenceSession(str(p), session_options(), providers=["CPUExecutionProvider"])
+            model = Deployed(None, p, form, session)
         elif form == "TorchScript":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice: it still loads

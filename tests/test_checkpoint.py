@@ -151,6 +151,24 @@ def test_a_damaged_deploy_file_is_one_line_and_nothing_else_is_printed(tmp_path,
         assert out == err == "", (out, err)
 
 
+def test_an_onnx_session_uses_torchs_threads_and_does_not_spin(tmp_path):
+    """load_any's onnxruntime session is timed in turn with PyTorch (train.compare): its intra-op threads are
+    torch's (so --threads limits both) and they do not spin-wait into PyTorch's turn; a given count wins."""
+    from models.deployed import session_options
+    from reparam.export import export_deploy
+
+    report = export_deploy(models.create_model("reduce20", expansion=0), tmp_path / "d", torchscript=False, pt2=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        options = models.load_any(report.files["onnx"]).session.get_session_options()
+    finally:
+        torch.set_num_threads(threads)
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(2).intra_op_num_threads == 2
+
+
 @pytest.fixture
 def saved(tmp_path) -> Path:
     return models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "good")

@@ -151,6 +151,18 @@ def test_bench_refuses_a_bad_folder_before_it_loads_or_times_anything(tmp_path, 
     assert e.value.code == 2 and err.startswith("error:") and "a.txt" in err and err.count("\n") == 1
 
 
+def test_bench_names_folder_not_data_dir_for_a_missing_folder(tmp_path, monkeypatch, capsys):
+    """A missing --folder is told as bench's option: the data reader's message names --data-dir, not given here."""
+    import train.bench as bench
+
+    monkeypatch.setattr(bench, "build_data", lambda *a, **k: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--models", "reduce20", "--steps", "1", "--folder", str(tmp_path / "nope.zip")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --folder ") and "nope.zip does not exist" in err, err
+    assert "--data-dir" not in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("steps, batch, says", [(10, 1000, "5,438 training images; pass fewer --steps"),
                                                 (1, 2, "10 classes; pass more --steps")])
 def test_bench_names_its_own_options_when_steps_x_batch_does_not_fit_the_data(steps, batch, says, capsys):

@@ -112,10 +112,11 @@ def test_an_image_folder_evaluates_through_the_training_data_path(tmp_path):
     assert stream["classes"] == memory["classes"] and 0 <= stream["test_acc"] <= 100
 
 
-def _reduce20(tmp_path, name: str, change=None, metadata=None):
-    """A reduce20 student checkpoint for CIFAR-10, its weights changed by ``change``."""
+def _reduce20(tmp_path, name: str, change=None, metadata=None, expansion: int = 0):
+    """A reduce20 student (``expansion`` 0; else a teacher) checkpoint for CIFAR-10, its weights changed by
+    ``change``."""
     torch.manual_seed(0)
-    model = models.create_model("reduce20", expansion=0).eval()
+    model = models.create_model("reduce20", expansion=expansion).eval()
     if change is not None:
         with torch.no_grad():
             change(model)
@@ -136,15 +137,21 @@ def test_outputs_that_are_not_finite_or_classes_of_other_names_are_errors_not_ac
         assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
 
 
-def test_a_teacher_with_absurd_logits_is_named_before_distillation(tmp_path, capsys):
-    from train import stage2
+@pytest.mark.parametrize("command, option", [("stage2", "--teacher"), ("stage2", "--inherit"), ("trim", "--teacher")])
+def test_a_teacher_with_absurd_logits_is_named_before_distillation(command, option, tmp_path, capsys):
+    """Named by the option that passed it (the message offered stage2's --inherit to trim's users)."""
+    from train import stage2, trim
 
-    huge = _reduce20(tmp_path, "huge", lambda m: m.fc.weight.mul_(1e7))
+    huge = _reduce20(tmp_path, "huge", lambda m: m.fc.weight.mul_(1e7), expansion=1)
+    extra = {("stage2", "--teacher"): ["-m", "reduce20"], ("stage2", "--inherit"): [],
+             ("trim", "--teacher"): ["--reduce", "2"]}[command, option]
     with pytest.raises(SystemExit) as e:
-        stage2.main(["--teacher", str(huge), "-m", "reduce20", "--data-dir", str(CIFAR10), "--subset", "64",
-                     "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "s")])
+        {"stage2": stage2.main, "trim": trim.main}[command]([
+            option, str(huge), *extra, "--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32",
+            "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "s")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "the teacher's logits reach" in err and err.count("\n") == 1
+    assert e.value.code == 2 and "the teacher's logits reach" in err and err.count("\n") == 1, err
+    assert f"check {option} and --data-dir" in err, err
     assert not (tmp_path / "s").exists()
 
 
@@ -171,3 +178,49 @@ def test_every_deploy_file_evaluates_and_times_beside_its_checkpoint(converted, 
     with pytest.raises(SystemExit) as e:
         evaluate.main([str(tmp_path / "deploy" / "model.onnx"), "--data-dir", str(CIFAR10)])
     assert e.value.code == 2 and "model.json beside it" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A fused student's deploy folder with model.safetensors, model.json and model.onnx."""
+    out = tmp_path_factory.mktemp("deployed")
+    export_deploy(models.create_model("reduce20", expansion=0), out, torchscript=False, pt2=False)
+    return out
+
+
+def test_compare_json_is_json_lines_alone_and_sizes_are_the_weights(deployed, monkeypatch):
+    """compare --json: stdout is one JSON object per file (what it times goes to stderr, as evaluate's does); a
+    record's size is its weights' (model.safetensors), not the few bytes of model.json; --threads limits the
+    onnxruntime session too."""
+    from train import compare
+
+    timed = {}
+    monkeypatch.setattr(compare, "measure", lambda found, *a, **k: timed.update(found) or dict.fromkeys(found, 1.0))
+    threads = torch.get_num_threads()
+    try:
+        proc = run_main(compare.main, [str(deployed / "model.json"), str(deployed / "model.onnx"), "--repeats", "1",
+                                       "--batch-size", "2", "--threads", "3", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["form"] for r in rows] == ["checkpoint", "ONNX"] and "timing 2 file(s)" in proc.stderr
+    assert [r["bytes"] for r in rows] == [(deployed / f"model.{s}").stat().st_size for s in ("safetensors", "onnx")]
+    options = timed[str(deployed / "model.onnx")].session.get_session_options()
+    assert options.intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize("second", ["model.json", "./model.json", "model.safetensors", "link"])
+def test_compare_refuses_a_file_given_twice_by_any_path(deployed, tmp_path, monkeypatch, second):
+    """The same weights twice (the same path, another spelling of it, a record and its .safetensors, a link) would
+    be one row of a table that says it times two files: refused in one line naming both, before any timing."""
+    from train import compare
+
+    if second == "link":
+        for suffix in (".safetensors", ".json"):
+            (tmp_path / f"link{suffix}").symlink_to(deployed / f"model{suffix}")
+        second = str(tmp_path / "link.safetensors")
+    monkeypatch.chdir(deployed)
+    proc = run_main(compare.main, ["model.json", second, "--repeats", "1", "--batch-size", "2"])
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc
+    assert proc.stderr.startswith("error: ") and "model.json" in proc.stderr and second in proc.stderr

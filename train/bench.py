@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from models import create_model, student_from_teacher
+from models.checkpoint import user_path
 from models.errors import ConfigError, ReduceNetError, brief, cli_errors
 
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
@@ -361,8 +362,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  *(("--pack", n, 1) for n in args.pack)):
         if value < least:
             raise ConfigError(f"{option} {value} is not valid: pass {least} or more")
-    if args.folder:
-        scan_image_tree(args.folder)  # a bad --folder stops here, not after the whole benchmark (nothing decoded)
+    if args.folder:  # a bad --folder stops here, not after the whole benchmark (nothing decoded)
+        if not user_path(args.folder).exists():  # scan_image_tree's own message names --data-dir
+            raise ConfigError(f"--folder {args.folder} does not exist; pass an image folder or zip with train/ and "
+                              "test/ (or val/) class folders")
+        scan_image_tree(args.folder)
     _, device = init_distributed(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -323,10 +323,11 @@ def check_classes(model: nn.Module, info, what: str, fix: str) -> None:
 MAX_TEACHER_LOGIT = 1e4
 
 
-def check_teacher(teacher: nn.Module, data: Data) -> None:
+def check_teacher(teacher: nn.Module, data: Data, option: str = "--teacher") -> None:
     """Refuse a teacher of another class count than the data, or whose logits on the first test images are not
     finite or absurdly large (above :data:`MAX_TEACHER_LOGIT`); give a checkpoint written before models recorded
-    their preprocessing the dataset's mean and std, which is what it was trained with."""
+    their preprocessing the dataset's mean and std, which is what it was trained with. ``option``: the command's
+    option that named the teacher."""
     check_classes(teacher, data.info, "the teacher", "pass the teacher's --dataset/--data-dir")
     set_preprocess(teacher, teacher.preprocess or normalization("dataset", data.info))
     data.normalize(teacher.preprocess)  # the student's own normalisation replaces it later
@@ -337,7 +338,7 @@ def check_teacher(teacher: nn.Module, data: Data) -> None:
     if not peak < MAX_TEACHER_LOGIT:  # NaN too
         raise CheckpointError(f"the teacher's logits reach {peak:.3g} on the first test images (a trained classifier's "
                               f"stay below about 100): its checkpoint is damaged or was not trained on these inputs, "
-                              "and a student distilled from it would diverge; check --inherit/--teacher and --data-dir")
+                              f"and a student distilled from it would diverge; check {option} and --data-dir")
 
 
 def teachers_data(data: DataSpec, teacher_meta: dict[str, Any]) -> DataSpec:

@@ -1,21 +1,24 @@
 """``python -m train.compare FILE FILE ... [--batch-size 64]``: models side by side, before and after.
 
 Each FILE is a checkpoint (``.safetensors`` or a run directory) or a deploy file (``model.pt2``, ``model.ts``,
-``model.onnx``, read with its ``model.json``). Prints, per file: its form, parameters and MACs (of the model its
-record describes), file size, and the median latency at batch 1 and at ``--batch-size``, all timed side by side in
-interleaved rounds (:func:`train.timing.measure`) at the input size each record gives, with each latency's ratio
-to the first file's. ``--json`` prints the rows for scripts.
+``model.onnx``, read with its ``model.json``), each given once. Prints, per file: its form, parameters and MACs (of
+the model its record describes), the size of the file holding its weights (a record's ``.safetensors``), and the
+median latency at batch 1 and at ``--batch-size``, all timed side by side in interleaved rounds
+(:func:`train.timing.measure`) at the input size each record gives, with each latency's ratio to the first file's.
+``--json`` prints the rows for scripts, one JSON object a line (what it times goes to stderr).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
 from models import complexity, load_any, model_from_config
+from models.checkpoint import resolve, user_path
 from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 from models.identity import card_of
@@ -29,22 +32,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="checkpoints, run directories or deploy files")
     p.add_argument("--batch-size", type=int, default=64, help="the second batch timed (the first is 1)")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds (their median)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of PyTorch and onnxruntime (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object per file")
     return p
 
 
-def _size(path: Path) -> int:
-    files = [path / "last.safetensors"] if path.is_dir() else [path]
-    return sum(os.path.getsize(f) for f in files if f.is_file())
+def weights_file(name: str) -> Path:
+    """The file that holds ``name``'s weights: a checkpoint's ``.safetensors`` (of a run directory, its
+    ``last.safetensors``; of a ``.json`` record, its twin), or the deploy file itself."""
+    return resolve(name) if form_of(user_path(name)) == "checkpoint" else user_path(name)
 
 
-def compare(files: list[str], batch_size: int = 64, repeats: int = 30) -> list[dict]:
-    """The rows :func:`main` prints (see the module docstring)."""
+def compare(files: list[str], batch_size: int = 64, repeats: int = 30, log: TextIO | None = None) -> list[dict]:
+    """The rows :func:`main` prints (see the module docstring); once every file is loaded, says on ``log`` what it
+    times.
+
+    Raises:
+        ConfigError: a file given twice, by the same path or another (a run directory and its
+            ``last.safetensors``, a ``.json`` record and its ``.safetensors``, a link).
+    """
     if batch_size < 1 or repeats < 1:
         raise ConfigError("--batch-size and --repeats must be 1 or more")
-    names = list(dict.fromkeys(files))
-    models = {name: load_any(name) for name in names}
+    models, seen = {}, {}
+    for name in files:
+        model, where = load_any(name), weights_file(name)
+        stat = where.stat()
+        first = seen.get((stat.st_dev, stat.st_ino))
+        if first is not None:
+            same = f"{name} is given twice" if first == name else f"{first} and {name} are the same file"
+            raise ConfigError(f"{same} ({where}); pass each file once")
+        seen[stat.st_dev, stat.st_ino], models[name] = name, model
+    names = list(models)
+    if log is not None:
+        print(f"timing {len(names)} file(s) side by side on {torch.get_num_threads()} CPU thread(s), "
+              f"{repeats} rounds at batch 1 ...", file=log, flush=True)
     sizes = {}
     rows = []
     for name, model in models.items():
@@ -55,7 +77,7 @@ def compare(files: list[str], batch_size: int = 64, repeats: int = 30) -> list[d
         plain = model if form_of(name) == "checkpoint" else model_from_config(card.config)
         cost = complexity(plain.eval(), (1, 3, size, size))
         rows.append({"file": name, "form": form_of(name), "params": cost["params"], "macs": cost["macs"],
-                     "bytes": _size(Path(name)), "image_size": size})
+                     "bytes": weights_file(name).stat().st_size, "image_size": size})
     device = torch.device("cpu")
     b1 = measure(models, 1, device, repeats, image_size=sizes)
     bn = measure(models, batch_size, device, max(3, repeats // 3), warmup=3, image_size=sizes)
@@ -74,9 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} is not valid: pass 1 or more")
         torch.set_num_threads(args.threads)
-    print(f"timing {len(args.files)} file(s) side by side on {torch.get_num_threads()} CPU thread(s), "
-          f"{args.repeats} rounds at batch 1 ...", flush=True)
-    rows = compare(args.files, args.batch_size, args.repeats)
+    rows = compare(args.files, args.batch_size, args.repeats, log=sys.stderr if args.json else sys.stdout)
     if args.json:
         for row in rows:
             print(json.dumps(row))

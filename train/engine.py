@@ -441,7 +441,7 @@ class Trainer:
                 if self.epoch and self.run_dir else "no epoch had finished, so nothing was written")
         if not bad["teacher_finite"]:
             raise TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
-                                   f"or was not trained on these inputs; check --inherit/--teacher ({kept})")
+                                   f"or was not trained on these inputs; check the teacher you passed ({kept})")
         if bad["logits_finite"]:
             raise TrainingDiverged(f"{where} while the model's outputs are finite: the loss options overflow "
                                    f"(e.g. --kd-T, --kd-alpha); choose moderate values ({kept})")

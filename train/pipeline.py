@@ -222,7 +222,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
     spec, info, device, data = _device_and_data(spec)
-    check_teacher(teacher, data)
+    check_teacher(teacher, data, "--inherit" if inherit else "--teacher")
     student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
     if not inherit:
         set_preprocess(student, normalization(spec.data.normalize, data.info))
