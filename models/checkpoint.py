@@ -122,13 +122,15 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
     """The ``.safetensors`` file meant by ``path``: the file, its ``.json`` twin, or a run directory."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise CheckpointError(f"a checkpoint is named by a path (a .safetensors file or a run directory), got {path!r}")
-    p = user_path(path)
+    given = p = user_path(path)
     if p.is_dir():
         p = p / f"{default_name}.safetensors"
     elif p.suffix == ".json":
         p = p.with_suffix(".safetensors")
     if not p.is_file():
-        raise CheckpointError(f"no checkpoint at {p}: pass a .safetensors file or a run directory "
+        why = ("does not exist" if not given.exists() else
+               f"holds no {p.name}" if given.is_dir() else f"has no weights beside it ({p.name})")
+        raise CheckpointError(f"no checkpoint at {given}: it {why}; pass a .safetensors file or a run directory "
                               f"written by train.stage1/stage2")
     return p
 

@@ -438,3 +438,16 @@ def test_a_copied_checkpoint_survives_the_next_save_over_its_source(tmp_path, ra
     assert_same_model(first, models.load_checkpoint(best), make_images(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors", "last.json",
                                                            "last.safetensors"]
+
+
+def test_a_missing_checkpoint_is_named_as_the_user_wrote_it_with_the_reason(tmp_path):
+    """Not "no checkpoint at nope.safetensors" for a --structure-from nope.json the user typed."""
+    from models.checkpoint import resolve
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "alone.json").write_text("{}")
+    for given, why in (("nope.json", "does not exist"), ("empty", "holds no last.safetensors"),
+                       ("alone.json", "has no weights beside it (alone.safetensors)")):
+        with pytest.raises(CheckpointError) as e:
+            resolve(tmp_path / given)
+        assert str(e.value).startswith(f"no checkpoint at {tmp_path / given}: it {why};"), e.value

@@ -244,6 +244,22 @@ def test_baseline_fine_tunes_the_same_trimmed_network_with_cross_entropy_only(tm
     assert "trimmed, before fine-tuning" in said and "with cross-entropy only, after 1 epoch each" in said
 
 
+def test_baseline_whose_folder_holds_another_run_is_refused_before_the_trim_trains(tmp_path, capsys):
+    teacher = models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "t")
+    (tmp_path / "trim-baseline").mkdir()
+    (tmp_path / "trim-baseline" / "args.json").write_text("{}")
+    (tmp_path / "trim-baseline" / "last.safetensors").write_bytes(b"")
+    for extra, words in (([], "trim-baseline"), (["--kd", "none"], "cross-entropy only")):
+        with pytest.raises(SystemExit):
+            trim_cli.main(["--teacher", str(teacher), "--reduce", "2", "--baseline", "--data-dir", str(CIFAR10),
+                           "--subset", "64", "--batch-size", "32", "--epochs", "1", "--calibrate-batches", "1",
+                           "--no-export", *extra, "--out", str(tmp_path / "trim")])
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and words in err and err.count("\n") == 1, err
+        assert not (tmp_path / "trim").exists()
+    assert sorted(f.name for f in (tmp_path / "trim-baseline").iterdir()) == ["args.json", "last.safetensors"]
+
+
 SEARCH_UNDER_TORCHRUN = '''
 import json, sys
 import train.pipeline as pipeline

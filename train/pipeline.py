@@ -303,6 +303,12 @@ def _search_trim(source: nn.Module, derive: Trim, size: tuple[int, ...], device:
     return trim_at(source, chosen[0]["pruning_ratio"], size, derive.importance, derive.round_to), chosen[0]
 
 
+def trim_run_name(model: str, spec: RunSpec) -> str:
+    """The default run directory's name (under ``runs/``) of the trim ``spec`` (resolved) of a ``model``."""
+    derive: Trim = spec.derive
+    return f"{model.replace(':', '-')}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}"
+
+
 def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive: Trim = spec.derive
     spec = spec.with_recipe()
@@ -311,8 +317,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
     spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data)
-    name = teacher.config["model"].replace(":", "-")
-    spec = _with_out(spec, f"{name}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}")
+    spec = _with_out(spec, trim_run_name(teacher.config["model"], spec))
     size = (1, 3, data.info.image_size, data.info.image_size)
     say = print if info.is_main else (lambda line: None)
     source = teacher
