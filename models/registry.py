@@ -92,7 +92,8 @@ def is_zoo(config_or_name: dict[str, Any] | str) -> bool:
     return name in _MODELS
 
 
-def _unknown(name: str, known: list[str], hint: str, prefix: str = "") -> UnknownModelError:
+def unknown_model(name: str, known: list[str], hint: str, prefix: str = "") -> UnknownModelError:
+    """The one-line error of a model name not among ``known``: the close matches, else ``hint``."""
     close = [prefix + c for c in difflib.get_close_matches(name, known, n=3, cutoff=0.5)]
     return UnknownModelError(f"unknown model {prefix + name!r}: " + (f"did you mean {', '.join(close)}?" if close
                                                                       else hint))
@@ -119,7 +120,28 @@ def _check_torchvision_classifier(arch: str) -> None:
                     else "choose an image classifier of torchvision.models.list_models(module=torchvision.models)")
             raise ConfigError(f"torchvision:{arch} is {what} (torchvision.models.{module}), and this toolkit trains "
                               f"image classifiers; {hint}")
-    raise _unknown(arch, known, "see torchvision.models.list_models(module=torchvision.models)", "torchvision:")
+    raise unknown_model(arch, known, "see torchvision.models.list_models(module=torchvision.models)", "torchvision:")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, in one line and without building anything, a name :func:`create_model` cannot build: not of the
+    zoo, not one of torchvision's image classifiers, not a timm model.
+
+    Raises:
+        UnknownModelError: an unknown name; the message lists the close matches.
+        ConfigError: a torchvision model of another kind than an image classifier.
+    """
+    source, colon, arch = name.partition(":")
+    if colon and source == "torchvision":
+        _check_torchvision_classifier(arch)
+    elif colon and source == "timm":
+        import timm
+
+        if arch not in timm.list_models():
+            raise unknown_model(arch, timm.list_models(), "see timm.list_models()", "timm:")
+    elif name not in _MODELS:
+        raise unknown_model(name, list(_MODELS), f"choose one of {', '.join(_MODELS)}, or torchvision:NAME / "
+                                                 "timm:NAME (`python -m models` lists the zoo)")
 
 
 def _external(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
@@ -131,20 +153,17 @@ def _external(name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.
     if kwargs.get("aux_logits"):
         raise ConfigError(f"{name} is built without auxiliary classifiers here: training takes one logits tensor, not "
                           "the (logits, aux) outputs aux_logits=True gives in train mode; drop aux_logits")
+    check_model_name(name)
     extra = {} if num_classes is None else {"num_classes": num_classes}
     if source == "torchvision":
         import torchvision
 
-        _check_torchvision_classifier(arch)
         defaults = _TORCHVISION_DEFAULTS.get(arch, {})
         build = lambda: torchvision.models.get_model(  # noqa: E731
             arch, weights=None, **extra, **{**defaults, **kwargs})
     else:
         import timm
 
-        known = timm.list_models()
-        if arch not in known:
-            raise _unknown(arch, known, "see timm.list_models()", "timm:")
         build = lambda: timm.create_model(arch, pretrained=False, **extra, **kwargs)  # noqa: E731
     try:
         return build()
@@ -173,9 +192,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         model = _external(name, num_classes, kwargs)
         classes = num_classes if num_classes is not None else classifier_of(model).out_features
         return set_card(model, ModelCard(name, {"num_classes": classes, **kwargs}))
-    if name not in _MODELS:
-        raise _unknown(name, list(_MODELS), f"choose one of {', '.join(_MODELS)}, or torchvision:NAME / timm:NAME "
-                                            "(`python -m models` lists the zoo)")
+    check_model_name(name)
     try:
         return _MODELS[name](**kwargs)
     except TypeError as e:

@@ -370,7 +370,14 @@ def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys, monkeypatc
     # stage 2 started from the original teacher: after one smoke epoch its student is far above chance
     kd = next(r for r in lines if r["row"] == "stage2: inherit + KD (paper recipe)")
     assert float(kd["exact_acc"]) > 50
-    assert "exact-subset acc" in (tmp_path / "results" / "original-stage2.md").read_text()
+    md = (tmp_path / "results" / "original-stage2.md").read_text()
+    assert "exact-subset acc" in md
+    # every row's `last acc` on the same test images: the original's checkpoints too, on the subset's (37 images)
+    test_images = json.loads((runs / "reduce20-s0-scratch" / "summary.json").read_text())["test_images"]
+    assert f"200 train / {test_images} test images; 128 of 200 training images per epoch" in md
+    for ref in (teacher, student):
+        correct = float(ref["last_acc"]) * test_images / 100
+        assert correct == pytest.approx(round(correct)), ref["row"]
 
 
 def test_deploy_speed_table(tmp_path, single_thread):
@@ -808,3 +815,126 @@ def test_jobs_leave_a_row_that_another_process_trains_and_say_so(tmp_path):
     assert f"[busy] {teacher.run.name}: another process is training it; not started here" in log
     assert any(line.startswith(f"[not started] {kd.run.name}") for line in log)
     assert not any(line.startswith("[failed]") for line in log)
+
+
+def refused(argv: list[str], capsys, monkeypatch) -> str:
+    """The one line ``error: ...`` that ``argv`` stops with (exit code 2), before any row trains."""
+    monkeypatch.setattr(reproduce.tables, "train_row", lambda *a: pytest.fail("a row trained before the error"))
+    monkeypatch.setattr(reproduce.tables, "train_parallel", lambda *a: pytest.fail("rows trained before the error"))
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--seeds", "0", "0"], "--seeds 0 0 names seed 0 twice; pass each seed once"),
+    (["--models", "reduce20", "reduce20"], "--models reduce20 reduce20 names model reduce20 twice"),
+    (["--recipes", "ours", "paper", "ours"], "--recipes ours paper ours names recipe ours twice"),
+    (["--widths", "1", "1"], "--widths 1 1 names width 1 twice"),
+])
+def test_a_value_given_twice_is_refused_not_counted_twice(tmp_path, capsys, monkeypatch, extra, words):
+    models_ = [] if "--models" in extra else ["--models", "reduce20"]
+    for plan in ([], ["--plan"]):  # the plan would list each of its rows twice
+        err = refused(smoke_argv("cifar10-reducenet", tmp_path, *models_, *extra, *plan), capsys, monkeypatch)
+        assert words in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("option, path, words", [
+    ("--results", "afile", "--results {} is a file; pass a folder"),
+    ("--results", "afile/sub", "--results {}/sub lies inside the file {}; pass a folder"),
+    ("--runs", "afile", "--runs {} is a file; pass a folder"),
+])
+def test_a_results_or_runs_folder_that_cannot_be_made_is_refused_before_training(tmp_path, capsys, monkeypatch,
+                                                                                  option, path, words):
+    (tmp_path / "afile").write_text("mine")
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper")
+    argv[argv.index(option) + 1] = str(tmp_path / path)
+    err = refused(argv, capsys, monkeypatch)
+    assert words.format(tmp_path / "afile", tmp_path / "afile") in err
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("table, names, words", [
+    ("cifar10-reducenet", ["reduce20", "reduce21"], "--models: unknown model 'reduce21': did you mean reduce32, "
+                                                    "reduce20, reduce110?"),
+    ("cifar10-reducenet", ["pyramid_vgg19"], "--models pyramid_vgg19: cifar10-reducenet cannot train it; it takes "
+                                             "reduce_mobilenetv2, reduce20"),
+    ("cifar100-kd", ["reduce44"], "cifar100-kd cannot train it; it takes reduce56, reduce20, reduce110, reduce32"),
+    ("trim", ["reduce20", "reduce56"], "trim trims one model; pass one"),
+    ("grow", ["torchvision:resnt18"], "unknown model 'torchvision:resnt18': did you mean torchvision:resnet18"),
+    ("pyramid", ["reduce20"], "the models of pyramid are fixed; leave --models out"),
+])
+def test_models_a_table_cannot_train_are_refused_before_anything_trains(tmp_path, capsys, monkeypatch, table, names,
+                                                                          words):
+    for plan in ([], ["--plan"]):
+        err = refused(smoke_argv(table, tmp_path, "--models", *names, *plan), capsys, monkeypatch)
+        assert words in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_row_whose_teacher_row_has_not_finished_and_is_not_selected_is_refused(tmp_path, capsys, monkeypatch):
+    from train.rundir import mark_done
+
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper", "--rows", "*-kd")
+    teacher, scratch, kd = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))
+    for jobs in ("1", "2"):  # with --jobs the job would fail, and "run the same command again" fail the same way
+        err = refused([*argv, "--jobs", jobs], capsys, monkeypatch)
+        assert (f"--rows selects {kd.run.name}, which starts from the row {teacher.run.name}; that row has not "
+                f"finished and --rows leaves it out: train it first (--rows '{teacher.run.name}', or the same "
+                "command without --rows)") in err
+    assert not (tmp_path / "runs").exists()
+    assert "0 of 1 rows finished" in run([*argv, "--plan"])  # the plan says what there is, and trains nothing
+    teacher.run.mkdir(parents=True)
+    with RunDir(teacher.run, overwrite=True).open():  # another process trains the teacher row now
+        assert "another process is training it now: run this when it has finished" in refused(argv, capsys,
+                                                                                                monkeypatch)
+    (teacher.run / "summary.json").write_text("{}")
+    mark_done(teacher.run, teacher.spec.record())  # a finished teacher row: its student may train alone
+    reproduce.tables._check_inherited([kd], [teacher, scratch, kd])
+
+
+def test_plan_says_seconds_for_epochs_that_take_less_than_one(tmp_path):
+    from train.reproduce.runner import row_state
+
+    row = spec_row("r", tmp_path / "r", epochs=4)
+    row.run.mkdir()
+    (row.run / "args.json").write_text(json.dumps({"asked": row.spec.record()}))
+    (row.run / "train_state.pt").write_bytes(b"")
+    (row.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,0.31\n")
+    assert row_state(row) == "resumes (1/4 epochs, about 1 s left at 0.31 s an epoch)"
+    (row.run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,4.2\n")
+    assert row_state(row) == "resumes (1/4 epochs, about 13 s left at 4.2 s an epoch)"
+    assert reproduce._time_left([row], [12.6], 1) == "about 13 s of training left, rows one after another"
+
+
+def test_the_header_counts_the_training_set_and_the_images_an_epoch_trains_on(tmp_path):
+    rows = [spec_row(f"r{i}", tmp_path / f"r{i}") for i in range(2)]
+    rows[0].run.mkdir()
+    (rows[0].run / "args.json").write_text(json.dumps({"inputs": {"data": {"train": 200, "test": 40}}}))
+    for r, per_epoch in zip(rows, (128, 128)):
+        r.result = {"data": "d", "train_images": per_epoch, "test_images": 40, "hardware": "h", "commits": ["c"]}
+    args = reproduce.build_parser().parse_args(["cifar10-reducenet", "--subset", "200"])
+    data = reproduce._header("cifar10-reducenet", args, rows, "1 + 1 epochs")[1]
+    assert data == ("- Data: d; 200 train / 40 test images; 128 of 200 training images per epoch (last partial batch "
+                    "dropped).")
+    rows[1].result["train_images"] = 192  # another row's batch of 64
+    assert "; 128 or 192 of 200 training images per epoch (last partial batch dropped, by batch size)." in (
+        reproduce._header("cifar10-reducenet", args, rows, "1 + 1 epochs")[1])
+    for r in rows:
+        r.result["train_images"] = 200  # every image in every epoch: nothing to add
+    assert reproduce._header("cifar10-reducenet", args, rows, "1 + 1 epochs")[1] == (
+        "- Data: d; 200 train / 40 test images.")
+
+
+def test_a_checkpoint_beside_the_rows_is_scored_on_their_test_images(tmp_path):
+    """A reference line (original-stage2's published checkpoints) is measured on the test images of the rows it
+    stands beside: the subset's, drawn with each row's seed, not the whole test set."""
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper", "--seeds", "1")
+    teacher = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))[0]
+    summary = reproduce.train_row(teacher, lambda m: None)
+    score = reproduce.tables._subset_accuracy(teacher.run / "last.safetensors", teacher, "cpu")
+    assert score == pytest.approx(summary["last_test_acc"])
+    assert summary["test_images"] < 100  # the subset's, not the 1017 of the whole (exact subset) test set

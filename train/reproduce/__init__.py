@@ -28,6 +28,7 @@ made by another spec is replaced, so an interrupted table continues where it sto
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from . import parallel, runner, specs, tables
 from .parallel import RowsFailed, train_parallel
 from .report import against_baselines
 from .runner import finished, plan_row, row_state, train_row
-from .specs import RECIPE_NAMES, ROW_BUILDERS, Row, cifar10_rows, cifar100_rows, original_rows
+from .specs import RECIPE_NAMES, ROW_BUILDERS, Row, check_models, cifar10_rows, cifar100_rows, original_rows
 from .speed import speed_table
 from .tables import TABLES, _header, _time_fused, _time_left, original_table, pyramid_table, training_table
 
@@ -102,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_folder(option: str, path: Path) -> None:
+    """Refuse, before anything trains, a folder option naming a file, or a folder that cannot be made or written."""
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the parents end at "." or "/"
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies inside the file {existing}"
+        raise ConfigError(f"{option} {path} {where}; pass a folder (it is made if absent)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write in {existing}; pass a folder you can write to")
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> Path | None:
     args = build_parser().parse_args(argv)
@@ -112,6 +123,17 @@ def main(argv: list[str] | None = None) -> Path | None:
         raise ConfigError(f"--repeats {args.repeats} is not valid: pass 1 or more timed runs")
     if min(args.seeds) < 0:
         raise ConfigError(f"--seeds {args.seeds} is not valid: pass whole numbers >= 0")
+    for option, what, values in (("--seeds", "seed", args.seeds), ("--models", "model", args.models),
+                                 ("--recipes", "recipe", args.recipes), ("--widths", "width", args.widths),
+                                 ("--losses", "loss", args.losses)):
+        twice = next((v for i, v in enumerate(values or []) if v in values[:i]), None)
+        if twice is not None:  # one row per value: a value given twice would count the same run twice
+            raise ConfigError(f"{option} {' '.join(map(str, values))} names {what} {twice} twice; "
+                              f"pass each {what} once")
+    check_models(args.table, args.models)
+    if args.table != "deploy-speed":  # which trains nothing
+        _check_folder("--runs", Path(args.runs))
+    _check_folder("--results", Path(args.results))
     if (args.rows or args.plan or args.jobs > 1) and args.table == "deploy-speed":
         option = "--rows" if args.rows else "--plan" if args.plan else "--jobs"
         raise ConfigError(f"{option} is about training rows; deploy-speed trains none: leave it out")

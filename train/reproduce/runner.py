@@ -126,8 +126,15 @@ def describe(row: Row) -> str:
 
 
 def duration(seconds: float) -> str:
-    """``1.6 h`` or ``25 min`` (at least 1 min)."""
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
+    """``1.6 h``, ``25 min`` (from half a minute: at least 1 min), or ``12 s`` (at least 1 s)."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{max(1, round(seconds / 60))} min" if seconds >= 30 else f"{max(1, round(seconds))} s"
+
+
+def epoch_time(seconds: float) -> str:
+    """An epoch's time: ``220 s``, ``2.5 s`` or ``0.43 s``, so that a fast epoch does not read as 0 s."""
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
 
 
 def _pace(row: Row, rows: Sequence[Row], own: list[dict[str, str]]) -> tuple[float, Row] | None:
@@ -168,8 +175,8 @@ def plan_row(row: Row, rows: Sequence[Row] = ()) -> tuple[str, float | None]:
     if not (row.run / "args.json").is_file():
         if left is None:
             return "not started", None
-        _, per_epoch, measured_on = left
-        return (f"not started (about {duration(seconds)} at {per_epoch:.0f} s an epoch, "
+        _, epoch_s, measured_on = left
+        return (f"not started (about {duration(seconds)} at {epoch_time(epoch_s)} an epoch, "
                 f"the pace of {measured_on.run.name})"), seconds
     if not _started_by(row):
         return "made by another spec: will be replaced", seconds
@@ -187,6 +194,6 @@ def _progress(row: Row, done: int, left: tuple[float, float, Row] | None) -> str
     total = row.epochs
     if left is None or done >= total:
         return f" ({done}/{total} epochs)"
-    seconds, per_epoch, measured_on = left
+    seconds, epoch_s, measured_on = left
     whose = "" if measured_on is row else f", the pace of {measured_on.run.name}"
-    return f" ({done}/{total} epochs, about {duration(seconds)} left at {per_epoch:.0f} s an epoch{whose})"
+    return f" ({done}/{total} epochs, about {duration(seconds)} left at {epoch_time(epoch_s)} an epoch{whose})"

@@ -16,6 +16,10 @@ from typing import Any, Union
 
 import torch
 
+from models import list_models
+from models.errors import ConfigError, UnknownModelError
+from models.registry import EXTERNAL, check_model_name, is_zoo, unknown_model
+
 from ..pipeline import Chain, chain_of
 from ..spec import Distil, Fresh, Inherit, RunSpec, Trim
 
@@ -352,6 +356,43 @@ def grow_rows(args: argparse.Namespace) -> list[Row]:
                                **common), seed, baseline=alone),
             ]
     return rows
+
+
+def table_models(table: str) -> tuple[str, ...] | None:
+    """The names ``--models`` may give ``table``: ReduceNet's families where a row builds a teacher or a student
+    form, cifar100-kd's pairs, None (any classifier) for grow, and none for a table whose models are fixed."""
+    if table in ("cifar10-reducenet", "precision", "trim", "deploy-speed"):
+        return tuple(list_models(reducible=True))
+    if table == "cifar100-kd":
+        return tuple(dict.fromkeys(name for pair in DKD_BETA for name in pair))
+    return None if table == "grow" else ()
+
+
+def check_models(table: str, names: list[str] | None) -> None:
+    """Refuse, in one line and before anything trains, a ``--models`` name that ``table`` cannot train: an unknown
+    name (with the close ones), a model of another kind than the table's, or any name where its models are fixed.
+
+    Raises:
+        ConfigError: as above; UnknownModelError for a name that is no model at all.
+    """
+    if not names:
+        return
+    accepted = table_models(table)
+    if accepted == ():
+        raise ConfigError(f"--models: the models of {table} are fixed; leave --models out")
+    if table == "trim" and len(names) > 1:
+        raise ConfigError(f"--models {' '.join(names)}: trim trims one model; pass one (e.g. --models {names[0]})")
+    try:
+        for name in names:
+            if accepted is None:  # grow: any classifier of the zoo, torchvision or timm
+                check_model_name(name)
+            elif name not in accepted:
+                source, colon, _ = name.partition(":")
+                if is_zoo(name) or (colon and source in EXTERNAL):
+                    raise ConfigError(f"--models {name}: {table} cannot train it; it takes {', '.join(accepted)}")
+                raise unknown_model(name, list(accepted), f"{table} takes {', '.join(accepted)}")
+    except UnknownModelError as e:
+        raise UnknownModelError(f"--models: {e}") from None
 
 
 #: Every table's rows, by the name ``train.reproduce`` takes (``original-stage2`` reads its teacher's path).

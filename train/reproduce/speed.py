@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import complexity, create_model, list_models
-from models.deployed import Deployed
+from models.deployed import Deployed, session_options
 from models.reducenet import ReduceNet
 from reparam import flatten, fuse_model
 from reparam.export import export_program, trace
@@ -80,11 +80,8 @@ def onnx_runner(model: nn.Module, image_size: int) -> Callable[[torch.Tensor], A
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(path), input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
     # timed in turn with PyTorch in the same process: ORT's threads must not spin-wait into PyTorch's turn
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     return lambda t: session.run(None, {"images": t.numpy()})
 
 
