@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expansion", type=int, default=1, help="teacher's branch (b) width factor")
     p.add_argument("--lora-rank", type=int, default=8)
     args = p.parse_args(argv)
+    table = zoo_table(args.num_classes, args.expansion, args.lora_rank)  # bad values stop before the heading
     print(f"Zoo at 32x32 input, {args.num_classes} classes, teacher expansion {args.expansion}, "
           f"LoRA rank {args.lora_rank}; MACs counted with torch.utils.flop_counter.")
-    print(zoo_table(args.num_classes, args.expansion, args.lora_rank))
+    print(table)
     print("\nOther zoo models (no teacher branch; `python -m train.pyramid` builds their chains):")
     print("| model | params | MACs |\n|---|---:|---:|")
     for name in list_models(reducible=False):

@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise CheckpointError(f"{dest} exists; pass --overwrite to replace it or choose another --out")
         model = from_reducenet_original(read_state_dict(f), name=str(f))
         classes = model.config["num_classes"]
-        dataset = args.dataset or {10: "cifar10", 100: "cifar100"}.get(classes)
+        known = {"cifar10": 10, "cifar100": 100}
+        if args.dataset in known and known[args.dataset] != classes:
+            raise CheckpointError(f"{f} classifies {classes} classes, but --dataset {args.dataset} has "
+                                  f"{known[args.dataset]}; pass the dataset it was trained on, or leave --dataset out")
+        dataset = args.dataset or {n: name for name, n in known.items()}.get(classes)
         meta = {"converted_from": str(f.absolute()), "source": args.source, "sha256": file_sha256(f),
                 "role": "teacher" if model.config["expansion"] else "student", "preprocessing": "none ([0, 1] pixels)"}
         if dataset:

@@ -142,7 +142,8 @@ def test_cli_converts_the_original_checkpoints(tmp_path, capsys):
 
 @pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"needs {ORIGINAL}")
 @pytest.mark.parametrize("extra, words", [(["--dataset", "bogus set"], "invalid choice"),
-                                          (["SAME"], "would both be written to")])
+                                          (["SAME"], "would both be written to"),
+                                          (["--dataset", "cifar100"], "classifies 10 classes")])
 def test_cli_refuses_an_unknown_dataset_and_two_inputs_of_one_name(tmp_path, capsys, extra, words):
     import shutil
 

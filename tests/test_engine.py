@@ -355,6 +355,10 @@ def test_a_run_says_what_it_is_before_its_first_step_and_what_an_epoch_leaves_ou
     assert data == ("data: tiny (test): 3 classes, 50 train / 20 test images at 8 px, in-memory loader; 48 of 50 "
                     "training images per epoch (last partial batch dropped)")
     assert run.startswith("run: cpu, float32, 1 epoch of 6 steps (batch 8); writes ") and str(tmp_path) in run
+    lines.clear()
+    Trainer(Classify(tiny_model()), tiny_data(n_train=8), TrainConfig(epochs=0), tmp_path / "zero",
+            log=lines.append).fit()
+    assert lines[2].startswith("run: cpu, float32, no training (0 epochs) (batch 8)"), lines  # not "0 epochs of 1 steps"
 
 
 def test_after_a_kill_before_the_first_epoch_both_messages_say_overwrite_and_the_stale_temp_goes(tmp_path):

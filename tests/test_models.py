@@ -459,6 +459,15 @@ def test_zoo_cli_prints_every_model(capsys):
     assert "272,474" in row20 and "40.8M" in row20
 
 
+def test_zoo_cli_prints_nothing_but_the_error_for_a_bad_value(capsys):
+    from models.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--expansion", "-1"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: expansion") and err.count("\n") == 1, (out, err)
+
+
 def test_a_models_card_is_its_identity_and_every_derived_model_keeps_it():
     """One typed record (models.identity.ModelCard): built by the registry, changed by inheritance, fusion and
     flattening through replace(), seen through wrappers; config/preprocess/num_classes are its views."""

@@ -221,11 +221,12 @@ def start_lines(trainer: Trainer, metadata: dict[str, Any]) -> list[str]:
     processes = f" x {world} processes" if world > 1 else ""
     resumes = f", resumed after epoch {trainer.epoch}" if trainer.epoch else ""
     where = f"; writes {trainer.run_dir}/ (checkpoints, metrics.csv, tb/, summary.json)" if trainer.run_dir else ""
+    length = (f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps:,} step{'s' * (steps != 1)}" if cfg.epochs
+              else "no training (0 epochs)")
     return [
         f"model: {config.get('model', type(model).__name__)}{f' ({about})' if about else ''}: "
         f"{cost['params']:,} params, {cost['macs'] / 1e6:,.2f} M MACs at {size} px",
         f"data: {data.info.label}: {data.info.num_classes} classes, {total:,} train / {len(data.test.labels):,} test "
         f"images at {size} px, {getattr(data.train, 'kind', 'custom')} loader{left_out}",
-        f"run: {trainer.device}, {precision}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps:,} steps (batch "
-        f"{data.train.batch_size}{processes}){resumes}{where}",
+        f"run: {trainer.device}, {precision}, {length} (batch {data.train.batch_size}{processes}){resumes}{where}",
     ]

@@ -401,7 +401,8 @@ def _trim_report(teacher: nn.Module, student: nn.Module, size: tuple[int, ...], 
     times = [latency(m, size, device) for m in (teacher, student)] if info.is_main else [1.0, 1.0]
     accs = [evaluate(m, data.test, data.info.num_classes, dist_info=info, device=device)["test_acc"]
             for m in (nn.Sequential(Renormalize(student.preprocess, teacher.preprocess), teacher), student)]
-    say(f"trim: params {cost[0]['params']:,} -> {cost[1]['params']:,} ({cost[0]['params'] / cost[1]['params']:.2f}x), "
+    say(f"trim: from the untrimmed teacher: params {cost[0]['params']:,} -> {cost[1]['params']:,} "
+        f"({cost[0]['params'] / cost[1]['params']:.2f}x), "
         f"MACs {cost[0]['macs'] / 1e6:,.1f} M -> {cost[1]['macs'] / 1e6:,.1f} M "
         f"({cost[0]['macs'] / cost[1]['macs']:.2f}x), latency at batch 1 {times[0] * 1e3:.2f} -> "
         f"{times[1] * 1e3:.2f} ms ({times[0] / times[1]:.2f}x, {device.type})")
