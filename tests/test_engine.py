@@ -358,7 +358,8 @@ def test_a_run_says_what_it_is_before_its_first_step_and_what_an_epoch_leaves_ou
     lines.clear()
     Trainer(Classify(tiny_model()), tiny_data(n_train=8), TrainConfig(epochs=0), tmp_path / "zero",
             log=lines.append).fit()
-    assert lines[2].startswith("run: cpu, float32, no training (0 epochs) (batch 8)"), lines  # not "0 epochs of 1 steps"
+    # not "0 epochs of 1 steps"
+    assert lines[2].startswith("run: cpu, float32, no training (0 epochs) (batch 8)"), lines
 
 
 def test_after_a_kill_before_the_first_epoch_both_messages_say_overwrite_and_the_stale_temp_goes(tmp_path):
