@@ -284,15 +284,17 @@ def _search_trim(source: nn.Module, derive: Trim, size: tuple[int, ...], device:
     """``source`` trimmed as ``derive`` asks, and its trim record. Under torchrun rank 0 searches alone and the
     others prune at the ratio it chose: measured latencies differ between processes, and every rank must train the
     same network."""
+    def search() -> TrimResult:
+        return trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
+                    latency=lambda m: latency(m, size, device), log=say)
+
     if info.world_size == 1:
-        result = trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
-                      latency=lambda m: latency(m, size, device), log=say)
+        result = search()
         return result.model, trim_record(result)
     chosen: list[Any] = [None]
     try:
         if info.is_main:
-            result = trim(source, derive.reduce, derive.by, size, derive.importance, derive.round_to,
-                          latency=lambda m: latency(m, size, device), log=say)
+            result = search()
             chosen = [trim_record(result)]
     finally:  # rank 0's failure (None) reaches the others too, which would otherwise wait for its ratio
         dist.broadcast_object_list(chosen, src=0)
