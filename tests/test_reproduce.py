@@ -935,6 +935,8 @@ def test_a_checkpoint_beside_the_rows_is_scored_on_their_test_images(tmp_path):
     argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper", "--seeds", "1")
     teacher = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))[0]
     summary = reproduce.train_row(teacher, lambda m: None)
-    score = reproduce.tables._subset_accuracy(teacher.run / "last.safetensors", teacher, "cpu")
-    assert score == pytest.approx(summary["last_test_acc"])
+    report = reproduce.tables._evaluate(teacher.run / "last.safetensors", teacher.spec.data.data_dir, "cpu",
+                                        teacher.spec.data.subset, teacher.seed)
+    assert report["test_acc"] == pytest.approx(summary["last_test_acc"])
+    assert report["count"] == summary["test_images"]
     assert summary["test_images"] < 100  # the subset's, not the 1017 of the whole (exact subset) test set

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "file: model.pt2, model.ts, model.onnx")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")
     p.add_argument("--data-dir", default=None, help="data root; default: the checkpoint's, else $REDUCENET_DATA")
+    p.add_argument("--subset", type=int, default=None,
+                   help="test on the test images a run with this --subset (and --seed) was measured on")
+    p.add_argument("--seed", type=int, default=0, help="the --subset draw's seed")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--loader", choices=("auto", "memory", "stream"), default="auto",
                    help="memory: decode the test set once; stream: decode image folders in worker processes; auto: "
@@ -67,9 +70,10 @@ def run(args: argparse.Namespace) -> dict:
         data_dir = meta["data_dir"]
     size = (model.preprocess or {}).get("input_size", [3, None, None])[-1]
     spec = DataSpec(dataset=dataset, data_dir=data_dir, image_size=size if dataset == "imagefolder" else None,
-                    loader=args.loader, workers=args.workers, batch_size=1)  # no training batch is drawn
+                    loader=args.loader, workers=args.workers, batch_size=1,  # no training batch is drawn
+                    subset=args.subset)
     spec.validate()
-    data, _ = load_data(spec, 0, False, Dist(), device, eval_batch_size=args.batch_size)
+    data, _ = load_data(spec, args.seed, False, Dist(), device, eval_batch_size=args.batch_size)
     info = data.info
     check_classes(model, info, "the checkpoint", "pass the dataset it was trained on with --dataset/--data-dir")
     preprocess = model.preprocess or normalization("dataset", info)

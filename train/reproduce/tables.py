@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from datetime import date
 from fnmatch import fnmatch
 from pathlib import Path
@@ -12,17 +11,14 @@ from typing import Callable
 
 import torch
 
-from models import load_any, load_checkpoint
+from models import load_checkpoint
 from models.checkpoint import save_checkpoint
 from models.convert import from_reducenet_original
 from models.errors import ConfigError, DataError
 from models.weights import read_state_dict
 
 from .. import evaluate as evaluate_cli
-from ..cli import load_data
 from ..data import data_root
-from ..engine import Dist, check_finite, evaluate, init_distributed
-from ..preprocess import normalization
 from ..provenance import git_commit
 from ..rundir import in_use
 from ..timing import measure
@@ -155,21 +151,13 @@ def _paper_notes(table: str) -> list[str]:
     return []
 
 
-def _evaluate(checkpoint: Path, data_dir: Path | str | None, device: str) -> dict:
-    argv = [str(checkpoint), "--dataset", "cifar10", "--device", device, "--json"]
-    return evaluate_cli.run(evaluate_cli.build_parser().parse_args(argv + (["--data-dir", str(data_dir)]
-                                                                           if data_dir else [])))
-
-
-def _subset_accuracy(checkpoint: Path, row: Row, device: str) -> float:
-    """The test accuracy of ``checkpoint`` on the test images ``row`` is measured on: those its data and seed draw
-    (a ``--subset`` draws the test images with the row's seed)."""
-    _, dev = init_distributed(device)
-    model = load_any(checkpoint, map_location=dev)
-    data, _ = load_data(replace(row.spec.data, batch_size=1), row.spec.optim.seed, False, Dist(), dev,
-                        eval_batch_size=256)  # no training batch is drawn
-    data.normalize(model.preprocess or normalization("dataset", data.info))
-    return check_finite(evaluate(model, data.test, data.info.num_classes, device=dev), str(checkpoint))["test_acc"]
+def _evaluate(checkpoint: Path, data_dir: Path | str | None, device: str, subset: int | None = None,
+              seed: int = 0) -> dict:
+    """``python -m train.evaluate``'s report of ``checkpoint`` on CIFAR-10 in ``data_dir``: its whole test set, or
+    the test images a row with ``--subset subset`` and ``seed`` is measured on."""
+    argv = [str(checkpoint), "--dataset", "cifar10", "--device", device, "--json", "--seed", str(seed)]
+    argv += (["--data-dir", str(data_dir)] if data_dir else []) + (["--subset", str(subset)] if subset else [])
+    return evaluate_cli.run(evaluate_cli.build_parser().parse_args(argv))
 
 
 def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
@@ -393,7 +381,7 @@ def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path
                            ("student", "original student (their checkpoint: 200 + 200 ep, their stage 2)")):
             exact_acc = _evaluate(converted[role], exact, args.device)["test_acc"]  # e.g. the tests' subset
             if args.subset:  # the test images the subset's rows are measured on, drawn with their seed
-                last = {s: _subset_accuracy(converted[role], next(r for r in rows if r.seed == s), args.device)
+                last = {s: _evaluate(converted[role], args.data_dir, args.device, args.subset, s)["test_acc"]
                         for s in args.seeds}
             else:
                 last = {None: exact_acc if same else _evaluate(converted[role], args.data_dir, args.device)["test_acc"]}
