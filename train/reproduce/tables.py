@@ -116,7 +116,7 @@ def _header(table: str, args: argparse.Namespace, rows: list[Row], budget: str) 
         f"runs trained at commit {commits}).",
         f"- Data: {first['data']}; {_images(rows)}.",
         f"- Hardware: {first['hardware']}; "
-        f"{', '.join(sorted({r.result.get('precision', 'float32') for r in rows}))} training, float32 evaluation; "
+        f"{' and '.join(sorted({r.result.get('precision', 'float32') for r in rows}))} training, float32 evaluation; "
         f"torch {torch.__version__}.",
         f"- Budget `{args.budget}`: {budget}; seeds {', '.join(map(str, args.seeds))}; a cell with ± is the mean ± "
         "standard deviation over the seeds, the CSV has every run.",
