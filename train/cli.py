@@ -206,7 +206,7 @@ def data_identity(data: Data) -> dict[str, Any]:
 
 
 def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bool = False, overwrite: bool = False,
-                 spec_differences: Callable[[dict[str, Any]], list[str]] | None = None) -> RunDir:
+                 spec_differences: Callable[[dict[str, Any], set[str]], list[str]] | None = None) -> RunDir:
     """The run directory ``out``, locked by rank 0 and checked (with ``resume``: the run's recorded options or spec
     against these).
 

@@ -54,7 +54,7 @@ def compare(files: list[str], batch_size: int = 64, repeats: int = 30, log: Text
     """
     if batch_size < 1 or repeats < 1:
         raise ConfigError("--batch-size and --repeats must be 1 or more")
-    models, seen = {}, {}
+    models, stats, seen = {}, {}, {}
     for name in files:
         model, where = load_any(name), weights_file(name)
         stat = where.stat()
@@ -62,7 +62,7 @@ def compare(files: list[str], batch_size: int = 64, repeats: int = 30, log: Text
         if first is not None:
             same = f"{name} is given twice" if first == name else f"{first} and {name} are the same file"
             raise ConfigError(f"{same} ({where}); pass each file once")
-        seen[stat.st_dev, stat.st_ino], models[name] = name, model
+        seen[stat.st_dev, stat.st_ino], models[name], stats[name] = name, model, stat
     names = list(models)
     if log is not None:
         print(f"timing {len(names)} file(s) side by side on {torch.get_num_threads()} CPU thread(s), "
@@ -77,7 +77,7 @@ def compare(files: list[str], batch_size: int = 64, repeats: int = 30, log: Text
         plain = model if form_of(name) == "checkpoint" else model_from_config(card.config)
         cost = complexity(plain.eval(), (1, 3, size, size))
         rows.append({"file": name, "form": form_of(name), "params": cost["params"], "macs": cost["macs"],
-                     "bytes": weights_file(name).stat().st_size, "image_size": size})
+                     "bytes": stats[name].st_size, "image_size": size})
     device = torch.device("cpu")
     b1 = measure(models, 1, device, repeats, image_size=sizes)
     bn = measure(models, batch_size, device, max(3, repeats // 3), warmup=3, image_size=sizes)

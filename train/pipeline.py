@@ -305,10 +305,17 @@ def _search_trim(source: nn.Module, derive: Trim, size: tuple[int, ...], device:
     return trim_at(source, chosen[0]["pruning_ratio"], size, derive.importance, derive.round_to), chosen[0]
 
 
-def trim_run_name(model: str, spec: RunSpec) -> str:
+def _trim_run_name(model: str, spec: RunSpec) -> str:
     """The default run directory's name (under ``runs/``) of the trim ``spec`` (resolved) of a ``model``."""
     derive: Trim = spec.derive
     return f"{model.replace(':', '-')}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}"
+
+
+def trim_out(spec: RunSpec) -> Path:
+    """The run directory of the trim ``spec``: its ``--out``, else ``runs/<name>`` (its teacher's record is read)."""
+    spec = spec.with_recipe()
+    name = "" if spec.out else _trim_run_name(read_record(resolve(spec.derive.teacher))["config"]["model"], spec)
+    return Path(_with_out(spec, name).out)
 
 
 def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
@@ -319,7 +326,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
     spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data)
-    spec = _with_out(spec, trim_run_name(teacher.config["model"], spec))
+    spec = _with_out(spec, _trim_run_name(teacher.config["model"], spec))
     size = (1, 3, data.info.image_size, data.info.image_size)
     say = print if info.is_main else (lambda line: None)
     source = teacher
@@ -615,12 +622,11 @@ def _run_dir(spec: RunSpec, info, resume: bool, overwrite: bool, cli: dict[str, 
               "args": options_of(spec), "spec": spec.to_dict(), "asked": cli["asked"], "world_size": info.world_size,
               "inputs": inputs}
 
-    def spec_differences(saved: dict[str, Any]) -> list[str]:  # a read checkpoint moved, same bytes: the same run
-        recorded = saved.get("inputs") or {}
-        same = {role for role in reads if recorded.get(role, {}).get("sha256") == inputs[role]["sha256"]}
+    def spec_differences(recorded: dict[str, Any], unchanged: set[str]) -> list[str]:
+        # a checkpoint it reads, moved with the same bytes: the same run
         moved = {name for name, value in vars(spec.derive).items() if isinstance(value, str)
-                 and any(_names(value, reads[role]) for role in same)}
-        return differences(saved["spec"], spec, frozenset(moved))
+                 and any(_names(value, reads[role]) for role in unchanged & set(reads))}
+        return differences(recorded, spec, frozenset(moved))
 
     return make_run_dir(spec.out, info, record, resume=resume, overwrite=overwrite, spec_differences=spec_differences)
 

@@ -90,6 +90,12 @@ def same_record(a: Any, b: Any) -> bool:
     return False
 
 
+def _unchanged_reads(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """The roles (``teacher``, ...) of the checkpoints a run reads whose bytes (SHA-256) are the same in the recorded
+    ``inputs`` ``old`` and today's ``new``, wherever they are now."""
+    return {role for role in set(old) & set(new) - {"data"} if old[role].get("sha256") == new[role].get("sha256")}
+
+
 def finished_summary(run: str | Path, record: Any,
                      normalize: Callable[[Any], Any] = lambda r: r) -> dict[str, Any] | None:
     """The summary of the run in ``run`` if it finished (:func:`mark_done`) made as ``record`` says
@@ -132,14 +138,14 @@ class RunDir:
         overwrite: replace the run in it once the new run writes its first checkpoint.
         record: what ``args.json`` holds: ``{"command", "argv", "args", "world_size"}``, and ``"spec"`` (the
             resolved :class:`~train.spec.RunSpec`, also written to ``spec.json``) for runs made from a spec.
-        spec_differences: for a spec's run, ``(recorded args.json) -> ["--option new (run: old)", ...]``, the
-            differences of its spec that ``--resume`` refuses; runs recorded before specs are compared by their
-            ``args``.
+        spec_differences: for a spec's run, ``(recorded spec, roles of the checkpoints it reads whose bytes are
+            unchanged) -> ["--option new (run: old)", ...]``, the differences ``--resume`` refuses; runs recorded
+            before specs are compared by their ``args``.
     """
 
     def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False,
                  record: dict[str, Any] | None = None,
-                 spec_differences: Callable[[dict[str, Any]], list[str]] | None = None) -> None:
+                 spec_differences: Callable[[dict[str, Any], set[str]], list[str]] | None = None) -> None:
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self.record = record or {}
@@ -210,9 +216,10 @@ class RunDir:
         except (OSError, ValueError, KeyError, TypeError):
             raise RunDirError(f"--resume: {self.path / 'args.json'} is missing or damaged, so the run's options "
                               "are unknown; start a new run with --overwrite") from None
+        inputs = saved.get("inputs") or {}, self.record.get("inputs") or {}
         # an option the run's version did not have yet is taken as today's (it is recorded under "resumed")
         if "spec" in saved and self.spec_differences is not None:
-            differ = self.spec_differences(saved)
+            differ = self.spec_differences(saved["spec"], _unchanged_reads(*inputs))
         else:
             differ = [f"--{k.replace('_', '-')} {new.get(k)} (run: {old.get(k)})" for k in sorted(old)
                       if k not in RESUMABLE_CHANGES and not same_record(old.get(k), new.get(k))]
@@ -224,7 +231,7 @@ class RunDir:
             raise RunDirError(f"the run in {self.path} was started with other options ({shown}), so it cannot "
                               f"continue with these: repeat its options to continue it (see "
                               f"{self.path / 'args.json'}), or pass --overwrite or another --out to start anew")
-        moved = self._check_inputs(saved.get("inputs") or {}, self.record.get("inputs") or {})
+        moved = self._check_inputs(*inputs)
         changed = {k: [old.get(k), new.get(k)] for k in RESUMABLE_CHANGES
                    if k in ("lr", "amp", "device") and old.get(k) != new.get(k)}
         changed.update(moved)
@@ -245,12 +252,14 @@ class RunDir:
                               f"/ {o.get('test')} test images), but this --data-dir gives {n['label']} ({n['train']} / "
                               f"{n['test']}{', other labels' if same_size else ''}): pass the run's data (see "
                               f"{self.path / 'args.json'}),{start}")
-        for role in sorted(set(old) & set(new) - {"data"}):
-            if old[role].get("sha256") != new[role].get("sha256"):
-                raise RunDirError(f"--resume: the {role} {new[role]['path']} has changed since the run in {self.path} "
-                                  f"started (another SHA-256), so its epochs would learn from two {role}s: pass the "
-                                  f"{role} it started with,{start}")
-        return {role: [old[role].get("path"), new[role]["path"]] for role in sorted(set(old) & set(new) - {"data"})
+        unchanged = _unchanged_reads(old, new)
+        changed = sorted(set(old) & set(new) - {"data"} - unchanged)
+        if changed:
+            role = changed[0]
+            raise RunDirError(f"--resume: the {role} {new[role]['path']} has changed since the run in {self.path} "
+                              f"started (another SHA-256), so its epochs would learn from two {role}s: pass the "
+                              f"{role} it started with,{start}")
+        return {role: [old[role].get("path"), new[role]["path"]] for role in sorted(unchanged)
                 if old[role].get("path") != new[role]["path"]}
 
     def commit(self) -> None:

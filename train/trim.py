@@ -20,13 +20,11 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from models import read_record
-from models.checkpoint import resolve, user_path
 from models.errors import ConfigError, cli_errors
 from models.trim import COSTS, IMPORTANCES
 
 from .cli import add_distillation_options, common_parser, parse_options
-from .pipeline import run, trim_run_name
+from .pipeline import run, trim_out
 from .rundir import RunDir
 from .spec import LossSpec, RunSpec, Trim, from_options
 
@@ -65,14 +63,17 @@ def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
     return from_options(vars(args), derive), args
 
 
+def _baseline_out(out: str | Path) -> Path:
+    """The folder of ``--baseline``'s run beside the trim run in ``out``: ``OUT-baseline``."""
+    return Path(f"{out}-baseline")
+
+
 def _check_baseline(spec: RunSpec, args: argparse.Namespace) -> None:
     """Refuse ``--baseline`` before the trim trains: with ``--kd none`` (nothing to compare), or when its folder
     ``OUT-baseline`` could not take the baseline's run (it holds another run, no --resume or --overwrite)."""
     if spec.loss.kd == "none" and spec.loss.feature_kd == "none":
         raise ConfigError("--baseline fine-tunes with cross-entropy only, which this run already does (--kd none)")
-    out = user_path(spec.out) if spec.out else Path("runs") / trim_run_name(
-        read_record(resolve(spec.derive.teacher))["config"]["model"], spec.with_recipe())
-    base = Path(f"{out}-baseline")
+    base = _baseline_out(trim_out(spec))
     if not (args.resume and (base / "train_state.pt").is_file()):
         RunDir(base, overwrite=args.overwrite).open().close()  # its checks alone: the folder is left as it was
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.baseline:
         return summary
     out = summary["run_dir"]
-    baseline = replace(spec, out=f"{out}-baseline", loss=LossSpec(kd="none"),
+    baseline = replace(spec, out=str(_baseline_out(out)), loss=LossSpec(kd="none"),
                        derive=replace(spec.derive, structure_from=str(out)))
     print(f"trim: the baseline: the same trimmed network, fine-tuned with cross-entropy only, in {baseline.out}")
     base = run(baseline, resume=args.resume and Path(baseline.out, "train_state.pt").is_file(),
