@@ -496,6 +496,16 @@ def test_stage2_lambda_epochs_validation(teacher, extra, words, tmp_path, capsys
     assert not out.exists()
 
 
+def test_stage2_refuses_a_lora_rank_too_large_before_reading_data(teacher, tmp_path, capsys):
+    """The inherited student is built from the teacher alone, so a rank its convs cannot take is refused before the
+    data is looked at (a --data-dir that does not exist would otherwise be the first error)."""
+    out = tmp_path / "out"
+    line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "--lora-rank", "100000",
+                                              "--data-dir", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert "100000 is larger than any targeted conv" in line, line
+    assert not out.exists()
+
+
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """A NaN loss in epoch 2 stops the run with one line; epoch 1's files are kept byte for byte."""
     out = tmp_path / "run"

@@ -114,9 +114,10 @@ def test_trim_cli_fine_tunes_fuses_exports_and_chains(tmp_path):
 
 def test_bad_input_is_one_line():
     model = models.create_model("reduce20", expansion=0)
-    for kwargs, words in (({"reduce": 1.0}, "reduce must be a finite number > 1"), ({"reduce": 2, "by": "flops"}, "flops"),
-                          ({"reduce": 2, "importance": "taylor"}, "taylor"), ({"reduce": 2, "by": "latency"},
-                                                                              "latency(model)")):
+    for kwargs, words in (({"reduce": 1.0}, "reduce must be a finite number > 1"),
+                          ({"reduce": 2, "by": "flops"}, "flops"),
+                          ({"reduce": 2, "importance": "taylor"}, "taylor"),
+                          ({"reduce": 2, "by": "latency"}, "latency(model)")):
         with pytest.raises(ConfigError) as e:
             trim(model, **kwargs)
         assert words in one_line(e)

@@ -297,7 +297,8 @@ def test_a_trained_level_exports_files_that_compute_it(name, randomize, make_ima
         ref = model(x)
     atol = 1e-4 * max(1.0, ref.abs().max().item())
     report = export_deploy(model, tmp_path / "deploy")
-    assert {p.name for p in report.files.values()} == {"model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"}
+    names = {"model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"}
+    assert {p.name for p in report.files.values()} == names
     assert set(report.max_diff) == {"fused", "torchscript", "onnx", "pt2"}
     with torch.no_grad():
         assert (torch.jit.load(str(report.files["torchscript"]))(x) - ref).abs().max().item() <= atol

@@ -164,7 +164,8 @@ class EpochSums:
         ``teacher_finite``)."""
         keys = sorted(self.terms)
         packed = torch.stack([self.loss, self.correct.double(), self.seen.double(), self.bad_step.double(),
-                              self.bad_loss.double(), *self.bad_flags.double(), *(self.terms[k] for k in keys)]).tolist()
+                              self.bad_loss.double(), *self.bad_flags.double(),
+                              *(self.terms[k] for k in keys)]).tolist()
         loss, correct, seen, bad_step, bad_loss, logits_ok, teacher_ok = packed[:7]
         bad = None if bad_step < 0 else {"step": int(bad_step), "loss": bad_loss, "logits_finite": bool(logits_ok),
                                          "teacher_finite": bool(teacher_ok)}

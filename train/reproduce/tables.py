@@ -146,7 +146,8 @@ def _paper_notes(table: str) -> list[str]:
     if table == "trim":
         t = PAPER["trim"]
         return ["## Published (Torch-Pruning's README, ResNet-56 on the original CIFAR-10, no sparse training, "
-                f"{t['epochs']} epochs) — not ours", "", "| untrimmed | trimmed | MACs speed-up |", "|---:|---:|---:|",
+                f"{t['epochs']} epochs) — not ours", "",
+                "| untrimmed | trimmed | MACs speed-up |", "|---:|---:|---:|",
                 f"| {t['untrimmed']} | {t['trimmed']} | {t['speed_up']}x |"]
     return []
 
@@ -314,7 +315,8 @@ def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path 
     header = _header("pyramid", args, rows, f"VGG19 {e0} epochs; each level {e1} epochs of stage 1 (its loss) + "
                      f"{e2} of stage 2 (CE; KD for `kd`), `scratch` {e2} of CE only")
     paper = PAPER["pyramid"]
-    notes = ["## Published (pyramid_compression: CIFAR-100 upscaled to 96 px, VGG19 " f"{paper['VGG19']}%) — not ours",
+    notes = ["## Published (pyramid_compression: CIFAR-100 upscaled to 96 px, VGG19 "
+             f"{paper['VGG19']}%) — not ours",
              "", "| SVGG5 | scratch | best loss |", "|---|---:|---:|",
              f"| forward | {paper[('forward', 'scratch')]} | {paper[('forward', 'gram')]} (Gram) |",
              f"| backward | {paper[('backward', 'scratch')]} | {paper[('backward', 'two-stage')]} (two-stage) |"]
