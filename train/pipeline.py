@@ -220,15 +220,15 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     spec = spec.with_recipe()
     loss_fn = logit_loss(spec.loss)
     teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
-    # an inherited student needs nothing from the data: built first, a --lora-rank it cannot take is refused at once
-    student = build_student(derive, teacher, 0, 0) if inherit else None
+    if inherit and derive.lora_rank:  # needs nothing from the data: a rank the convs cannot take is refused at once
+        with torch.random.fork_rng(devices=[]):  # the student is built for real once seeded, as before
+            build_student(derive, teacher, 0, 0)
     spec = replace(spec, data=teachers_data(spec.data, teacher_meta))
     spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data, "--inherit" if inherit else "--teacher")
-    if student is None:
-        student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
-    # an inherited student keeps the teacher's preprocessing, which check_teacher completes for old checkpoints
-    set_preprocess(student, teacher.preprocess if inherit else normalization(spec.data.normalize, data.info))
+    student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
+    if not inherit:
+        set_preprocess(student, normalization(spec.data.normalize, data.info))
     data.normalize(student.preprocess)
     input_size = [3, data.info.image_size, data.info.image_size]
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, input_size)
