@@ -160,6 +160,28 @@ class ConvBNAct(ConvBN):
         return self.act(self.bn(y))
 
 
+class FoldedNormAct(nn.Module):
+    """What is left of a norm-activation layer (timm's ``BatchNormAct2d``: BatchNorm, dropout, activation) once its
+    BatchNorm is folded into the conv before it: the dropout and the activation, under the same names, so the
+    state_dict keys of an activation with weights (PReLU) stay those of the layer it replaces."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    @classmethod
+    def of(cls, norm_act: nn.Module) -> FoldedNormAct:
+        """The layer that ``norm_act`` becomes; refuses a module without ``drop`` and ``act`` submodules."""
+        drop, act = getattr(norm_act, "drop", None), getattr(norm_act, "act", None)
+        if not (isinstance(drop, nn.Module) and isinstance(act, nn.Module)):
+            raise ConfigError(f"{type(norm_act).__name__} is not a norm-activation layer (it has no drop and act "
+                              "modules)")
+        return cls(drop, act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x))
+
+
 class NonLinearBranch(nn.Module):
     """A teacher's removable branch (b): ``Conv3x3(in→mid, stride) → BN → act → Conv1x1(mid→out) → BN``.
 

@@ -7,16 +7,24 @@ layer type and its constructor arguments, for the layers whose shape can change:
     {"layer1.0.conv1": {"type": "Conv2d", "in_channels": 16, "out_channels": 12, "kernel_size": [3, 3], ...},
      "layer1.0.bn1": {"type": "Identity"}}
 
+Three kinds take what they need from the layer the config builds at that path: ``{"type": "Removed"}`` (a
+branch a ``reparameterize()`` deleted, as timm's RepVGG blocks do), ``{"type": "FoldedNormAct"}`` (timm's
+``BatchNormAct2d`` with its BatchNorm folded: its dropout and activation are kept) and a subclass of a torch layer,
+resized by pruning (``{"type": "BatchNorm2d", "num_features": 12, ..., "class": "timm.layers...BatchNormAct2d"}``).
+
 :func:`structure_diff` finds them by comparing a model with a fresh build of its config;
 :func:`apply_structure` replaces those modules in a fresh build, which then loads the weights strictly.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
+from .layers import FoldedNormAct
 
 _SPECS: dict[type, tuple[str, ...]] = {
     nn.Conv2d: ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -39,26 +47,61 @@ def _json(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
+REMOVED = {"type": "Removed"}
+
+
+def _class_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def module_spec(module: nn.Module) -> dict[str, Any] | None:
-    """The spec of a layer whose shape a patch can change, or None for any other module."""
-    kind = type(module)
-    if kind not in _SPECS:
+    """The spec of a layer whose shape a patch can change, or None for any other module. A subclass of such a
+    layer (timm's ``BatchNormAct2d``, ``Linear``) is recorded as its torch layer with its ``class`` named."""
+    if type(module) is FoldedNormAct:
+        return {"type": "FoldedNormAct"}
+    kind = next((k for k in type(module).__mro__ if k in _SPECS), None)
+    if kind is None:
         return None
     spec: dict[str, Any] = {"type": kind.__name__, **{k: _json(getattr(module, k)) for k in _SPECS[kind]}}
     if kind in (nn.Conv2d, nn.Linear):
         spec["bias"] = module.bias is not None
+    if type(module) is not kind:
+        spec["class"] = _class_name(type(module))
     return spec
 
 
-def build_module(spec: dict[str, Any]) -> nn.Module:
-    """A fresh layer from its spec (weights uninitialised in meaning: they are loaded afterwards)."""
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "type"}
+def build_module(spec: dict[str, Any], built: nn.Module | None = None) -> nn.Module:
+    """A fresh layer from its spec (weights uninitialised in meaning: they are loaded afterwards); ``built``: the
+    layer the config builds at that path, which the kinds that keep part of it need."""
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k not in ("type", "class")}
     kind = spec.get("type")
+    if kind == "FoldedNormAct":
+        try:
+            return FoldedNormAct.of(built)
+        except ConfigError as e:
+            raise CheckpointError(f"a FoldedNormAct patch needs a norm-activation layer there: {e}") from None
     if kind not in _TYPES:
         raise CheckpointError(f"structure patch names layer type {kind!r}; known: {', '.join(_TYPES)}")
-    if kind in _BUILDERS:
-        return _BUILDERS[kind](**kw)
-    return _TYPES[kind](**kw)
+    fresh = _BUILDERS[kind](**kw) if kind in _BUILDERS else _TYPES[kind](**kw)
+    if "class" not in spec:
+        return fresh
+    if built is None or _class_name(type(built)) != spec["class"]:
+        raise CheckpointError(f"structure patch records a {spec['class']}, but the model builds a "
+                              f"{_class_name(type(built)) if built is not None else 'nothing'} there")
+    return _in_class_of(built, fresh)
+
+
+def _in_class_of(built: nn.Module, fresh: nn.Module) -> nn.Module:
+    """A copy of ``built`` (a subclass of ``fresh``'s torch layer: timm's ``BatchNormAct2d`` keeps its activation)
+    with ``fresh``'s shape: its arguments, weights and statistics."""
+    layer = copy.deepcopy(built)
+    for k in _SPECS[type(fresh)]:
+        setattr(layer, k, getattr(fresh, k))
+    for name, value in [*fresh.named_parameters(recurse=False), *fresh.named_buffers(recurse=False)]:
+        setattr(layer, name, value)
+    if isinstance(fresh, (nn.Conv2d, nn.Linear)) and fresh.bias is None:
+        layer.bias = None
+    return layer
 
 
 def structure_diff(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any]]:
@@ -81,7 +124,17 @@ def structure_diff(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any
             continue
         if other is None or module_spec(other) != spec:
             patch[path] = spec
+    paths = dict(model.named_modules())
+    for path in base_modules:  # a branch its reparameterize() deleted: its topmost module, in a layer not replaced
+        parent = path.rpartition(".")[0]
+        if path and path not in paths and parent in paths and not _inside(parent, patch):
+            patch[path] = dict(REMOVED)
     return patch
+
+
+def _inside(path: str, patch: dict[str, Any]) -> bool:
+    """Whether ``path`` is, or lies inside, a layer that ``patch`` replaces."""
+    return any(path == p or path.startswith(p + ".") for p in patch)
 
 
 def apply_structure(model: nn.Module, patch: dict[str, dict[str, Any]]) -> nn.Module:
@@ -94,8 +147,14 @@ def apply_structure(model: nn.Module, patch: dict[str, dict[str, Any]]) -> nn.Mo
             raise CheckpointError(f"structure patch names {path}, which this model does not have") from None
         if not isinstance(spec, dict):
             raise CheckpointError(f"structure patch of {path} is not a layer spec")
+        built = parent._modules.get(name)
+        if spec == REMOVED:
+            if built is None:
+                raise CheckpointError(f"structure patch removes {path}, which this model does not have")
+            delattr(parent, name)
+            continue
         try:
-            setattr(parent, name, build_module(spec))
+            setattr(parent, name, build_module(spec, built))
         except (TypeError, ValueError) as e:  # ValueError: groups that do not divide the channels, ...
             raise CheckpointError(f"structure patch of {path} cannot be built ({e})") from None
     return model

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 from typing import Iterable
 
@@ -13,9 +14,14 @@ from models import fusion_math as T
 from models.errors import ConfigError, ReparamError
 from models.graph import conv_bn_pairs
 from models.identity import card_of, keep_card, set_card
-from models.layers import LambdaReLU, LoRABranch, LoRAConv2d
+from models.layers import FoldedNormAct, LambdaReLU, LoRABranch, LoRAConv2d
 from models.registry import is_zoo, model_from_config
 from models.structure import apply_structure, structure_diff
+
+try:  # timm's BatchNorm with its activation in one module (timm is a dependency; it may move)
+    from timm.layers import BatchNormAct2d
+except ImportError:  # pragma: no cover
+    BatchNormAct2d = None
 
 
 def _reparameterize(module: nn.Module, prefix: str = "") -> None:
@@ -48,8 +54,9 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     """Fold every eval-mode BatchNorm that directly follows a conv (whose output feeds nothing else), in place.
 
     The pairs are found on the model's ``torch.fx`` graph; the conv gets the folded kernel and a bias and the
-    BatchNorm becomes ``nn.Identity``. A BatchNorm elsewhere (after a concatenation, before a conv as in
-    pre-activation nets) stays. Returns the folded BatchNorms' names.
+    BatchNorm becomes ``nn.Identity`` (timm's ``BatchNormAct2d``: its activation, :class:`FoldedNormAct`). A
+    BatchNorm elsewhere (after a concatenation, before a conv as in pre-activation nets) stays. Returns the folded
+    BatchNorms' names.
 
     Raises:
         ReparamError: the model cannot be traced by ``torch.fx``; the message names it.
@@ -62,7 +69,8 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     folded = []
     for conv_path, bn_path in pairs:
         conv, bn = modules[conv_path], modules[bn_path]
-        if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+        rest = _after_folding(bn)
+        if rest is None or not bn.track_running_stats:
             continue
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
@@ -71,9 +79,19 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
         conv.weight.copy_(kernel)
         conv.bias = nn.Parameter(bias)
         parent, _, name = bn_path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+        setattr(model.get_submodule(parent) if parent else model, name, rest)
         folded.append(bn_path)
     return folded
+
+
+def _after_folding(bn: nn.Module) -> nn.Module | None:
+    """What a BatchNorm becomes once folded: ``Identity``, or for timm's ``BatchNormAct2d`` its dropout and
+    activation (:class:`~models.layers.FoldedNormAct`); None for a BatchNorm of another kind, which stays."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if BatchNormAct2d is not None and type(bn) is BatchNormAct2d:
+        return FoldedNormAct.of(bn)
+    return None
 
 
 def fuse_model(model: nn.Module) -> nn.Module:
@@ -112,9 +130,22 @@ def fuse_model(model: nn.Module) -> nn.Module:
     if patch:
         apply_structure(deploy, patch)
     param = next(model.parameters())
-    deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
+    try:
+        deploy.to(device=param.device, dtype=param.dtype).load_state_dict(fused.state_dict(), strict=True)
+    except RuntimeError as e:  # a reparameterize() that changed the model in a way no structure patch records
+        raise ReparamError(f"the fused {type(model).__name__} does not rebuild from its config ({_first_problem(e)}): "
+                           "a reparameterize() changed it in a way a checkpoint cannot record; save and export the "
+                           "unfused model (models.save_checkpoint, torch.export)") from None
     set_card(deploy, replace(card_of(deploy), structure=patch or None, preprocess=getattr(model, "preprocess", None)))
     return deploy.eval()
+
+
+def _first_problem(error: RuntimeError) -> str:
+    """The first key that ``load_state_dict`` names in ``error``: missing, unexpected or of another size."""
+    found = re.search(r'(Missing|Unexpected) key\(s\) in state_dict: "([^"]+)"|size mismatch for ([^:]+)', str(error))
+    if found is None:
+        return str(error).splitlines()[0][:200]
+    return f"{found[1].lower()} key {found[2]}" if found[1] else f"{found[3]} has another shape"
 
 
 _FUNCTIONAL = {nn.ReLU: torch.relu, nn.ReLU6: nn.functional.relu6}

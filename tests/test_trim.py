@@ -32,6 +32,7 @@ needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), 
 @pytest.mark.parametrize("name, kwargs", [
     ("reduce56", {"expansion": 0}), ("reduce20", {"expansion": 1}), ("reduce_mobilenetv2", {"expansion": 0}),
     ("torchvision:resnet18", {}), ("torchvision:mobilenet_v2", {}), ("timm:resnet10t", {}),
+    ("timm:mobilenetv3_small_050", {}),  # timm's BatchNormAct2d: a BatchNorm of timm's class, resized and folded
 ])
 def test_trim_meets_the_cost_and_rebuilds(name, kwargs, tmp_path, single_thread):
     model = randomize_model(models.create_model(name, num_classes=10, **kwargs)).eval()
