@@ -236,7 +236,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
 
 #: The arguments a torchvision/timm checkpoint record may carry: none that names a file to read, a download, a
 #: configuration to merge or a device (timm opens ``checkpoint_path``, merges ``pretrained_cfg_overlay``).
-EXTERNAL_ARGS = frozenset({"num_classes", "image_size", "in_chans", "drop_rate", "drop_path_rate", "global_pool"})
+EXTERNAL_ARGS = frozenset({"num_classes", "image_size", "img_size", "in_chans", "drop_rate", "drop_path_rate",
+                           "global_pool"})
 #: The largest model a checkpoint record may ask for (8 GB of float32): checked on the meta device, before any
 #: memory is allocated, so a record asking for 10^9 classes is refused instead of exhausting memory.
 MAX_PARAMS = 2_000_000_000

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.checkpoint import save_checkpoint
-from models.errors import ReparamError, brief
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.errors import CheckpointError, ReparamError, brief
 
 from .fusion import flatten, fuse_model, max_abs_diff
 
@@ -121,6 +121,12 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
         report.max_diff["fused"] = _check("fused", max_abs_diff(model, fused, x), atol)
         staged = {"safetensors": save_checkpoint(fused, tmp / "model.safetensors", metadata)}
         staged["config"] = tmp / "model.json"
+        try:  # what a user loads back: the config must rebuild the model, its weights load strictly
+            reloaded = load_checkpoint(staged["safetensors"]).float().eval()
+        except CheckpointError as e:
+            raise ReparamError(f"the fused model's checkpoint does not load back ({e}); nothing was written") from None
+        with torch.no_grad():
+            report.max_diff["safetensors"] = _check("safetensors", (reloaded(x) - reference).abs().max().item(), atol)
         if torchscript:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # TorchScript's deprecation notice

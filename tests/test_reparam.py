@@ -192,6 +192,22 @@ def test_fuse_model_refuses_lambda_below_one(randomize, make_images):
 
 
 # ---------------------------------------------------------------------------------------------------- export
+def test_export_reloads_the_checkpoint_it_writes_and_writes_nothing_when_it_does_not_load(tmp_path, monkeypatch):
+    """timm's ViT takes its size as img_size: its checkpoint loads back. A record the loader would refuse is found
+    by the export itself, which then writes nothing."""
+    vit = models.create_model("timm:vit_tiny_patch16_224", num_classes=10, img_size=32).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(models.load_checkpoint(models.save_checkpoint(vit, tmp_path / "vit")).eval()(x), vit(x))
+    monkeypatch.setattr("models.checkpoint.EXTERNAL_ARGS", frozenset({"image_size"}))  # num_classes now refused
+    out = tmp_path / "deploy"
+    with pytest.raises(ReparamError) as e:
+        export_deploy(models.create_model("timm:resnet10t", num_classes=10), out, onnx=False, torchscript=False,
+                      pt2=False)
+    assert "checkpoint does not load back" in one_line(e) and "'num_classes'" in one_line(e)
+    assert not out.exists() and not list(tmp_path.glob(".deploy*"))
+
+
 def test_export_deploy_writes_verified_files(tmp_path, randomize, make_images):
     model = lora_student("reduce20", randomize, rank=2).eval()
     reference_model = copy.deepcopy(model)
@@ -200,7 +216,7 @@ def test_export_deploy_writes_verified_files(tmp_path, randomize, make_images):
     names = {"model.safetensors", "model.json", "model.ts", "model.onnx", "model.pt2"}
     assert set(p.name for p in out.iterdir()) == names  # no leftover temp folder
     assert {p.name for p in report.files.values()} == names and all(p.parent == out for p in report.files.values())
-    assert {"fused", "torchscript", "onnx", "pt2"} <= set(report.max_diff)
+    assert {"fused", "safetensors", "torchscript", "onnx", "pt2"} <= set(report.max_diff)
     assert all(0 <= d <= 1e-4 for d in report.max_diff.values())
 
     x = make_images(3, seed=5)  # another batch size than the export check
