@@ -67,10 +67,11 @@ def default_targets(model: nn.Module) -> tuple[str, ...] | None:
 
 def eligible(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
     """The convs :func:`grow` gives a branch: of the convs that feed a BatchNorm, those matching ``targets`` (else the
-    family's, else those with a kernel larger than 1x1 and groups 1).
+    family's, else those with a kernel larger than 1x1 and groups 1). A glob picks dense convs only; a grouped or
+    depthwise conv is grown (with a dense branch) only when a target names it exactly.
 
     Raises:
-        ConfigError: the model has no such conv, or a target names a depthwise/grouped conv without saying so.
+        ConfigError: the model has no such conv, or one of ``targets`` matches none.
     """
     name = type(model).__name__
     if name in SPANNING_FAMILIES:
@@ -81,11 +82,15 @@ def eligible(model: nn.Module, targets: Sequence[str] | None = None) -> list[str
         raise ConfigError(f"{name} is grown already; grow its student (models.ungrow) instead")
     convs = [c for c, _ in conv_bn_pairs(model)]
     globs = list(targets) if targets else list(default_targets(model) or ())
+    such = f"such convs are {', '.join(convs[:6])}{', ...' if len(convs) > 6 else ''}"
+    unmatched = [g for g in targets or () if not any(fnmatch(c, g) for c in convs)]
+    if unmatched:
+        raise ConfigError(f"--grow-targets {unmatched[0]} matches no conv that feeds a BatchNorm in {name}; {such}")
     if globs:
-        chosen = [c for c in convs if any(fnmatch(c, g) for g in globs)]
+        chosen = [c for c in convs if c in globs or modules[c].groups == 1 and any(fnmatch(c, g) for g in globs)]
         if not chosen:
-            raise ConfigError(f"--grow-targets {' '.join(globs)} matches no conv that feeds a BatchNorm in {name}; "
-                              f"such convs are {', '.join(convs[:6])}{', ...' if len(convs) > 6 else ''}")
+            raise ConfigError(f"--grow-targets {' '.join(globs)} matches only grouped/depthwise convs in {name}: name "
+                              f"each one to grow it with a dense branch, or pick dense convs; {such}")
         return chosen
     chosen = [c for c in convs if modules[c].kernel_size != (1, 1) and modules[c].groups == 1]
     if not chosen:

@@ -100,10 +100,15 @@ def test_depthwise_convs_grow_only_when_named():
     assert all(mobile.get_submodule(p).groups == 1 and mobile.get_submodule(p).kernel_size != (1, 1)
                for p in eligible(mobile))
     depthwise = [p for p, m in mobile.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1][:2]
+    everything = grow(models.create_model("torchvision:mobilenet_v2", num_classes=10), 1, targets=["*"])
+    assert not set(depthwise) & set(everything.config["grow"]["modules"])  # a glob picks dense convs only
     grown = grow(mobile, 1, targets=depthwise)
     assert grown.config["grow"]["modules"] == depthwise
     with torch.no_grad():
         assert grown.eval()(X).shape == (2, 10)
+    with pytest.raises(ConfigError) as e:  # a typo beside a target that matches is not passed over
+        grow(models.create_model("torchvision:resnet18", num_classes=10), 1, targets=["layer1.0.conv1", "layr2*"])
+    assert "--grow-targets layr2* matches no conv" in one_line(e)
 
 
 @pytest.mark.e2e
