@@ -283,6 +283,24 @@ def test_imagefolder_zip_with_top_folder_and_val_split_equals_folder(tmp_path):
     assert a_info.classes == b_info.classes and b_info.source == str(tmp_path / "tree.zip")
 
 
+@pytest.mark.parametrize("top, test_name", [("test", "test"), ("test", "val"), ("val", "test"), ("train", "test")])
+@pytest.mark.parametrize("form", ["zip", "folder"])
+def test_a_tree_in_a_top_folder_named_like_a_split_is_found_one_level_down(tmp_path, top, test_name, form):
+    """``test/train/cat/0.png`` + ``test/test/cat/0.png``: the top folder is not the tree's test split."""
+    root = make_tree(tmp_path / "tree", test_name=test_name)
+    if form == "zip":
+        source = zip_tree(root, tmp_path / "tree.zip", top=top)
+    else:
+        source = tmp_path / "outer"
+        shutil.copytree(root, source / top)
+    plain, tree = scan_image_tree(root), scan_image_tree(source)
+    assert tree.classes == plain.classes == ["ant", "bee", "cat"]
+    assert tree.train == [(f"{top}/{n}", y) for n, y in plain.train]
+    assert tree.test == [(f"{top}/{n}", y) for n, y in plain.test] and tree.test[0][0].startswith(f"{top}/{test_name}/")
+    if form == "zip":
+        assert torch.equal(load_dataset("imagefolder", source)[1].images, load_dataset("imagefolder", root)[1].images)
+
+
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2])
 def test_zip_members_are_read_at_the_scans_offsets_without_parsing_the_zip_again(tmp_path, monkeypatch, compression):
     root = make_tree(tmp_path / "tree")
@@ -465,16 +483,21 @@ def test_a_tree_of_one_class_is_refused(tmp_path):
     assert "one class folder" in one_line(e)
 
 
-@pytest.mark.parametrize("form", ["empty folder", "no image file", "zip"])
+@pytest.mark.parametrize("form", ["empty folder", "no image file", "zip", "empty folder in a zip"])
 def test_a_train_class_folder_without_images_is_refused_not_dropped(tmp_path, form):
     """Dropping it would shift the labels of the classes after it and train a classifier of fewer classes without a
-    word (torchvision's ImageFolder refuses it too); hidden folders (.ipynb_checkpoints) are not classes."""
+    word (torchvision's ImageFolder refuses it too); hidden folders (.ipynb_checkpoints) are not classes. In a zip,
+    an empty class folder is a directory entry (``train/dog/``), as ``zip -r`` writes one."""
     root = make_tree(tmp_path / "tree")
     (root / "train" / "dog").mkdir()
     (root / "train" / ".ipynb_checkpoints").mkdir()
-    if form != "empty folder":
+    if form in ("no image file", "zip"):
         (root / "train" / "dog" / "d.gif").write_bytes(b"GIF89a")
-    source = zip_tree(root, tmp_path / "tree.zip") if form == "zip" else root
+    source = zip_tree(root, tmp_path / "tree.zip") if "zip" in form else root
+    if form == "empty folder in a zip":
+        with zipfile.ZipFile(source, "a") as z:
+            for folder in ("train/", "train/dog/", "train/.ipynb_checkpoints/"):
+                z.writestr(zipfile.ZipInfo(folder), b"")
     with pytest.raises(DataError) as e:
         scan_image_tree(source)
     assert "train/ has class folders without images (dog)" in one_line(e) and ".png" in one_line(e)
@@ -539,16 +562,40 @@ def test_16_bit_and_other_modes_decode_to_8_bit_rgb(tmp_path):
     assert np.array_equal(got[6], np.asarray(cmyk.convert("RGB")))
 
 
-def test_test_split_missing_classes_warns(tmp_path):
+def test_test_split_missing_classes_warns(tmp_path, capsys, monkeypatch):
+    """A plain ``warning: ...`` line on stderr, not a Python warning with its source line."""
+    monkeypatch.setattr(data.folders, "_WARNED", set())  # what earlier tests printed (a tmp_path's name recurs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scan_image_tree(make_tree(tmp_path / "complete"))  # control: no warning
-    root = make_tree(tmp_path / "tree", classes=("ant", "bee", "cat", "dog"))
-    shutil.rmtree(root / "test" / "bee")
-    shutil.rmtree(root / "test" / "dog")
-    with pytest.warns(UserWarning, match="test/ has no images of classes bee, dog: their test accuracy cannot"):
+        assert capsys.readouterr().err == ""
+        root = make_tree(tmp_path / "tree", classes=("ant", "bee", "cat", "dog"))
+        shutil.rmtree(root / "test" / "bee")
+        shutil.rmtree(root / "test" / "dog")
         train, test, info = load_dataset("imagefolder", root)
     assert info.num_classes == 4 and test.labels.unique().tolist() == [0, 2]
+    assert capsys.readouterr().err == (f"warning: {root}: test/ has no images of classes bee, dog: their test "
+                                       "accuracy cannot be measured\n")
+
+
+@pytest.mark.parametrize("loader", ["auto", "stream"])
+def test_a_class_without_test_images_is_warned_once_by_the_training_data_path(tmp_path, capsys, monkeypatch, loader):
+    """``train.cli.load_data`` scans the tree to pick the loader, then loads it (scanning again in memory): one
+    warning line all the same."""
+    monkeypatch.setattr(data.folders, "_WARNED", set())  # what earlier tests printed (a tmp_path's name recurs)
+    from train.cli import load_data
+    from train.engine import Dist
+    from train.spec import DataSpec
+
+    root = make_tree(tmp_path / "tree", classes=("ant", "bee", "cat"))
+    shutil.rmtree(root / "test" / "bee")
+    spec = DataSpec(dataset="imagefolder", data_dir=str(root), loader=loader, workers=0, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded, resolved = load_data(spec, 0, False, Dist(), torch.device("cpu"))
+    assert resolved.loader == {"auto": "memory", "stream": "stream"}[loader] and loaded.info.classes[1] == "bee"
+    err = capsys.readouterr().err
+    assert err == f"warning: {root}: test/ has no images of classes bee: their test accuracy cannot be measured\n"
 
 
 def test_large_tree_decodes_in_a_process_pool(tmp_path):
@@ -632,6 +679,70 @@ def test_failed_download_raises_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         load_dataset("cifar100", tmp_path)
     assert calls == [str(tmp_path)] and "download failed" in one_line(e)
+
+
+@pytest.mark.parametrize("form", ["tree", "val tree", "tree in a top folder", "zip of a tree", "other files"])
+def test_cifar_is_never_downloaded_into_a_folder_with_other_files(tmp_path, monkeypatch, form):
+    """Forgetting --dataset imagefolder: torchvision would write CIFAR into the user's image folder. It downloads
+    into an empty folder only, and an image tree (or a zip of one) is named with the option to pass."""
+    calls = []
+    monkeypatch.setattr(data, "_download", lambda name, root: calls.append(root) or "URLError: offline (test)")
+    root = tmp_path / "my_images"
+    if form == "zip of a tree":
+        root.mkdir()
+        zip_tree(make_tree(tmp_path / "tree"), root / "pets.zip", top="pets")
+    elif form == "other files":
+        root.mkdir()
+        (root / "notes.txt").write_text("hello\n")
+    else:
+        test_name = "val" if form == "val tree" else "test"
+        make_tree(root / "mine" if form == "tree in a top folder" else root, test_name=test_name)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for name, nice in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100")):
+        with pytest.raises(DataError) as e:
+            load_dataset(name, root)
+        msg = one_line(e)
+        assert f"{root} holds no {nice} files" in msg and "not empty" in msg, msg
+        if form == "other files":
+            assert "imagefolder" not in msg and "--data-dir" in msg, msg
+        elif form == "zip of a tree":
+            assert f"pass --dataset imagefolder --data-dir {root / 'pets.zip'}" in msg, msg
+        else:
+            assert msg.endswith("class folders: pass --dataset imagefolder"), msg
+    assert calls == [] and sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    zipped = zip_tree(make_tree(tmp_path / "tree2"), tmp_path / "tree2.zip")
+    with pytest.raises(DataError, match="is a zip of train/ and test/ .* class folders: pass --dataset imagefolder"):
+        load_dataset("cifar100", zipped)
+
+
+def test_cifar_is_downloaded_into_an_empty_folder_or_one_of_cifar_files_alone(tmp_path, monkeypatch):
+    """An empty folder, an archive an earlier download left, or a data root holding the other CIFAR."""
+    calls = []
+    monkeypatch.setattr(data, "_download", lambda name, root: calls.append(root) or "URLError: offline (test)")
+    folders = ("empty", "cut short", "other cifar")
+    for folder in folders:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "cut short" / "cifar-10-python.tar.gz").write_bytes(b"cut short")
+    (tmp_path / "other cifar" / "cifar-100-python").mkdir()
+    for folder in folders:
+        with pytest.raises(DataError, match="download failed"):
+            load_dataset("cifar10", tmp_path / folder)
+    assert calls == [tmp_path / f for f in folders]
+
+
+def test_stage1_without_dataset_imagefolder_on_an_image_folder_is_one_line_and_downloads_nothing(tmp_path,
+                                                                                                 monkeypatch):
+    from _shared import run_main
+    from train import stage1
+
+    monkeypatch.setattr(data, "_download", lambda name, root: pytest.fail(f"download into {root}"))
+    root = make_tree(tmp_path / "my_images")
+    before = sorted(root.rglob("*"))
+    proc = run_main(stage1.main, ["-m", "reduce20", "--data-dir", str(root), "--epochs", "1", "--device", "cpu",
+                                  "--out", str(tmp_path / "out")])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "holds no CIFAR-10 files" in proc.stderr and "pass --dataset imagefolder" in proc.stderr
+    assert sorted(root.rglob("*")) == before and not (tmp_path / "out").exists()
 
 
 def test_unknown_dataset(tmp_path):

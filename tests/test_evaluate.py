@@ -137,6 +137,22 @@ def test_outputs_that_are_not_finite_or_classes_of_other_names_are_errors_not_ac
         assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
 
 
+def test_a_recorded_data_folder_that_is_gone_is_refused_not_replaced_by_the_default(tmp_path, capsys, monkeypatch):
+    """Without --data-dir, evaluate reads the data the checkpoint records; once that folder is gone it says so (as
+    stage2 and trim do for a teacher's) rather than scoring $REDUCENET_DATA's or ./data's images."""
+    gone = tmp_path / "moved-away"
+    checkpoint = _reduce20(tmp_path, "model", metadata={"data_dir": str(gone)})
+    monkeypatch.setenv("REDUCENET_DATA", str(CIFAR10))  # where the default would have led
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(checkpoint), "--subset", "100"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err == (f"error: {checkpoint} was trained on data in {gone}, which no longer exists; pass --data-dir with "
+                   "the same data\n")
+    report = evaluate.main([str(checkpoint), "--subset", "100", "--data-dir", str(CIFAR10), "--json"])
+    assert report["count"] == 19 and report["data_source"] == str(CIFAR10 / "cifar-10-batches-py")
+
+
 @pytest.mark.parametrize("command, option", [("stage2", "--teacher"), ("stage2", "--inherit"), ("trim", "--teacher")])
 def test_a_teacher_with_absurd_logits_is_named_before_distillation(command, option, tmp_path, capsys):
     """Named by the option that passed it (the message offered stage2's --inherit to trim's users)."""

@@ -341,16 +341,29 @@ def check_teacher(teacher: nn.Module, data: Data, option: str = "--teacher") -> 
                               f"and a student distilled from it would diverge; check {option} and --data-dir")
 
 
+def recorded_data_dir(data_dir: str | None, meta: dict[str, Any], whose: str) -> str | None:
+    """``data_dir`` (``--data-dir``) if given, else the data root (or image-folder zip) that a checkpoint's
+    metadata ``meta`` records, else None (the default data folder). ``whose``: the checkpoint, as the message names
+    it.
+
+    Raises:
+        DataError: No ``--data-dir`` was given and the recorded data folder no longer exists (the default folder
+            would be other data).
+    """
+    recorded = meta.get("data_dir")
+    if data_dir is not None or not recorded:
+        return data_dir
+    if not Path(recorded).exists():
+        raise DataError(f"{whose} was trained on data in {recorded}, which no longer exists; "
+                        "pass --data-dir with the same data")
+    return recorded
+
+
 def teachers_data(data: DataSpec, teacher_meta: dict[str, Any]) -> DataSpec:
     """``data`` with ``dataset``, ``data_dir`` and ``image_size`` left unset taken from the teacher's, refusing a
     moved data folder."""
-    changes: dict[str, Any] = {"dataset": data.dataset or teacher_meta.get("dataset", "cifar10")}
-    teacher_data = teacher_meta.get("data_dir")
-    if data.data_dir is None and teacher_data:
-        if not Path(teacher_data).exists():
-            raise DataError(f"the teacher was trained on data in {teacher_data}, which no longer exists; "
-                            "pass --data-dir with the same data")
-        changes["data_dir"] = teacher_data  # the teacher's data root (or image-folder zip)
+    changes: dict[str, Any] = {"dataset": data.dataset or teacher_meta.get("dataset", "cifar10"),
+                               "data_dir": recorded_data_dir(data.data_dir, teacher_meta, "the teacher")}
     if data.image_size is None and changes["dataset"] == "imagefolder":
         changes["image_size"] = teacher_meta.get("image_size")
     return replace(data, **changes)

@@ -7,6 +7,9 @@ Prints top-1 and top-5 accuracy, mean cross-entropy, per-class accuracy, the num
 dataset's label (e.g. "CIFAR-10 (JPEG q75 copy)"). The inputs are prepared as the checkpoint says (its
 ``preprocess`` record: mean, std, input size); a checkpoint without one (saved before 0.2) gets the dataset's
 mean and std, which is what it was trained with. ``--json`` prints one JSON object instead, for scripts.
+
+Without ``--data-dir`` the data is the folder the checkpoint records; a recorded folder that no longer exists is
+refused (as stage 2 and trim refuse a teacher's), not replaced by ``$REDUCENET_DATA`` or ``./data``.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ import math
 import os
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
@@ -24,7 +26,7 @@ from models import load_any
 from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 
-from .cli import check_classes, load_data
+from .cli import check_classes, load_data, recorded_data_dir
 from .data import DATASETS
 from .engine import Dist, check_finite, evaluate, init_distributed
 from .provenance import hardware, native_bf16
@@ -38,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help=".safetensors checkpoint, its .json, a run directory (uses last), or a deploy "
                                       "file: model.pt2, model.ts, model.onnx")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")
-    p.add_argument("--data-dir", default=None, help="data root; default: the checkpoint's, else $REDUCENET_DATA")
+    p.add_argument("--data-dir", default=None,
+                   help="data root; default: the checkpoint's (refused if it no longer exists), else $REDUCENET_DATA")
     p.add_argument("--subset", type=int, default=None,
                    help="test on the test images a run with this --subset (and --seed) was measured on")
     p.add_argument("--seed", type=int, default=0, help="the --subset draw's seed")
@@ -65,9 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_any(args.checkpoint, map_location=device)
     meta = model.checkpoint_metadata
     dataset = args.dataset or meta.get("dataset", "cifar10")
-    data_dir = args.data_dir
-    if data_dir is None and meta.get("data_dir") and Path(meta["data_dir"]).exists():
-        data_dir = meta["data_dir"]
+    data_dir = recorded_data_dir(args.data_dir, meta, str(args.checkpoint))
     size = (model.preprocess or {}).get("input_size", [3, None, None])[-1]
     spec = DataSpec(dataset=dataset, data_dir=data_dir, image_size=size if dataset == "imagefolder" else None,
                     loader=args.loader, workers=args.workers, batch_size=1,  # no training batch is drawn

@@ -8,7 +8,8 @@ Sources (``load_dataset``):
   CIFAR-100 as ``<root>/cifar-100-python`` or ``<root>`` itself. The pickles are read directly, without
   torchvision's md5 check, so exact subsets load too; they are unpickled without running any code from them
   (only numpy arrays, dtypes and plain Python values are admitted) and their fields are checked. If nothing
-  is found, torchvision's download is tried.
+  is found, torchvision's download is tried, only into an empty folder or one holding CIFAR files alone (a user's
+  image folder given without ``--dataset imagefolder`` is refused with that advice, not filled with CIFAR).
 * ``imagefolder``: ``data_dir`` is a folder, or a ``.zip`` of one, holding ``train/`` and ``test/`` (or
   ``val/``) folders of class folders, optionally inside one top-level folder. Images are decoded with PIL
   once (in a process pool), converted to 8-bit RGB, resized and center-cropped to ``image_size``, and cached
@@ -34,6 +35,7 @@ every rank draws the same permutation and takes every ``world_size``-th sample.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -42,8 +44,8 @@ from models.errors import DataError
 from .base import (_JPEG_LABEL, _NICE, _STATS, _WHERE, CIFAR10_CLASSES, DATASETS, ArrayData, DatasetInfo,
                    _check_memory, available_memory)
 from .cifar import _FULL_SIZES, _PICKLE_DIRS, _load_pickles, _resize
-from .folders import (ImageTree, _load_tree, default_image_size, extract_images, scan_image_tree, subset_tree,
-                      to_rgb)
+from .folders import (ImageTree, _load_tree, default_image_size, extract_images, looks_like_image_tree,
+                      scan_image_tree, subset_tree, to_rgb)
 from .loader import BatchLoader, Data, EpochOrder, Loader
 from .sources import _download, _find, data_root, resolve_source
 from .subsets import _subset_indices, balanced_subset
@@ -89,7 +91,8 @@ def load_dataset(
             size if it is square and at most 64 pixels, else 224. CIFAR images are resized to it directly;
             image-folder images have their shorter side resized to ``round(image_size * 256 / 224)`` (when
             ``image_size >= 64``, else ``image_size``) and are center-cropped.
-        download: For CIFAR, try torchvision's download when no copy is found.
+        download: For CIFAR, try torchvision's download when no copy is found and the root is an empty folder
+            (or holds CIFAR files alone: the other dataset, a download cut short).
         subset: Keep this many balanced training samples (see :func:`balanced_subset`) and a balanced test
             subset of the same share, at least one sample per class. The subsets are drawn from the labels
             before any image is resized or decoded, so only the kept images are; an image folder's mean and
@@ -100,8 +103,9 @@ def load_dataset(
         ``(train, test, info)``.
 
     Raises:
-        DataError: Nothing usable was found, the files are malformed, the subset size is out of range, or the
-            images would need more than half of the available memory.
+        DataError: Nothing usable was found (nor downloaded: the root holds other files), the files are
+            malformed, the subset size is out of range, or the images would need more than half of the available
+            memory.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -112,9 +116,12 @@ def load_dataset(
         raise DataError(f"data directory {root} does not exist; {_WHERE} to an existing folder "
                         "(an empty one is fine when torchvision can download into it)")
     if name != "imagefolder" and root.is_file() and _find(name, root) is None:
-        raise DataError(f"{root} is a file, not a {_NICE[name]} folder; {_WHERE} to the folder holding "
-                        f"{_PICKLE_DIRS[name]}" + (" (or to cifar10-jpeg.zip itself)" if name == "cifar10" else ""))
+        hint = _image_tree_hint(root)
+        raise DataError(f"{root} is a file, not a {_NICE[name]} folder; " + (hint or (
+            f"{_WHERE} to the folder holding {_PICKLE_DIRS[name]}"
+            + (" (or to cifar10-jpeg.zip itself)" if name == "cifar10" else ""))))
     if name != "imagefolder" and _find(name, root) is None and download:
+        _check_download_folder(name, root)
         reason = _download(name, root)
         if reason is not None and _find(name, root) is None:
             wanted = _PICKLE_DIRS[name] + (" or cifar10-jpeg.zip" if name == "cifar10" else "")
@@ -153,6 +160,47 @@ def load_dataset(
         mean, std = _STATS[name] if name == "cifar10" else (tuple(cached["mean"]), tuple(cached["std"]))
     info = DatasetInfo(name, len(classes), list(classes), tuple(mean), tuple(std), size, str(path), label)
     return train, test, info
+
+
+#: The CIFAR files of a data root (torchvision's archives and folders of either dataset, the JPEG copy): a folder
+#: holding only these (the other dataset, a download cut short) is a data root that a download may add to.
+_CIFAR_FILES = frozenset({"cifar-10-python.tar.gz", "cifar-10-batches-py", "cifar-100-python.tar.gz",
+                          "cifar-100-python", "cifar10-jpeg.zip", "cifar10-jpeg"})
+
+
+def _image_tree_hint(root: Path) -> str | None:
+    """The advice for ``root`` (a folder or a zip) given as CIFAR when it looks like an image tree or holds a zip of
+    one (:func:`looks_like_image_tree`), else None."""
+    if looks_like_image_tree(root):
+        what = "is a zip of" if root.is_file() else "holds"
+        return f"{root.name} {what} train/ and test/ (or val/) class folders: pass --dataset imagefolder"
+    for z in sorted(root.glob("*.zip")) if root.is_dir() else ():
+        if looks_like_image_tree(z):
+            return (f"{z.name} in it is a zip of train/ and test/ (or val/) class folders: pass --dataset imagefolder "
+                    f"--data-dir {z}")
+    return None
+
+
+def _check_download_folder(name: str, root: Path) -> None:
+    """Refuses to download ``name`` into ``root`` when it holds anything but CIFAR files (:data:`_CIFAR_FILES`):
+    torchvision downloads into an existing, empty folder (or a CIFAR data root), never into a user's image folder
+    given without ``--dataset imagefolder``.
+
+    Raises:
+        DataError: ``root`` is not empty; the message says ``--dataset imagefolder`` where it looks like an image
+            tree.
+    """
+    if not root.is_dir():
+        return
+    try:
+        others = [e.name for e in os.scandir(root) if e.name not in _CIFAR_FILES]
+    except OSError as e:
+        raise DataError(f"cannot list {root} ({e.strerror}); make it readable") from None
+    if others:
+        wanted = f"{_PICKLE_DIRS[name]}/" + (" or cifar10-jpeg.zip" if name == "cifar10" else "")
+        advice = _image_tree_hint(root) or f"{_WHERE} to a folder with {wanted}, or to an empty folder to download into"
+        raise DataError(f"{root} holds no {_NICE[name]} files ({wanted}) and is not empty, so nothing is downloaded "
+                        f"into it; {advice}")
 
 
 def build_data(

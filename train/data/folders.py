@@ -11,6 +11,7 @@ import io
 import multiprocessing
 import os
 import struct
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -35,6 +36,16 @@ from .subsets import _subset_indices
 
 _CACHE_VERSION = 2  # 2: keyed on content, 16-bit images scaled
 _SPLITS = ("train", "test", "val")
+_WARNED: set[str] = set()  # the warnings this process printed (:func:`warn_once`)
+
+
+def warn_once(message: str) -> None:
+    """Prints ``warning: message`` on stderr as one line, once per process: a command that scans its data twice
+    (to choose the loader, then to load it) says it once."""
+    message = _one_line(message)
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 #: Where a zip member's bytes lie, from the zip's central directory (read once, by the scan): the offset of its
@@ -162,13 +173,15 @@ class ImageTree:
             raise DataError(f"cannot read {where} ({_one_line(str(e))}); {fix}") from None
 
 
-def _place(folder: str) -> tuple[str, str | None] | None:
-    """The ``(split folder, class)`` that a folder of a tree lies in, or None outside every split folder.
+def _place(folder: str, depths: tuple[int, ...] = (0, 1)) -> tuple[str, str | None] | None:
+    """The ``(split folder, class)`` that a folder of a tree lies in, or None outside every split folder; the split
+    folder is looked for at each of ``depths`` in turn.
 
-    ``top/train/cat/sub`` gives ``("top/train", "cat")``, ``train`` gives ``("train", None)``.
+    ``top/train/cat/sub`` gives ``("top/train", "cat")``, ``train`` gives ``("train", None)``; with ``depths``
+    ``(1,)``, ``test/train/cat`` gives ``("test/train", "cat")`` (a tree inside a top folder named ``test``).
     """
     parts = folder.split("/")
-    for depth in (0, 1):  # train/<class>/... or <top>/train/<class>/...
+    for depth in depths:  # train/<class>/... or <top>/train/<class>/...
         if len(parts) > depth and parts[depth] in _SPLITS:
             return "/".join(parts[: depth + 1]), parts[depth + 1] if len(parts) > depth + 1 else None
     return None
@@ -229,12 +242,13 @@ def _walk(folder: Path) -> list[str]:
 
 
 def _list_files(source: Path) -> tuple[list[str], dict[str, ZipMember]]:
-    """The files of a folder, or the members of a zip and where each lies."""
+    """The files of a folder, or the members of a zip and where each lies; a zip's directory entries (``train/dog/``,
+    ending in ``/``) are members too, so that an empty class folder in a zip is seen as in a folder."""
     if not source.is_file():
         return _walk(source), {}
     try:
         with zipfile.ZipFile(source) as z:
-            infos = [i for i in z.infolist() if not i.is_dir()]
+            infos = z.infolist()
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(
             f"{source} is not a readable zip file ({e}); pass a .zip or folder of train/ and test/ class folders"
@@ -252,6 +266,61 @@ def _members_of(members: dict[str, ZipMember], *splits: Sequence[tuple[str, int]
     return {n: members[n] for items in splits for n, _ in items} if members else {}
 
 
+def _sort_files(names: Sequence[str], depths: tuple[int, ...]) -> tuple[dict[str, dict[str, list[str]]],
+                                                                        dict[str, set[str]]]:
+    """The image files of each split folder by class (``"prefix/split" -> class -> files``), and the class folders
+    of each split folder that hold any entry, a zip's directory entry included; split folders are looked for at
+    ``depths`` (see :func:`_place`), hidden and ``__MACOSX`` entries skipped."""
+    splits: dict[str, dict[str, list[str]]] = {}
+    folders: dict[str, set[str]] = {}
+    for n in names:
+        parts = n.split("/")  # a directory entry "train/dog/" ends in "": it lies in train/dog
+        place = _place("/".join(parts[:-1]), depths)
+        if place and place[1] is not None and not any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            folders.setdefault(place[0], set()).add(place[1])
+            if n.lower().endswith(IMG_EXTENSIONS):
+                splits.setdefault(place[0], {}).setdefault(place[1], []).append(n)
+    return splits, folders
+
+
+def _top(splits: dict[str, dict[str, list[str]]]) -> str | None:
+    """The folder (``""`` or ``"prefix/"``) of the one ``train/`` of ``splits`` when a ``test/`` or ``val/`` lies
+    beside it, else None."""
+    prefixes = {k.rpartition("/")[0] for k in splits if k.endswith("train")}
+    if len(prefixes) != 1:
+        return None
+    prefix = prefixes.pop()
+    top = prefix + "/" if prefix else ""
+    return top if any(top + s in splits for s in ("test", "val")) else None
+
+
+def _holds_splits(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``train/`` folder of class folders and a ``test/`` or ``val/`` folder."""
+    train = folder / "train"
+    try:
+        return train.is_dir() and any(e.is_dir() for e in os.scandir(train)) and \
+            any((folder / s).is_dir() for s in ("test", "val"))
+    except OSError:  # unreadable: not judged a tree
+        return False
+
+
+def looks_like_image_tree(source: Path) -> bool:
+    """Whether ``source``, a folder or a zip, seems to hold a ``train/`` + ``test/`` (or ``val/``) tree of class
+    folders, at its top or in one top-level folder; a folder is judged by its first two levels of folders alone, a
+    zip by its listing. Nothing is decoded: for advice on a wrong ``--dataset``, not a check of the tree."""
+    if source.is_file():
+        try:
+            names, _ = _list_files(source)
+        except DataError:  # not a zip
+            return False
+        return any(_top(_sort_files(names, depths)[0]) is not None for depths in ((0, 1), (1,)))
+    try:
+        tops = [source, *(Path(e.path) for e in os.scandir(source) if e.is_dir())]
+    except OSError:
+        return False
+    return any(_holds_splits(t) for t in tops)
+
+
 def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     """Lists the images of a ``train/`` + ``test/`` (or ``val/``) tree of class folders, in a folder or a zip.
 
@@ -261,7 +330,9 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     In a folder, links are followed, but each real folder is listed and each real file counted once (a link
     loop adds nothing), and a link into another split or class folder of the tree is refused (a ``train/``
     link into ``test/`` would train on test images). A class folder of ``train/`` without images is refused (as
-    torchvision's ``ImageFolder`` does); a class of ``train/`` without test images gives a ``UserWarning``.
+    torchvision's ``ImageFolder`` does); a class of ``train/`` without test images gives a warning on stderr (once,
+    :func:`warn_once`). The tree's split folders are looked for at the top, then in one top-level folder; a top
+    folder itself named ``test``, ``val`` or ``train`` holds the tree when the top level gives none.
 
     Args:
         source: A folder or a ``.zip`` file.
@@ -276,16 +347,12 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     source = user_path(source).absolute()
     if not source.exists():
         raise DataError(f"{source} does not exist; pass --data-dir DIR with train/ and test/ (or val/) class folders")
-    splits: dict[str, dict[str, list[str]]] = {}  # "prefix/split" -> class -> files
-    folders: dict[str, set[str]] = {}  # "prefix/split" -> class folders holding any file
     names, members = _list_files(source)
-    for n in names:
-        parts = n.split("/")
-        place = _place("/".join(parts[:-1]))
-        if place and place[1] is not None and not any(p.startswith(".") or p == "__MACOSX" for p in parts):
-            folders.setdefault(place[0], set()).add(place[1])
-            if n.lower().endswith(IMG_EXTENSIONS):
-                splits.setdefault(place[0], {}).setdefault(place[1], []).append(n)
+    splits, folders = _sort_files(names, (0, 1))
+    if _top(splits) is None:  # a tree in a top folder named test/, val/ or train/: its splits lie one level down
+        deeper = _sort_files(names, (1,))
+        if _top(deeper[0]) is not None:
+            splits, folders = deeper
     prefixes = sorted({k.rpartition("/")[0] for k in splits if k.endswith("train")})
     if len(prefixes) != 1:
         found = "several train/ folders" if prefixes else "no train/<class>/<image> files"
@@ -318,10 +385,8 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     untested = [c for c in classes if c not in splits[test_key]]
     if untested:
         more = f" and {len(untested) - 10} more" if len(untested) > 10 else ""
-        warnings.warn(
-            f"{test_key}/ has no images of classes {', '.join(untested[:10])}{more}: their test accuracy cannot be "
-            "measured", stacklevel=2
-        )
+        warn_once(f"{source}: {test_key}/ has no images of classes {', '.join(untested[:10])}{more}: their test "
+                  "accuracy cannot be measured")
 
     def items(key: str) -> list[tuple[str, int]]:
         return [(n, y) for y, c in enumerate(classes) for n in sorted(splits[key].get(c, []))]
