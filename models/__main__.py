@@ -4,11 +4,18 @@ from __future__ import annotations
 import argparse
 
 from . import complexity, create_model, list_models
-from .errors import cli_errors
+from .errors import ConfigError, cli_errors
 
 
 def zoo_table(num_classes: int = 10, expansion: int = 1, lora_rank: int = 8) -> str:
-    """A markdown table of every registered model at 32x32 input."""
+    """A markdown table of every registered model at 32x32 input.
+
+    Raises:
+        ConfigError: ``expansion`` < 1 (a teacher has branch (b)), or another value its models refuse.
+    """
+    if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1:
+        raise ConfigError(f"--expansion {expansion!r} is the teacher's branch (b) width factor: pass 1 or more "
+                          "(the student columns show expansion 0)")
     rows = ["| model | teacher params | teacher MACs | student params | student MACs "
             "| student+LoRA params | fused params | fused MACs |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]

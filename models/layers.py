@@ -216,6 +216,8 @@ def check_family_args(num_classes: int, expansion: int, lora_rank: int, lora_tar
     check_int("num_classes", num_classes, 1, "pass the dataset's class count")
     check_int("expansion", expansion, 0, "use 0 for the student, >= 1 for a teacher")
     check_int("lora_rank", lora_rank, 0, "use 0 for no LoRA branch")
+    if not isinstance(inference_mode, bool):  # "no" would build the fused form
+        raise ConfigError(f"inference_mode must be True or False, got {inference_mode!r}")
     if expansion and lora_rank:
         raise ConfigError("LoRA branches belong to the student: pass expansion=0 with lora_rank, "
                           "or use models.student_from_teacher(teacher, lora_rank=...)")

@@ -240,3 +240,12 @@ def test_compare_refuses_a_file_given_twice_by_any_path(deployed, tmp_path, monk
     proc = run_main(compare.main, ["model.json", second, "--repeats", "1", "--batch-size", "2"])
     assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc
     assert proc.stderr.startswith("error: ") and "model.json" in proc.stderr and second in proc.stderr
+
+
+def test_compare_marks_a_path_it_shortens():
+    """The table's file column keeps a long path's end, marked with an ellipsis so that it does not read as a path."""
+    from train.compare import _fit
+
+    path = "/work/experiments/" + "x" * 40 + "/deploy/model.onnx"
+    assert _fit(path, 48) == "…" + path[-47:] and len(_fit(path, 48)) == 48
+    assert _fit("runs/a/model.onnx", 48) == "runs/a/model.onnx"

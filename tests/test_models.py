@@ -135,6 +135,7 @@ BAD_ARGS = [
     ("reduce20", dict(inference_mode=True)),
     ("reduce20", dict(expansion=2, inference_mode=True)),
     ("reduce20", dict(expansion=0, lora_rank=4, inference_mode=True)),
+    ("reduce20", dict(expansion=0, inference_mode="no")),  # a string is no flag: "no" is truthy
     ("reduce20", dict(num_classes=0)),
     ("reduce20", dict(expansion=0, lora_rank=4, lora_targets=["nothing.*"])),
     ("reduce_mobilenetv2", dict(width=0.3)),
@@ -459,13 +460,16 @@ def test_zoo_cli_prints_every_model(capsys):
     assert "272,474" in row20 and "40.8M" in row20
 
 
-def test_zoo_cli_prints_nothing_but_the_error_for_a_bad_value(capsys):
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_zoo_cli_prints_nothing_but_the_error_for_a_bad_value(value, capsys):
+    """--expansion 0 would print a 'teacher' that is the student: refused like a negative width."""
     from models.__main__ import main
 
     with pytest.raises(SystemExit) as e:
-        main(["--expansion", "-1"])
+        main(["--expansion", value])
     out, err = capsys.readouterr()
-    assert e.value.code == 2 and out == "" and err.startswith("error: expansion") and err.count("\n") == 1, (out, err)
+    assert e.value.code == 2 and out == "" and err.count("\n") == 1, (out, err)
+    assert err.startswith(f"error: --expansion {value} is the teacher's branch (b) width factor"), err
 
 
 def test_a_models_card_is_its_identity_and_every_derived_model_keeps_it():

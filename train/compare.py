@@ -105,10 +105,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'file':<48} {'form':<12} {'params':>11} {'MACs (M)':>9} {'MB':>7} {'ms b1':>8} {'x first':>7} "
           f"{f'ms b{n}':>9} {'x first':>7} {'img/s':>8}")
     for r in rows:
-        print(f"{r['file'][-48:]:<48} {r['form']:<12} {r['params']:>11,} {r['macs'] / 1e6:>9.2f} "
+        print(f"{_fit(r['file'], 48):<48} {r['form']:<12} {r['params']:>11,} {r['macs'] / 1e6:>9.2f} "
               f"{r['bytes'] / 2**20:>7.2f} {r['ms_b1']:>8.3f} {r['ratio_b1']:>7.2f} {r['ms_bn']:>9.2f} "
               f"{r['ratio_bn']:>7.2f} {r['images_per_s']:>8.0f}")
     return rows
+
+
+def _fit(path: str, width: int) -> str:
+    """``path`` shortened to ``width`` characters from the left, marked with an ellipsis where it was cut."""
+    return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
 if __name__ == "__main__":
