@@ -119,19 +119,22 @@ def user_path(path: str | os.PathLike) -> Path:
 
 
 def resolve(path: str | Path, default_name: str = "last") -> Path:
-    """The ``.safetensors`` file meant by ``path``: the file, its ``.json`` twin, or a run directory."""
+    """The ``.safetensors`` file meant by ``path``: the file, its ``.json`` twin, a run directory (its
+    ``default_name``) or a deploy folder (its ``model.safetensors``, where the folder holds no ``last``)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise CheckpointError(f"a checkpoint is named by a path (a .safetensors file or a run directory), got {path!r}")
     given = p = user_path(path)
     if p.is_dir():
         p = p / f"{default_name}.safetensors"
+        if default_name == "last" and not p.is_file() and (given / "model.safetensors").is_file():
+            p = given / "model.safetensors"  # reparam.fuse's and stage 2's deploy folder
     elif p.suffix == ".json":
         p = p.with_suffix(".safetensors")
     if not p.is_file():
         why = ("does not exist" if not given.exists() else
                f"holds no {p.name}" if given.is_dir() else f"has no weights beside it ({p.name})")
-        raise CheckpointError(f"no checkpoint at {given}: it {why}; pass a .safetensors file or a run directory "
-                              f"written by train.stage1/stage2")
+        raise CheckpointError(f"no checkpoint at {given}: it {why}; pass a .safetensors file, a run directory "
+                              f"written by train.stage1/stage2 or a deploy folder")
     return p
 
 

@@ -66,6 +66,8 @@ def test_run_dir_and_json_path(tmp_path, randomize, make_images):
     fresh = models.create_model("reduce20", expansion=0)
     assert models.load_weights(fresh, run) is fresh
     assert_same_model(model, fresh, x)
+    models.save_checkpoint(model, tmp_path / "deploy" / "model")  # a deploy folder: its model.safetensors
+    assert_same_model(model, models.load_checkpoint(tmp_path / "deploy"), x)
 
 
 def test_loading_runs_no_weight_initialiser_and_leaves_them_working(tmp_path, randomize, make_images, monkeypatch):
