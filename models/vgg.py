@@ -326,6 +326,15 @@ def svgg5_backward(num_classes: int = 10, image_size: int = 32, bn: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------- surgery
+def level_name(model: str | None) -> str | None:
+    """The level (a name of :data:`LEVELS`) that the registered model ``model`` builds: ``pyramid_vgg19_bn`` is
+    the top level with BatchNorm, so ``"pyramid_vgg19"``; a level's own name is itself; anything else is None.
+
+    A chain below either top has the same level names (``svgg17_forward``, ...), their ``bn`` taken from the top.
+    """
+    return TOP if model == TOP_BN else model if model in LEVELS else None
+
+
 def level_of(model: nn.Module) -> tuple[str, bool]:
     """``(level name, bn)`` of a model built by ``create_model`` from this family.
 

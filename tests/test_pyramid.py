@@ -139,15 +139,83 @@ def test_bad_levels_are_one_line(tmp_path, capsys):
         assert err.startswith("error:") and words in err and err.count("\n") == 1, err
 
 
-def test_a_teacher_that_is_not_the_chains_top_is_named(tmp_path, capsys):
-    """A chain without --levels starts below its VGG19: another model as --teacher is named as the cause (the
-    message spoke of a --levels nobody passed)."""
+@pytest.mark.parametrize("levels", [[], ["--levels", "svgg17"]])
+def test_a_teacher_that_is_not_the_chains_top_is_named(tmp_path, capsys, levels):
+    """A chain without --levels, or with --levels from its top level, starts below its VGG19: another model as
+    --teacher is named as the cause (the message spoke of a --levels nobody passed, or of a parent run in
+    OUT/pyramid_vgg19 and a level higher than the top)."""
     teacher = models.save_checkpoint(models.create_model("reduce20"), tmp_path / "reduce20")
     with pytest.raises(SystemExit):
-        pyramid.main(["--teacher", str(teacher), "--scheme", "forward", *ARGS, "--out", str(tmp_path / "o")])
+        pyramid.main(["--teacher", str(teacher), "--scheme", "forward", *levels, *ARGS, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "is a reduce20" in err and "pyramid_vgg19" in err and err.count("\n") == 1
+    assert err.startswith("error:") and "is a reduce20" in err and err.count("\n") == 1, err
+    assert "pyramid_vgg19 or pyramid_vgg19_bn" in err and "higher" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def vgg19_tops(tmp_path_factory):
+    """Untrained pyramid_vgg19 and pyramid_vgg19_bn checkpoints (what --teacher reads before any data)."""
+    folder = tmp_path_factory.mktemp("tops")
+    return {name: models.save_checkpoint(models.create_model(name), folder / name)
+            for name in ("pyramid_vgg19", "pyramid_vgg19_bn")}
+
+
+@pytest.mark.parametrize("top", ["pyramid_vgg19", "pyramid_vgg19_bn"])
+@pytest.mark.parametrize("levels", [[], ["--levels", "svgg17", "svgg14"]])
+def test_either_vgg19_teaches_the_chains_top_level(tmp_path, vgg19_tops, top, levels):
+    """--teacher pyramid_vgg19_bn is the top as pyramid_vgg19 is (README, --help): it teaches svgg17 itself, each
+    level below is taught by its parent's run in OUT/<parent> (it was refused, or its svgg17 looked for a parent
+    run in OUT/pyramid_vgg19)."""
+    chain, _ = pyramid.parse(["--teacher", str(vgg19_tops[top]), "--scheme", "backward", *levels, *ARGS,
+                              "--out", str(tmp_path / "o")])
+    derived = [spec.derive for spec in chain.levels]
+    assert [d.level for d in derived][:2] == ["svgg17_backward", "svgg14_backward"]
+    assert [d.parent for d in derived][:2] == [None, str(tmp_path / "o" / "svgg17_backward")]
+    assert [spec.out for spec in chain.levels][:2] == [str(tmp_path / "o" / d.level) for d in derived[:2]]
+    assert all(d.top == str(vgg19_tops[top]) for d in derived)
+
+
+@needs_data
+@pytest.mark.e2e
+def test_a_bn_chain_trains_fuses_and_skips_finished_levels(tmp_path, vgg19_tops, capsys):
+    """Below pyramid_vgg19_bn every level has BatchNorm (the same level names and run directories), inherited
+    level to level; each is fused into plain biased convs on export; a second call skips the finished levels."""
+    top = vgg19_tops["pyramid_vgg19_bn"]  # its training is not what this tests
+    argv = ["--teacher", str(top), "--scheme", "forward", "--levels", "svgg17", "svgg14", "--loss", "kd",
+            "--epochs", "1", "--hint-epochs", "1", *ARGS, "--out", str(tmp_path / "pyr")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        first = pyramid.main(argv)
+    assert list(first["levels"]) == ["svgg17_forward", "svgg14_forward"]
+    for level, convs in (("svgg17_forward", 16), ("svgg14_forward", 13)):
+        run = tmp_path / "pyr" / level
+        model = models.load_checkpoint(run)
+        assert model.config == {"model": level, "num_classes": 10, "image_size": 32, "bn": True,
+                                "inference_mode": False}
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == convs
+        fused = models.load_checkpoint(run / "deploy" / "model.safetensors")
+        assert fused.config["model"] == level and fused.config["inference_mode"] is True
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        assert first["levels"][level]["fused_test_acc"] is not None
+        taught_by = {"svgg17_forward": "pyramid_vgg19_bn", "svgg14_forward": "svgg17_forward"}[level]
+        assert model.checkpoint_metadata["teacher"] == taught_by  # the top with BatchNorm is named as such
+    spec14 = json.loads((tmp_path / "pyr" / "svgg14_forward" / "spec.json").read_text())["derive"]
+    assert spec14["parent"] == str(tmp_path / "pyr" / "svgg17_forward")
+    recorded = json.loads((tmp_path / "pyr" / "summary.json").read_text())["levels"]
+    assert list(recorded) == ["svgg17_forward", "svgg14_forward"]
+    assert {v["teacher"] for v in recorded.values()} == {str(top)}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        again = pyramid.main(argv)
+    assert "[skip] svgg17_forward" in out.getvalue() and "[skip] svgg14_forward" in out.getvalue()
+    assert again["levels"] == first["levels"]
+    plain = ["--teacher", str(vgg19_tops["pyramid_vgg19"]), "--scheme", "forward", "--levels", "svgg11", *argv[7:]]
+    before = sorted(p.name for p in (tmp_path / "pyr").iterdir())
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        pyramid.main(plain)  # a plain VGG19 going on below the BatchNorm levels: two chains in one
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "is a level with BatchNorm" in err, err
+    assert sorted(p.name for p in (tmp_path / "pyr").iterdir()) == before
 
 
 def test_config_of_a_level_points_to_the_chain_and_pyramid_offers_no_config(tmp_path, capsys):

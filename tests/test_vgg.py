@@ -15,7 +15,7 @@ import models
 import reparam
 from _shared import one_line
 from models import ConfigError
-from models.vgg import LEVELS, chain, hint_points, next_level, svgg_from
+from models.vgg import LEVELS, chain, hint_points, level_name, next_level, svgg_from
 from reparam.export import export_deploy
 
 pytestmark = pytest.mark.usefixtures("single_thread", "seeded")
@@ -168,6 +168,13 @@ def test_registered_names_and_timm_untouched():
     # timm's own VGGs keep their names (ours would have overwritten them, with a warning, as vgg19/vgg19_bn)
     for name in ("vgg19", "vgg19_bn"):
         assert timm.models.model_entrypoint(name).__module__ == "timm.models.vgg"
+
+
+def test_level_name_maps_either_top_to_the_top_level():
+    """What a chain compares a --teacher's model name with: pyramid_vgg19_bn is the top level, with BatchNorm."""
+    assert level_name("pyramid_vgg19_bn") == level_name("pyramid_vgg19") == "pyramid_vgg19"
+    assert [level_name(name) for name in chain("backward")] == chain("backward")
+    assert level_name("reduce20") is None and level_name(None) is None and level_name("svgg14_bn") is None
 
 
 @pytest.mark.parametrize("name", ["pyramid_vgg19", "pyramid_vgg19_bn", "svgg14_forward", "svgg5_backward"])

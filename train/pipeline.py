@@ -39,7 +39,7 @@ from models.errors import CheckpointError, ConfigError, brief
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
 from models.trim import TrimResult, trim, trim_at, trim_record
-from models.vgg import LEVELS, SCHEMES, hint_points, level_of, svgg_from
+from models.vgg import LEVELS, SCHEMES, hint_points, level_name, level_of, svgg_from
 from models.weights import load_pretrained
 
 from .cli import (check_teacher, data_identity, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint,
@@ -439,6 +439,11 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
     else:
         parent, _, reads["parent"] = load_teacher_checkpoint(derive.parent)
         set_preprocess(parent, parent.preprocess or top.preprocess)
+        if level_of(parent)[1] != level_of(top)[1]:  # one chain has BatchNorm throughout, or nowhere
+            kinds = {True: "with BatchNorm", False: "without BatchNorm"}
+            raise ConfigError(f"{derive.parent} is a level {kinds[level_of(parent)[1]]}, but --teacher {derive.top} "
+                              f"is a VGG19 {kinds[level_of(top)[1]]}: pass the VGG19 that chain started from, or "
+                              "another --out")
     spec = replace(spec, data=teachers_data(spec.data, top_meta))
     spec, info, device, data = _device_and_data(spec)
     check_teacher(top, data)
@@ -455,7 +460,7 @@ def _train_level(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
     with _run_dir(spec, info, resume, overwrite, cli, data, reads) as run_dir:
         metadata = {"stage": "pyramid", "role": derive.level, **data_metadata(data, spec.data.data_dir),
                     "loss": derive.loss, "scheme": LEVELS[derive.level].scheme,
-                    "teacher": "VGG19 (--teacher)" if by_top else LEVELS[derive.level].parent}
+                    "teacher": "VGG19 (--teacher)" if by_top else parent.config["model"]}  # a _bn top is named
         cfg = spec.train_config(stage="pyramid", recipe=spec.recipe, level=derive.level, loss=derive.loss,
                                 hint_epochs=derive.hint_epochs)
         export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, teacher), spec.export, metadata,
@@ -501,13 +506,18 @@ def chain_of(top: str, top_model: str | None, scheme: str, out: str | Path, loss
              hint_epochs: int | None = None, levels: list[str] | None = None, **options: Any) -> Chain:
     """The chain below ``top`` (a run or checkpoint of the model ``top_model``) in ``out``; ``options`` are the
     levels' spec options (:meth:`train.spec.RunSpec.of`: ``epochs``, ``seed``, ``dataset``, ...). ``hint_epochs``
-    None: a third of the epochs, at least 1 (0 for ``scratch``)."""
+    None: a third of the epochs, at least 1 (0 for ``scratch``).
+
+    A level whose parent is ``top``'s level (:func:`models.vgg.level_name`: ``pyramid_vgg19`` for a
+    ``pyramid_vgg19_bn`` too) is taught by ``top`` itself; any other by the run of its parent in ``OUT/<parent>``.
+    The levels below a ``pyramid_vgg19_bn`` have the same names and run directories, with BatchNorm."""
     out = user_path(out)
     if hint_epochs is None:
         hint_epochs = 0 if loss == "scratch" else max(1, options.get("epochs", OptimSpec.epochs) // 3)
+    top_level = level_name(top_model)
     specs = []
     for level in chain_levels(scheme, levels):
-        parent = None if LEVELS[level].parent == top_model else str(Path(out) / LEVELS[level].parent)
+        parent = None if LEVELS[level].parent == top_level else str(Path(out) / LEVELS[level].parent)
         specs.append(RunSpec.of(Pyramid(top, level, parent, loss, hint_epochs),
                                 **{**options, "out": str(Path(out) / level)}).validate())
     return Chain(str(out), tuple(specs))

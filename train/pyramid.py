@@ -7,6 +7,10 @@ conv (or head) that replaces a block, and taught by it. Each level is a normal r
 stopped, and finished levels are skipped. ``OUT/summary.json`` holds the results of every level finished in
 ``OUT``, each with its scheme, loss and teacher (a second call, another scheme or fewer levels, adds to it).
 
+``--teacher`` is a ``pyramid_vgg19`` or a ``pyramid_vgg19_bn``: below the latter every level has BatchNorm after
+each conv (the same level names and run directories), inherited from the level above, and the fused export folds it
+into the convs.
+
 Losses (``--loss``), each level in two stages of ``--hint-epochs`` and ``--epochs`` epochs, as the original:
 
 * ``two-stage``: stage 1 imitates the teacher's output at the end of the replaced block with the new conv's
@@ -31,7 +35,7 @@ from pathlib import Path
 from models import read_record
 from models.checkpoint import resolve
 from models.errors import ConfigError, cli_errors
-from models.vgg import LEVELS, SCHEMES
+from models.vgg import LEVELS, SCHEMES, TOP, TOP_BN, level_name
 
 from .cli import add_distillation_options, common_parser
 from .pipeline import Chain, chain_of, run_chain
@@ -70,10 +74,12 @@ def parse(argv: list[str] | None) -> tuple[Chain, argparse.Namespace]:
     first = chain(None).levels[0].derive  # the options and levels are checked before the teacher is read
     top_model = read_record(resolve(args.teacher))["config"].get("model")
     top = LEVELS[first.level].parent
-    if not args.levels and top_model != top:
-        raise ConfigError(f"--teacher {args.teacher} is a {top_model}, but the {args.scheme} chain is taught by "
-                          f"{top}: pass a trained {top} (python -m train.stage1 -m {top}), or --levels to go on "
-                          "below a level this --out has finished")
+    if level_name(top_model) != top and top == TOP:  # the chain's top level is taught by --teacher itself
+        where = (f"--levels starts at {first.level}, the top level of the {args.scheme} chain, which"
+                 if args.levels else f"the {args.scheme} chain")
+        raise ConfigError(f"--teacher {args.teacher} is a {top_model}, but {where} is taught by a {TOP} or {TOP_BN}: "
+                          f"pass a trained one (python -m train.stage1 -m {TOP} or -m {TOP_BN})"
+                          + ("" if args.levels else ", or --levels to go on below a level this --out has finished"))
     return chain(top_model), args
 
 
