@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -70,6 +71,37 @@ def test_both_loaders_are_batch_loaders_and_see_the_same_samples_in_the_same_ord
             got = [[y.tolist() for _, y in batches(data.train, epoch)] for data in (streamed, in_memory)]
             assert got[0] == got[1] and sum(map(len, got[0])) == streamed.train.num_samples == 24
         assert [y.tolist() for _, y in batches(streamed.test, 0)] == [y.tolist() for _, y in batches(in_memory.test, 0)]
+
+
+@pytest.mark.parametrize("source, size", [("zip", 48), ("folder", 64)])
+def test_both_loaders_give_a_test_image_the_same_pixels(source, size, tmp_path):
+    """A checkpoint scores the same whichever loader --loader auto picks: CIFAR's 32 px images at 48 px are resized
+    whole (the streamed path cropped 7/8 of them), 64 px images at 64 px keep 224/256 in both (the in-memory path
+    kept them whole)."""
+    from PIL import Image
+
+    from train.data import build_data
+
+    root = ZIP
+    if source == "folder":
+        g = torch.Generator().manual_seed(0)
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                (tmp_path / split / c).mkdir(parents=True)
+                for i in range(2):
+                    pixels = torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()
+                    Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+        root = tmp_path
+    common = dict(subset=20 if source == "zip" else None, seed=0, image_size=size)
+    streamed = build_stream_data(str(root), 2, workers=0, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a small subset's cache notices
+        in_memory = build_data("imagefolder", str(root), 2, **common)
+    for data in (streamed, in_memory):
+        data.normalize({"mean": [0.0] * 3, "std": [1.0] * 3})
+    got = [torch.cat([x.float() for x, _ in batches(data.test, 0)]) for data in (streamed, in_memory)]
+    assert got[0].shape == got[1].shape == (len(in_memory.test.labels), 3, size, size)
+    assert torch.equal(got[0], got[1])
 
 
 def test_random_resized_crop_stays_inside_the_image():

@@ -44,7 +44,7 @@ from models.errors import DataError
 from .base import (_JPEG_LABEL, _NICE, _STATS, _WHERE, CIFAR10_CLASSES, DATASETS, ArrayData, DatasetInfo,
                    _check_memory, available_memory)
 from .cifar import _FULL_SIZES, _PICKLE_DIRS, _load_pickles, _resize
-from .folders import (ImageTree, _load_tree, default_image_size, extract_images, looks_like_image_tree,
+from .folders import (ImageTree, _load_tree, default_image_size, eval_crop, extract_images, looks_like_image_tree,
                       scan_image_tree, subset_tree, to_rgb)
 from .loader import BatchLoader, Data, EpochOrder, Loader
 from .sources import _download, _find, data_root, resolve_source
@@ -151,7 +151,7 @@ def load_dataset(
                 "use --dataset imagefolder for other images"
             )
         size = image_size or (32 if name == "cifar10" else default_image_size(tree))
-        crop = 224 / 256 if name == "imagefolder" and size >= 64 else 1.0
+        crop = eval_crop(size) if name == "imagefolder" else 1.0
         label = _JPEG_LABEL if name == "cifar10" else f"{path.stem} (image folder)"
         if subset is not None:
             tree = subset_tree(tree, subset, seed, label)

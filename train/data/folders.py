@@ -34,7 +34,7 @@ from ..progress import Progress
 from .base import ArrayData, _check_memory, _one_line
 from .subsets import _subset_indices
 
-_CACHE_VERSION = 2  # 2: keyed on content, 16-bit images scaled
+_CACHE_VERSION = 3  # 2: keyed on content, 16-bit images scaled; 3: images of the size already cropped too
 _SPLITS = ("train", "test", "val")
 _WARNED: set[str] = set()  # the warnings this process printed (:func:`warn_once`)
 
@@ -409,13 +409,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def eval_crop(size: int) -> float:
+    """The share of an image's shorter side that a test image of an image folder keeps at ``size`` px: 224/256
+    (torchvision's and timm's resize-256-crop-224) from 64 px up, the whole image below (CIFAR-sized images)."""
+    return 224 / 256 if size >= 64 else 1.0
+
+
+def center_fit(img: Image.Image, size: int, crop: float) -> Image.Image:
+    """``img`` with its shorter side resized to ``round(size / crop)``, center-cropped to ``size`` x ``size``: the
+    test transform of both loaders (an image of that size already is kept as it is when ``crop`` is 1)."""
+    return TF.center_crop(TF.resize(img, round(size / crop), antialias=True), size)
+
+
 def _decode(data: bytes, size: int, crop: float) -> np.ndarray:
-    """Decodes one image to RGB, resizes its shorter side to ``round(size / crop)``, center-crops ``size``."""
+    """Decodes one image to RGB and fits it to ``size`` (:func:`center_fit`)."""
     with Image.open(io.BytesIO(data)) as img:
         img = to_rgb(img)
-    if img.size != (size, size):
-        img = TF.center_crop(TF.resize(img, round(size / crop)), size)
-    return np.asarray(img).transpose(2, 0, 1)
+    return np.asarray(center_fit(img, size, crop)).transpose(2, 0, 1)
 
 
 def _decode_chunk(args: tuple[list[tuple[str, bytes]], int, float]) -> np.ndarray:

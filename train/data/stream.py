@@ -1,12 +1,13 @@
 """A streaming loader for image folders that do not fit in memory (ImageNet at 224 px is about 193 GB decoded).
 
 Images are read from the folder or zip and decoded in ``DataLoader`` workers. Training batches get torchvision's
-``RandomResizedCrop(image_size, scale=(0.08, 1))`` and a horizontal flip; test batches ``Resize(image_size /
-0.875)`` and ``CenterCrop(image_size)``. It is a :class:`~train.data.loader.BatchLoader` like the in-memory
-:class:`train.data.Loader`: each epoch's order is :class:`~train.data.loader.EpochOrder`'s (the same rule and
-code, so the same images per rank), every sample's
-augmentation is drawn from ``(seed, epoch, index)``, so a resumed run sees exactly the batches an uninterrupted
-one would, whatever the number of workers; ranks take every ``world_size``-th sample.
+``RandomResizedCrop(image_size, scale=(0.08, 1))`` and a horizontal flip; test batches the in-memory path's
+resize and centre crop (:func:`~train.data.folders.center_fit`: 224/256 of the image from 64 px up, all of it
+below), so a checkpoint scores the same with either loader. It is a :class:`~train.data.loader.BatchLoader`
+like the in-memory :class:`train.data.Loader`: each epoch's order is :class:`~train.data.loader.EpochOrder`'s (the
+same rule and code, so the same images per rank), every sample's augmentation is drawn from ``(seed, epoch,
+index)``, so a resumed run sees exactly the batches an uninterrupted one would, whatever the number of workers;
+ranks take every ``world_size``-th sample.
 """
 from __future__ import annotations
 
@@ -23,12 +24,10 @@ from models.errors import DataError
 
 from . import base
 from .base import DatasetInfo
-from .folders import ImageTree, ZipHandle, default_image_size, scan_image_tree, subset_tree, to_rgb
+from .folders import (ImageTree, ZipHandle, center_fit, default_image_size, eval_crop, scan_image_tree, subset_tree,
+                      to_rgb)
 from .loader import Data, EpochOrder
 from .sources import resolve_source
-
-CROP_FRACTION = 0.875  # test images: resize to image_size / 0.875, centre-crop image_size (timm's default)
-
 
 def random_resized_crop_params(width: int, height: int, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
                                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -97,7 +96,7 @@ class ImageFiles(Dataset):
                     if torch.rand(1, generator=g).item() < 0.5:
                         img = TF.hflip(img)
                 else:
-                    img = TF.center_crop(TF.resize(img, round(self.size / CROP_FRACTION), antialias=True), self.size)
+                    img = center_fit(img, self.size, eval_crop(self.size))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot decode image {name} ({type(e).__name__}); remove or replace the file") from None
         return TF.pil_to_tensor(img), label
