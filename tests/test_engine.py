@@ -362,6 +362,17 @@ def test_a_run_says_what_it_is_before_its_first_step_and_what_an_epoch_leaves_ou
     assert lines[2].startswith("run: cpu, float32, no training (0 epochs) (batch 8)"), lines
 
 
+def test_a_grown_zoo_student_is_named_by_its_growth_not_its_expansion_0(tmp_path):
+    """A zoo student grown into a teacher has expansion 0 in its config: its first line says it is grown."""
+    import models
+
+    grown = models.grow(models.create_model("reduce20", num_classes=NUM_CLASSES, expansion=0), 2)
+    lines: list[str] = []
+    Trainer(Classify(grown), tiny_data(), TrainConfig(epochs=0), tmp_path, log=lines.append,
+            metadata={"role": "teacher"}).fit()
+    assert lines[0].startswith("model: reduce20 (teacher, grown e2, width 1): "), lines[0]
+
+
 def test_after_a_kill_before_the_first_epoch_both_messages_say_overwrite_and_the_stale_temp_goes(tmp_path):
     """A run killed before its first checkpoint leaves args.json and a half-written temp file: a fresh start and a
     --resume both say what works (--overwrite); the run that then owns the folder removes the temp file."""

@@ -207,8 +207,11 @@ def start_lines(trainer: Trainer, metadata: dict[str, Any]) -> list[str]:
     config = getattr(model, "config", None) or {}
     size = data.info.image_size
     cost = complexity(model, (1, 3, size, size))
-    family = [f"{k} {config[k]:g}" for k in ("expansion", "width", "lora_rank")
-              if isinstance(config.get(k), (int, float)) and not (k == "lora_rank" and not config[k])]
+    grown = config.get("grow")  # a grown zoo student's expansion is 0: its branch (b) is the grown one
+    family = [*([f"grown e{grown['expansion']}"] if isinstance(grown, dict) else []),
+              *(f"{k} {config[k]:g}" for k in ("expansion", "width", "lora_rank")
+                if isinstance(config.get(k), (int, float)) and not (k == "lora_rank" and not config[k])
+                and not (k == "expansion" and grown))]
     role = metadata.get("role")
     about = ", ".join([*([str(role)] if role else []), *family])
     total, per_epoch = len(data.train.labels), data.train.num_samples * world

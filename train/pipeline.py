@@ -170,7 +170,7 @@ def _train_fresh(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, An
         summary = _fit(Trainer(Classify(model), data, spec.train_config(stage=1, recipe=spec.recipe), run_dir,
                                dist_info=info, device=device, metadata=metadata), resume)
         if info.is_main:
-            kind = f" (e{derive.expansion})" if reducible else ""
+            kind = f" (grown e{derive.grow})" if derive.grow else f" (e{derive.expansion})" if reducible else ""
             print(size_line(f"{role} {derive.model}{kind}", {"params": summary["params"], "macs": summary["macs"]},
                             summary["last_test_acc"]))
             print(f"data: {data.info.label}; best {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}; "
@@ -244,8 +244,9 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
                                 feature_kd=repr(features) if features else None, feature_layers=[s_layers, t_layers],
                                 lora_rank=derive.lora_rank, lambda_epochs=derive.lambda_epochs)
         callbacks = [LambdaSchedule(student, derive.lambda_epochs)] if derive.lambda_epochs else []
+        lora = f"LoRA r{derive.lora_rank}, " if derive.lora_rank else ""
         callbacks.append(FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export,
-                                         metadata, f"student (LoRA r{derive.lora_rank}, {spec.loss.kd})"))
+                                         metadata, f"student ({lora}{spec.loss.kd})"))
         summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
                                callbacks=callbacks), resume)
     finish(info)
