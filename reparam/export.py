@@ -68,7 +68,7 @@ def export_deploy(
             file of an earlier export that this one does not write (``onnx=False``, say) is removed, so that the
             folder never holds two models; other files stay.
         input_size: ``(C, H, W)`` of the random check input (default: the model's recorded ``input_size``, else
-            ``(3, 32, 32)``).
+            its config's ``image_size``, else ``(3, 32, 32)``).
         onnx: also write ONNX (checked with onnxruntime when it is installed).
         torchscript: also write a traced TorchScript file.
         atol: the largest logit difference accepted, in float32, relative to the largest logit magnitude of the
@@ -81,9 +81,10 @@ def export_deploy(
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"export_deploy needs a torch.nn.Module, got {type(model).__name__}")
-    if input_size is None:
+    if input_size is None:  # the recorded preprocessing's, else the size the model was built for, else CIFAR's
         recorded = (getattr(model, "preprocess", None) or {}).get("input_size")
-        input_size = tuple(recorded) if recorded else (3, 32, 32)
+        built = (getattr(model, "config", None) or {}).get("image_size")
+        input_size = tuple(recorded) if recorded else (3, built, built) if isinstance(built, int) else (3, 32, 32)
     if len(input_size) != 3 or not all(isinstance(n, int) and n > 0 for n in input_size):
         raise ReparamError(f"input_size must be (channels, height, width), positive whole numbers; got {input_size!r}")
     try:
@@ -91,8 +92,10 @@ def export_deploy(
     except (TypeError, ValueError) as e:
         raise ReparamError(f"export metadata must be JSON data (numbers, strings, lists, dicts): {e}") from None
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ReparamError(f"{out_dir} is a file; pass a folder for the deploy files")
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"lies inside the file {existing}"
+        raise ReparamError(f"{out_dir} {where}; pass a folder for the deploy files")
     try:
         return _export(model, out_dir, tuple(input_size), onnx, torchscript, pt2, atol, metadata)
     except OSError as e:  # a read-only or full disk: the staged files are gone, the folder as it was

@@ -249,3 +249,12 @@ def test_compare_marks_a_path_it_shortens():
     path = "/work/experiments/" + "x" * 40 + "/deploy/model.onnx"
     assert _fit(path, 48) == "…" + path[-47:] and len(_fit(path, 48)) == 48
     assert _fit("runs/a/model.onnx", 48) == "runs/a/model.onnx"
+
+
+def test_a_class_without_test_images_is_said_so_not_nan(monkeypatch, capsys):
+    report = {"model": {"model": "torchvision:resnet18"}, "checkpoint": "runs/x", "form": "checkpoint",
+              "data": "mine (image folder)", "count": 6, "test_acc": 50.0, "top5_acc": 100.0, "test_loss": 0.7,
+              "classes": ["cat", "dog", "fox"], "per_class_acc": [100.0, 0.0, float("nan")]}
+    monkeypatch.setattr(evaluate, "run", lambda args: report)
+    evaluate.main(["runs/x"])
+    assert capsys.readouterr().out.splitlines()[-1] == "per class: cat 100.0%, dog 0.0%, fox no test images"

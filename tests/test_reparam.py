@@ -208,6 +208,18 @@ def test_export_reloads_the_checkpoint_it_writes_and_writes_nothing_when_it_does
     assert not out.exists() and not list(tmp_path.glob(".deploy*"))
 
 
+def test_export_checks_at_the_size_a_model_was_built_for_and_names_a_file_in_the_way(tmp_path):
+    """A VGG built for 64 px is checked at 64 px (it was checked at 32 and refused); an --out inside a file is named
+    as such (it read as a disk problem)."""
+    vgg = models.create_model("pyramid_vgg19", image_size=64)
+    assert export_deploy(vgg, tmp_path / "vgg", onnx=False, torchscript=False, pt2=False).max_diff["fused"] == 0.0
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ReparamError) as e:
+        export_deploy(models.create_model("reduce20", expansion=0), tmp_path / "afile" / "sub", onnx=False)
+    assert one_line(e) == (f"{tmp_path / 'afile' / 'sub'} lies inside the file {tmp_path / 'afile'}; pass a folder "
+                           "for the deploy files")
+
+
 def test_export_deploy_writes_verified_files(tmp_path, randomize, make_images):
     model = lora_student("reduce20", randomize, rank=2).eval()
     reference_model = copy.deepcopy(model)

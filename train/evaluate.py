@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{report['checkpoint']}: {cfg['model']}{kind}, {report['form']}")
     print(f"data: {report['data']}, {report['count']} test images")
     print(f"top-1 {report['test_acc']:.2f}%  top-5 {report['top5_acc']:.2f}%  loss {report['test_loss']:.4f}")
-    print("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(report["classes"], report["per_class_acc"])))
+    print("per class: " + ", ".join(f"{c} {'no test images' if math.isnan(a) else f'{a:.1f}%'}"
+                                    for c, a in zip(report["classes"], report["per_class_acc"])))
     return report
 
 
