@@ -114,11 +114,18 @@ def test_a_lora_rank_no_conv_of_a_classifier_can_use_is_refused_before_any_branc
     assert student.config["lora"]["rank"] == 64
 
 
-def test_weights_load_and_the_head_is_replaced(tmp_path):
+def test_weights_load_and_the_head_is_replaced(tmp_path, capsys):
+    from train.pipeline import _load_weights
+
     source = models.create_model("torchvision:resnet18", num_classes=1000)
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
     model = models.create_model("torchvision:resnet18", num_classes=10)
     assert load_pretrained(model, tmp_path / "w.pth") == ["fc.weight", "fc.bias"]
+    _load_weights(model, str(tmp_path / "w.pth"))  # --weights says when the head starts new
+    assert capsys.readouterr().out == (f"weights: {tmp_path / 'w.pth'} loaded, but for the head (fc.weight, fc.bias), "
+                                       "whose shape differs: it starts new, for 10 classes\n")
+    _load_weights(source, str(tmp_path / "w.pth"))
+    assert capsys.readouterr().out == ""
     assert torch.equal(model.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
     assert model.fc.out_features == 10
     other = models.create_model("torchvision:resnet34", num_classes=10)

@@ -383,6 +383,18 @@ def test_a_float16_teacher_checkpoint_trains_in_float32(teacher, tmp_path):
     assert load_file(str(tmp_path / "s" / "last.safetensors"))["fc.weight"].dtype == torch.float32
 
 
+def test_a_teacher_shown_images_of_another_size_is_said_to_be(teacher, tmp_path, capsys):
+    """The 32 px teacher distils at --image-size 40: allowed, and said once, as its accuracy is then at 40 px."""
+    argv = ["--inherit", str(teacher["dir"]), "--subset", "64", "--batch-size", "32", "--epochs", "1", "--device",
+            "cpu", "--no-export"]
+    capsys.readouterr()
+    run_main(stage2.main, [*argv, "--image-size", "40", "--out", str(tmp_path / "s40")])
+    err = capsys.readouterr().err
+    assert err.count("warning: the teacher was trained at 32 px and sees 40 px images here") == 1, err
+    run_main(stage2.main, [*argv, "--out", str(tmp_path / "s32")])
+    assert "warning" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------- 5. bad input
 
 

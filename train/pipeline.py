@@ -114,6 +114,14 @@ def is_checkpoint_path(model: str) -> bool:
     return (p.is_file() and p.suffix in (".safetensors", ".json")) or (p / "last.safetensors").is_file()
 
 
+def _load_weights(model: nn.Module, path: str) -> None:
+    """``--weights``: load them, and say so when the head starts new (weights of another class count)."""
+    new = load_pretrained(model, path)
+    if new and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"weights: {path} loaded, but for the head ({', '.join(new)}), whose shape differs: it starts new, for "
+              f"{model.num_classes} classes", flush=True)
+
+
 def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Module, str, Fresh]:
     """The model of ``derive``, its role (teacher, scratch student or model) and ``derive`` resolved (a ReduceNet's
     expansion and width); grown into a teacher with ``derive.grow`` (:mod:`models.grow`)."""
@@ -143,7 +151,7 @@ def build_model(derive: Fresh, num_classes: int, image_size: int) -> tuple[nn.Mo
     if derive.init == "torch":
         torch_default_init(model)
     if derive.weights:
-        load_pretrained(model, derive.weights)
+        _load_weights(model, derive.weights)
     if derive.grow:
         grow(model, derive.grow, derive.grow_targets)
         role = "teacher"
@@ -208,7 +216,7 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
         student = create_model(derive.model, num_classes=num_classes, **sized)
         check_input_size(student, derive.model, image_size)
     if derive.weights:
-        load_pretrained(student, derive.weights)
+        _load_weights(student, derive.weights)
     if derive.lora_rank and not is_reducible(derive.model):  # after the weights, which name the convs unwrapped
         add_lora_to_convs(student, derive.lora_rank, derive.lora_targets)
     return student
