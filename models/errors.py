@@ -43,6 +43,18 @@ def brief(e: BaseException | str, limit: int = 160, *, typed: bool = True) -> st
     return f"{type(e).__name__}: {text}" if typed else text
 
 
+def _leave_process_group() -> None:
+    """A process of torchrun that stops on an error leaves its process group first: with the group still up, gloo's
+    threads can abort the interpreter's exit ("terminate called without an active exception", SIGABRT), and torchrun
+    then prints a traceback after the one-line error."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 (leaving is best effort: the error is what the user needs)
+            pass
+
+
 def cli_errors(main: F) -> F:
     """Decorate a CLI ``main`` so that a :class:`ReduceNetError` prints ``error: ...`` and exits with 2."""
 
@@ -52,6 +64,7 @@ def cli_errors(main: F) -> F:
             return main(*args, **kwargs)
         except ReduceNetError as e:
             print(f"error: {e}", file=sys.stderr)
+            _leave_process_group()
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

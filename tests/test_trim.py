@@ -264,6 +264,7 @@ def test_baseline_whose_folder_holds_another_run_is_refused_before_the_trim_trai
 
 SEARCH_UNDER_TORCHRUN = '''
 import json, sys
+import torch.distributed
 import train.pipeline as pipeline
 from models import complexity, create_model
 from models.errors import ReduceNetError
@@ -285,6 +286,7 @@ try:
     print("config", json.dumps({"rank": info.rank, "config": student.config, "record": record}), flush=True)
 except ReduceNetError as e:
     print(f"error: rank {info.rank}: {e}", flush=True)
+torch.distributed.destroy_process_group()  # as train.cli's finish() and cli_errors do
 '''
 
 
