@@ -940,3 +940,15 @@ def test_a_checkpoint_beside_the_rows_is_scored_on_their_test_images(tmp_path):
     assert report["test_acc"] == pytest.approx(summary["last_test_acc"])
     assert report["count"] == summary["test_images"]
     assert summary["test_images"] < 100  # the subset's, not the 1017 of the whole (exact subset) test set
+
+
+def test_a_batch_larger_than_the_data_names_what_reproduce_can_change(tmp_path, capsys):
+    """The recipes' batch is 128 and reproduce has no --batch-size: too few images say to give it more (the
+    loader's own advice named --batch-size)."""
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()):
+        reproduce.main(smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", "--recipes", "paper",
+                                  "--subset", "100"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "trains at batch 128, but the data gives 100 training images per process" in err
+    assert "--batch-size" not in err and "a larger --subset" in err

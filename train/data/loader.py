@@ -35,6 +35,16 @@ class BatchLoader(Protocol):
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None: ...
 
 
+class BatchSizeError(DataError):
+    """A training batch larger than the training samples of a rank (``batch_size`` and ``samples`` are kept, so that
+    a caller whose user cannot pass ``--batch-size`` can say what to do instead)."""
+
+    def __init__(self, batch_size: int, samples: int) -> None:
+        super().__init__(f"batch size {batch_size} exceeds the {samples} training samples per rank; "
+                         "pass a smaller --batch-size or a larger --subset")
+        self.batch_size, self.samples = batch_size, samples
+
+
 class EpochOrder:
     """The one rule of which samples a rank sees, in which order, written once for both loaders.
 
@@ -58,8 +68,7 @@ class EpochOrder:
         if train:
             self.num_samples = n // world_size // batch_size * batch_size
             if self.num_samples == 0:
-                raise DataError(f"batch size {batch_size} exceeds the {n // world_size} training samples per rank; "
-                                "pass a smaller --batch-size or a larger --subset")
+                raise BatchSizeError(batch_size, n // world_size)
         else:
             self.num_samples = len(range(rank, n, world_size))
 

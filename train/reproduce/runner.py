@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from models.errors import ReduceNetError
+from models.errors import DataError, ReduceNetError
 
 from .. import pyramid, stage1, stage2, trim
+from ..data.loader import BatchSizeError
 from ..pipeline import Chain, run, run_chain
 from ..rundir import finished_summary, in_use, mark_done, same_record
 from ..spec import as_record
@@ -103,10 +104,15 @@ def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
     replaces = not resume and (row.run / "args.json").is_file()
     log(f"[{'resume' if resume else 'run'}] {row.name}: {describe(row)} -> {row.run}"
         + (" (replaces the run made by another spec there)" if replaces else ""))
-    if isinstance(row.spec, Chain):
-        summary = run_chain(row.spec, overwrite=not resume)
-    else:
-        summary = run(row.spec, resume=resume, overwrite=not resume)
+    try:
+        if isinstance(row.spec, Chain):
+            summary = run_chain(row.spec, overwrite=not resume)
+        else:
+            summary = run(row.spec, resume=resume, overwrite=not resume)
+    except BatchSizeError as e:  # the table's recipe fixes the batch: reproduce has no --batch-size to offer
+        raise DataError(f"{row.name} trains at batch {e.batch_size}, but the data gives {e.samples} training "
+                        f"images per process: train.reproduce keeps the recipe's batch, so give it at least "
+                        f"{e.batch_size} (a larger --subset, or more images)") from None
     mark_done(row.run, row.spec.record())
     return summary
 
