@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError
