@@ -301,6 +301,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(teacher, tmp_path):
         assert s_got[key] == s_want[key], key
 
 
+def test_a_kill_between_the_state_and_the_metrics_of_the_last_epoch_resumes_to_every_row(teacher, tmp_path):
+    """train_state.pt is written before metrics.csv: killed between the two at the last epoch, the run has no epoch
+    left; its resume still writes the last row (and its TensorBoard scalars)."""
+    run = tmp_path / "run"
+    shutil.copytree(teacher["dir"], run)
+    (run / "summary.json").unlink()
+    rows = (run / "metrics.csv").read_text().splitlines(keepends=True)
+    (run / "metrics.csv").write_text("".join(rows[:-1]))
+    run_main(stage1.main, [*TEACHER_ARGS, "--out", str(run), "--resume"])
+    assert metrics(run) == metrics(teacher["dir"]) and len(metrics(run)) == 3
+
+
 # ----------------------------------------------------------------------------------------------- 3. stage-2 resume
 
 

@@ -128,6 +128,8 @@ class MetricsLog(Callback):
         self.writer.flush()
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        if self.writer is None and trainer.history:  # resumed with no epoch left: a kill may have come between
+            self.on_epoch_end(trainer, trainer.history[-1])  # train_state.pt and these files at the last epoch
         if self.writer is not None:
             self.writer.close()
             self.writer = None
