@@ -722,6 +722,8 @@ def test_one_run_directory_one_process(tmp_path, capsys):
             proc.wait()
     # the killed run's lock is gone with it
     (out / ".last.safetensors.stale.tmp").write_bytes(b"")  # what a kill inside a write leaves
+    (out / ".deploy.export-abc123").mkdir()  # and a kill inside an export
+    (out / ".deploy.export-abc123" / "model.onnx").write_bytes(b"partial")
     summary, _ = run_main(stage1.main, [*TINY_ARGS, "--epochs", "3", "--out", str(out), "--resume",
                                         "--device", "cpu"])
     assert summary["last_epoch"] == 3 and not hidden_files(out)

@@ -43,8 +43,9 @@ LOCK = "run.lock"
 
 
 def _stale(p: Path) -> bool:
-    """A temporary file of an atomic write (``.NAME.XXXX.tmp``), left behind when its process was killed."""
-    return p.name.startswith(".") and p.name.endswith(".tmp")
+    """A temporary file of an atomic write (``.NAME.XXXX.tmp``), or the staging folder of an export
+    (``.deploy.export-XXXX``), left behind when its process was killed."""
+    return p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith(".deploy.export-"))
 
 
 class RunDirError(ReduceNetError):
@@ -200,8 +201,11 @@ class RunDir:
         os.write(fd, f"pid {os.getpid()}\n".encode())
         self._lock_fd = fd
         try:
-            for tmp in self.path.glob(".*.tmp"):  # left by a killed run's atomic writes; we own the folder now
-                tmp.unlink(missing_ok=True)
+            for tmp in filter(_stale, self.path.glob(".*")):  # left by a killed run's writes; we own the folder now
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
             if self.resume:
                 self._check_resume()
         except BaseException:
