@@ -511,8 +511,15 @@ def test_existing_out_is_refused_and_left_unchanged(teacher, tmp_path, capsys):
     (["--lambda-epochs", "1"], "--lora-rank"),
     (["--lora-rank", "2", "--lambda-epochs", "3"], "--epochs 2"),
     (["--lora-rank", "2", "--lambda-epochs", "-1"], "--lambda-epochs"),
+    (["--lora-targets", "layer1*"], "--lora-targets chooses the convs that get LoRA branches: pass --lora-rank"),
+    (["--kd", "kd", "--kd-beta", "3"], "--kd-beta weighs DKD's non-target term: it applies to --kd dkd, not --kd kd"),
+    (["--kd", "dkd", "--ce-weight", "0.3"], "--ce-weight weighs the cross-entropy beside --kd kd or mse, not --kd dkd"),
+    (["--feature-kd", "at", "--feature-weight", "nan"], "--feature-weight nan is not valid: pass a finite number"),
+    (["--kd-alpha", "inf", "--ce-weight", "1"], "--kd-alpha inf is not valid: pass a finite number"),
 ])
-def test_stage2_lambda_epochs_validation(teacher, extra, words, tmp_path, capsys):
+def test_stage2_option_validation(teacher, extra, words, tmp_path, capsys):
+    """Options that do nothing for the others given (they were dropped without a word) or that are not finite
+    numbers (they failed at the first step, blaming other options) are refused before anything is read."""
     out = tmp_path / "out"
     line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "--epochs", "2", *extra,
                                               "--out", str(out)])

@@ -12,6 +12,7 @@ the student (and the FitNets projection) only.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -241,20 +242,21 @@ class DistillLoss(nn.Module):
         ce_weight: float | None = None,
     ) -> None:
         super().__init__()
-        if ce_weight is not None and not ce_weight >= 0.0:
-            raise ConfigError(f"ce_weight must be >= 0, got {ce_weight}")
+        if ce_weight is not None and not 0.0 <= ce_weight < math.inf:
+            raise ConfigError(f"ce_weight must be a finite number >= 0, got {ce_weight}")
         if reduction not in KD_REDUCTIONS:
             raise ConfigError(f"unknown KD reduction {reduction!r}; choose one of: {', '.join(KD_REDUCTIONS)}")
         if kind not in LOGIT_LOSSES:
             raise ConfigError(f"unknown distillation loss {kind!r}; choose one of: {', '.join(LOGIT_LOSSES)}")
         given = {"alpha": alpha, "T": T, "beta": beta, "warmup_epochs": warmup_epochs}
         hp = {k: default if given[k] is None else given[k] for k, default in LOGIT_LOSSES[kind].defaults.items()}
-        if kind in ("kd", "mse") and not (0.0 <= hp["alpha"] <= 1.0 or (ce_weight is not None and hp["alpha"] >= 0)):
+        if kind in ("kd", "mse") and not (0.0 <= hp["alpha"] <= 1.0
+                                          or (ce_weight is not None and 0 <= hp["alpha"] < math.inf)):
             raise ConfigError(f"{kind} alpha must be in [0, 1] (any weight >= 0 with ce_weight), got {hp['alpha']}")
         if kind == "dkd":
             for k in ("alpha", "beta", "warmup_epochs"):
-                if not hp[k] >= 0.0:
-                    raise ConfigError(f"dkd {k} must be >= 0, got {hp[k]}")
+                if not 0.0 <= hp[k] < math.inf:
+                    raise ConfigError(f"dkd {k} must be a finite number >= 0, got {hp[k]}")
         if "T" in hp and not 0.0 < hp["T"] <= MAX_T:
             raise ConfigError(f"{kind} temperature T must be in (0, {MAX_T:g}], got {hp['T']}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -383,8 +385,8 @@ class FeatureDistill(nn.Module):
         if min(student_channels + teacher_channels) <= 0:
             raise ConfigError(f"channel counts must be > 0, got {student_channels} and {teacher_channels}")
         weight = FEATURE_DEFAULTS[mode] if weight is None else float(weight)
-        if weight < 0:
-            raise ConfigError(f"feature distillation weight must be >= 0, got {weight}")
+        if not 0 <= weight < math.inf:  # NaN too
+            raise ConfigError(f"feature distillation weight must be a finite number >= 0, got {weight}")
         self.mode = mode
         self.weight = weight
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
@@ -482,8 +484,8 @@ class SemCKD(nn.Module):
             raise ConfigError(f"SemCKD embeds the batch's B x B similarity matrices: the batch size must be at least "
                               f"{factor}, got {batch_size}")
         weight = FEATURE_DEFAULTS["semckd"] if weight is None else float(weight)
-        if weight < 0:
-            raise ConfigError(f"feature distillation weight must be >= 0, got {weight}")
+        if not 0 <= weight < math.inf:  # NaN too
+            raise ConfigError(f"feature distillation weight must be a finite number >= 0, got {weight}")
         self.weight, self.batch_size = weight, batch_size
         self.student_channels, self.teacher_channels = list(student_channels), list(teacher_channels)
         self.query = nn.ModuleList(_MLPEmbed(batch_size, batch_size // factor) for _ in student_channels)

@@ -155,6 +155,15 @@ class LossSpec:
                                           or self.feature_weight is not None):
             raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or "
                               "semckd")
+        # (--kd-alpha, --kd-T and --kd-reduction are also set by recipes, whatever the --kd: not checked here)
+        if self.kd_beta is not None and self.kd != "dkd":
+            raise ConfigError(f"--kd-beta weighs DKD's non-target term: it applies to --kd dkd, not --kd {self.kd}")
+        if self.ce_weight is not None and self.kd not in ("kd", "mse"):
+            raise ConfigError(f"--ce-weight weighs the cross-entropy beside --kd kd or mse, not --kd {self.kd}")
+        for option, value in (("--kd-alpha", self.kd_alpha), ("--kd-T", self.kd_T), ("--kd-beta", self.kd_beta),
+                              ("--ce-weight", self.ce_weight), ("--feature-weight", self.feature_weight)):
+            if value is not None and not math.isfinite(value):
+                raise _bad(option, value, "a finite number")
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,8 @@ class LoRAOptions:
             raise _bad("--lora-rank", self.lora_rank, "0 (no LoRA) or a rank >= 1")
         if self.lambda_epochs and not self.lora_rank:
             raise ConfigError("--lambda-epochs anneals the LoRA branches' LambdaReLU: pass --lora-rank R as well")
+        if self.lora_targets and not self.lora_rank:
+            raise ConfigError("--lora-targets chooses the convs that get LoRA branches: pass --lora-rank R as well")
 
 
 @dataclass(frozen=True)
