@@ -952,3 +952,12 @@ def test_a_batch_larger_than_the_data_names_what_reproduce_can_change(tmp_path, 
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert "trains at batch 128, but the data gives 100 training images per process" in err
     assert "--batch-size" not in err and "a larger --subset" in err
+
+
+def test_bench_refuses_a_model_it_cannot_time_before_timing_the_others(capsys):
+    from train import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--models", "reduce20", "bogus", "--steps", "2", "--batch-size", "16", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and err.startswith("error: --models bogus: bench times ReduceNet's"), err

@@ -516,6 +516,7 @@ def test_existing_out_is_refused_and_left_unchanged(teacher, tmp_path, capsys):
     (["--kd", "dkd", "--ce-weight", "0.3"], "--ce-weight weighs the cross-entropy beside --kd kd or mse, not --kd dkd"),
     (["--feature-kd", "at", "--feature-weight", "nan"], "--feature-weight nan is not valid: pass a finite number"),
     (["--kd-alpha", "inf", "--ce-weight", "1"], "--kd-alpha inf is not valid: pass a finite number"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it: pass one"),
 ])
 def test_stage2_option_validation(teacher, extra, words, tmp_path, capsys):
     """Options that do nothing for the others given (they were dropped without a word) or that are not finite

@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from models import create_model, student_from_teacher
+from models import create_model, list_models, student_from_teacher
 from models.checkpoint import user_path
 from models.errors import ConfigError, ReduceNetError, brief, cli_errors
 
@@ -362,6 +362,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  *(("--pack", n, 1) for n in args.pack)):
         if value < least:
             raise ConfigError(f"{option} {value} is not valid: pass {least} or more")
+    reducible = list_models(reducible=True)  # the jobs build each model as a teacher (expansion 1) and a student
+    unknown = next((n for n in args.models if n not in reducible), None)
+    if unknown is not None:  # stops here, not after the models before it were timed
+        raise ConfigError(f"--models {unknown}: bench times ReduceNet's teachers and students; pass some of "
+                          f"{', '.join(reducible)}")
     if args.folder:  # a bad --folder stops here, not after the whole benchmark (nothing decoded)
         if not user_path(args.folder).exists():  # scan_image_tree's own message names --data-dir
             raise ConfigError(f"--folder {args.folder} does not exist; pass an image folder or zip with train/ and "

@@ -117,6 +117,8 @@ def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None,
     the defaults, which the command line's own options override (timm's ``--config``). Recipe defaults are
     filled later, from the spec (:meth:`train.spec.RunSpec.with_recipe`)."""
     args = parser.parse_args(argv)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if args.config:
         spec = load_spec(args.config)
         if spec.kind == "pyramid":
