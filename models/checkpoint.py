@@ -124,6 +124,9 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise CheckpointError(f"a checkpoint is named by a path (a .safetensors file or a run directory), got {path!r}")
     given = p = user_path(path)
+    if p.suffix in (".onnx", ".pt2", ".ts") and p.is_file():
+        raise CheckpointError(f"{given} is a deploy program ({p.suffix}), which holds no model record to build or "
+                              f"train: pass its {p.with_suffix('.safetensors').name} beside it, or the run directory")
     if p.is_dir():
         p = p / f"{default_name}.safetensors"
         if default_name == "last" and not p.is_file() and (given / "model.safetensors").is_file():

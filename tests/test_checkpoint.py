@@ -453,3 +453,8 @@ def test_a_missing_checkpoint_is_named_as_the_user_wrote_it_with_the_reason(tmp_
         with pytest.raises(CheckpointError) as e:
             resolve(tmp_path / given)
         assert str(e.value).startswith(f"no checkpoint at {tmp_path / given}: it {why};"), e.value
+    (tmp_path / "model.onnx").write_bytes(b"onnx")  # a deploy program is no checkpoint (it read as a damaged one)
+    with pytest.raises(CheckpointError) as e:
+        resolve(tmp_path / "model.onnx")
+    assert str(e.value).startswith(f"{tmp_path / 'model.onnx'} is a deploy program (.onnx)")
+    assert "pass its model.safetensors beside it" in str(e.value)
