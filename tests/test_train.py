@@ -517,6 +517,7 @@ def test_existing_out_is_refused_and_left_unchanged(teacher, tmp_path, capsys):
     (["--feature-kd", "at", "--feature-weight", "nan"], "--feature-weight nan is not valid: pass a finite number"),
     (["--kd-alpha", "inf", "--ce-weight", "1"], "--kd-alpha inf is not valid: pass a finite number"),
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it: pass one"),
+    (["--feature-kd", "at", "--feature-layers", "fc", "--teacher-layers", "fc"], "not a feature map (N, C, H, W)"),
 ])
 def test_stage2_option_validation(teacher, extra, words, tmp_path, capsys):
     """Options that do nothing for the others given (they were dropped without a word) or that are not finite

@@ -108,13 +108,22 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> None:
 
 
 def layer_channels(model: nn.Module, paths: Sequence[str], input_size: Sequence[int]) -> list[int]:
-    """The channels of each named module's output, from one forward pass."""
+    """The channels of each named module's output, from one forward pass.
+
+    Raises:
+        ConfigError: a module's output is not a feature map (N, C, H, W), which feature distillation needs.
+    """
     hooks = FeatureHooks(model, paths)
     try:
         _probe(model, input_size)
-        return [t.shape[1] for t in hooks.take()]
+        outputs = hooks.take()
     finally:
         hooks.remove()
+    for path, t in zip(paths, outputs):
+        if t.dim() != 4:
+            raise ConfigError(f"feature layer {path!r} of {type(model).__name__} outputs shape {tuple(t.shape)}, not a "
+                              "feature map (N, C, H, W): pick a conv stage (the default layers are its stage outputs)")
+    return [t.shape[1] for t in outputs]
 
 
 @torch.no_grad()
