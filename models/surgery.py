@@ -84,6 +84,16 @@ def student_from_teacher(
     return student
 
 
+def add_zoo_lora(student: nn.Module, rank: int, targets: Sequence[str] | None = None) -> nn.Module:
+    """LoRA branches of rank ``rank`` on a zoo student's convs (``targets``, else its family's), in place, recorded
+    in its card: what ``create_model(..., lora_rank=rank)`` builds, added after its weights were loaded."""
+    config = getattr(student, "config", None) or {}
+    if not is_reducible(config) or config.get("expansion"):
+        raise ConfigError(f"add_zoo_lora takes a student of ReduceNet's families, got {config.get('model')}")
+    _add_lora(student, student, rank, targets or config["lora_targets"])
+    return student
+
+
 def _add_lora(student: nn.Module, teacher: nn.Module, rank: int, targets: str | Sequence[str]) -> None:
     targets = [targets] if isinstance(targets, str) else list(targets)
     add_lora(student, rank, targets)

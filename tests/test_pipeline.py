@@ -256,3 +256,19 @@ def test_the_readme_python_api_block_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "deploy" / "model.pt2").is_file() and namespace["deployed"].config["inference_mode"]
     fast, deployed = namespace["fast"], namespace["deployed"]
     assert list(fast.state_dict()) == list(deployed.state_dict()) and "getattr(" not in fast.code
+
+
+def test_a_zoo_student_takes_weights_and_then_its_lora_branches(tmp_path):
+    """--teacher T -m reduce20 --weights W --lora-rank 2: the weights name the convs without branches (they were
+    refused as missing 90 tensors); the branches start at zero, so the student computes the weights' function."""
+    from train.pipeline import build_student
+
+    source = models.create_model("reduce20", expansion=0, num_classes=10).eval()
+    weights = models.save_checkpoint(source, tmp_path / "w")
+    student = build_student(Distil("unused", "reduce20", weights=str(weights), lora_rank=2), None, 10, 32).eval()
+    assert student.config["lora_rank"] == 2 and any(type(m).__name__ == "LoRABranch" for m in student.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(student(x), source(x))
+        reloaded = models.load_checkpoint(models.save_checkpoint(student, tmp_path / "s")).eval()
+        assert torch.equal(reloaded(x), student(x))

@@ -35,6 +35,7 @@ from models import complexity, create_model, read_record, student_from_teacher
 from models.checkpoint import (atomic_write_text, file_sha256, load_checkpoint as load_checkpoint_model, resolve,
                                user_path)
 from models.grow import add_lora_to_convs, grow, is_grown, ungrow
+from models.surgery import add_zoo_lora
 from models.errors import CheckpointError, ConfigError, brief
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
@@ -208,9 +209,10 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
     """The teacher's student (:class:`Inherit`) or a fresh student (:class:`Distil`), with its LoRA branches."""
     if isinstance(derive, Inherit):
         return student_from_teacher(teacher, lora_rank=derive.lora_rank, lora_targets=derive.lora_targets)
-    if is_reducible(derive.model):
-        student = create_model(derive.model, num_classes=num_classes, expansion=0, lora_rank=derive.lora_rank,
-                               lora_targets=derive.lora_targets)
+    if is_reducible(derive.model):  # with --weights, the LoRA branches come after them (the weights name no branch)
+        rank = 0 if derive.weights else derive.lora_rank
+        student = create_model(derive.model, num_classes=num_classes, expansion=0, lora_rank=rank,
+                               lora_targets=derive.lora_targets if rank else None)
     else:
         sized = {"image_size": image_size} if accepts(derive.model, "image_size") else {}
         student = create_model(derive.model, num_classes=num_classes, **sized)
@@ -219,6 +221,8 @@ def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int
         _load_weights(student, derive.weights)
     if derive.lora_rank and not is_reducible(derive.model):  # after the weights, which name the convs unwrapped
         add_lora_to_convs(student, derive.lora_rank, derive.lora_targets)
+    elif derive.lora_rank and derive.weights:
+        add_zoo_lora(student, derive.lora_rank, derive.lora_targets)
     return student
 
 
