@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -55,22 +57,49 @@ def _leave_process_group() -> None:
             pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, torchrun stopping the other processes), raised where the process is, so that
+    a run stops as it does on Ctrl-C: its checkpoints kept, the folders a run that never saved one made removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into :class:`Terminated` while a CLI runs (in the main thread, when nobody handles it yet);
+    returns what puts the previous handler back."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    signal.signal(signal.SIGTERM, _terminate)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def cli_errors(main: F) -> F:
-    """Decorate a CLI ``main`` so that a :class:`ReduceNetError` prints ``error: ...`` and exits with 2."""
+    """Decorate a CLI ``main`` so that a :class:`ReduceNetError` prints ``error: ...`` and exits with 2; Ctrl-C
+    prints ``interrupted`` (exit 130), SIGTERM ``terminated`` (exit 143), each after the run has stopped cleanly."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        restore = _catch_sigterm()
         try:
             return main(*args, **kwargs)
         except ReduceNetError as e:
             print(f"error: {e}", file=sys.stderr)
             _leave_process_group()
             sys.exit(2)
+        except Terminated:
+            print("terminated", file=sys.stderr)
+            _leave_process_group()
+            sys.exit(143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
+        finally:
+            restore()
 
     return wrapper  # type: ignore[return-value]

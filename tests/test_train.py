@@ -1000,3 +1000,15 @@ def test_device_cuda_without_index_is_the_current_gpu(monkeypatch):
         assert dev == torch.device(expected) and chosen[-1] == dev
     with pytest.raises(ReduceNetError, match=r"only 2 GPU\(s\) are visible; use cuda:0 to cuda:1"):
         init_distributed("cuda:2")
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM in the first epoch: 'terminated', exit 143, and the folders the run made are gone (it
+    died at once, leaving them and their lock)."""
+    from train.engine import Trainer
+
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "new" / "run"
+    assert expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)], code=143) == "terminated"
+    assert not (tmp_path / "new").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler lived only while it ran
