@@ -1012,3 +1012,19 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
     assert expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(out)], code=143) == "terminated"
     assert not (tmp_path / "new").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler lived only while it ran
+
+
+def test_compile_without_a_compiler_is_one_line(tmp_path, capsys, monkeypatch):
+    """torch.compile compiles at the first step: a machine without a C++ compiler failed there with inductor's
+    traceback. Now one line says what to install or drop, and the new folders go."""
+    import torch._inductor.exc
+    from train.engine import Trainer
+
+    def no_compiler(self, epoch):
+        raise torch._inductor.exc.InvalidCxxCompiler()
+
+    monkeypatch.setattr(Trainer, "train_epoch", no_compiler)
+    out = tmp_path / "new" / "run"
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--compile", "--out", str(out)])
+    assert line.startswith("error: --compile failed to compile the step (InvalidCxxCompiler: No working C++ compiler")
+    assert "drop --compile" in line and not (tmp_path / "new").exists()

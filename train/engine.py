@@ -222,6 +222,13 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
     return info, dev
 
 
+def _compiler_failure(error: BaseException) -> bool:
+    """Whether ``error`` is torch.compile's own (dynamo's or inductor's: no C++ compiler, a backend that failed),
+    not the model's."""
+    return any(type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+               for e in (error, error.__cause__) if e is not None)
+
+
 class Trainer:
     """Trains a :class:`~train.tasks.Task` on ``data``: the one loop of every stage.
 
@@ -470,7 +477,14 @@ class Trainer:
             self._finish_epoch({"lr": 0.0, "train_loss": nan, "train_acc": nan, "images_per_s": nan}, 0, wall)
         for epoch in range(self.epoch, self.cfg.epochs):
             t0 = time.perf_counter()
-            self._finish_epoch(self.train_epoch(epoch), epoch + 1, t0)
+            try:
+                row = self.train_epoch(epoch)
+            except Exception as e:  # torch.compile compiles at the first step: a missing C++ compiler shows here
+                if self.cfg.compile and _compiler_failure(e):
+                    raise ConfigError(f"--compile failed to compile the step ({brief(e)}); install a C++ compiler "
+                                      "(and Triton on a GPU) or drop --compile") from None
+                raise
+            self._finish_epoch(row, epoch + 1, t0)
         summary = self.summary(time.perf_counter() - wall)
         for callback in self.callbacks:
             callback.on_fit_end(self, summary)
