@@ -738,7 +738,7 @@ def test_one_run_directory_one_process(tmp_path, capsys):
     assert summary["last_epoch"] == 3 and not hidden_files(out)
 
 
-def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
+def test_resume_refuses_other_options_and_honours_a_new_lr(teacher, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*TINY_ARGS, "--epochs", "3", "--lr", "0.05", "--out", str(out)]
     run_main(stage1.main, argv)
@@ -751,6 +751,10 @@ def test_resume_refuses_other_options_and_honours_a_new_lr(tmp_path, capsys):
         line = expect_error(capsys, stage1.main, [*argv, *extra, "--resume"])
         assert named in line and "args.json" in line, line
         assert snapshot(out) == before
+    line = expect_error(capsys, stage2.main, ["--inherit", str(teacher["dir"]), "--subset", "64", "--batch-size", "32",
+                                              "--out", str(out), "--resume"])
+    assert "(it is a run of python -m train.stage1: resume it with that command)" in line, line  # not 15 options
+    assert snapshot(out) == before
     # a lower peak lr is honoured on resume and recorded: interrupt a fresh run after its first epoch
     with training_stopped_at(call=2):
         expect_error(capsys, stage1.main, [*argv, "--overwrite"], code=130)

@@ -27,7 +27,7 @@ from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES, help_default
 from .data.stream import build_stream_data, fits_in_memory
 from .rundir import RunDir
-from .spec import LOADERS, DataSpec, LossSpec, OptimSpec, RuntimeSpec, load_spec, options_of
+from .spec import COMMANDS, LOADERS, DataSpec, LossSpec, OptimSpec, RuntimeSpec, load_spec, options_of
 from .tasks import layer_channels, stage_outputs
 
 
@@ -125,7 +125,7 @@ def parse_options(parser: argparse.ArgumentParser, argv: list[str] | None,
             raise ConfigError(f"--config {args.config} is a level of a Pyramid chain; rerun the chain with "
                               "python -m train.pyramid and its options (its finished levels are skipped)")
         if spec.kind not in kinds:
-            module = {"fresh": "train.stage1", "trim": "train.trim"}.get(spec.kind, "train.stage2")
+            module = COMMANDS[spec.kind]
             raise ConfigError(f"--config {args.config} is a {spec.kind} run; run it with python -m {module}")
         parser.set_defaults(**options_of(spec))
         args = parser.parse_args(argv)

@@ -461,6 +461,10 @@ def differences(old: dict[str, Any], new: RunSpec, moved: frozenset[str] = froze
     a resume may not change. ``moved``: the derivation's fields (``teacher``) naming a checkpoint found at another
     path with the bytes the run started with, which are the same checkpoint."""
     mine, allowed = new.to_dict(), resumable_fields(new) | {f"derive.{name}" for name in moved}
+    made_by = (old.get("derive") or {}).get("kind")
+    if made_by in COMMANDS and made_by != mine["derive"].get("kind") and COMMANDS[made_by] != COMMANDS.get(
+            mine["derive"].get("kind")):  # another command's run: its every option would differ
+        return [f"it is a run of python -m {COMMANDS[made_by]}: resume it with that command"]
     out = []
     for part, values in mine.items():
         flat = values.items() if isinstance(values, dict) else [(None, values)]
@@ -474,6 +478,10 @@ def differences(old: dict[str, Any], new: RunSpec, moved: frozenset[str] = froze
             out.append(f"{option} {_show(value)} (run: {_show(before)})")
     return out
 
+
+#: The command that trains each kind of derivation.
+COMMANDS = {"fresh": "train.stage1", "inherit": "train.stage2", "distil": "train.stage2", "trim": "train.trim",
+            "pyramid": "train.pyramid"}
 
 #: The command-line option of a derivation's field whose name is not the option's.
 _CLI_NAMES = {(Inherit, "teacher"): "inherit", (Pyramid, "top"): "teacher"}
