@@ -937,3 +937,16 @@ def test_a_gpu_tests_in_large_batches_a_cpu_in_twice_the_training_batch():
     assert default_eval_batch_size(32, 224, "cuda") == 64 and default_eval_batch_size(1024, 32, "cuda") == 2048
     loaders = build_data("cifar10", CIFAR10, 16, subset=100, download=False)
     assert loaders.test.batch_size == 32
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning_line(tmp_path, monkeypatch, capsys):
+    """$REDUCENET_CACHE naming a file: the images still load, and stderr says so in one line (a raw UserWarning
+    printed its source line)."""
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("REDUCENET_CACHE", str(tmp_path / "a-file"))
+    monkeypatch.setattr("train.data.folders._WARNED", set())
+    train, _, info = load_dataset("imagefolder", make_tree(tmp_path / "tree"), image_size=8)
+    assert len(train.labels) == 12 and info.num_classes == 3
+    err = capsys.readouterr().err
+    assert err.startswith("warning: cannot write cache ") and err.count("\n") == 1, err
+    assert "set REDUCENET_CACHE to a writable folder" in err

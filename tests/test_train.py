@@ -934,6 +934,9 @@ def test_out_that_is_a_file_and_a_damaged_train_state_are_one_line(tmp_path, cap
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(target)])
     assert "is a file" in line and target.read_text() == "mine"
     assert "--out is empty" in expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", ""])
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # it read as "cannot write to ... (File exists)"
+    line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--out", str(tmp_path / "dangling")])
+    assert f"is a link to {tmp_path / 'gone'}, which does not exist" in line, line
     with pytest.MonkeyPatch.context() as mp:  # --out=~/run: no shell expands a ~ after "="; the program does
         mp.setenv("HOME", str(tmp_path))
         run_main(stage1.main, [*TINY_ARGS, "--out=~/run"])

@@ -163,6 +163,9 @@ class RunDir:
         """Check the folder, take its lock and, with ``--resume``, check the options; writes nothing else."""
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file; pass a folder for the run")
+        if self.path.is_symlink() and not self.path.exists():
+            raise RunDirError(f"--out {self.path} is a link to {os.readlink(self.path)}, which does not exist; make "
+                              "that folder, or pass another --out")
         resumable = (self.path / "train_state.pt").is_file()
         started = (self.path / "args.json").is_file()  # a run began here (killed before its first epoch ended?)
         if self.resume and not resumable:

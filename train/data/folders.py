@@ -13,7 +13,6 @@ import os
 import struct
 import sys
 import tempfile
-import warnings
 import zipfile
 import zlib
 from contextlib import AbstractContextManager, nullcontext
@@ -28,7 +27,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from models.checkpoint import user_path
-from models.errors import DataError
+from models.errors import DataError, brief
 
 from ..progress import Progress
 from .base import ArrayData, _check_memory, _one_line
@@ -521,7 +520,7 @@ def _load_tree(tree: ImageTree, image_size: int, crop: float) -> tuple[ArrayData
             c = torch.load(path, weights_only=True)
             return ArrayData(c["train_images"], c["train_labels"]), ArrayData(c["test_images"], c["test_labels"]), c
         except Exception as e:  # a damaged cache file is rebuilt
-            warnings.warn(f"ignoring unreadable cache {path} ({type(e).__name__}); decoding again", stacklevel=3)
+            warn_once(f"ignoring unreadable cache {path} ({type(e).__name__}); decoding again")
     splits = []
     for split, items in (("train", tree.train), ("test", tree.test)):
         images = _decode_images(tree, [n for n, _ in items], image_size, crop, f"decoding {tree.source.name} {split}")
@@ -535,7 +534,7 @@ def _load_tree(tree: ImageTree, image_size: int, crop: float) -> tuple[ArrayData
     try:
         _save_atomic(c, path)
     except OSError as e:
-        warnings.warn(f"cannot write cache {path} ({e}); set REDUCENET_CACHE to a writable folder", stacklevel=3)
+        warn_once(f"cannot write cache {path} ({brief(e)}); set REDUCENET_CACHE to a writable folder")
     return splits[0], splits[1], c
 
 
