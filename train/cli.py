@@ -21,7 +21,7 @@ from models.errors import CheckpointError, ConfigError, DataError, ReduceNetErro
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size, warn_once
 from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES, DistillLoss, FeatureDistill, SemCKD
-from .engine import COMPILE_MODES, Dist, init_distributed
+from .engine import COMPILE_MODES, Dist, init_distributed, is_main_process
 from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES, help_default
@@ -332,7 +332,7 @@ def check_teacher(teacher: nn.Module, data: Data, option: str = "--teacher") -> 
     option that named the teacher."""
     check_classes(teacher, data.info, "the teacher", "pass the teacher's --dataset/--data-dir")
     trained_at = ((teacher.preprocess or {}).get("input_size") or [None])[-1]
-    if trained_at and trained_at != data.info.image_size and (not dist.is_initialized() or dist.get_rank() == 0):
+    if trained_at and trained_at != data.info.image_size and is_main_process():
         warn_once(f"the teacher was trained at {trained_at} px and sees {data.info.image_size} px images here "
                   f"(--image-size): its accuracy printed below is at {data.info.image_size} px")
     set_preprocess(teacher, teacher.preprocess or normalization("dataset", data.info))

@@ -194,6 +194,11 @@ class Dist:
         return t.tolist()
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process alone: where code with no :class:`Dist` at hand prints."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

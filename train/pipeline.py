@@ -46,7 +46,7 @@ from models.weights import load_pretrained
 from .cli import (check_teacher, data_identity, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint,
                   logit_loss, make_run_dir, setup, size_line, teachers_data)
 from .deploy import FuseCheckExport
-from .engine import Trainer, evaluate
+from .engine import Trainer, evaluate, is_main_process
 from .preprocess import Renormalize, normalization
 from .rundir import command_line, finished_summary, mark_done, options_of_run
 from .schedules import LambdaSchedule
@@ -118,7 +118,7 @@ def is_checkpoint_path(model: str) -> bool:
 def _load_weights(model: nn.Module, path: str) -> None:
     """``--weights``: load them, and say so when the head starts new (weights of another class count)."""
     new = load_pretrained(model, path)
-    if new and (not dist.is_initialized() or dist.get_rank() == 0):
+    if new and is_main_process():
         print(f"weights: {path} loaded, but for the head ({', '.join(new)}), whose shape differs: it starts new, for "
               f"{model.num_classes} classes", flush=True)
 

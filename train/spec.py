@@ -462,9 +462,8 @@ def differences(old: dict[str, Any], new: RunSpec, moved: frozenset[str] = froze
     path with the bytes the run started with, which are the same checkpoint."""
     mine, allowed = new.to_dict(), resumable_fields(new) | {f"derive.{name}" for name in moved}
     made_by = (old.get("derive") or {}).get("kind")
-    if made_by in COMMANDS and made_by != mine["derive"].get("kind") and COMMANDS[made_by] != COMMANDS.get(
-            mine["derive"].get("kind")):  # another command's run: its every option would differ
-        return [f"it is a run of python -m {COMMANDS[made_by]}: resume it with that command"]
+    if made_by in COMMANDS and COMMANDS[made_by] != COMMANDS.get(mine["derive"].get("kind")):
+        return [f"it is a run of python -m {COMMANDS[made_by]}: resume it with that command"]  # not every option
     out = []
     for part, values in mine.items():
         flat = values.items() if isinstance(values, dict) else [(None, values)]
