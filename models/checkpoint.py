@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -48,7 +49,44 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file; mkstemp's o
 
 
 class WriteError(ReduceNetError, OSError):
-    """A file could not be written (disk full, read-only folder, ...); the previous file is unchanged."""
+    """A file could not be written (disk full, read-only folder, ...); the previous file is unchanged. ``reason``:
+    why, in a few words."""
+
+    reason: str = ""
+
+
+def _temp_prefix(path: Path) -> str:
+    """The start of the names of :func:`atomic_write`'s temp files for ``path``: they say whose they are."""
+    return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: running
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files of ``path`` that :func:`atomic_write` left when its process was killed mid-write
+    (SIGKILL, a power cut): those of this machine whose process no longer runs. Another process's write in progress,
+    here or on another machine sharing the folder, is left alone. Returns the files removed."""
+    host = socket.gethostname()
+    start = f".{path.name}.{host}-"
+    removed = []
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(start) and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for p in candidates:
+        pid = p.name[len(start):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -60,7 +98,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
@@ -78,8 +117,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             reason = brief(getattr(e, "strerror", None) or e, typed=False)  # "No space left on device", no errno
             if full and "No space" not in reason:
                 reason = f"no space left on the disk: {reason}"
-            raise WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
-                             "free some disk space or choose a writable folder") from None
+            error = WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
+                               "free some disk space or choose a writable folder")
+            error.reason = reason
+            raise error from None
         raise
     return path
 

@@ -458,3 +458,28 @@ def test_a_missing_checkpoint_is_named_as_the_user_wrote_it_with_the_reason(tmp_
         resolve(tmp_path / "model.onnx")
     assert str(e.value).startswith(f"{tmp_path / 'model.onnx'} is a deploy program (.onnx)")
     assert "pass its model.safetensors beside it" in str(e.value)
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL during an atomic write (a checkpoint, the image cache: gigabytes) leaves its temp file, named with its
+    machine and process; the next write of the same file removes it, and leaves alone a write in progress here or on
+    another machine."""
+    import socket
+    import subprocess
+
+    target, host = tmp_path / "cache.pt", socket.gethostname()
+    names = []
+    ckpt_mod.atomic_write(target, lambda tmp: names.append(os.path.basename(tmp)) or open(tmp, "wb").write(b"old"))
+    assert names[0].startswith(f".cache.pt.{host}-{os.getpid()}.") and names[0].endswith(".tmp")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that no longer runs: as one killed mid-write
+    killed = tmp_path / f".cache.pt.{host}-{gone.pid}.abc.tmp"
+    running = tmp_path / f".cache.pt.{host}-1.abc.tmp"  # pid 1 runs
+    elsewhere = tmp_path / f".cache.pt.other-host-{gone.pid}.abc.tmp"
+    other_file = tmp_path / f".cache.ptx.{host}-{gone.pid}.abc.tmp"
+    for p in (killed, running, elsewhere, other_file):
+        p.write_bytes(b"")
+    ckpt_mod.atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert target.read_bytes() == b"new" and not killed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache.pt", running.name, elsewhere.name,
+                                                                 other_file.name])

@@ -283,6 +283,17 @@ def test_imagefolder_zip_with_top_folder_and_val_split_equals_folder(tmp_path):
     assert a_info.classes == b_info.classes and b_info.source == str(tmp_path / "tree.zip")
 
 
+def test_a_tree_with_test_and_val_tests_on_test_and_says_so(tmp_path, capsys):
+    root = make_tree(tmp_path / "tree")
+    shutil.copytree(root / "test", root / "val")
+    tree = scan_image_tree(root)
+    assert {n.split("/")[0] for n, _ in tree.test} == {"test"}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test/ is the test split and val/ is not used" in err
+    scan_image_tree(root)
+    assert capsys.readouterr().err == ""  # once per process
+
+
 @pytest.mark.parametrize("top, test_name", [("test", "test"), ("test", "val"), ("val", "test"), ("train", "test")])
 @pytest.mark.parametrize("form", ["zip", "folder"])
 def test_a_tree_in_a_top_folder_named_like_a_split_is_found_one_level_down(tmp_path, top, test_name, form):

@@ -12,7 +12,6 @@ import multiprocessing
 import os
 import struct
 import sys
-import tempfile
 import zipfile
 import zlib
 from contextlib import AbstractContextManager, nullcontext
@@ -26,7 +25,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from models.checkpoint import user_path
+from models.checkpoint import atomic_write, user_path
 from models.errors import DataError, brief
 
 from ..progress import Progress
@@ -363,6 +362,9 @@ def scan_image_tree(source: str | os.PathLike) -> ImageTree:
     test_key = next((top + s for s in ("test", "val") if top + s in splits), None)
     if test_key is None:
         raise DataError(f"{source} has {top}train/ but no {top}test/ or {top}val/ class folders; add the test split")
+    if test_key == top + "test" and top + "val" in splits:  # ImageNet-style train/val/test: which one scores
+        warn_once(f"{source} has both {top}test/ and {top}val/: {top}test/ is the test split and {top}val/ is not "
+                  "used; move it aside to test on it")
     classes = sorted(splits[top + "train"])
     class_dirs, train_dir = folders[top + "train"], source / f"{top}train"
     if train_dir.is_dir():  # an empty class folder lists no file
@@ -479,19 +481,6 @@ def _fingerprint(tree: ImageTree) -> str:
     return h.hexdigest()
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    """Writes ``obj`` with ``torch.save`` to a temporary file next to ``path``, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std, in [0, 1], of a uint8 ``[N, 3, H, W]`` tensor (computed in chunks)."""
     s = torch.zeros(3, dtype=torch.float64)
@@ -532,9 +521,10 @@ def _load_tree(tree: ImageTree, image_size: int, crop: float) -> tuple[ArrayData
         "classes": tree.classes, "mean": list(mean), "std": list(std),
     }
     try:
-        _save_atomic(c, path)
+        atomic_write(path, lambda tmp: torch.save(c, tmp))  # a killed writer's temp file goes next time
     except OSError as e:
-        warn_once(f"cannot write cache {path} ({brief(e)}); set REDUCENET_CACHE to a writable folder")
+        warn_once(f"cannot write cache {path} ({getattr(e, 'reason', '') or brief(e)}); set REDUCENET_CACHE to a "
+                  "writable folder")
     return splits[0], splits[1], c
 
 
