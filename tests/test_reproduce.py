@@ -954,6 +954,20 @@ def test_a_batch_larger_than_the_data_names_what_reproduce_can_change(tmp_path, 
     assert "--batch-size" not in err and "a larger --subset" in err
 
 
+def test_bench_says_its_defaults_and_refuses_a_pack_mode_without_pack(capsys):
+    from train import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: reduce20 reduce56)" in out and "(default: 20)" in out and "(default: processes)" in out
+    assert "(default: False)" not in out and "[]" not in out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--pack-mode", "streams", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "add --pack N" in err
+
+
 def test_bench_refuses_a_model_it_cannot_time_before_timing_the_others(capsys):
     from train import bench
 

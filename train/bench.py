@@ -47,6 +47,7 @@ from models import create_model, list_models, student_from_teacher
 from models.checkpoint import user_path
 from models.errors import ConfigError, ReduceNetError, brief, cli_errors
 
+from .cli import DescribedHelpFormatter
 from .data import ArrayData, DatasetInfo, build_data, extract_images, scan_image_tree
 from .data.subsets import SubsetSizeError
 from .distill import DistillLoss
@@ -334,11 +335,14 @@ def folder_speed(source: Path, images: int, batch_size: int, workers: int, steps
 @cli_errors
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["reduce20", "reduce56"])
-    p.add_argument("--dataset", default="cifar10")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--batch-size", type=int, default=128)
+                                formatter_class=DescribedHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["reduce20", "reduce56"],
+                   help="ReduceNet models to time, each as a teacher, a student and a distilled student "
+                        "(default: reduce20 reduce56)")
+    p.add_argument("--dataset", default="cifar10",
+                   help="as the training CLIs' --dataset; its train split feeds every path")
+    p.add_argument("--data-dir", default=None, help="the data folder or zip (default: $REDUCENET_DATA, else ./data)")
+    p.add_argument("--batch-size", type=int, default=128, help="the recipes' batch")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per path")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop and the folders")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -348,15 +352,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--cuda-graph", action="store_true",
                    help="ours: the whole training step as one CUDA graph (with --compile-mode default or --no-compile)")
     p.add_argument("--pack", type=int, nargs="+", default=[], metavar="N",
-                   help="also train N copies of (b) at once (the first model's teacher), as --pack-mode says")
-    p.add_argument("--pack-mode", nargs="+", choices=PACK_MODES, default=["processes"],
-                   help="how --pack's runs share the device: processes (as train.reproduce --jobs runs them), "
-                        "streams (threads of one process, a CUDA stream each), or both")
+                   help="also train N copies of (b) at once (the first model's teacher), as --pack-mode says "
+                        "(default: none)")
+    p.add_argument("--pack-mode", nargs="+", choices=PACK_MODES, default=None,
+                   help="with --pack: how its runs share the device: processes (as train.reproduce --jobs runs "
+                        "them), streams (threads of one process, a CUDA stream each), or both (default: processes)")
     p.add_argument("--profile-dir", default=None,
                    help="write each path's top GPU kernels and host ops here (CUDA only)")
     p.add_argument("--folder", default=None, help="also time the streaming loader on this image folder or zip")
     p.add_argument("--folder-images", type=int, default=1024, help="images of --folder to use")
     args = p.parse_args(argv)
+    if args.pack_mode and not args.pack:
+        raise ConfigError(f"--pack-mode {' '.join(args.pack_mode)} says how --pack's runs share the device: add --pack "
+                          "N [N ...] (e.g. --pack 1 2 4 8), or leave --pack-mode out")
+    args.pack_mode = args.pack_mode or ["processes"]
     for option, value, least in (("--steps", args.steps, 1), ("--workers", args.workers, 0),
                                  ("--batch-size", args.batch_size, 1), ("--folder-images", args.folder_images, 1),
                                  *(("--pack", n, 1) for n in args.pack)):

@@ -32,12 +32,17 @@ from .tasks import layer_channels, stage_outputs
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's defaults in the help, except where the help already says it (a recipe's) or there is none."""
+    """argparse's defaults in the help, except where the help already says it (a recipe's), there is none, or the
+    option is a flag (its default is off)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "default:" in (action.help or ""):
+        if action.default is None or action.nargs == 0 or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class DescribedHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` for a command whose description (its module docstring) keeps its own line breaks."""
 
 
 def common_parser(prog: str, description: str, *, stage: str, epochs: int,
@@ -290,7 +295,13 @@ def feature_loss(loss: LossSpec, batch_size: int, student: nn.Module, teacher: n
     if len(s_layers) != len(t_layers) and loss.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
         raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
                           f"{len(t_layers)}: pass --teacher-layers, one per student layer")
-    channels = [layer_channels(m, layers, input_size) for m, layers in ((student, s_layers), (teacher, t_layers))]
+    channels = []
+    for model, layers, option in ((student, s_layers, "--feature-layers"), (teacher, t_layers, "--teacher-layers")):
+        try:
+            channels.append(layer_channels(model, layers, input_size))
+        except ConfigError as e:  # say whose layer it is: student and teacher may share class and module names
+            role = "student" if model is student else "teacher"
+            raise ConfigError(f"{option} (the {role}'s layers): {e}") from None
     try:
         if loss.feature_kd == "semckd":
             module: nn.Module = SemCKD(channels[0], channels[1], batch_size, loss.feature_weight)

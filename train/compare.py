@@ -23,12 +23,13 @@ from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 from models.identity import card_of
 
+from .cli import DescribedHelpFormatter
 from .timing import measure
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DescribedHelpFormatter)
     p.add_argument("files", nargs="+", help="checkpoints, run directories or deploy files")
     p.add_argument("--batch-size", type=int, default=64, help="the second batch timed (the first is 1)")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds (their median)")

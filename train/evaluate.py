@@ -26,7 +26,7 @@ from models import load_any
 from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 
-from .cli import check_classes, load_data, recorded_data_dir
+from .cli import DescribedHelpFormatter, check_classes, load_data, recorded_data_dir
 from .data import DATASETS
 from .engine import Dist, check_finite, evaluate, init_distributed
 from .provenance import hardware, native_bf16
@@ -36,7 +36,7 @@ from .spec import DataSpec
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DescribedHelpFormatter)
     p.add_argument("checkpoint", help=".safetensors checkpoint, its .json, a run directory (uses last), or a deploy "
                                       "file: model.pt2, model.ts, model.onnx")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from models.errors import ConfigError, cli_errors
 
+from ..cli import DescribedHelpFormatter
 from ..engine import COMPILE_MODES
 from ..tasks import LOSSES
 from . import parallel, runner, specs, tables
@@ -52,7 +53,7 @@ __all__ = ["parallel", "runner", "specs", "tables", "main", "build_parser", "tra
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DescribedHelpFormatter)
     p.add_argument("table", choices=TABLES)
     p.add_argument("--budget", choices=("full", "medium", "short", "smoke"), default="short",
                    help="full: the papers' epochs; medium: CPU hours; short: CPU-sized; smoke: 1 epoch, for tests")
