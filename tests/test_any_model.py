@@ -247,6 +247,24 @@ def test_a_model_that_cannot_take_the_data_s_size_is_refused_before_training(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_weights_of_a_run_directory_are_its_last_checkpoint(tmp_path):
+    """--weights RUN_DIR takes the run's last checkpoint, as -m, --teacher and evaluate take a run directory; a
+    folder of something else says what to pass."""
+    from models.checkpoint import save_checkpoint
+    from train.pipeline import _load_weights
+
+    source = models.create_model("reduce20", expansion=0)
+    (tmp_path / "run").mkdir()
+    save_checkpoint(source, tmp_path / "run" / "last.safetensors")
+    model = models.create_model("reduce20", expansion=0)
+    _load_weights(model, str(tmp_path / "run"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    (tmp_path / "other").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        _load_weights(model, str(tmp_path / "other"))
+    assert "holds no last.safetensors" in one_line(e) and "run directory" in one_line(e)
+
+
 def test_weights_that_are_a_device_or_a_folder_say_so(tmp_path):
     model = models.create_model("reduce20", expansion=0)
     for path, words in (("/dev/null", "not a regular file"), (str(tmp_path), "is a folder"),

@@ -512,12 +512,16 @@ def test_existing_out_is_refused_and_left_unchanged(teacher, tmp_path, capsys):
     (["--lora-rank", "2", "--lambda-epochs", "3"], "--epochs 2"),
     (["--lora-rank", "2", "--lambda-epochs", "-1"], "--lambda-epochs"),
     (["--lora-targets", "layer1*"], "--lora-targets chooses the convs that get LoRA branches: pass --lora-rank"),
+    (["--lora-rank", "2", "--lora-targets", "nothing*"], "--lora-targets ['nothing*'] match no conv of this model"),
     (["--kd", "kd", "--kd-beta", "3"], "--kd-beta weighs DKD's non-target term: it applies to --kd dkd, not --kd kd"),
     (["--kd", "dkd", "--ce-weight", "0.3"], "--ce-weight weighs the cross-entropy beside --kd kd or mse, not --kd dkd"),
     (["--feature-kd", "at", "--feature-weight", "nan"], "--feature-weight nan is not valid: pass a finite number"),
     (["--kd-alpha", "inf", "--ce-weight", "1"], "--kd-alpha inf is not valid: pass a finite number"),
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it: pass one"),
-    (["--feature-kd", "at", "--feature-layers", "fc", "--teacher-layers", "fc"], "not a feature map (N, C, H, W)"),
+    (["--feature-kd", "at", "--feature-layers", "fc", "--teacher-layers", "fc"],
+     "--feature-layers (the student's layers): feature layer 'fc' of ReduceNet outputs shape (1, 10)"),
+    (["--feature-kd", "at", "--teacher-layers", "layer1", "layer2", "layer9"],
+     "--teacher-layers (the teacher's layers): feature layer 'layer9' is not a module of ReduceNet"),
 ])
 def test_stage2_option_validation(teacher, extra, words, tmp_path, capsys):
     """Options that do nothing for the others given (they were dropped without a word) or that are not finite
@@ -1007,6 +1011,9 @@ def test_device_cuda_without_index_is_the_current_gpu(monkeypatch):
         assert dev == torch.device(expected) and chosen[-1] == dev
     with pytest.raises(ReduceNetError, match=r"only 2 GPU\(s\) are visible; use cuda:0 to cuda:1"):
         init_distributed("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ReduceNetError, match=r"^--device cuda:1 was asked for but no GPU is visible; use --device cpu"):
+        init_distributed("cuda:1")
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, capsys, monkeypatch):

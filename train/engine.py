@@ -215,7 +215,7 @@ def init_distributed(device: str) -> tuple[Dist, torch.device]:
         raise ReduceNetError(f"--device {device!r}: training runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ReduceNetError("--device cuda was asked for but no GPU is visible; use --device cpu")
+            raise ReduceNetError(f"--device {device} was asked for but no GPU is visible; use --device cpu")
         if dev.index is None:  # torch.cuda.set_device needs an index: plain "cuda" is the current GPU
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index >= torch.cuda.device_count():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -116,8 +117,9 @@ def is_checkpoint_path(model: str) -> bool:
 
 
 def _load_weights(model: nn.Module, path: str) -> None:
-    """``--weights``: load them, and say so when the head starts new (weights of another class count)."""
-    new = load_pretrained(model, path)
+    """``--weights``: load them (a run directory or deploy folder: its checkpoint, as everywhere), and say so when
+    the head starts new (weights of another class count)."""
+    new = load_pretrained(model, resolve(path) if Path(path).is_dir() else path)
     if new and is_main_process():
         print(f"weights: {path} loaded, but for the head ({', '.join(new)}), whose shape differs: it starts new, for "
               f"{model.num_classes} classes", flush=True)
@@ -206,7 +208,15 @@ def load_teacher(path: str, expected_model: str | None, inherit: bool = True):
 
 
 def build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int, image_size: int) -> nn.Module:
-    """The teacher's student (:class:`Inherit`) or a fresh student (:class:`Distil`), with its LoRA branches."""
+    """The teacher's student (:class:`Inherit`) or a fresh student (:class:`Distil`), with its LoRA branches; the
+    model API's refusals of ``lora_rank``/``lora_targets`` name the options ``--lora-rank``/``--lora-targets``."""
+    try:
+        return _build_student(derive, teacher, num_classes, image_size)
+    except ConfigError as e:
+        raise ConfigError(re.sub(r"\blora_(rank|targets)\b", r"--lora-\1", str(e))) from None
+
+
+def _build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: int, image_size: int) -> nn.Module:
     if isinstance(derive, Inherit):
         return student_from_teacher(teacher, lora_rank=derive.lora_rank, lora_targets=derive.lora_targets)
     if is_reducible(derive.model):  # with --weights, the LoRA branches come after them (the weights name no branch)

@@ -29,7 +29,8 @@ def build_parser():
                    help="zoo: branch (b) width factor, 0 trains the student (default 1: the teacher)")
     m.add_argument("--width", type=float, default=None, help="zoo: channel multiplier (ReduceNet 1, 2, 4; default 1)")
     m.add_argument("--weights", default=None,
-                   help="start from these weights (.safetensors, or a .pth state_dict read with weights_only=True)")
+                   help="start from these weights (.safetensors, a run directory's last checkpoint, or a .pth "
+                        "state_dict read with weights_only=True)")
     m.add_argument("--grow", type=int, default=None, metavar="E",
                    help="grow the model into a ReduceNet teacher: branch (b) of width E beside every conv that "
                         "feeds a BatchNorm (kxk, groups 1; a ReduceNet student: its blocks' first convs); "

@@ -39,7 +39,8 @@ def build_parser():
     s.add_argument("-m", "--model", default=None,
                    help="with --inherit: expected architecture (refuses another); with --teacher: the student "
                         "(zoo model, torchvision:NAME or timm:NAME)")
-    s.add_argument("--weights", default=None, help="with --teacher: start the student from these weights")
+    s.add_argument("--weights", default=None,
+                   help="with --teacher: start the student from these weights (a file or run directory)")
     s.add_argument("--lora-rank", type=int, default=0, help="rank of the linear LoRA branches; 0 for none")
     s.add_argument("--lora-targets", nargs="+", default=None,
                    help="globs over conv names that get LoRA (default: every 3x3 conv inside the blocks)")
