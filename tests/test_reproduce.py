@@ -342,6 +342,13 @@ def test_plan_writes_nothing_not_even_the_converted_teacher(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results").exists()
 
 
+def test_plan_says_when_the_rows_would_not_find_their_data(tmp_path):
+    gone = run([*smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", data=tmp_path / "nowhere"), "--plan"])
+    assert gone.splitlines()[-1].startswith("warning: the rows not finished would stop at their data: no CIFAR-10")
+    assert "warning" not in run([*smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20"), "--plan"])
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
 def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys, monkeypatch):
     argv = smoke_argv("original-stage2", tmp_path, "--original", str(ORIGINAL), "--exact-dir", str(CIFAR10))

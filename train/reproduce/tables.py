@@ -18,9 +18,10 @@ from models.errors import ConfigError, DataError
 from models.weights import read_state_dict
 
 from .. import evaluate as evaluate_cli
-from ..data import data_root
+from ..data import data_root, resolve_source
 from ..provenance import git_commit
 from ..rundir import in_use
+from ..spec import Fresh
 from ..timing import measure
 from .parallel import train_parallel
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
@@ -216,6 +217,20 @@ def _time_left(chosen: list[Row], left: list[float | None], jobs: int) -> str:
     return "; ".join(parts) or "nothing left to train"
 
 
+def _data_problem(rows: list[Row]) -> str | None:
+    """Why the data of ``rows`` cannot be found, or None: ``--plan`` says so before anything is trained. Only where
+    the files are looked for; nothing is read (a CIFAR download into an empty folder is not foreseen)."""
+    for r in rows:
+        for spec in getattr(r.spec, "levels", (r.spec,)):
+            if spec.data.dataset is None and not isinstance(spec.derive, Fresh):  # the teacher's: checked there
+                continue
+            try:
+                resolve_source(spec.data.dataset or "cifar10", spec.data.data_dir)
+            except DataError as e:
+                return str(e)
+    return None
+
+
 def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], None]) -> bool:
     """Train the table's rows; with ``--rows`` only those, and False (the table is not written from a part)."""
     picked = _picked(rows, args)
@@ -226,6 +241,9 @@ def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], 
         for r, state in zip(chosen, states):
             log(f"  {r.run.name:<40} {state}")
         log(_time_left(chosen, list(left), args.jobs))
+        problem = _data_problem([r for r, state in zip(chosen, states) if state != "finished"])
+        if problem:
+            log(f"warning: the rows not finished would stop at their data: {problem}")
         return False
     _check_inherited(chosen, rows)
     if args.jobs > 1:
