@@ -343,7 +343,8 @@ def test_plan_writes_nothing_not_even_the_converted_teacher(tmp_path):
 
 
 def test_plan_says_when_the_rows_would_not_find_their_data(tmp_path):
-    gone = run([*smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", data=tmp_path / "nowhere"), "--plan"])
+    argv = smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20", data=tmp_path / "nowhere")
+    gone = run([*argv, "--plan"])
     assert gone.splitlines()[-1].startswith("warning: the rows not finished would stop at their data: no CIFAR-10")
     assert "warning" not in run([*smoke_argv("cifar10-reducenet", tmp_path, "--models", "reduce20"), "--plan"])
     assert not (tmp_path / "runs").exists()
