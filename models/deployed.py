@@ -4,13 +4,17 @@
 ``model.pt2`` (``torch.export``), ``model.ts`` (TorchScript) and ``model.onnx`` (run with onnxruntime). A deploy
 file is read with the record written beside it (``model.json``: the model's config, preprocessing, class names
 and training metadata), so it is evaluated on the inputs it was trained on and compared with the checkpoint it
-came from. ``.pt2`` and ``.ts`` files are programs: load only files you or your runs wrote.
+came from. ``.pt2`` and ``.ts`` files are programs: load only files you or your runs wrote. A ``.pt2`` that holds
+pickled objects (which ``torch.export.load`` would unpickle, running any code they name) is refused; none of this
+project's exports holds one.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -81,6 +85,40 @@ def record_beside(path: Path) -> dict:
     return record
 
 
+def _check_pt2_payloads(path: Path) -> None:
+    """Refuse a ``.pt2`` that ``torch.export.load`` would unpickle with code execution allowed: weights or constants
+    marked ``use_pickle``, custom or opaque objects, or a ``.pt`` blob (sample inputs, a legacy format) that
+    ``torch.load(weights_only=True)`` refuses, which torch.export then loads unrestricted. The exports of this
+    project hold none of them. A damaged archive is left to ``torch.export.load`` to report."""
+    def refuse(member: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path} holds {what} ({member}), which torch.export.load would run as code: refused; "
+                               "re-export the model with python -m reparam.fuse, or load it with torch.export.load "
+                               "yourself if you trust its author")
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        for name in archive.namelist():
+            inner = name.split("/", 1)[-1]  # below the archive's root folder
+            if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith("_config.json"):
+                try:
+                    config = json.loads(archive.read(name)).get("config", {})
+                except (ValueError, AttributeError, zipfile.BadZipFile, OSError):
+                    return
+                for fqn, meta in (config.items() if isinstance(config, dict) else ()):
+                    meta = meta if isinstance(meta, dict) else {}
+                    if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj_",
+                                                                                            "opaque_obj_")):
+                        raise refuse(f"{fqn} in {inner}", "a pickled object")
+            elif inner.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except Exception:  # any refusal: torch.export would retry with weights_only=False
+                    raise refuse(inner, "a pickle that is not plain tensors") from None
+
+
 def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """The model in ``path``, any form a run writes (see the module docstring), in eval mode, with its card.
 
@@ -114,11 +152,14 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
             level = export_log.level
             export_log.setLevel(logging.CRITICAL)
             try:
+                _check_pt2_payloads(p)
                 model = Deployed(torch.export.load(str(p)).module(), p, form)
             finally:
                 export_log.setLevel(level)
     except ImportError:
         raise CheckpointError(f"{p}: reading ONNX needs onnxruntime (pip install onnxruntime)") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # each reader raises its own kinds for a damaged file
         raise CheckpointError(f"{p} is not a readable {form} file ({brief(e)})") from None
     card = ModelCard.from_config(record["config"], record.get("preprocess"), record.get("metadata"))

@@ -153,6 +153,53 @@ def test_a_damaged_deploy_file_is_one_line_and_nothing_else_is_printed(tmp_path,
         assert out == err == "", (out, err)
 
 
+class _Plant:
+    """A pickle that, once loaded without restriction, leaves a file: what a hostile .pt2 payload could do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pt2_with_pickled_payloads_is_refused_before_anything_runs(tmp_path):
+    """torch.export.load unpickles a weight marked use_pickle, and a sample-inputs blob that weights_only refuses,
+    with code execution allowed: such a .pt2 is refused and nothing in it runs; the export's own file loads."""
+    import io
+    import zipfile
+
+    from reparam.export import export_deploy
+
+    report = export_deploy(models.create_model("reduce20", expansion=0), tmp_path / "d", onnx=False,
+                           torchscript=False)
+    good = report.files["pt2"]
+    assert models.load_any(good).form == "torch.export"
+    planted = tmp_path / "planted"
+    evil = io.BytesIO()
+    torch.save(_Plant(str(planted)), evil)
+    with zipfile.ZipFile(good) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    config_name = next(n for n in members if n.endswith("data/weights/model_weights_config.json"))
+    inputs_name = next(n for n in members if n.endswith("data/sample_inputs/model.pt"))
+    config = json.loads(members[config_name])
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    for case, changes in (("weight", {config_name: json.dumps(config).encode(),
+                                      config_name.replace("model_weights_config.json", first["path_name"]):
+                                      evil.getvalue()}),
+                          ("sample inputs", {inputs_name: evil.getvalue()})):
+        bad = tmp_path / "d" / f"bad-{case.replace(' ', '-')}.pt2"
+        with zipfile.ZipFile(bad, "w") as z:
+            for n, data in {**members, **changes}.items():
+                z.writestr(n, data)
+        bad.with_suffix(".json").write_bytes((tmp_path / "d" / "model.json").read_bytes())
+        with pytest.raises(CheckpointError) as e:
+            models.load_any(bad)
+        assert "which torch.export.load would run as code: refused" in one_line(e), case
+        assert not planted.exists(), case
+
+
 def test_an_onnx_session_uses_torchs_threads_and_does_not_spin(tmp_path):
     """load_any's onnxruntime session is timed in turn with PyTorch (train.compare): its intra-op threads are
     torch's (so --threads limits both) and they do not spin-wait into PyTorch's turn; a given count wins."""

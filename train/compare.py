@@ -30,7 +30,8 @@ from .timing import measure
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__,
                                 formatter_class=DescribedHelpFormatter)
-    p.add_argument("files", nargs="+", help="checkpoints, run directories or deploy files")
+    p.add_argument("files", nargs="+",
+                   help="checkpoints, run directories or deploy files (.pt2 and .ts are programs: only ones you trust)")
     p.add_argument("--batch-size", type=int, default=64, help="the second batch timed (the first is 1)")
     p.add_argument("--repeats", type=int, default=30, help="timed rounds (their median)")
     p.add_argument("--threads", type=int, default=None,

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
                                 formatter_class=DescribedHelpFormatter)
     p.add_argument("checkpoint", help=".safetensors checkpoint, its .json, a run directory (uses last), or a deploy "
-                                      "file: model.pt2, model.ts, model.onnx")
+                                      "file: model.pt2, model.ts (programs: only ones you trust), model.onnx")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else cifar10")
     p.add_argument("--data-dir", default=None,
                    help="data root; default: the checkpoint's (refused if it no longer exists), else $REDUCENET_DATA")
