@@ -59,13 +59,24 @@ class GrownConv2d(nn.Module):
         raise ReparamError("it is a grown teacher's non-linear branch (b), which no conv can replace; take the "
                            "student with models.ungrow(teacher) (train.stage2 --inherit) and fuse that")
 
+    def fused_kernel(self) -> tuple[Tensor, Tensor]:
+        """Refused as :meth:`reparameterize` is (a zoo ConvBN asks its conv for one kernel): branch (b) is not
+        linear."""
+        self.reparameterize()
+        raise AssertionError("unreachable")
+
+
+def _names(globs: str | Sequence[str] | None) -> list[str] | None:
+    """Targets or module paths as a list: one string is one glob (not a sequence of one-letter globs)."""
+    return None if globs is None else [globs] if isinstance(globs, str) else list(globs)
+
 
 def default_targets(model: nn.Module) -> tuple[str, ...] | None:
     """The globs a family grows by default (its zoo teacher's branch points), or None: every eligible conv."""
     return FAMILY_TARGETS.get(type(model).__name__)
 
 
-def eligible(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
+def eligible(model: nn.Module, targets: str | Sequence[str] | None = None) -> list[str]:
     """The convs :func:`grow` gives a branch: of the convs that feed a BatchNorm, those matching ``targets`` (else the
     family's, else those with a kernel larger than 1x1 and groups 1). A glob picks dense convs only; a grouped or
     depthwise conv is grown (with a dense branch) only when a target names it exactly.
@@ -81,6 +92,7 @@ def eligible(model: nn.Module, targets: Sequence[str] | None = None) -> list[str
     if any(isinstance(m, GrownConv2d) for m in modules.values()):
         raise ConfigError(f"{name} is grown already; grow its student (models.ungrow) instead")
     convs = [c for c, _ in conv_bn_pairs(model)]
+    targets = _names(targets)
     globs = list(targets) if targets else list(default_targets(model) or ())
     such = f"such convs are {', '.join(convs[:6])}{', ...' if len(convs) > 6 else ''}"
     unmatched = [g for g in targets or () if not any(fnmatch(c, g) for c in convs)]
@@ -101,7 +113,7 @@ def eligible(model: nn.Module, targets: Sequence[str] | None = None) -> list[str
     return chosen
 
 
-def grow(model: nn.Module, expansion: int, targets: Sequence[str] | None = None,
+def grow(model: nn.Module, expansion: int, targets: str | Sequence[str] | None = None,
          modules: Sequence[str] | None = None) -> nn.Module:
     """Give the chosen convs of ``model`` (see :func:`eligible`; or exactly ``modules``, from a record) branch (b)
     of width ``expansion`` times their output, in place; returns ``model``, its card recording the growth.
@@ -111,7 +123,7 @@ def grow(model: nn.Module, expansion: int, targets: Sequence[str] | None = None,
     """
     if isinstance(expansion, bool) or not isinstance(expansion, int) or not 1 <= expansion <= MAX_EXPANSION:
         raise ConfigError(f"--grow {expansion!r} is not valid: pass a branch width factor in [1, {MAX_EXPANSION}]")
-    paths = list(modules) if modules is not None else eligible(model, targets)
+    paths = _names(modules) if modules is not None else eligible(model, targets)
     return _wrap_convs(model, paths, lambda conv: GrownConv2d(conv, expansion), "grow",
                        grow={"expansion": expansion, "modules": paths})
 
@@ -135,7 +147,7 @@ def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str, **recor
     return model
 
 
-def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None = None,
+def add_lora_to_convs(model: nn.Module, rank: int, targets: str | Sequence[str] | None = None,
                       modules: Sequence[str] | None = None) -> nn.Module:
     """LoRA branches (:class:`~models.layers.LoRAConv2d`, rank ``rank``, LambdaReLU inside) on the convs of any
     classifier that feed a BatchNorm (kxk, groups 1; or those ``targets`` name; or exactly ``modules``, from a
@@ -150,7 +162,7 @@ def add_lora_to_convs(model: nn.Module, rank: int, targets: Sequence[str] | None
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"--lora-rank {rank!r} is not valid: pass a rank >= 1")
-    paths = list(modules) if modules is not None else _plain_convs(model, targets)
+    paths = _names(modules) if modules is not None else _plain_convs(model, _names(targets))
     named = dict(model.named_modules())  # a path that is no conv is refused by _wrap_convs, after this check
     check_lora_rank(rank, {p: named[p] for p in paths if isinstance(named.get(p), nn.Conv2d)}, "--lora-rank")
     return _wrap_convs(model, paths, lambda conv: LoRAConv2d(conv, rank), "LoRA",

@@ -78,6 +78,9 @@ def test_growing_a_zoo_student_gives_the_zoo_teacher(single_thread):
         with torch.no_grad():
             assert torch.allclose(grown(X), zoo(X), atol=1e-5)
         assert ungrow(grown).config == models.student_from_teacher(zoo).config
+        with pytest.raises(ReparamError) as e:  # as the zoo teacher: its student fuses, it does not
+            fuse_model(grown)
+        assert "cannot fuse layer1.0.conv1: it is a grown teacher's non-linear branch (b)" in one_line(e)
 
 
 @pytest.mark.parametrize("build, kwargs, words", [
@@ -179,3 +182,14 @@ def test_a_shrunk_torchvision_student_takes_lora_saves_and_fuses(tmp_path, singl
         assert torch.equal(reloaded(X), student(X))
         assert (fused(X) - student(X)).abs().max().item() < 1e-4
     assert "lora" not in fused.config and not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+
+
+def test_one_string_of_targets_is_one_glob(single_thread):
+    """grow(..., targets="layer1.*") and LoRA's lora_targets="layer1.*" take the string as one glob: iterated letter
+    by letter, its "*" matched every conv."""
+    as_list = grow(models.create_model("torchvision:resnet18", num_classes=10), 1, targets=["layer1.*"])
+    as_str = grow(models.create_model("torchvision:resnet18", num_classes=10), 1, targets="layer1.*")
+    assert as_str.config["grow"]["modules"] == as_list.config["grow"]["modules"] == [
+        "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
+    student = models.student_from_teacher(as_str, lora_rank=2, lora_targets="layer1.0.*")
+    assert student.config["lora"]["modules"] == ["layer1.0.conv1", "layer1.0.conv2"]
