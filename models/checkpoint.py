@@ -174,6 +174,12 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
             p = given / "model.safetensors"  # reparam.fuse's and stage 2's deploy folder
     elif p.suffix == ".json":
         p = p.with_suffix(".safetensors")
+    elif p.suffix in (".pth", ".pt") and p.is_file():
+        raise CheckpointError(f"{given} is a PyTorch file, not a checkpoint (safetensors + JSON) that records its "
+                              "model: start a model from its weights with --weights (models.load_pretrained), or "
+                              "convert the original ReduceNet's with python -m models.convert")
+    elif not p.exists() and checkpoint_file(p).is_file():  # the name it was saved under (save_checkpoint(m, "t"))
+        p = checkpoint_file(p)
     if not p.is_file():
         why = ("does not exist" if not given.exists() else
                f"holds no {p.name}" if given.is_dir() else f"has no weights beside it ({p.name})")
@@ -182,13 +188,23 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
     return p
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The ``.safetensors`` file a checkpoint named ``path`` is saved as: its ``.json``/``.pt``/``.pth`` suffix
+    replaced, any other name with ``.safetensors`` added (``resnet20_v1.5`` keeps its ``.5``)."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json", ".pt", ".pth"):
+        return path.with_suffix(".safetensors")
+    return path.with_name(path.name + ".safetensors")
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None,
                     preprocess: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (which needs ``.config``) as ``path`` (.safetensors) plus its ``.json`` record.
 
     Args:
         model: a model built by :func:`models.create_model` (or loaded from a checkpoint).
-        path: destination; the suffix is replaced by ``.safetensors``.
+        path: destination: ``NAME.safetensors`` (a ``.json``, ``.pt`` or ``.pth`` suffix is replaced by it, and any
+            other name gets it added: ``teacher.e1`` saves as ``teacher.e1.safetensors``) and ``NAME.json``.
         metadata: free-form JSON-serialisable facts (dataset, epoch, ...).
         preprocess: ``{"mean", "std", "input_size"}`` of the model's inputs; default ``model.preprocess``.
     """
@@ -196,7 +212,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
     if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError("this model has no .config naming a registered model; build it with "
                               "models.create_model to save it")
-    path = Path(path).with_suffix(".safetensors")
+    path = checkpoint_file(path)
     preprocess = preprocess if preprocess is not None else getattr(model, "preprocess", None)
     record = {"format": FORMAT, "config": config, "preprocess": preprocess, "metadata": metadata or {}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -209,7 +225,7 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Place checkpoint ``src`` (its ``.safetensors`` and ``.json``) at ``dst`` too, atomically, without writing
     it again: each file a hard link where the filesystem has them (a later :func:`save_checkpoint` over either name
     replaces that name's file and leaves the other), else a copy."""
-    src, dst = Path(src).with_suffix(".safetensors"), Path(dst).with_suffix(".safetensors")
+    src, dst = checkpoint_file(src), checkpoint_file(dst)
 
     def link_or_copy(source: Path, tmp: str) -> None:
         os.unlink(tmp)  # atomic_write's fresh temp name, taken by the link

@@ -530,3 +530,22 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
     assert target.read_bytes() == b"new" and not killed.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache.pt", running.name, elsewhere.name,
                                                                  other_file.name])
+
+
+def test_checkpoint_names_with_dots_do_not_collide_and_load_as_saved(tmp_path):
+    """save_checkpoint(m, "teacher.e1") and (m, "teacher.e2") wrote the same teacher.safetensors, the second over the
+    first; a name loads as it was saved, and a .pth given as a checkpoint says what to do with it."""
+    a, b = (models.create_model("reduce20", expansion=0) for _ in range(2))
+    assert models.save_checkpoint(a, tmp_path / "teacher.e1") == tmp_path / "teacher.e1.safetensors"
+    models.save_checkpoint(b, tmp_path / "teacher.e2")
+    assert models.save_checkpoint(a, tmp_path / "w.json") == tmp_path / "w.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.e1.json", "teacher.e1.safetensors",
+                                                          "teacher.e2.json", "teacher.e2.safetensors",
+                                                          "w.json", "w.safetensors"]
+    for name, model in (("teacher.e1", a), ("teacher.e2", b), ("teacher.e1.safetensors", a), ("w", a)):
+        loaded = models.load_checkpoint(tmp_path / name)
+        assert all(torch.equal(x, y) for x, y in zip(loaded.state_dict().values(), model.state_dict().values()))
+    torch.save(a.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(CheckpointError) as e:
+        models.load_checkpoint(tmp_path / "w.pth")
+    assert "is a PyTorch file, not a checkpoint" in one_line(e) and "--weights" in one_line(e)
