@@ -14,6 +14,7 @@ exists.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -117,8 +118,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             reason = brief(getattr(e, "strerror", None) or e, typed=False)  # "No space left on device", no errno
             if full and "No space" not in reason:
                 reason = f"no space left on the disk: {reason}"
+            code = getattr(e, "errno", None)
+            advice = ("choose a writable folder" if code in (errno.EACCES, errno.EPERM, errno.EROFS) else
+                      "a file is in the way of the folder: move it, or choose another folder"
+                      if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR) else
+                      "free some disk space or choose a writable folder")
             error = WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
-                               "free some disk space or choose a writable folder")
+                               + advice)
             error.reason = reason
             raise error from None
         raise

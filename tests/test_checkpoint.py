@@ -549,3 +549,20 @@ def test_checkpoint_names_with_dots_do_not_collide_and_load_as_saved(tmp_path):
     with pytest.raises(CheckpointError) as e:
         models.load_checkpoint(tmp_path / "w.pth")
     assert "is a PyTorch file, not a checkpoint" in one_line(e) and "--weights" in one_line(e)
+
+
+def test_a_write_error_gives_the_advice_that_fits_its_cause(tmp_path):
+    """A file in the way of the folder, or a read-only folder, is not a full disk: the advice says what to do."""
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ckpt_mod.WriteError) as e:
+        ckpt_mod.atomic_write(tmp_path / "a-file" / "x.safetensors", lambda tmp: None)
+    assert "a file is in the way of the folder" in one_line(e) and "disk space" not in one_line(e)
+
+    def refused(tmp):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(ckpt_mod.WriteError) as e:
+        ckpt_mod.atomic_write(tmp_path / "x.safetensors", refused)
+    assert one_line(e).endswith("(Permission denied); the previous x.safetensors, if any, is unchanged: choose a "
+                                "writable folder")
+    assert (tmp_path / "a-file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
