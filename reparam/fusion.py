@@ -59,8 +59,14 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     BatchNorms' names.
 
     Raises:
-        ReparamError: the model cannot be traced by ``torch.fx``; the message names it.
+        ReparamError: the model cannot be traced by ``torch.fx``, or a BatchNorm is in training mode (it normalises
+            by the batch's statistics, which no fixed conv computes); the message names it.
     """
+    training = next((n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     and m.training), None)
+    if training is not None:
+        raise ReparamError(f"cannot fold {training}: it is in training mode and normalises by each batch's "
+                           "statistics; call model.eval() first (fuse_model does)")
     try:
         pairs = conv_bn_pairs(model)
     except ConfigError as e:
