@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     out = user_path(args.out)
     check_out(out, args.overwrite)
     model = load_checkpoint(args.checkpoint)
-    size = args.image_size or ((model.preprocess or {}).get("input_size") or [3, 32, 32])[-1]
-    report = export_deploy(model, out, (3, size, size), onnx=not args.no_onnx,
+    size = (3, args.image_size, args.image_size) if args.image_size else None  # None: the model's own (H, W)
+    report = export_deploy(model, out, size, onnx=not args.no_onnx,
                            torchscript=not args.no_torchscript, pt2=not args.no_pt2,
                            metadata={"fused_from": str(args.checkpoint), **model.checkpoint_metadata})
     print(report)

@@ -306,6 +306,19 @@ def test_fuse_cli_success(tmp_path, randomize, make_images):
         assert (deploy(x) - model(x)).abs().max().item() <= 1e-4
 
 
+def test_fuse_cli_exports_at_the_checkpoints_own_height_and_width(tmp_path):
+    """A model trained on 24x40 images: its .pt2 took 40x40 only (the check used the last dimension twice)."""
+    model = models.create_model("reduce20", expansion=0).eval()
+    models.save_checkpoint(model, tmp_path / "m", preprocess={"mean": [0.5] * 3, "std": [0.25] * 3,
+                                                              "input_size": [3, 24, 40]})
+    p = run_fuse(str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "deploy"), "--no-onnx", "--no-torchscript")
+    assert p.returncode == 0, p.stderr
+    program = torch.export.load(str(tmp_path / "deploy" / "model.pt2")).module()
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        assert (program(x) - model(x)).abs().max().item() <= 1e-4
+
+
 @pytest.mark.e2e
 def test_fuse_cli_missing_checkpoint(tmp_path):
     out = tmp_path / "deploy"
