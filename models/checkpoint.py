@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError, ReduceNetError, brief
-from .identity import card_of, set_card
+from .identity import card_of, check_preprocess, set_card
 from .registry import create_model, is_zoo, model_from_config
 from .weights import read_state_dict
 
@@ -214,17 +214,51 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
         metadata: free-form JSON-serialisable facts (dataset, epoch, ...).
         preprocess: ``{"mean", "std", "input_size"}`` of the model's inputs; default ``model.preprocess``.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its tensors' names carry "_orig_mod."
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError("this model has no .config naming a registered model; build it with "
                               "models.create_model to save it")
     path = checkpoint_file(path)
     preprocess = preprocess if preprocess is not None else getattr(model, "preprocess", None)
+    metadata = metadata if metadata is not None else getattr(model, "checkpoint_metadata", None)
+    try:
+        check_preprocess(preprocess)
+        json.dumps(metadata)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot save {path}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot save {path}: its metadata is not JSON data ({e})") from None
     record = {"format": FORMAT, "config": config, "preprocess": preprocess, "metadata": metadata or {}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _check_rebuilds(record, state, path)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"reducenet": json.dumps(record)}))
     atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     return path
+
+
+def _check_rebuilds(record: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse to write a checkpoint that :func:`load_checkpoint` would refuse: a record it does not accept, or
+    tensors that the record's model (built on the meta device) does not hold, with these names and shapes (a model
+    changed after it was built, without its config saying so). A model whose name no registry of this process
+    knows is saved unchecked."""
+    name = record["config"]["model"]
+    if not (is_zoo(name) or isinstance(name, str) and name.startswith(("torchvision:", "timm:"))):
+        return  # registered elsewhere, perhaps: the process that loads it may know it
+    check_config(record["config"], record["preprocess"], f"cannot save {path}")
+    with torch.device("meta"), skip_init():
+        built = model_from_config(record["config"])
+    expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    extra = next((k for k in state if k not in expected), None)
+    missing = next((k for k in expected if k not in state), None)
+    wrong = next((k for k in state if k in expected and tuple(state[k].shape) != expected[k]), None)
+    if extra or missing or wrong:
+        what = (f"{extra} is not in it" if extra else f"{missing} is missing" if missing else
+                f"{wrong} is {tuple(state[wrong].shape)}, not {expected[wrong]}")
+        raise CheckpointError(f"cannot save {path}: its config rebuilds {record['config']['model']} with other tensors "
+                              f"({what}); the model was changed after it was built without its config saying so: make "
+                              "such changes with the functions that record them (models.create_model(..., "
+                              "lora_rank=R), student_from_teacher, grow)")
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import fusion_math as T
 from .errors import ConfigError, ReparamError
+from .identity import card_of, set_card
 
 
 class LambdaReLU(nn.Module):
@@ -260,7 +261,8 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
         targets: ``fnmatch`` patterns over module names (``*`` also matches dots), e.g. ``"layer*.conv1"``.
 
     Returns:
-        The names of the convs that got a branch.
+        The names of the convs that got a branch. A model with a card (built by ``create_model``) records them in
+        it (``lora_rank``, ``lora_targets``), so that it saves and reloads with its branches.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -278,6 +280,9 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
     check_lora_rank(rank, convs)
     for n in names:
         modules[n].add_lora(rank)
+    card = card_of(model)
+    if card is not None:  # a built model: its card says so, so that it saves and rebuilds with the branches
+        set_card(model, card.with_args(lora_rank=rank, lora_targets=targets))
     return names
 
 

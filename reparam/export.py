@@ -122,9 +122,9 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
         tmp = Path(tmp_dir)
         atol = atol * max(1.0, reference.abs().max().item())
         report.max_diff["fused"] = _check("fused", max_abs_diff(model, fused, x), atol)
-        staged = {"safetensors": save_checkpoint(fused, tmp / "model.safetensors", metadata)}
-        staged["config"] = tmp / "model.json"
         try:  # what a user loads back: the config must rebuild the model, its weights load strictly
+            staged = {"safetensors": save_checkpoint(fused, tmp / "model.safetensors", metadata)}
+            staged["config"] = tmp / "model.json"
             reloaded = load_checkpoint(staged["safetensors"]).float().eval()
         except CheckpointError as e:
             raise ReparamError(f"the fused model's checkpoint does not load back ({e}); nothing was written") from None

@@ -566,3 +566,35 @@ def test_a_write_error_gives_the_advice_that_fits_its_cause(tmp_path):
     assert one_line(e).endswith("(Permission denied); the previous x.safetensors, if any, is unchanged: choose a "
                                 "writable folder")
     assert (tmp_path / "a-file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_save_checkpoint_writes_only_what_load_checkpoint_takes_back(tmp_path):
+    """Each of these saved, then failed to load: models.add_lora after create_model (now recorded), a compiled
+    model (its keys carried "_orig_mod."), a model changed by hand, a preprocess with std 0, tensor metadata.
+    Refusals write nothing, and a loaded checkpoint saved again keeps its metadata."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    student = models.create_model("reduce20", expansion=0)
+    models.add_lora(student, 2, ["layer*.conv1"])
+    for p in student.parameters():
+        nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    reloaded = models.load_checkpoint(models.save_checkpoint(student, tmp_path / "lora", metadata={"epoch": 3}))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), student.eval()(x))
+    again = models.load_checkpoint(models.save_checkpoint(reloaded, tmp_path / "again"))
+    assert again.checkpoint_metadata == {"epoch": 3}
+    compiled = torch.compile(models.create_model("reduce20", expansion=0))
+    assert "stem.conv.weight" in models.load_checkpoint(models.save_checkpoint(compiled, tmp_path / "c")).state_dict()
+    written = sorted(p.name for p in tmp_path.iterdir())
+    changed = models.create_model("reduce20", expansion=0)
+    changed.fc = nn.Linear(64, 5)
+    for model, kwargs, words in (
+            (changed, {}, "fc.weight is (5, 64), not (10, 64)"),
+            (student, {"preprocess": {"mean": [0.5] * 3, "std": [0.0] * 3}}, "has a value <= 0"),
+            (student, {"metadata": {"x": torch.zeros(1)}}, "its metadata is not JSON data")):
+        with pytest.raises(CheckpointError) as e:
+            models.save_checkpoint(model, tmp_path / "bad", **kwargs)
+        assert one_line(e).startswith(f"cannot save {tmp_path / 'bad.safetensors'}") and words in one_line(e)
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
