@@ -1,6 +1,9 @@
 """models.convert: the original ReduceNet's checkpoints become ours, computing the same function."""
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +158,167 @@ def test_cli_refuses_an_unknown_dataset_and_two_inputs_of_one_name(tmp_path, cap
         main(["reducenet-original", *files, "--out", str(tmp_path / "out"), *[x for x in extra if x != "SAME"]])
     err = capsys.readouterr().err
     assert e.value.code == 2 and words in err and not (tmp_path / "out").exists()
+
+
+# --- the CLI's refusals: one line, exit 2, nothing written ---------------------------------------------------------
+
+needs_original = pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"needs {ORIGINAL}")
+
+
+def original_state() -> dict[str, torch.Tensor]:
+    """The original's teacher state_dict, as the CLI reads it."""
+    return torch.load(ORIGINAL / "reduce20_cifar10_e1_w1_teacher.pth", map_location="cpu", weights_only=True)
+
+
+def refusal(proc, *words: str) -> str:
+    """The one stderr line of a refused run (exit 2), asserted to hold ``words``."""
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and "\x1b" not in proc.stderr, proc.stderr
+    assert all(w in proc.stderr for w in words), proc.stderr
+    return proc.stderr
+
+
+def files_in(folder) -> dict[str, bytes | str]:
+    """What ``folder`` holds: each file's bytes, a link's target, ``"<folder>"`` for a folder."""
+    return {p.name: (f"-> {os.readlink(p)}" if p.is_symlink() else "<folder>" if p.is_dir() else p.read_bytes())
+            for p in sorted(folder.iterdir())}
+
+
+def _vector_scaler(s):
+    s["scaler"] = torch.ones(2)
+
+
+def _no_branch1(s):
+    del s["layer1.0.branch1.0.weight"]
+
+
+def _stem_of_8(s):
+    s["conv1.0.weight"] = s["conv1.0.weight"][:8]
+
+
+def _bias_of_5(s):
+    s["linear.bias"] = torch.zeros(5)
+
+
+def _bn_of_8(s):
+    s["layer2.1.fuse.0.weight"] = torch.ones(8)
+
+
+def _bn_of_16x3(s):
+    s["layer1.0.branch1.1.weight"] = torch.ones(16, 3)
+
+
+def _branch1_wider(s):
+    s["layer1.2.branch1.0.weight"] = torch.zeros(32, 16, 3, 3)
+
+
+@needs_original
+@pytest.mark.parametrize("change, words", [
+    (_vector_scaler, ["scaler", "(2,)", "single number"]),
+    (_no_branch1, ["layer1.0.branch1.0.weight", "lacks"]),
+    (_stem_of_8, ["conv1.0.weight", "(8, 3, 3, 3)", "multiple of 16"]),
+    (_bias_of_5, ["linear.bias", "(5,)", "(10,)"]),
+    (_bn_of_8, ["layer2.1.fuse.0.weight", "(8,)", "(32,)"]),
+    (_bn_of_16x3, ["layer1.0.branch1.1.weight", "(16, 3)", "(16,)"]),
+    (_branch1_wider, ["layer1.2.branch1.0.weight", "(32, 16, 3, 3)", "(16, 16, 3, 3)"]),
+], ids=["vector_scaler", "no_branch1", "stem_of_8", "bias_of_5", "bn_of_8", "bn_of_16x3", "branch1_wider"])
+def test_cli_refuses_a_malformed_state_dict_in_one_line(tmp_path, change, words):
+    state = original_state()
+    change(state)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    proc = run_main(main, ["reducenet-original", str(path), "--out", str(tmp_path / "out")])
+    refusal(proc, "odd.pth", *words, "pass ")
+    assert not (tmp_path / "out").exists()
+
+
+@needs_original
+@pytest.mark.parametrize("taken", ["a.json", "a.safetensors", "dangling link"])
+def test_cli_replaces_no_file_without_overwrite(tmp_path, taken):
+    out = tmp_path / "out"
+    out.mkdir()
+    if taken == "dangling link":
+        (out / "a.safetensors").symlink_to(tmp_path / "nowhere")
+    else:
+        (out / taken).write_text("the user's own file\n")
+    before = files_in(out)
+    source = shutil.copy(ORIGINAL / "reduce20_cifar10_e1_w1_teacher.pth", tmp_path / "a.pth")
+    proc = run_main(main, ["reducenet-original", str(source), "--out", str(out)])
+    refusal(proc, str(out / ("a.json" if taken == "a.json" else "a.safetensors")), "--overwrite")
+    assert files_in(out) == before and not (tmp_path / "nowhere").exists()
+
+
+@needs_original
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_cli_writes_nothing_when_one_destination_is_a_folder(tmp_path, overwrite):
+    out = tmp_path / "out"
+    (out / "b.json").mkdir(parents=True)
+    sources = [shutil.copy(ORIGINAL / "reduce20_cifar10_e1_w1_teacher.pth", tmp_path / f"{n}.pth") for n in "ab"]
+    proc = run_main(main, ["reducenet-original", *map(str, sources), "--out", str(out), *overwrite])
+    refusal(proc, str(out / "b.json"), "folder")
+    assert files_in(out) == {"b.json": "<folder>"}
+
+
+@needs_original
+@pytest.mark.parametrize("fail_at", ["write", "move"])
+def test_cli_failing_midway_leaves_the_folder_as_it_was(tmp_path, monkeypatch, fail_at):
+    """A write that fails after the checks (a full disk) or a move into place that fails: what the run wrote goes,
+    the files it was to replace (--overwrite) come back."""
+    import models.convert as convert
+    from models.checkpoint import WriteError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.safetensors", "a.json", "notes.txt"):
+        (out / name).write_text(f"previous {name}\n")
+    before = files_in(out)
+    sources = [shutil.copy(ORIGINAL / "reduce20_cifar10_e1_w1_teacher.pth", tmp_path / f"{n}.pth") for n in "ab"]
+    if fail_at == "write":
+        save = convert.save_checkpoint
+
+        def save_then_fail(model, path, metadata=None):
+            if path.name.startswith("b."):
+                error = WriteError(f"cannot write {path} (No space left on device)")
+                error.reason = "No space left on device"
+                raise error
+            return save(model, path, metadata)
+
+        monkeypatch.setattr(convert, "save_checkpoint", save_then_fail)
+    else:
+        replace = os.replace
+
+        def replace_then_fail(src, dst):
+            if Path(dst) == out / "b.json":
+                raise PermissionError(13, "Permission denied")
+            return replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace_then_fail)
+    proc = run_main(main, ["reducenet-original", *map(str, sources), "--out", str(out), "--overwrite"])
+    refusal(proc, "b.", "No space left on device" if fail_at == "write" else "Permission denied")
+    assert files_in(out) == before
+
+
+@needs_original
+def test_cli_expands_a_tilde_after_the_equals_sign(tmp_path, monkeypatch):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    source = shutil.copy(ORIGINAL / "reduce20_cifar10_e1_w1_student.pth", tmp_path / "s.pth")
+    proc = run_main(main, ["reducenet-original", str(source), "--out=~/converted"])
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(files_in(home / "converted")) == ["s.json", "s.safetensors"] and not any(cwd.iterdir())
+
+
+@pytest.mark.parametrize("content, words", [
+    (nn.Linear(2, 2), ["pickled object", "torch.nn.modules.linear.Linear", "not a state_dict", "state_dicts only",
+                       "weights_only", "no code"]),
+    ({}, ["empty", "state_dict"]),
+], ids=["module", "empty"])
+def test_cli_says_what_a_file_holds_instead_of_a_state_dict(tmp_path, content, words):
+    path = tmp_path / "x.pth"
+    torch.save(content, path)
+    proc = run_main(main, ["reducenet-original", str(path), "--out", str(tmp_path / "out")])
+    refusal(proc, "x.pth", *words)
+    assert not (tmp_path / "out").exists()
