@@ -43,7 +43,7 @@ from .report import against_baselines
 from .runner import finished, plan_row, row_state, train_row
 from .specs import RECIPE_NAMES, ROW_BUILDERS, Row, check_models, cifar10_rows, cifar100_rows, original_rows
 from .speed import speed_table
-from .tables import TABLES, _header, _time_fused, _time_left, original_table, pyramid_table, training_table
+from .tables import IMAGE_SIZED, TABLES, _header, _time_fused, _time_left, original_table, pyramid_table, training_table
 
 __all__ = ["parallel", "runner", "specs", "tables", "main", "build_parser", "train_row", "train_parallel",
            "RowsFailed", "finished", "row_state", "plan_row",
@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         if twice is not None:  # one row per value: a value given twice would count the same run twice
             raise ConfigError(f"{option} {' '.join(map(str, values))} names {what} {twice} twice; "
                               f"pass each {what} once")
+    for option, value, tables in (("--image-size", args.image_size, IMAGE_SIZED),
+                                  ("--widths", args.widths, ("cifar10-reducenet",))):
+        if value is not None and args.table not in tables:  # it was accepted, recorded in the header, and ignored
+            raise ConfigError(f"{option} applies to {' and '.join(tables)}, not {args.table}: leave it out")
     check_models(args.table, args.models)
     if args.table != "deploy-speed":  # which trains nothing
         _check_folder("--runs", Path(args.runs))

@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from models.errors import DataError, ReduceNetError
 
 from .. import pyramid, stage1, stage2, trim
+from ..data import data_root
 from ..data.loader import BatchSizeError
 from ..pipeline import Chain, run, run_chain
 from ..rundir import finished_summary, in_use, mark_done, same_record
@@ -50,13 +53,34 @@ def _asked(run: Path, row: Row) -> Any:
         return None
 
 
+def _on_this_machine(record: Any) -> Any:
+    """A spec record with what this machine makes of its defaults: ``--device auto`` as the device it picks, no
+    ``--data-dir`` as the folder it reads (``$REDUCENET_DATA``, else ``./data``). A table's rows asked for with
+    ``--device cpu`` or ``auto``, ``--data-dir D`` or ``REDUCENET_DATA=D``, are the same runs here."""
+    if isinstance(record, list):
+        return [_on_this_machine(r) for r in record]
+    if not isinstance(record, dict):
+        return record
+    out = {k: _on_this_machine(v) for k, v in record.items()}
+    if isinstance(out.get("runtime"), dict) and out["runtime"].get("device") == "auto":
+        out["runtime"] = {**out["runtime"], "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if isinstance(out.get("data"), dict) and "data_dir" in out["data"] and out["data"]["data_dir"] is None:
+        out["data"] = {**out["data"], "data_dir": str(data_root(None).absolute())}
+    return out
+
+
+def _same(asked: Any, record: Any) -> bool:
+    """Whether a run asked for as ``asked`` is the run ``record`` asks for, on this machine."""
+    return same_record(_on_this_machine(asked), _on_this_machine(record))
+
+
 def _finished_summary(row: Row) -> dict[str, Any] | None:
     """The summary of the run in ``row.run`` if it finished asked for by ``row.spec``, else None."""
     try:
         done = json.loads((row.run / "done").read_text())
     except (OSError, ValueError):
         return None
-    return finished_summary(row.run, done) if same_record(_as_asked(done, row), row.spec.record()) else None
+    return finished_summary(row.run, done) if _same(_as_asked(done, row), row.spec.record()) else None
 
 
 def _levels(row: Row) -> list[tuple[Path, dict[str, Any]]]:
@@ -73,9 +97,9 @@ def finished(row: Row) -> bool:
 def resumable(row: Row) -> bool:
     """Whether ``row`` holds an interrupted run (a level of a chain) that ``row.spec`` started."""
     if isinstance(row.spec, Chain):
-        return any((run / "train_state.pt").is_file() and same_record(_asked(run, _level_row(row, run)), record)
+        return any((run / "train_state.pt").is_file() and _same(_asked(run, _level_row(row, run)), record)
                    for run, record in _levels(row))
-    return (row.run / "train_state.pt").is_file() and same_record(_asked(row.run, row), row.spec.record())
+    return (row.run / "train_state.pt").is_file() and _same(_asked(row.run, row), row.spec.record())
 
 
 def _level_row(row: Row, run: Path) -> Row:
@@ -87,7 +111,7 @@ def _started_by(row: Row) -> bool:
     """Whether the run in ``row.run`` (a chain's first level) was started by ``row.spec``."""
     run, record = _levels(row)[0]
     probe = row if not isinstance(row.spec, Chain) else _level_row(row, run)
-    return same_record(_asked(run, probe), record)
+    return _same(_asked(run, probe), record)
 
 
 def train_row(row: Row, log: Callable[[str], None]) -> dict[str, Any]:
