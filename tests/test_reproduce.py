@@ -387,6 +387,18 @@ def test_original_stage2_table_trained_in_two_parts(tmp_path, capsys, monkeypatc
     for ref in (teacher, student):
         correct = float(ref["last_acc"]) * test_images / 100
         assert correct == pytest.approx(round(correct)), ref["row"]
+    # another --original into the same --runs: the rows trained from the first conversion are not reported as its
+    other = tmp_path / "other-original"
+    other.mkdir()
+    for role, source in (("teacher", "student"), ("student", "student")):  # another teacher file
+        (other / f"reduce20_cifar10_e1_w1_{role}.pth").write_bytes(
+            (ORIGINAL / f"reduce20_cifar10_e1_w1_{source}.pth").read_bytes())
+    argv[argv.index("--original") + 1] = str(other)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*argv, "--plan"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"not from {other}" in err and "another --runs" in err
 
 
 def test_deploy_speed_table(tmp_path, single_thread):

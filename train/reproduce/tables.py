@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from models import load_checkpoint
-from models.checkpoint import save_checkpoint
+from models.checkpoint import file_sha256, read_record, save_checkpoint
 from models.convert import from_reducenet_original
 from models.errors import ConfigError, DataError
 from models.weights import read_state_dict
@@ -20,7 +20,7 @@ from models.weights import read_state_dict
 from .. import evaluate as evaluate_cli
 from ..data import data_root, resolve_source
 from ..provenance import git_commit
-from ..rundir import in_use
+from ..rundir import in_use, same_record
 from ..spec import Fresh
 from ..timing import measure
 from .parallel import train_parallel
@@ -383,6 +383,18 @@ def _plot_pyramid(lines: list[dict], results: Path) -> Path:
     return path
 
 
+def _check_converted_from(dest: Path, pth: Path) -> None:
+    """Refuse a converted checkpoint of the runs folder that another original file made: the rows trained from it
+    (finished, and named by its path) would be reported as this file's."""
+    meta = read_record(dest).get("metadata", {})
+    source = meta.get("converted_from")
+    same = meta["sha256"] == file_sha256(pth) if "sha256" in meta else same_record(source, str(pth))
+    if not same:
+        raise ConfigError(f"{dest} was converted from {source}, not from {pth} as --original now says, and this "
+                          f"table's rows were trained from it: pass another --runs for {pth}, or move "
+                          f"{dest.parent.parent} aside to train the table anew")
+
+
 def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path | None:
     """Convert the original's checkpoints, train the rows, evaluate on the exact test images and the JPEG copy."""
     root = data_root(args.data_dir)
@@ -399,9 +411,12 @@ def original_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path
     converted = {}
     for role, pth in files.items():
         dest = Path(args.runs) / "original-stage2" / "converted" / f"{pth.stem}.safetensors"
-        if not dest.is_file() and not args.plan:
+        if dest.is_file():
+            _check_converted_from(dest, pth)
+        elif not args.plan:
             save_checkpoint(from_reducenet_original(read_state_dict(pth), str(pth)), dest,
-                            {"converted_from": str(pth), "dataset": "cifar10", "role": role})
+                            {"converted_from": str(pth), "sha256": file_sha256(pth), "dataset": "cifar10",
+                             "role": role})
         converted[role] = dest
 
     def references() -> list[dict]:
