@@ -117,6 +117,12 @@ def test_a_row_made_by_another_command_is_not_reported_as_this_one(tmp_path):
     argv[argv.index("--subset") + 1] = "150"
     other = reproduce.cifar10_rows(reproduce.build_parser().parse_args(argv))[0]
     assert other.run == teacher.run and not reproduce.finished(other)
+    # the command refuses to delete the finished run (a forgotten --budget would cost hours); --plan says why
+    before = (teacher.run / "last.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*argv, "--rows", teacher.run.name])
+    assert e.value.code == 2 and (teacher.run / "last.safetensors").read_bytes() == before
+    assert "finished with other options: --replace retrains it" in run([*argv, "--rows", teacher.run.name, "--plan"])
     log: list[str] = []
     summary = reproduce.train_row(other, log.append)
     assert log[0].startswith("[run] ") and "replaces the run made by another spec" in log[0]  # not resumed

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train up to N rows at once, each in its own process (a stage-2 row once its teacher row "
                         "has finished): on a CPU each gets its share of the cores, with GPUs job k uses GPU k mod "
                         "count; logs in RUNS/TABLE/logs/")
+    p.add_argument("--replace", action="store_true",
+                   help="retrain the rows whose runs finished with other options (another --budget, --subset, ...); "
+                        "without it they are refused, not deleted")
     p.add_argument("--plan", action="store_true",
                    help="train nothing: list the table's rows (those --rows selects) and what a run would do with "
                         "each (finished, running, resumes at epoch k, not started), with the time each row has "

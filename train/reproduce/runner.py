@@ -94,6 +94,12 @@ def finished(row: Row) -> bool:
     return _finished_summary(row) is not None
 
 
+def finished_otherwise(row: Row) -> bool:
+    """Whether ``row.run`` holds a run that finished, asked for by another spec (another budget, subset, ...):
+    training the row replaces it, which ``--replace`` must say."""
+    return (row.run / "done").is_file() and not finished(row)
+
+
 def resumable(row: Row) -> bool:
     """Whether ``row`` holds an interrupted run (a level of a chain) that ``row.spec`` started."""
     if isinstance(row.spec, Chain):
@@ -209,6 +215,8 @@ def plan_row(row: Row, rows: Sequence[Row] = ()) -> tuple[str, float | None]:
         return (f"not started (about {duration(seconds)} at {epoch_time(epoch_s)} an epoch, "
                 f"the pace of {measured_on.run.name})"), seconds
     if not _started_by(row):
+        if finished_otherwise(row):
+            return "finished with other options: --replace retrains it", seconds
         return "made by another spec: will be replaced", seconds
     return ("resumes" + _progress(row, len(own), left) if resumable(row) else "will restart"), seconds
 

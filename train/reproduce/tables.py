@@ -25,7 +25,7 @@ from ..spec import Fresh
 from ..timing import measure
 from .parallel import train_parallel
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
-from .runner import duration, finished, plan_row, train_row
+from .runner import duration, finished, finished_otherwise, plan_row, train_row
 from .specs import BUDGETS, PAPER, Row, inherits_from, original_rows, pyramid_rows
 
 #: The tables whose rows take ``--image-size``.
@@ -258,6 +258,11 @@ def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], 
             log(f"warning: the rows not finished would stop at their data: {problem}")
         return False
     _check_inherited(chosen, rows)
+    replaced = [r for r in chosen if finished_otherwise(r)]
+    if replaced and not getattr(args, "replace", False):  # hours of training, deleted by a forgotten --budget
+        raise ConfigError(f"{len(replaced)} row(s) finished with other options ({replaced[0].run} first; --plan "
+                          "lists them): pass --replace to retrain them with these options, or another --runs to "
+                          "keep them")
     if args.jobs > 1:
         train_parallel(chosen, args.argv, args.jobs, args.device, log)
     for r in chosen:  # after --jobs every row has finished: this reads their summaries
