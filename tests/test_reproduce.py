@@ -667,6 +667,19 @@ def test_train_time_does_not_count_a_paused_epoch(tmp_path):
     (run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n1,50,100.0\n2,60,102.0\n3,65,1000.0\n4,70,98.0\n")
     assert train_seconds(run, {"train_s_total": 1300.0}) == pytest.approx(4 * 101.0)
     assert train_seconds(tmp_path / "no-metrics", {"train_s_total": 1300.0}) == 1300.0  # falls back to the sum
+    # a row of 0 epochs (trimmed, not fine-tuned) evaluates once as epoch 0: it trained for no time
+    (run / "metrics.csv").write_text("epoch,test_acc,epoch_s\n0,50,0.12\n")
+    assert train_seconds(run, {"train_s_total": 0.12}) == 0.0
+
+
+def test_a_budget_says_what_its_two_numbers_train():
+    from train.reproduce.tables import budget_words
+
+    assert budget_words("cifar10-reducenet", 200, 200) == "200 + 200 epochs (stage 1 + stage 2)"
+    assert budget_words("original-stage2", 0, 200) == "200 epochs"
+    assert budget_words("cifar100-kd", 240, 240).startswith("teachers 240 epochs, students (each from scratch")
+    assert budget_words("trim", 200, 100) == ("the untrimmed network 200 epochs, the fine-tuning of each trimmed one "
+                                              "100 epochs")
 
 
 @pytest.mark.parametrize("macs, xlabel", [((40e6, 40e6), "training time (h)"), ((40e6, 80e6), "MACs (M)")])

@@ -125,7 +125,9 @@ def train_seconds(run: Path, summary: dict[str, Any]) -> float | None:
     epoch is not moved by a few such epochs, so rows trained with and without pauses compare. Falls back to the
     summed time where ``metrics.csv`` has no epoch times.
     """
-    hist = epochs(run)
+    hist = [e for e in epochs(run) if e.get("epoch") != "0"]  # epoch 0: the evaluation of a run of 0 epochs
+    if not hist and epochs(run):
+        return 0.0
     per_epoch = median_epoch_seconds(hist)
     return per_epoch * len(hist) if per_epoch is not None else summary.get("train_s_total")
 

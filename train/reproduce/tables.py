@@ -38,8 +38,23 @@ COLUMNS = [("group", "group"), ("row", "row"), ("seeds", "seeds"), ("epochs", "e
            ("MACs (M)", "macs_M"), ("last acc (%)", "last_acc"), ("best acc (%)", "best_acc"),
            ("train time (s)", "train_s")]
 FUSED_ACC_NOTE = ("- `fused acc` is a stage-2 row's deploy model (every linear branch and BatchNorm fused into plain "
-                  "convs) on the same test images as `last acc`; a `fused deploy model` row gives that model's size "
-                  "and latency.")
+                  "convs) on the same test images as `last acc`.")
+FUSED_ROW_NOTE = " A `fused deploy model` row gives that model's size and latency."
+#: What the two numbers of a table's budget train, where they are not a stage 1 and the stage 2 inheriting from it.
+PHASES = {"cifar100-kd": ("teachers", "students (each from scratch, with or without distillation)"),
+          "kd-imagefolder": ("teacher", "students (each from scratch, with or without distillation)"),
+          "trim": ("the untrimmed network", "the fine-tuning of each trimmed one"),
+          "grow": ("the grown teacher", "stage 2")}
+
+
+def budget_words(table: str, e1: int, e2: int) -> str:
+    """The header's words for a table's budget ``(e1, e2)``."""
+    if not e1:
+        return f"{e2} epochs"
+    if table in PHASES:
+        first, second = PHASES[table]
+        return f"{first} {e1} epochs, {second} {e2} epochs"
+    return f"{e1} + {e2} epochs (stage 1 + stage 2)"
 
 
 def _line(r: Row) -> dict:
@@ -304,8 +319,9 @@ def training_table(table: str, rows: list[Row], args: argparse.Namespace, log: C
     if any("macs_reduction" in line for line in lines):
         columns += [("MACs reduction", "macs_reduction"), ("latency ratio b1 (measured)", "latency_ratio")]
     e1, e2 = BUDGETS[table][args.budget]
-    header = _header(table, args, rows, f"{e1} + {e2} epochs (stage 1 + stage 2)" if e1 else f"{e2} epochs")
-    header += [FUSED_ACC_NOTE] if fused_acc else []
+    header = _header(table, args, rows, budget_words(table, e1, e2))
+    if fused_acc:
+        header += [FUSED_ACC_NOTE + (FUSED_ROW_NOTE if any("cpu_latency_ms_b1" in line for line in lines) else "")]
     header += [timing] if timing else []
     shown = aggregate(extra_lines + lines, VALUES + ["cpu_latency_ms_b1", "latency_ratio"])
     paired = against_baselines(lines, {str(r.run): str(r.baseline) for r in rows if r.baseline},
