@@ -274,8 +274,10 @@ def test_a_killed_jobs_run_stops_its_jobs(tmp_path):
         def wait(self):
             return -15
 
+    from models.errors import Terminated
+
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Terminated):  # the CLI then says "terminated" and exits with 143, as one run does
         reproduce.train_parallel(rows, [], 2, "cpu", lambda m: None, launch=lambda *a: Job(), poll_s=0)
     assert len(jobs) == 2 and all(j.stopped for j in jobs)
     assert signal.getsignal(signal.SIGTERM) is before
@@ -848,7 +850,8 @@ def test_jobs_leave_a_row_that_another_process_trains_and_say_so(tmp_path):
 
     log: list[str] = []
     with RunDir(teacher.run, overwrite=True).open():  # another process trains the teacher row
-        with pytest.raises(reproduce.RowsFailed, match="being trained by another process"):
+        with pytest.raises(reproduce.RowsFailed, match=r"1 of 3 rows are being trained by another process \(\S+\), "
+                           r"and 1 inherit from them"):
             reproduce.train_parallel([teacher, scratch, kd], [], 2, "cpu", log.append, poll_s=0,
                                      launch=lambda a, row, slot, j, d: Job(row))
     assert started == [scratch.run.name] and reproduce.finished(scratch)

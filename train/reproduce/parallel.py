@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from models.errors import ReduceNetError
+from models.errors import ReduceNetError, Terminated
 
 from ..rundir import in_use
 from .runner import finished, resumable
@@ -71,7 +71,7 @@ def _launch(argv: list[str], row: Row, slot: int, jobs: int, device: str) -> sub
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated()  # as the CLIs stop on SIGTERM: "terminated", exit 143
 
 
 def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log: Callable[[str], None],
@@ -84,13 +84,15 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
     Raises:
         RowsFailed: a job exited with an error (its log is named); rows that inherit from it were not started.
             Every row that finished stays finished, so the same command continues from there.
-        KeyboardInterrupt: on Ctrl-C or SIGTERM, after stopping the running jobs (their rows resume next time).
+        KeyboardInterrupt: on Ctrl-C, or :class:`~models.errors.Terminated` on SIGTERM, after stopping the running
+            jobs (their rows resume next time).
     """
     # rows that resume first (a stopped --jobs run continues its rows before it starts others), then table order
     pending = sorted((r for r in rows if not finished(r)), key=lambda r: not resumable(r))
     running: dict[int, tuple[Row, Job, float]] = {}  # slot -> row, job, start time
     failed: list[Row] = []
     elsewhere: list[Row] = []  # rows another process is training
+    waiting: list[Row] = []  # rows that inherit from those
     # a `kill` stops the jobs as Ctrl-C does, instead of leaving them training without a parent
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
@@ -113,9 +115,9 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
                     pending.remove(row)
                     elsewhere.append(row)
                     log(f"[busy] {row.run.name}: another process is training it; not started here")
-                elif any(d in elsewhere for d in needs):
+                elif any(d in elsewhere or d in waiting for d in needs):
                     pending.remove(row)
-                    elsewhere.append(row)
+                    waiting.append(row)
                     log(f"[not started] {row.run.name}: the row it inherits from is being trained by another process")
                 elif any(d in failed for d in needs):
                     pending.remove(row)
@@ -138,8 +140,9 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     if elsewhere and not failed:
+        wait = f", and {len(waiting)} inherit from them" if waiting else ""
         raise RowsFailed(f"{len(elsewhere)} of {len(rows)} rows are being trained by another process "
-                         f"({', '.join(r.run.name for r in elsewhere)}); run the same command again when it has "
+                         f"({', '.join(r.run.name for r in elsewhere)}){wait}; run the same command again when it has "
                          "finished: the rows finished here are kept")
     if failed:
         raise RowsFailed(f"{len(failed)} of {len(rows)} rows did not finish ({', '.join(r.run.name for r in failed)}); "
