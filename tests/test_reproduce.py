@@ -605,6 +605,12 @@ def test_trim_table(tmp_path):
         assert float(r["macs_reduction"]) == pytest.approx(want, rel=0.03)
     md = (tmp_path / "results" / "trim.md").read_text()
     assert "Torch-Pruning" in md and "93.46" in md and "not ours" in md
+    # latency ratios timed side by side when the table is written: the four 2x rows share one architecture (each
+    # run's own timing, taken while other jobs trained, put them at 1.24x to 3.70x)
+    assert "in which every network of the table runs once, timed when the table was written" in md
+    same = [float(r["latency_ratio"]) for r in lines[1:] if r["row"].startswith("2x")]
+    assert len(same) == 4 and len({r["params"] for r in lines[1:] if r["row"].startswith("2x")}) == 1
+    assert max(same) / min(same) < 1.5, same
 
 
 def test_pyramid_table(tmp_path):
