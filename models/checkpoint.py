@@ -318,7 +318,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     Args:
         path: a ``.safetensors`` file, its ``.json`` twin or a run directory (its ``last`` checkpoint).
         map_location: device to put the model on (None: the CPU).
-        **overrides: config entries to change (e.g. ``inference_mode=True``).
+        **overrides: config entries to change; the checkpoint's tensors must still fit the model they build (a
+            fused checkpoint records ``inference_mode=True`` itself; to fuse a trained student, load it and call
+            :func:`reparam.fuse_model`).
     """
     device = _device(map_location)
     p = resolve(path)
@@ -329,7 +331,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
             model = model_from_config(record["config"], **overrides)
     except ReduceNetError as e:
         raise CheckpointError(f"{p}: its config cannot be built ({e})") from None
-    load_weights(model, p)
+    try:
+        load_weights(model, p)
+    except CheckpointError as e:
+        if not overrides:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise CheckpointError(f"{e} (with {given}: the checkpoint's tensors must fit the model the changed config "
+                              "builds; to fuse a trained student, load it as it is and call reparam.fuse_model)") \
+            from None
     try:
         set_card(model, replace(card_of(model), preprocess=record["preprocess"], metadata=record.get("metadata", {})))
     except ConfigError as e:

@@ -598,3 +598,11 @@ def test_save_checkpoint_writes_only_what_load_checkpoint_takes_back(tmp_path):
             models.save_checkpoint(model, tmp_path / "bad", **kwargs)
         assert one_line(e).startswith(f"cannot save {tmp_path / 'bad.safetensors'}") and words in one_line(e)
     assert sorted(p.name for p in tmp_path.iterdir()) == written
+
+
+def test_a_config_override_that_does_not_fit_the_weights_says_how_to_fuse(tmp_path):
+    """load_checkpoint(unfused student, inference_mode=True) listed missing bias keys; it now says what to do."""
+    path = models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "s")
+    with pytest.raises(CheckpointError) as e:
+        models.load_checkpoint(path, inference_mode=True)
+    assert "with inference_mode=True" in one_line(e) and "reparam.fuse_model" in one_line(e)
