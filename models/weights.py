@@ -8,6 +8,9 @@ rest loads strictly.
 """
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,8 +37,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusals, truncated zips, non-torch files: all mean "not a state_dict"
+        with warnings.catch_warnings():  # torch's notes on pickle protocols and weights_only: the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's text is a paragraph, with terminal colour codes
+        found = re.search(r"GLOBAL (\S+)", str(e))  # the class or function weights_only would not build
+        if found is None:
+            raise CheckpointError(f"{path} is not a readable PyTorch state_dict (not a pickle that "
+                                  "torch.load(weights_only=True) reads); pass a file saved with "
+                                  "torch.save(model.state_dict())") from None
+        raise CheckpointError(f"{path} holds a pickled object ({found[1]}), not a state_dict of tensors: it is read "
+                              "with weights_only=True, so no code in it runs; save the weights alone with "
+                              "torch.save(model.state_dict(), PATH)") from None
+    except Exception as e:  # truncated zips, non-torch files: all mean "not a state_dict"
         raise CheckpointError(f"{path} is not a readable PyTorch state_dict ({brief(e)}); "
                               "pass a file saved with torch.save(model.state_dict())") from None
     for key in ("state_dict", "model"):

@@ -121,8 +121,13 @@ def test_pickled_code_in_a_pth_is_not_run(tmp_path):
     torch.save({"scaler": Evil()}, path)
     with pytest.raises(CheckpointError) as e:
         read_state_dict(path)
-    assert "not a readable PyTorch state_dict" in one_line(e)
+    assert "holds a pickled object (io.open), not a state_dict" in one_line(e) and "\x1b" not in one_line(e)
     assert not marker.exists()
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02garbage" * 10)  # torch's paragraph, cut mid-sentence, before
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(tmp_path / "garbage.pth")
+    assert one_line(e).endswith("(not a pickle that torch.load(weights_only=True) reads); pass a file saved with "
+                                "torch.save(model.state_dict())")
 
 
 @pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"needs {ORIGINAL}")
