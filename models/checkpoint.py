@@ -56,8 +56,9 @@ class WriteError(ReduceNetError, OSError):
     reason: str = ""
 
 
-def _temp_prefix(path: Path) -> str:
-    """The start of the names of :func:`atomic_write`'s temp files for ``path``: they say whose they are."""
+def temp_prefix(path: Path) -> str:
+    """The start of the names of the temp files (or folders) made for ``path`` (:func:`atomic_write`'s): they say
+    whose they are, so that :func:`remove_stale_temps` finds those a killed process left."""
     return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
 
 
@@ -85,7 +86,10 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for p in candidates:
         pid = p.name[len(start):].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():  # a staging folder (models.convert's)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
@@ -100,7 +104,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:

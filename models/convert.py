@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import WriteError, file_sha256, save_checkpoint, user_path
+from .checkpoint import WriteError, file_sha256, remove_stale_temps, save_checkpoint, temp_prefix, user_path
 from .errors import CheckpointError, ConfigError, ReduceNetError, brief, cli_errors
 from .identity import set_preprocess
 from .reducenet import DEPTHS, ReduceNet
@@ -228,7 +228,8 @@ def _write_all(jobs: list[tuple[ReduceNet, Path, dict]], out: Path, overwrite: b
     placed: list[tuple[Path, Path | None, bool]] = []  # (destination, its previous file moved aside, placed yet)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".convert-", dir=out))
+        remove_stale_temps(out / "convert")  # a staging folder that a killed convert left
+        stage = Path(tempfile.mkdtemp(prefix=temp_prefix(out / "convert"), suffix=".tmp", dir=out))
         for model, dest, meta in jobs:
             try:
                 save_checkpoint(model, stage / dest.name, meta)

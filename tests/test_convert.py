@@ -141,6 +141,17 @@ def test_cli_converts_the_original_checkpoints(tmp_path, capsys):
     assert student.checkpoint_metadata["dataset"] == "cifar10"
     # the student holds the teacher's shared tensors, except what distillation changed
     assert set(student.state_dict()) < set(teacher.state_dict())
+    # a staging folder that a killed convert left (SIGKILL: no cleanup ran) goes at the next convert into --out
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f".convert.{socket.gethostname()}-{gone.pid}.abc.tmp"
+    (stale / "x").mkdir(parents=True)
+    main(["reducenet-original", str(files[1]), "--out", str(tmp_path), "--overwrite"])
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f.with_suffix(e).name for f in files for e in (".safetensors", ".json")])
     before = written[0].read_bytes()
     with pytest.raises(SystemExit) as e:
         main(["reducenet-original", str(files[0]), "--out", str(tmp_path)])
