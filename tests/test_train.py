@@ -515,6 +515,8 @@ def test_existing_out_is_refused_and_left_unchanged(teacher, tmp_path, capsys):
     (["--lora-rank", "2", "--lora-targets", "nothing*"], "--lora-targets ['nothing*'] match no conv of this model"),
     (["--kd", "kd", "--kd-beta", "3"], "--kd-beta weighs DKD's non-target term: it applies to --kd dkd, not --kd kd"),
     (["--kd", "dkd", "--ce-weight", "0.3"], "--ce-weight weighs the cross-entropy beside --kd kd or mse, not --kd dkd"),
+    (["--kd", "kd", "--kd-warmup", "5"], "--kd-warmup ramps DKD's loss in: it applies to --kd dkd, not --kd kd"),
+    (["--kd", "dkd", "--kd-warmup", "-1"], "--kd-warmup -1"),
     (["--feature-kd", "at", "--feature-weight", "nan"], "--feature-weight nan is not valid: pass a finite number"),
     (["--kd-alpha", "inf", "--ce-weight", "1"], "--kd-alpha inf is not valid: pass a finite number"),
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it: pass one"),
@@ -1042,3 +1044,16 @@ def test_compile_without_a_compiler_is_one_line(tmp_path, capsys, monkeypatch):
     line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--compile", "--out", str(out)])
     assert line.startswith("error: --compile failed to compile the step (InvalidCxxCompiler: No working C++ compiler")
     assert "drop --compile" in line and not (tmp_path / "new").exists()
+
+
+def test_the_dkd_warm_up_is_an_option_that_reaches_the_loss():
+    """DKD's warm-up was fixed at mdistiller's 20 epochs (made for 240): on a 10-epoch budget half the run trained
+    at reduced weight. --kd-warmup sets it, 0 for none, and the spec records it."""
+    from train.cli import logit_loss
+
+    spec, _ = stage2.parse(["--inherit", "t", "--kd", "dkd", "--kd-warmup", "3", "--out", "o"])
+    assert spec.loss.kd_warmup == 3 and logit_loss(spec.with_recipe().loss).warmup_epochs == 3
+    none, _ = stage2.parse(["--inherit", "t", "--kd", "dkd", "--kd-warmup", "0", "--out", "o"])
+    assert logit_loss(none.with_recipe().loss).dkd_weight() == 1.0
+    default, _ = stage2.parse(["--inherit", "t", "--kd", "dkd", "--out", "o"])
+    assert logit_loss(default.with_recipe().loss).warmup_epochs == 20 and default.record()["loss"]["kd_warmup"] is None

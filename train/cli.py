@@ -255,6 +255,9 @@ def add_distillation_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--kd-alpha", type=float, default=None, help="KD weight (kd/mse: 0.7, ReduceNet; dkd: 1)")
     s.add_argument("--kd-T", type=float, default=None, help="temperature (kd: 5, ReduceNet; dkd: 4)")
     s.add_argument("--kd-beta", type=float, default=None, help="dkd: NCKD weight (8, mdistiller's default)")
+    s.add_argument("--kd-warmup", type=float, default=None, metavar="EPOCHS",
+                   help="dkd: epochs over which its loss ramps linearly to full weight (20, mdistiller's, made for "
+                        "240 epochs; 0: none)")
     s.add_argument("--ce-weight", type=float, default=None,
                    help="kd/mse: weight of the cross-entropy term (default 1 - --kd-alpha; RepDistiller and "
                         "SemCKD use 1 with --kd-alpha 1)")
@@ -280,9 +283,10 @@ def logit_loss(loss: LossSpec) -> DistillLoss:
     loss.validate()
     try:
         return DistillLoss(loss.kd, alpha=loss.kd_alpha, T=loss.kd_T, beta=loss.kd_beta, reduction=loss.kd_reduction,
-                           ce_weight=loss.ce_weight)
+                           ce_weight=loss.ce_weight, warmup_epochs=loss.kd_warmup)
     except ConfigError as e:
-        raise ConfigError(f"--kd {loss.kd} options (--kd-alpha, --kd-T, --kd-beta, --ce-weight): {e}") from None
+        raise ConfigError(f"--kd {loss.kd} options (--kd-alpha, --kd-T, --kd-beta, --kd-warmup, --ce-weight): {e}") \
+            from None
 
 
 def feature_loss(loss: LossSpec, batch_size: int, student: nn.Module, teacher: nn.Module,

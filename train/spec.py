@@ -143,6 +143,7 @@ class LossSpec:
     kd_alpha: float | None = None
     kd_T: float | None = None
     kd_beta: float | None = None
+    kd_warmup: float | None = None
     ce_weight: float | None = None
     kd_reduction: str | None = None
     feature_kd: str = "none"
@@ -158,6 +159,10 @@ class LossSpec:
         # (--kd-alpha, --kd-T and --kd-reduction are also set by recipes, whatever the --kd: not checked here)
         if self.kd_beta is not None and self.kd != "dkd":
             raise ConfigError(f"--kd-beta weighs DKD's non-target term: it applies to --kd dkd, not --kd {self.kd}")
+        if self.kd_warmup is not None and self.kd != "dkd":
+            raise ConfigError(f"--kd-warmup ramps DKD's loss in: it applies to --kd dkd, not --kd {self.kd}")
+        if self.kd_warmup is not None and not (math.isfinite(self.kd_warmup) and self.kd_warmup >= 0):
+            raise _bad("--kd-warmup", self.kd_warmup, "a number of epochs >= 0 (0: none)")
         if self.ce_weight is not None and self.kd not in ("kd", "mse"):
             raise ConfigError(f"--ce-weight weighs the cross-entropy beside --kd kd or mse, not --kd {self.kd}")
         for option, value in (("--kd-alpha", self.kd_alpha), ("--kd-T", self.kd_T), ("--kd-beta", self.kd_beta),
