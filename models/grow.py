@@ -130,7 +130,9 @@ def grow(model: nn.Module, expansion: int, targets: str | Sequence[str] | None =
 
 def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str, **record: dict) -> nn.Module:
     """Replace each conv at ``paths`` by ``wrap(conv)``, in place, and write ``record`` (one card field: ``grow``
-    or ``lora``) into the model's card; returns ``model``. One line for a path that is not a conv."""
+    or ``lora``) into the model's card; returns ``model``. One line for a path that is not a conv, or a conv
+    ``wrap`` refuses (naming it); the model is changed only once every conv is wrapped."""
+    wrapped = []
     for path in paths:
         parent, _, name = path.rpartition(".")
         try:
@@ -140,7 +142,12 @@ def _wrap_convs(model: nn.Module, paths: Sequence[str], wrap, what: str, **recor
             raise ConfigError(f"{what}: {type(model).__name__} has no module {path}") from None
         if not isinstance(conv, nn.Conv2d):
             raise ConfigError(f"{what}: {path} is a {type(conv).__name__}, not a Conv2d")
-        setattr(owner, name, wrap(conv))
+        try:
+            wrapped.append((owner, name, wrap(conv)))
+        except ConfigError as e:
+            raise ConfigError(f"{what} on {path}: {e}") from None
+    for owner, name, module in wrapped:
+        setattr(owner, name, module)
     card = card_of(model)
     if card is not None:
         set_card(model, replace(card, **record))

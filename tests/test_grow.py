@@ -14,7 +14,7 @@ import torchvision
 import models
 from _shared import CIFAR10, one_line, randomize_model, training_stopped_at
 from models.errors import ConfigError, ReparamError
-from models.grow import GrownConv2d, eligible, grow, ungrow
+from models.grow import GrownConv2d, add_lora_to_convs, eligible, grow, ungrow
 from reparam import fuse_model
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -193,3 +193,13 @@ def test_one_string_of_targets_is_one_glob(single_thread):
         "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
     student = models.student_from_teacher(as_str, lora_rank=2, lora_targets="layer1.0.*")
     assert student.config["lora"]["modules"] == ["layer1.0.conv1", "layer1.0.conv2"]
+
+
+def test_a_depthwise_conv_named_for_lora_is_refused_by_name_and_nothing_changes(single_thread):
+    """LoRA on a named depthwise conv: the refusal did not say which conv, and the convs before it had their branch."""
+    model = models.create_model("torchvision:mobilenet_v2", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError) as e:
+        add_lora_to_convs(model, 2, ["features.0.0", "features.2.conv.1.0"])
+    assert one_line(e).startswith("LoRA on features.2.conv.1.0: LoRA needs a dense, undilated conv, got groups=96")
+    assert model.state_dict().keys() == before.keys() and "lora" not in (model.config or {})
