@@ -1057,3 +1057,13 @@ def test_the_dkd_warm_up_is_an_option_that_reaches_the_loss():
     assert logit_loss(none.with_recipe().loss).dkd_weight() == 1.0
     default, _ = stage2.parse(["--inherit", "t", "--kd", "dkd", "--out", "o"])
     assert logit_loss(default.with_recipe().loss).warmup_epochs == 20 and default.record()["loss"]["kd_warmup"] is None
+
+
+def test_normalize_with_inherit_says_it_is_not_used(teacher, tmp_path, capsys):
+    """An inherited student keeps its teacher's preprocessing: --normalize was dropped without a word."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        stage2.main(["--inherit", str(teacher["dir"]), "--normalize", "imagenet", "--data-dir", str(tmp_path / "no"),
+                     "--out", str(tmp_path / "out")])
+    assert ("note: --normalize imagenet is not used: an inherited student keeps its teacher's input normalization"
+            in capsys.readouterr().out)

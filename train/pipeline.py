@@ -239,6 +239,9 @@ def _build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: in
 def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive = spec.derive
     inherit = isinstance(derive, Inherit)
+    if inherit and spec.data.normalize is not None and is_main_process():
+        print(f"note: --normalize {spec.data.normalize} is not used: an inherited student keeps its teacher's input "
+              "normalization", flush=True)
     spec = spec.with_recipe()
     loss_fn = logit_loss(spec.loss)
     teacher, teacher_meta, teacher_path = load_teacher(derive.teacher, derive.model, inherit=inherit)
