@@ -100,23 +100,30 @@ def _check_pt2_payloads(path: Path) -> None:
     except (zipfile.BadZipFile, OSError):
         return
     with archive:
-        for name in archive.namelist():
-            inner = name.split("/", 1)[-1]  # below the archive's root folder
-            if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith("_config.json"):
+        names = archive.namelist()
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:  # zipfile reads a repeated name's last entry, torch's reader its first
+            raise refuse(twice, "a file name twice, so what is checked need not be what loads")
+        for name in names:
+            where = "/" + name
+            if "/data/aotinductor/" in where:
+                raise refuse(name, "compiled native code (AOTInductor)")
+            if ("/data/weights/" in where or "/data/constants/" in where) and name.endswith("_config.json"):
                 try:
-                    config = json.loads(archive.read(name)).get("config", {})
-                except (ValueError, AttributeError, zipfile.BadZipFile, OSError):
-                    return
-                for fqn, meta in (config.items() if isinstance(config, dict) else ()):
+                    config = json.loads(archive.read(name))["config"]
+                    entries = list(config.items())
+                except Exception:  # noqa: BLE001 (a config torch would read otherwise: not checked, so refused)
+                    raise refuse(name, "a payload list that does not parse") from None
+                for fqn, meta in entries:
                     meta = meta if isinstance(meta, dict) else {}
                     if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(("custom_obj_",
                                                                                             "opaque_obj_")):
-                        raise refuse(f"{fqn} in {inner}", "a pickled object")
-            elif inner.endswith(".pt"):
+                        raise refuse(f"{fqn} in {name}", "a pickled object")
+            elif name.endswith(".pt"):
                 try:
                     torch.load(io.BytesIO(archive.read(name)), weights_only=True)
                 except Exception:  # any refusal: torch.export would retry with weights_only=False
-                    raise refuse(inner, "a pickle that is not plain tensors") from None
+                    raise refuse(name, "a pickle that is not plain tensors") from None
 
 
 def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
