@@ -86,10 +86,13 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for p in candidates:
         pid = p.name[len(start):].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            if p.is_dir() and not p.is_symlink():  # a staging folder (models.convert's)
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            try:
+                if p.is_dir() and not p.is_symlink():  # a staging folder (models.convert's)
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+            except OSError:  # another user's, in a shared folder: left, and this write goes on
+                continue
             removed.append(p)
     return removed
 
@@ -125,8 +128,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
             code = getattr(e, "errno", None)
             advice = ("choose a writable folder" if code in (errno.EACCES, errno.EPERM, errno.EROFS) else
                       "a file is in the way of the folder: move it, or choose another folder"
-                      if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR) else
-                      "free some disk space or choose a writable folder")
+                      if code in (errno.ENOTDIR, errno.EEXIST) else
+                      f"a folder has the name {path.name}: move it, or choose another name" if code == errno.EISDIR
+                      else "free some disk space or choose a writable folder")
             error = WriteError(f"cannot write {path} ({reason}); the previous {path.name}, if any, is unchanged: "
                                + advice)
             error.reason = reason
@@ -186,8 +190,9 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
         p = p.with_suffix(".safetensors")
     elif p.suffix in (".pth", ".pt") and p.is_file():
         raise CheckpointError(f"{given} is a PyTorch file, not a checkpoint (safetensors + JSON) that records its "
-                              "model: start a model from its weights with --weights (models.load_pretrained), or "
-                              "convert the original ReduceNet's with python -m models.convert")
+                              "model: make one with models.create_model(NAME), models.weights.load_pretrained(model, "
+                              "FILE) and models.save_checkpoint(model, PATH), or train from it with stage 1 --weights; "
+                              "the original ReduceNet's: python -m models.convert")
     elif not p.exists() and checkpoint_file(p).is_file():  # the name it was saved under (save_checkpoint(m, "t"))
         p = checkpoint_file(p)
     if not p.is_file():

@@ -547,6 +547,17 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path):
     other_file = tmp_path / f".cache.ptx.{host}-{gone.pid}.abc.tmp"
     for p in (killed, running, elsewhere, other_file):
         p.write_bytes(b"")
+    real_unlink = Path.unlink
+
+    def refused(self, missing_ok=False):  # another user's file in a shared (sticky) folder
+        if self == killed:
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "unlink", refused)
+        ckpt_mod.atomic_write(target, lambda tmp: open(tmp, "wb").write(b"newer"))  # the write goes on
+    assert target.read_bytes() == b"newer" and killed.exists()
     ckpt_mod.atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
     assert target.read_bytes() == b"new" and not killed.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache.pt", running.name, elsewhere.name,
@@ -587,6 +598,10 @@ def test_a_write_error_gives_the_advice_that_fits_its_cause(tmp_path):
     assert one_line(e).endswith("(Permission denied); the previous x.safetensors, if any, is unchanged: choose a "
                                 "writable folder")
     assert (tmp_path / "a-file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    (tmp_path / "last.safetensors").mkdir()
+    with pytest.raises(ckpt_mod.WriteError) as e:
+        ckpt_mod.atomic_write(tmp_path / "last.safetensors", lambda tmp: open(tmp, "wb").write(b"x"))
+    assert one_line(e).endswith("a folder has the name last.safetensors: move it, or choose another name")
 
 
 def test_save_checkpoint_writes_only_what_load_checkpoint_takes_back(tmp_path):
