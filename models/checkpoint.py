@@ -62,7 +62,8 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}.{socket.gethostname()}-{os.getpid()}."
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` of this machine runs (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,7 +86,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
         return removed
     for p in candidates:
         pid = p.name[len(start):].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
             try:
                 if p.is_dir() and not p.is_symlink():  # a staging folder (models.convert's)
                     shutil.rmtree(p)

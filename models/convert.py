@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import shutil
+import socket
 import stat
+import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .checkpoint import WriteError, file_sha256, remove_stale_temps, save_checkpoint, temp_prefix, user_path
+from .checkpoint import (WriteError, file_sha256, process_running, remove_stale_temps, save_checkpoint,
+                         temp_prefix, user_path)
 from .errors import CheckpointError, ConfigError, ReduceNetError, brief, cli_errors
 from .identity import set_preprocess
 from .reducenet import DEPTHS, ReduceNet
@@ -162,37 +163,6 @@ def _their_key(ours: str) -> str:
     return ours
 
 
-def read_original(path: Path) -> dict[str, Tensor]:
-    """The tensors of ``path`` (:func:`models.weights.read_state_dict`), where a file that holds something else
-    than a state_dict says what it holds: a pickled object (a whole ``nn.Module``), or an empty dict."""
-    try:
-        return read_state_dict(path)
-    except CheckpointError as refusal:
-        if path.suffix == ".safetensors" or not path.is_file():
-            raise
-        try:  # again, to see what the file holds: weights_only, so still no code runs
-            with warnings.catch_warnings():  # torch's warnings were shown by the first load
-                warnings.simplefilter("ignore")
-                held = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL (\S+)", str(e))  # a class or function weights_only does not build
-            if found is None:  # not a pickle at all (garbage bytes say "Unsupported operand" too)
-                raise refusal from None
-            raise CheckpointError(f"{path} holds a pickled object ({found[1]}), not a state_dict: convert reads "
-                                  "state_dicts only, with torch.load(weights_only=True), so that no code in the file "
-                                  "runs; save the weights alone with torch.save(net.state_dict(), PATH) and convert "
-                                  "that file") from None
-        except Exception:  # noqa: BLE001 (read_state_dict's own message says it)
-            raise refusal from None
-        for key in ("state_dict", "model"):
-            if isinstance(held, dict) and isinstance(held.get(key), dict):
-                held = held[key]
-        if isinstance(held, dict) and not held:
-            raise CheckpointError(f"{path} holds an empty dict, no tensors; pass the original's checkpoint, saved by "
-                                  "its main.py with torch.save(net.state_dict())") from None
-        raise
-
-
 def _check_destination(path: Path, overwrite: bool) -> None:
     """Refuse an output name that is taken, before anything is written: a folder there always; any other entry (a
     file, a link, even a dangling one) unless ``overwrite``."""
@@ -209,6 +179,32 @@ def _check_destination(path: Path, overwrite: bool) -> None:
         what = (f"exists (a link to {os.readlink(path)}, which does not exist)"
                 if stat.S_ISLNK(mode) and not path.exists() else "exists")
         raise CheckpointError(f"{path} {what}; pass --overwrite to replace it or choose another --out")
+
+
+#: The folder, inside a staging folder, of the files an ``--overwrite`` moved aside until every new file is in place.
+PREVIOUS = ".previous"
+
+
+def _recover_stale(out: Path) -> None:
+    """Put back the files that a convert killed mid-way (SIGKILL: no cleanup ran) had moved aside in its staging
+    folder, where their names in ``out`` are free; a file whose name is taken (the new one was placed) is kept in
+    ``out/.convert-kept-PID``, which is said on stderr, so that :func:`remove_stale_temps` removes nothing of the
+    user's."""
+    host = socket.gethostname()
+    for stage in out.glob(f".convert.{host}-*.tmp"):
+        pid = stage.name[len(f".convert.{host}-"):].split(".", 1)[0]
+        aside = stage / PREVIOUS
+        if not pid.isdigit() or int(pid) == os.getpid() or process_running(int(pid)) or not aside.is_dir():
+            continue
+        for f in sorted(aside.iterdir()):
+            if not os.path.lexists(out / f.name):
+                os.replace(f, out / f.name)
+                print(f"restored {out / f.name}, which a stopped convert (pid {pid}) had moved aside", file=sys.stderr)
+        if any(aside.iterdir()):
+            kept = out / f".convert-kept-{pid}"
+            os.replace(aside, kept)
+            print(f"warning: {kept} holds the files a stopped convert (pid {pid}) replaced; they are kept there",
+                  file=sys.stderr)
 
 
 def _write_all(jobs: list[tuple[ReduceNet, Path, dict]], out: Path, overwrite: bool) -> None:
@@ -228,7 +224,8 @@ def _write_all(jobs: list[tuple[ReduceNet, Path, dict]], out: Path, overwrite: b
     placed: list[tuple[Path, Path | None, bool]] = []  # (destination, its previous file moved aside, placed yet)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out / "convert")  # a staging folder that a killed convert left
+        _recover_stale(out)  # what a killed convert had moved aside goes back, then its staging folder goes
+        remove_stale_temps(out / "convert")
         stage = Path(tempfile.mkdtemp(prefix=temp_prefix(out / "convert"), suffix=".tmp", dir=out))
         for model, dest, meta in jobs:
             try:
@@ -241,7 +238,8 @@ def _write_all(jobs: list[tuple[ReduceNet, Path, dict]], out: Path, overwrite: b
                 _check_destination(target, overwrite)  # again: the conversions took a while
                 previous = None
                 if os.path.lexists(target):  # --overwrite: kept aside until every file is in place
-                    previous = stage / f"previous.{target.name}"
+                    previous = stage / PREVIOUS / target.name  # a folder of its own: no new file has its name
+                    previous.parent.mkdir(exist_ok=True)
                     os.replace(target, previous)
                 placed.append((target, previous, False))
                 os.replace(stage / target.name, target)
@@ -302,7 +300,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         dest = out / f"{f.stem}.safetensors"
         for path in (dest, dest.with_suffix(".json")):
             _check_destination(path, args.overwrite)
-        model = from_reducenet_original(read_original(f), name=str(f))
+        model = from_reducenet_original(read_state_dict(f), name=str(f))
         classes = model.config["num_classes"]
         known = {"cifar10": 10, "cifar100": 100}
         if args.dataset in known and known[args.dataset] != classes:

@@ -55,8 +55,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+    if isinstance(state, dict) and not state:
+        raise CheckpointError(f"{path} holds an empty dict, no tensors; pass a file saved with "
+                              "torch.save(model.state_dict())")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        other = next((k for k, v in state.items() if not isinstance(v, Tensor)), None) if isinstance(state, dict) \
+            else None
+        what = f"a dict whose {other!r} is a {type(state[other]).__name__}" if other is not None else \
+            f"a {type(state).__name__}"
+        raise CheckpointError(f"{path} holds {what}, not a state_dict of tensors; pass a file saved with "
+                              "torch.save(model.state_dict())")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -328,7 +328,7 @@ def test_cli_expands_a_tilde_after_the_equals_sign(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, words", [
-    (nn.Linear(2, 2), ["pickled object", "torch.nn.modules.linear.Linear", "not a state_dict", "state_dicts only",
+    (nn.Linear(2, 2), ["pickled object", "torch.nn.modules.linear.Linear", "not a state_dict", "save the weights alone",
                        "weights_only", "no code"]),
     ({}, ["empty", "state_dict"]),
 ], ids=["module", "empty"])
@@ -338,3 +338,35 @@ def test_cli_says_what_a_file_holds_instead_of_a_state_dict(tmp_path, content, w
     proc = run_main(main, ["reducenet-original", str(path), "--out", str(tmp_path / "out")])
     refusal(proc, "x.pth", *words)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"needs {ORIGINAL}")
+def test_overwrite_keeps_each_name_to_its_own_model_and_a_killed_converts_files_come_back(tmp_path, capsys):
+    """The files an --overwrite moved aside were named previous.NAME beside the new conversions: converting
+    previous.x.pth too put the old x under the new name. And a killed convert's staging folder, holding the files it
+    had moved aside, was removed by the next convert: the user's old checkpoint was gone."""
+    import socket
+    import subprocess
+
+    teacher, student = (ORIGINAL / f"reduce20_cifar10_e1_w1_{r}.pth" for r in ("teacher", "student"))
+    shutil.copy(teacher, tmp_path / "x.pth")
+    shutil.copy(student, tmp_path / "previous.x.pth")
+    out = tmp_path / "out"
+    main(["reducenet-original", str(tmp_path / "x.pth"), "--out", str(out)])
+    main(["reducenet-original", str(tmp_path / "x.pth"), str(tmp_path / "previous.x.pth"), "--out", str(out),
+          "--overwrite"])
+    assert models.read_record(out / "x.safetensors")["metadata"]["role"] == "teacher"
+    assert models.read_record(out / "previous.x.safetensors")["metadata"]["role"] == "student"
+    # a convert killed after moving x.json aside and placing the new previous.x.json, before placing x.json
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    aside = out / f".convert.{socket.gethostname()}-{gone.pid}.abc.tmp" / ".previous"
+    aside.mkdir(parents=True)
+    (out / "x.json").rename(aside / "x.json")
+    (aside / "previous.x.json").write_text("the old one")
+    capsys.readouterr()
+    main(["reducenet-original", str(teacher), "--out", str(out)])  # another name into the same --out
+    err = capsys.readouterr().err
+    assert (out / "x.json").is_file() and f"restored {out / 'x.json'}" in err
+    assert (out / f".convert-kept-{gone.pid}" / "previous.x.json").read_text() == "the old one"
+    assert "holds the files a stopped convert" in err and not aside.parent.exists()
