@@ -267,6 +267,18 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
     targets = [targets] if isinstance(targets, str) else list(targets)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"lora_rank must be a whole number >= 1 (0 for none), got {rank!r}")
+    card = card_of(model)
+    config = card.config if card is not None else {}
+    recorded = config.get("lora_rank") or 0
+    if card is not None:  # a built model: its card must be able to say what is added (checked before any branch)
+        if "lora_rank" not in config:  # the family's config has no place for them
+            raise ConfigError(f"{config['model']} records no LoRA branches in its config; use "
+                              "models.grow.add_lora_to_convs, which records them for any classifier")
+        if config.get("expansion"):
+            raise ConfigError("LoRA branches belong to the student: add them to models.student_from_teacher(teacher, "
+                              "lora_rank=...)")
+        if recorded and recorded != rank:
+            raise ConfigError(f"this model has LoRA branches of rank {recorded} already; add more of that rank")
     names = [n for n, m in model.named_modules()
              if isinstance(m, ConvBN) and any(fnmatch.fnmatchcase(n, t) for t in targets)]
     if not names:
@@ -280,9 +292,9 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:
     check_lora_rank(rank, convs)
     for n in names:
         modules[n].add_lora(rank)
-    card = card_of(model)
     if card is not None:  # a built model: its card says so, so that it saves and rebuilds with the branches
-        set_card(model, card.with_args(lora_rank=rank, lora_targets=targets))
+        known = list(config.get("lora_targets") or []) if recorded else []
+        set_card(model, card.with_args(lora_rank=rank, lora_targets=known + [t for t in targets if t not in known]))
     return names
 
 

@@ -642,3 +642,20 @@ def test_a_config_override_that_does_not_fit_the_weights_says_how_to_fuse(tmp_pa
     with pytest.raises(CheckpointError) as e:
         models.load_checkpoint(path, inference_mode=True)
     assert "with inference_mode=True" in one_line(e) and "reparam.fuse_model" in one_line(e)
+
+
+def test_add_lora_twice_records_both_and_refuses_what_its_card_cannot_say(tmp_path):
+    """add_lora on layer1, then layer2: the card said layer2 alone, and save refused the model. A teacher, another
+    rank, or a family without LoRA in its config were accepted, and the model could not be saved."""
+    student = models.create_model("reduce20", expansion=0)
+    models.add_lora(student, 2, ["layer1.*"])
+    models.add_lora(student, 2, "layer2.*")
+    assert student.config["lora_targets"] == ["layer1.*", "layer2.*"]
+    reloaded = models.load_checkpoint(models.save_checkpoint(student, tmp_path / "s"))
+    assert reloaded.state_dict().keys() == student.state_dict().keys()
+    for model, rank, words in ((student, 4, "rank 2 already"), (models.create_model("reduce20"), 2, "student"),
+                               (models.create_model("pyramid_vgg19"), 2, "add_lora_to_convs")):
+        keys = set(model.state_dict())
+        with pytest.raises(models.ConfigError) as e:
+            models.add_lora(model, rank, ["layer3.*", "features.*"])
+        assert words in one_line(e) and set(model.state_dict()) == keys
