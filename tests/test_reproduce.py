@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import models
-from models.errors import ReduceNetError
+from models.errors import ConfigError, ReduceNetError
 from _shared import CIFAR10, CIFAR100, SHARED, randomize_model
 from train import reproduce
 from train.data import extract_images, scan_image_tree
@@ -685,7 +685,8 @@ def test_a_budget_says_what_its_two_numbers_train():
 
     assert budget_words("cifar10-reducenet", 200, 200) == "200 + 200 epochs (stage 1 + stage 2)"
     assert budget_words("original-stage2", 0, 200) == "200 epochs"
-    assert budget_words("cifar100-kd", 240, 240).startswith("teachers 240 epochs, students (each from scratch")
+    assert budget_words("cifar100-kd", 240, 240) == ("240 epochs for every row (teachers, and students from scratch "
+                                                     "or distilled)")
     assert budget_words("trim", 200, 100) == ("the untrimmed network 200 epochs, the fine-tuning of each trimmed one "
                                               "100 epochs")
 
@@ -1059,3 +1060,22 @@ def test_a_header_names_every_hardware_its_rows_ran_on_and_options_a_table_ignor
             reproduce.main([*extra, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and "not trim: leave it out" in err
+
+
+@pytest.mark.skipif(not ORIGINAL.is_dir(), reason=f"{ORIGINAL} is absent")
+def test_a_teacher_converted_before_hashes_were_recorded_is_found_by_its_tensors(tmp_path):
+    """A conversion that records no SHA-256 was compared by path: the same original moved elsewhere was refused."""
+    import shutil
+
+    from models.checkpoint import save_checkpoint
+    from models.convert import from_reducenet_original
+    from models.weights import read_state_dict
+    from train.reproduce.tables import _check_converted_from
+
+    teacher = ORIGINAL / "reduce20_cifar10_e1_w1_teacher.pth"
+    dest = save_checkpoint(from_reducenet_original(read_state_dict(teacher), str(teacher)), tmp_path / "t",
+                           {"converted_from": "/where/it/was/teacher.pth"})
+    shutil.copy(teacher, tmp_path / "moved.pth")
+    _check_converted_from(dest, tmp_path / "moved.pth")
+    with pytest.raises(ConfigError):
+        _check_converted_from(dest, ORIGINAL / "reduce20_cifar10_e1_w1_student.pth")

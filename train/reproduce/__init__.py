@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "left at its own pace (a row not started: at its other seed's), the total, and with "
                         "--jobs N the least it can take (the total shared by N, or the longest chain of rows "
                         "that wait for one another)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--widths", type=int, nargs="+", choices=(1, 2, 4), default=None,
                    help="cifar10-reducenet: ReduceNet widths (default 1 and 2 on a GPU, 1 on a CPU)")
     p.add_argument("--compile", action="store_true", help="every row: torch.compile (with --compile-mode)")

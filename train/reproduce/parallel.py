@@ -118,7 +118,9 @@ def train_parallel(rows: list[Row], argv: list[str], jobs: int, device: str, log
                 elif any(d in elsewhere or d in waiting for d in needs):
                     pending.remove(row)
                     waiting.append(row)
-                    log(f"[not started] {row.run.name}: the row it inherits from is being trained by another process")
+                    why = ("is being trained by another process" if any(d in elsewhere for d in needs) else
+                           "waits for a row that another process trains")
+                    log(f"[not started] {row.run.name}: the row it inherits from {why}")
                 elif any(d in failed for d in needs):
                     pending.remove(row)
                     failed.append(row)

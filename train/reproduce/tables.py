@@ -20,7 +20,7 @@ from models.weights import read_state_dict
 from .. import evaluate as evaluate_cli
 from ..data import data_root, resolve_source
 from ..provenance import git_commit
-from ..rundir import in_use, same_record
+from ..rundir import in_use
 from ..spec import Fresh
 from ..timing import measure, paired_ratio, time_rounds
 from .parallel import train_parallel
@@ -41,8 +41,7 @@ FUSED_ACC_NOTE = ("- `fused acc` is a stage-2 row's deploy model (every linear b
                   "convs) on the same test images as `last acc`.")
 FUSED_ROW_NOTE = " A `fused deploy model` row gives that model's size and latency."
 #: What the two numbers of a table's budget train, where they are not a stage 1 and the stage 2 inheriting from it.
-PHASES = {"cifar100-kd": ("teachers", "students (each from scratch, with or without distillation)"),
-          "kd-imagefolder": ("teacher", "students (each from scratch, with or without distillation)"),
+PHASES = {"kd-imagefolder": ("teacher", "students (each from scratch, with or without distillation)"),
           "trim": ("the untrimmed network", "the fine-tuning of each trimmed one"),
           "grow": ("the grown teacher", "stage 2")}
 
@@ -51,6 +50,8 @@ def budget_words(table: str, e1: int, e2: int) -> str:
     """The header's words for a table's budget ``(e1, e2)``."""
     if not e1:
         return f"{e2} epochs"
+    if table == "cifar100-kd":  # every row trains e1 epochs: the teachers, and the students with or without KD
+        return f"{e1} epochs for every row (teachers, and students from scratch or distilled)"
     if table in PHASES:
         first, second = PHASES[table]
         return f"{first} {e1} epochs, {second} {e2} epochs"
@@ -431,7 +432,11 @@ def _check_converted_from(dest: Path, pth: Path) -> None:
     (finished, and named by its path) would be reported as this file's."""
     meta = read_record(dest).get("metadata", {})
     source = meta.get("converted_from")
-    same = meta["sha256"] == file_sha256(pth) if "sha256" in meta else same_record(source, str(pth))
+    if "sha256" in meta:
+        same = meta["sha256"] == file_sha256(pth)
+    else:  # converted before the hash was recorded: the same original converts to the same tensors, wherever it is
+        ours, theirs = read_state_dict(dest), from_reducenet_original(read_state_dict(pth), str(pth)).state_dict()
+        same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     if not same:
         raise ConfigError(f"{dest} was converted from {source}, not from {pth} as --original now says, and this "
                           f"table's rows were trained from it: pass another --runs for {pth}, or move "
