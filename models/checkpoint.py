@@ -73,28 +73,36 @@ def process_running(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: Path) -> list[Path]:
-    """Remove the temp files of ``path`` that :func:`atomic_write` left when its process was killed mid-write
-    (SIGKILL, a power cut): those of this machine whose process no longer runs. Another process's write in progress,
-    here or on another machine sharing the folder, is left alone. Returns the files removed."""
-    host = socket.gethostname()
-    start = f".{path.name}.{host}-"
-    removed = []
+def stale_temps(path: Path) -> list[tuple[Path, int]]:
+    """The temp files (or folders) of ``path`` (named by :func:`temp_prefix`) that processes of this machine left
+    when they were killed (SIGKILL, a power cut): those whose process no longer runs, with its pid. Another
+    process's write in progress, here or on another machine sharing the folder, is not one."""
+    start = f".{path.name}.{socket.gethostname()}-"
     try:
         candidates = [p for p in path.parent.iterdir() if p.name.startswith(start) and p.name.endswith(".tmp")]
     except OSError:
-        return removed
+        return []
+    found = []
     for p in candidates:
         pid = p.name[len(start):].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_running(int(pid)):
-            try:
-                if p.is_dir() and not p.is_symlink():  # a staging folder (models.convert's)
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
-            except OSError:  # another user's, in a shared folder: left, and this write goes on
-                continue
-            removed.append(p)
+            found.append((p, int(pid)))
+    return found
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the :func:`stale_temps` of ``path``; one that cannot be removed (another user's, in a shared folder)
+    is left. Returns those removed."""
+    removed = []
+    for p, _ in stale_temps(path):
+        try:
+            if p.is_dir() and not p.is_symlink():  # a staging folder (models.convert's)
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:  # the write goes on
+            continue
+        removed.append(p)
     return removed
 
 

@@ -16,7 +16,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import (WriteError, file_sha256, process_running, remove_stale_temps, save_checkpoint,
-                         temp_prefix, user_path)
+from .checkpoint import (WriteError, file_sha256, remove_stale_temps, save_checkpoint, stale_temps, temp_prefix,
+                         user_path)
 from .errors import CheckpointError, ConfigError, ReduceNetError, brief, cli_errors
 from .identity import set_preprocess
 from .reducenet import DEPTHS, ReduceNet
@@ -190,11 +189,9 @@ def _recover_stale(out: Path) -> None:
     folder, where their names in ``out`` are free; a file whose name is taken (the new one was placed) is kept in
     ``out/.convert-kept-PID``, which is said on stderr, so that :func:`remove_stale_temps` removes nothing of the
     user's."""
-    host = socket.gethostname()
-    for stage in out.glob(f".convert.{host}-*.tmp"):
-        pid = stage.name[len(f".convert.{host}-"):].split(".", 1)[0]
+    for stage, pid in stale_temps(out / "convert"):
         aside = stage / PREVIOUS
-        if not pid.isdigit() or int(pid) == os.getpid() or process_running(int(pid)) or not aside.is_dir():
+        if not aside.is_dir():
             continue
         for f in sorted(aside.iterdir()):
             if not os.path.lexists(out / f.name):
