@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from train.callbacks import Callback
 from train.data import ArrayData, Data, DatasetInfo, Loader
-from train.engine import EpochSums, TrainConfig, Trainer, TrainingDiverged, evaluate
+from models.errors import ConfigError
+from train.engine import OPTIMIZERS, SCHEDULES, EpochSums, TrainConfig, Trainer, TrainingDiverged, evaluate
 from train.tasks import Classify
 
 from _shared import CIFAR10, ROOT, one_line
@@ -427,3 +428,88 @@ def test_a_run_dir_whose_other_rank_failed_takes_back_its_lock_and_says_so_in_on
     with pytest.raises(ReduceNetError, match="another process of this torchrun job stopped") as e:
         cli.make_run_dir(tmp_path / "run", Dist(0, 2, 0), {"args": {}})
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+class CountSteps(Classify):
+    """Classification that counts its forward passes (training steps)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.steps = 0
+
+    def forward(self, x, y):
+        self.steps += 1
+        return super().forward(x, y)
+
+
+def test_a_users_own_module_trains_without_a_run_dir_and_is_refused_with_one_before_any_step(tmp_path):
+    """A plain nn.Module (no .config) trains and gets its summary without a run directory; with one, whose
+    checkpoints need a .config naming the model, it is refused in one line before the first step, writing nothing."""
+    def plain() -> nn.Module:
+        model = tiny_model()
+        del model.config
+        return model
+
+    trainer = Trainer(Classify(plain()), tiny_data(), TrainConfig(epochs=2, lr=0.05), log=lambda line: None)
+    summary = trainer.fit()
+    assert summary["model"] is None and summary["last_epoch"] == 2 and summary["params"] == 135
+    task = CountSteps(plain())
+    with pytest.raises(ConfigError) as e:
+        Trainer(task, tiny_data(), TrainConfig(epochs=2, lr=0.05), tmp_path / "run", log=lambda line: None)
+    msg = one_line(e)
+    assert "Sequential" in msg and ".config" in msg and "models.create_model" in msg and "no run_dir" in msg, msg
+    assert task.steps == 0 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value", [("optimizer", "adamw"), ("optimizer", "SGD"), ("schedule", "linear")])
+def test_an_unknown_optimizer_or_schedule_is_refused_naming_the_valid_ones(field, value):
+    """Not silently SGD or the step schedule: one line naming the valid values."""
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{field: value})
+    msg = one_line(e)
+    valid = OPTIMIZERS if field == "optimizer" else SCHEDULES
+    assert f"{field}={value!r}" in msg and ", ".join(valid) in msg, msg
+    for ok in valid:  # every valid value is taken
+        assert getattr(TrainConfig(**{field: ok}), field) == ok
+
+
+def test_train_config_seed_is_recorded_not_applied():
+    """TrainConfig.seed is a record (the pipeline seeds before it builds the model and data), as its docstring says:
+    the trainer trains the same with any seed and writes it to the summary."""
+    runs = [Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1, lr=0.05, seed=seed),
+                    log=lambda line: None) for seed in (0, 1)]
+    summaries = [run.fit() for run in runs]
+    assert [s["seed"] for s in summaries] == [0, 1]
+    for a, b in zip(*(run.model.state_dict().values() for run in runs)):
+        assert torch.equal(a, b)
+
+
+def test_a_plain_folder_holding_a_run_is_refused_unless_resumed_or_replaced_through_a_run_dir(tmp_path):
+    """A second run into a plain folder that holds a run stops before its first step, leaving the run as it was;
+    resume() continues that run, RunDir(..., overwrite=True) replaces it, and a folder of other files is taken."""
+    from train.rundir import RunDir, RunDirError
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(epochs=1, lr=0.05)
+    Trainer(Classify(tiny_model()), tiny_data(), cfg, run, log=lambda line: None).fit()
+    (run / "spec.json").write_text("{}")  # what a CLI run leaves beside them
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    task = CountSteps(tiny_model())
+    again = Trainer(task, tiny_data(), TrainConfig(epochs=2, lr=0.05), run, log=lambda line: None)
+    with pytest.raises(RunDirError) as e:
+        again.fit()
+    msg = one_line(e)
+    assert str(run) in msg and "train_state.pt" in msg and "empty folder" in msg and "overwrite=True" in msg, msg
+    assert task.steps == 0 and {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    resumed = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=2, lr=0.05), run, log=lambda line: None)
+    resumed.resume()
+    assert resumed.fit()["last_epoch"] == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
+    with RunDir(run, overwrite=True).open() as replaced:
+        fresh = Trainer(Classify(tiny_model()), tiny_data(), cfg, replaced, log=lambda line: None)
+        assert fresh.fit()["last_epoch"] == 1
+    assert not (run / "spec.json").exists()  # replaced whole, not mixed
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    Trainer(Classify(tiny_model()), tiny_data(), cfg, other, log=lambda line: None).fit()
+    assert (other / "notes.txt").read_text() == "mine" and (other / "last.safetensors").is_file()

@@ -38,13 +38,17 @@ from .data import Data
 from .graphs import GraphedStep, python_state
 from .progress import Progress
 from .provenance import hardware
-from .rundir import RunDir
+from .rundir import RUN_FILES, RunDir, RunDirError
 from .tasks import TASK_OUTPUTS, Task
 
 #: torch.compile's modes; ``reduce-overhead`` replays each compiled graph as a CUDA graph (no per-kernel launches).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The modes that make CUDA graphs of their own, which a step captured whole (``cuda_graph``) cannot hold.
 GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+#: :attr:`TrainConfig.optimizer`'s values.
+OPTIMIZERS = ("sgd", "adam")
+#: :attr:`TrainConfig.schedule`'s values (:func:`lr_factor`).
+SCHEDULES = ("cosine", "cosine-epoch", "step")
 
 
 def check_cuda_graph(cuda_graph: bool, compile_: bool, compile_mode: str, world_size: int = 1) -> None:
@@ -68,7 +72,16 @@ class TrainingDiverged(ReduceNetError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by both stages (defaults: the ReduceNet CIFAR recipe)."""
+    """Optimisation settings shared by both stages (defaults: the ReduceNet CIFAR recipe).
+
+    ``optimizer`` is one of :data:`OPTIMIZERS` and ``schedule`` one of :data:`SCHEDULES`; any other value is refused
+    (:class:`ConfigError`) when the config is made.
+
+    ``seed`` is a record, not a setting: the trainer seeds nothing. A run's seed is set before its model and data are
+    built (the pipeline calls ``torch.manual_seed(seed)`` in :func:`train.cli.setup` and builds the loaders with the
+    same seed, which fixes each epoch's order and augmentation); ``TrainConfig.seed`` is only written to the summary.
+    A caller of :class:`Trainer` seeds its model and passes the seed to :func:`train.data.build_data` itself.
+    """
 
     epochs: int = 200
     lr: float = 0.1
@@ -88,6 +101,12 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in summary.json
+
+    def __post_init__(self) -> None:
+        for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if value not in valid:
+                raise ConfigError(f"TrainConfig {name}={value!r} is not one of {', '.join(valid)} (--{name})")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: tuple[int, ...], gamma: float,
@@ -262,6 +281,11 @@ class Trainer:
     are summed there (:class:`EpochSums`) and read back every :attr:`sync_every` steps (progress bar, divergence
     check) and at the end of the epoch. A non-finite loss therefore stops the run at the next read-back, with
     the step where it happened; the epoch is not saved, so the last good checkpoint stays.
+
+    With ``run_dir``, the student must be one that :func:`models.save_checkpoint` can save (a ``.config`` dict naming
+    its model, as :func:`models.create_model` sets); any other is refused before the first step. A plain folder
+    that already holds a run's files is refused when :meth:`fit` starts, unless :meth:`resume` continued that run;
+    an opened :class:`~train.rundir.RunDir` decides that for itself (``--resume``, ``--overwrite``).
     """
 
     #: Steps between read-backs of the running sums (progress bar, divergence check); each one makes the host
@@ -272,7 +296,11 @@ class Trainer:
                  dist_info: Dist | None = None, device: torch.device | str = "cpu",
                  metadata: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print) -> None:
+        if run_dir is not None:
+            check_checkpointable(task.student, run_dir)
         self.run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
+        # a plain folder is checked for a run of its own when fit() starts, unless that run is resumed
+        self._check_folder = run_dir is not None and not isinstance(run_dir, RunDir)
         self.cfg, self.data, self.log = cfg, data, log
         self.run_dir = self.run.path if self.run is not None else None
         self.dist = dist_info or Dist()
@@ -338,6 +366,7 @@ class Trainer:
         The peak learning rate is ``cfg.lr``, which may differ from the run's (after a NaN, say): the schedule
         continues from the same step with the new peak.
         """
+        self._check_folder = False  # the run in the folder is continued, not replaced
         if "task" in state:
             self.task.load_state_dict(state["task"])
         else:  # written before tasks existed: the model alone
@@ -474,6 +503,9 @@ class Trainer:
         With ``cfg.epochs == 0`` the model is evaluated as it is and recorded as epoch 0 (a trimmed network that
         is not fine-tuned, say): its row has no training metrics (NaN).
         """
+        if self._check_folder:
+            check_fresh_folder(self.run_dir)
+            self._check_folder = False  # what it holds now is this run's own
         wall = time.perf_counter()
         for callback in self.callbacks:
             callback.on_fit_start(self)
@@ -512,7 +544,7 @@ class Trainer:
         best = max(self.history, key=lambda r: r["test_acc"], default={})  # the first of equal bests
         size = complexity(self.model, (1, 3, self.data.info.image_size, self.data.info.image_size))
         return {
-            "model": self.model.config, "run_dir": str(self.run_dir) if self.run_dir else None,
+            "model": getattr(self.model, "config", None), "run_dir": str(self.run_dir) if self.run_dir else None,
             "data": self.data.info.label, "dataset": self.data.info.name,
             "train_images": self.data.train.num_samples * self.dist.world_size,
             "test_images": len(self.data.test.labels),
@@ -528,6 +560,28 @@ class Trainer:
             "torch": torch.__version__, "command": " ".join(sys.argv),
             **self.cfg.extra,
         }
+
+
+def check_checkpointable(model: nn.Module, run_dir: RunDir | str | Path) -> None:
+    """A one-line :class:`ConfigError` unless ``model`` has what :func:`models.save_checkpoint` needs to save it in
+    ``run_dir`` after every epoch: a ``.config`` dict naming its model."""
+    model = getattr(model, "_orig_mod", model)
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and "model" in config:
+        return
+    raise ConfigError(f"run_dir {run_dir} gets a checkpoint after every epoch, but the {type(model).__name__} being "
+                      "trained has no .config naming its model, so it cannot be saved: build it with "
+                      "models.create_model, set model.config = {'model': NAME, ...}, or pass no run_dir")
+
+
+def check_fresh_folder(path: Path) -> None:
+    """A one-line :class:`~train.rundir.RunDirError` when the plain folder ``path`` already holds a run's files (a
+    new run would replace some and leave the others: a mixed folder)."""
+    held = [name for name in RUN_FILES if (path / name).exists()]
+    if held:
+        raise RunDirError(f"run_dir {path} already holds a run ({', '.join(held)}): pass an empty folder, call "
+                          f"Trainer.resume() to continue that run, or pass train.rundir.RunDir({str(path)!r}, "
+                          "overwrite=True) to replace it")
 
 
 @torch.no_grad()
