@@ -218,12 +218,17 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def auto_device() -> str:
+    """What ``--device auto`` means on this machine: ``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Join the torchrun job if there is one (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = auto_device()
     if device == "cuda" and world > 1:
         device = f"cuda:{info.local_rank}"
     try:

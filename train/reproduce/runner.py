@@ -13,13 +13,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from models.errors import DataError, ReduceNetError
 
 from .. import pyramid, stage1, stage2, trim
 from ..data import data_root
 from ..data.loader import BatchSizeError
+from ..engine import auto_device
 from ..pipeline import Chain, run, run_chain
 from ..rundir import finished_summary, in_use, mark_done, same_record
 from ..spec import as_record
@@ -63,7 +62,7 @@ def _on_this_machine(record: Any) -> Any:
         return record
     out = {k: _on_this_machine(v) for k, v in record.items()}
     if isinstance(out.get("runtime"), dict) and out["runtime"].get("device") == "auto":
-        out["runtime"] = {**out["runtime"], "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        out["runtime"] = {**out["runtime"], "device": auto_device()}
     if isinstance(out.get("data"), dict) and "data_dir" in out["data"] and out["data"]["data_dir"] is None:
         out["data"] = {**out["data"], "data_dir": str(data_root(None).absolute())}
     return out
