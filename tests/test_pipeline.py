@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import models
 from models.errors import ConfigError
-from train import stage1, stage2
-from train.spec import (DataSpec, Distil, Fresh, Inherit, LossSpec, OptimSpec, RunSpec, RuntimeSpec, Trim,
+from train import pipeline, stage1, stage2
+from train.spec import (DataSpec, Distil, Fresh, Inherit, LossSpec, OptimSpec, Pyramid, RunSpec, RuntimeSpec, Trim,
                         differences)
 
 from _shared import CIFAR10, ROOT, SHARED, one_line
@@ -58,6 +58,156 @@ def test_a_bad_spec_is_one_line_naming_the_field(record, words):
     with pytest.raises(ConfigError) as e:
         RunSpec.from_dict(record)
     assert words in one_line(e)
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch):
+    """``refused(spec_of)``: the one-line ConfigError with which :func:`train.pipeline.run` refuses the spec
+    ``spec_of(out)`` before it loads anything (a spec that got past fails the test rather than train), asserting
+    that nothing was written (no run directory, nothing in ``tmp_path``)."""
+    def past(spec, *args):
+        raise AssertionError(f"run() took the spec and went on to load its teacher and data: {spec}")
+
+    for name in ("_train_fresh", "_train_student", "_train_trimmed", "_train_level"):
+        monkeypatch.setattr(pipeline, name, past)
+
+    def refuse(spec_of) -> str:
+        out = tmp_path / "run"
+        with pytest.raises(ConfigError) as e:
+            pipeline.run(spec_of(str(out)))
+        assert not out.exists() and not any(tmp_path.iterdir())
+        return one_line(e)
+
+    return refuse
+
+
+def from_json(out: str, **parts) -> RunSpec:
+    """The spec of a --config file holding ``parts`` (``optim={"epochs": "2"}``), of a fresh reduce20 by default."""
+    return RunSpec.from_json(json.dumps({"derive": {"kind": "fresh", "model": "reduce20"}, **parts, "out": out}))
+
+
+@pytest.mark.parametrize("spec_of, words", [
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20"), epochs=1.5, out=out),
+                 "--epochs 1.5 is not valid: pass a whole number", id="epochs"),
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20"), batch_size=64.0, out=out),
+                 "--batch-size 64.0 is not valid: pass a whole number", id="batch_size"),
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20"), seed=1.5, out=out),
+                 "--seed 1.5 is not valid: pass a whole number", id="seed"),
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20"), workers=True, out=out),
+                 "--workers True is not valid: pass a whole number", id="workers-bool"),
+    pytest.param(lambda out: RunSpec.of(Pyramid("runs/vgg", "svgg17_forward", hint_epochs=0.5), out=out),
+                 "--hint-epochs 0.5 is not valid: pass a whole number", id="hint_epochs"),
+    pytest.param(lambda out: RunSpec.of(Trim("t", 2, calibrate_batches=2.5), out=out),
+                 "--calibrate-batches 2.5 is not valid: pass a whole number", id="calibrate_batches"),
+    pytest.param(lambda out: RunSpec.of(Inherit("t", lora_rank=1.5), out=out),
+                 "--lora-rank 1.5 is not valid: pass a whole number", id="lora_rank"),
+    pytest.param(lambda out: RunSpec.of(Fresh(20), out=out), "--model 20 is not valid: pass a string", id="model"),
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20", width=float("nan")), out=out),
+                 "--width nan is not valid: pass a finite number", id="width-nan"),
+    pytest.param(lambda out: from_json(out, optim={"epochs": "2"}),
+                 "--epochs '2' is not valid: pass a whole number", id="json-epochs"),
+    pytest.param(lambda out: from_json(out, optim={"lr": "0.1"}),
+                 "--lr '0.1' is not valid: pass a finite number", id="json-lr"),
+    pytest.param(lambda out: from_json(out, data={"batch_size": None}),
+                 "--batch-size None is not valid: pass a whole number", id="json-batch_size"),
+    pytest.param(lambda out: from_json(out, optim={"milestones": 0.5}),
+                 "--milestones 0.5 is not valid: pass a list of finite numbers", id="json-milestones"),
+    pytest.param(lambda out: from_json(out, optim={"milestones": [0.5, "0.75"]}),
+                 "--milestones 0.5 '0.75' is not valid: pass a list of finite numbers", id="json-milestone"),
+])
+def test_a_field_of_the_wrong_type_is_one_line_naming_its_option(spec_of, words, refused):
+    """A count that is not a whole number, a number that is a string (they failed after the data loaded, with a
+    traceback naming no option, or ran on: 2.5 calibration batches calibrated on every batch) is refused first."""
+    assert words in refused(spec_of)
+
+
+@pytest.mark.parametrize("spec_of, words", [
+    pytest.param(lambda out: from_json(out, runtime={"amp": "false"}),
+                 "--amp 'false' is not valid: pass true or false", id="json-amp"),
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20"), nesterov="no", out=out),
+                 "--nesterov 'no' is not valid: pass true or false", id="nesterov"),
+    pytest.param(lambda out: RunSpec.of(Fresh("reduce20"), compile=1, out=out),
+                 "--compile 1 is not valid: pass true or false", id="compile"),
+    pytest.param(lambda out: from_json(out, export="no"), "export 'no' is not valid: pass true or false",
+                 id="json-export"),
+])
+def test_a_flag_takes_only_true_or_false(spec_of, words, refused):
+    """``"amp": "false"`` in a --config spec ran with bf16 autocast (the string is true): a flag takes a bool."""
+    assert words in refused(spec_of)
+
+
+@pytest.mark.parametrize("level", ["svgg17", "svgg99_forward", "pyramid_vgg19"])
+def test_a_pyramid_level_is_one_of_the_chain_s_full_names(level, refused):
+    """An unknown or short level was a KeyError traceback once the teacher and the data had loaded."""
+    line = refused(lambda out: RunSpec.of(Pyramid("runs/vgg", level), out=out))
+    assert f"Pyramid level {level} is not valid: pass a full level name" in line
+    assert "svgg17_forward" in line and "svgg5_backward" in line
+    line = refused(lambda out: RunSpec.of(Pyramid("runs/vgg", "svgg17_forward", loss="hint"), out=out))
+    assert "--loss hint is not valid: pass one of two-stage" in line
+
+
+def test_a_run_spec_s_parts_are_of_their_types(refused):
+    """``RunSpec(derive, OptimSpec(...))`` passes the optimisation as the data: it passed validate() and failed later
+    with an AttributeError."""
+    line = refused(lambda out: RunSpec(Inherit("runs/t", lora_rank=4), OptimSpec(epochs=1), out=out))
+    assert "a run spec's data must be a DataSpec, not OptimSpec" in line and "data=DataSpec(...)" in line
+    line = refused(lambda out: RunSpec(OptimSpec(epochs=1), out=out))
+    assert "a run spec's derive (its first argument) must be one of Fresh, Inherit" in line
+
+
+def test_the_pipeline_s_docstring_example_builds_valid_specs(monkeypatch):
+    """train/pipeline.py's example (it passed OptimSpec as the student's data), run with a ``run`` that only
+    validates what it is given."""
+    code = re.search(r"::\n\n(.*)", pipeline.__doc__, re.S).group(1)
+    asked = []
+    monkeypatch.setattr(pipeline, "run", lambda spec: asked.append(spec.validate()))
+    exec(compile("\n".join(line[4:] for line in code.splitlines()), "train/pipeline.py", "exec"), {})
+    assert [(s.kind, s.optim.epochs, s.data.subset) for s in asked] == [("fresh", 2, 256), ("inherit", 1, 256)]
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"kd": "dkd", "kd_T": 3.0, "feature_kd": "fitnet"}, "--kd dkd is a distillation option, but a model trained "
+                                                         "from its initialisation"),
+    ({"kd_T": 3.0}, "--kd-T 3.0 is a distillation option"),
+    ({"feature_kd": "at"}, "--feature-kd at is a distillation option"),
+    ({"kd": "none"}, "--kd none is a distillation option"),
+])
+def test_a_fresh_run_refuses_loss_options_it_would_ignore(options, words, refused):
+    """A model trained from its initialisation learns from cross-entropy alone: loss options were recorded in its
+    spec and did nothing. The recipe's own values (which a resolved spec.json holds) still pass."""
+    assert words in refused(lambda out: RunSpec.of(Fresh("reduce20"), **options, out=out))
+    for recipe in ("ours", "reducenet-paper"):
+        for model in ("reduce20", "torchvision:resnet18"):
+            resolved = RunSpec.of(Fresh(model), recipe=recipe, out="r").with_recipe()
+            assert RunSpec.from_json(resolved.to_json()).validate() == resolved
+    assert RunSpec.of(Inherit("t"), **options).validate()  # a taught student takes them
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"kd": "foo"}, "--kd foo is not valid: pass one of kd, dkd, mse, none"),
+    ({"feature_kd": "foo"}, "--feature-kd foo is not valid: pass none or one of fitnet, at, semckd"),
+    ({"kd_reduction": "sum"}, "--kd-reduction sum is not valid: pass one of batchmean, mean"),
+])
+def test_an_unknown_loss_is_refused_before_the_run(options, words, refused):
+    """An unknown loss name passed validate() and was refused only inside run() (after the teacher loaded)."""
+    assert words in refused(lambda out: RunSpec.of(Distil("t", "reduce20"), **options, out=out))
+
+
+def test_a_string_or_list_in_a_tuple_field_is_the_tuple():
+    """``feature_layers="layer3"`` was iterated letter by letter; a list inside a derivation made a spec that does
+    not hash and that differs from itself read back from JSON. Records are those of the tuples."""
+    named = RunSpec.of(Inherit("t"), feature_kd="at", feature_layers="layer3", teacher_layers=["layer2"])
+    assert (named.loss.feature_layers, named.loss.teacher_layers) == (("layer3",), ("layer2",))
+    direct = RunSpec(Inherit("t", lora_rank=2, lora_targets=["layer1*"]), loss=LossSpec(feature_layers="layer3"))
+    assert direct.derive.lora_targets == ("layer1*",) and direct.loss.feature_layers == ("layer3",)
+    assert hash(direct) and RunSpec.from_json(direct.to_json()) == direct
+    grown = Fresh("reduce20", grow=1, grow_targets="layer1*")
+    assert grown.grow_targets == ("layer1*",) and RunSpec(grown).validate().derive == grown
+    assert RunSpec.from_json(json.dumps({"derive": {"kind": "distil", "teacher": "t", "model": "reduce20",
+                                                    "lora_rank": 2, "lora_targets": "layer1*"}})).derive == \
+        Distil("t", "reduce20", lora_rank=2, lora_targets=("layer1*",))
+    assert named.record() == RunSpec.of(Inherit("t"), feature_kd="at", feature_layers=("layer3",),
+                                        teacher_layers=("layer2",)).record()
 
 
 def test_resume_refuses_only_fields_that_shape_the_run():

@@ -14,8 +14,8 @@ Example (a teacher, then its student; both are run directories)::
     from train.spec import DataSpec, Fresh, Inherit, OptimSpec, RunSpec
 
     data = DataSpec(data_dir="../shared/data/cifar-10-subset", subset=256, batch_size=32)
-    run(RunSpec(Fresh("reduce20"), data, OptimSpec(epochs=2), out="runs/t"))
-    run(RunSpec(Inherit("runs/t", lora_rank=4), OptimSpec(epochs=1), out="runs/s"))
+    run(RunSpec(Fresh("reduce20"), data, optim=OptimSpec(epochs=2), out="runs/t"))
+    run(RunSpec(Inherit("runs/t", lora_rank=4), data, optim=OptimSpec(epochs=1), out="runs/s"))
 """
 from __future__ import annotations
 

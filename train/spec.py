@@ -10,16 +10,20 @@ recipe's" (``recipe``, :mod:`train.recipes`) or, for the data of a distilled stu
 ``--config RUN_DIR`` reruns the run exactly.
 
 Field names are the command-line options' (``lr`` is ``--lr``), so the CLIs fill a spec from their parsed options
-(:func:`from_options`) and every message names the option a user typed. The fields a ``--resume`` may change are
-marked resumable on the dataclasses (:func:`resumable_fields`): where and how fast a run goes, and its peak
-learning rate; any other difference from the run's recorded spec is refused.
+(:func:`from_options`) and every message names the option a user typed. :meth:`RunSpec.validate` checks every
+field's type (a whole number for a count, a finite number, a string, a bool for a flag, a tuple of strings) and
+value before a run reads anything; a list or a lone string given for a tuple field is held as the tuple. The fields
+a ``--resume`` may change are marked resumable on the dataclasses (:func:`resumable_fields`): where and how fast a
+run goes, and its peak learning rate; any other difference from the run's recorded spec is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,13 +32,16 @@ from typing import Any, Union
 from models.errors import ConfigError
 from models.registry import is_zoo
 from models.trim import COSTS, IMPORTANCES
+from models.vgg import LEVELS
 
 from .data import DATASETS
+from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES
 from .engine import COMPILE_MODES, TrainConfig, check_cuda_graph
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .recipes import defaults as recipe_defaults
 from .rundir import same_record
+from .tasks import LOSSES as PYRAMID_LOSSES
 
 #: A field that ``--resume`` may change.
 RESUMABLE = {"resumable": True}
@@ -50,6 +57,78 @@ def _bad(option: str, value: Any, want: str) -> ConfigError:
     return ConfigError(f"{option} {value} is not valid: pass {want}")
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _kinds(hint: Any) -> tuple[Any, ...]:
+    """The types a field typed ``hint`` holds besides ``None``."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return tuple(a for a in typing.get_args(hint) if a is not type(None))
+    return (hint,)
+
+
+def _normalise(part: Any) -> None:
+    """In place, on a frozen spec dataclass: a list or a lone string in a tuple field as the tuple it holds
+    (``"layer3"``: ``("layer3",)``, not its letters), so that the spec hashes and round-trips through JSON; a path
+    in a string field as its string."""
+    for f in fields(part):
+        value, kinds = getattr(part, f.name), _kinds(_hints(type(part))[f.name])
+        if any(typing.get_origin(k) is tuple for k in kinds) and isinstance(value, (str, list)):
+            object.__setattr__(part, f.name, (value,) if isinstance(value, str) else tuple(value))
+        elif str in kinds and isinstance(value, os.PathLike):
+            object.__setattr__(part, f.name, os.fspath(value))
+
+
+def _unfit(value: Any, hint: Any) -> str | None:
+    """What to pass instead of ``value`` in a field typed ``hint``, or ``None`` if it fits: a whole number for an
+    ``int`` (a bool is not one), a finite number for a ``float``, a string, true or false, a list of these."""
+    kinds = _kinds(hint)
+    if value is None and typing.get_origin(hint) in (Union, types.UnionType) and type(None) in typing.get_args(hint):
+        return None
+    (hint,) = kinds  # every field but RunSpec's parts holds one type (or None)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, tuple) and not any(_unfit(v, item) for v in value):
+            return None
+        return f"a list of {({str: 'strings', int: 'whole numbers', float: 'finite numbers'})[item]}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if hint is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and math.isfinite(value) else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    raise TypeError(f"no check for a spec field of type {hint}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: a string quoted (``'2'`` is not the number 2), a list spaced."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(_shown, value)) if value else "()"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _option(part: Any, name: str) -> str:
+    """The command-line option of the field ``name`` of ``part`` (``kd_T``: ``--kd-T``), as messages name it."""
+    if isinstance(part, RunSpec) and name == "export":
+        return "spec field export"  # the command line's --no-export
+    return "--" + _CLI_NAMES.get((type(part), name), name).replace("_", "-")
+
+
+def _check_types(part: Any, skip: tuple[str, ...] = ()) -> None:
+    """One line naming the option of the first field of ``part`` (but ``skip``) whose value has the wrong type: a
+    float where a count goes, a string for a flag, ... (which failed later with a traceback naming no option, or ran
+    with a value not asked for: ``"amp": "false"`` is true)."""
+    for f in fields(part):
+        want = None if f.name in skip else _unfit(getattr(part, f.name), _hints(type(part))[f.name])
+        if want:
+            raise _bad(_option(part, f.name), _shown(getattr(part, f.name)), want)
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """The data: a dataset (``None``: CIFAR-10, or a distilled student's teacher's), how much of it, how loaded."""
@@ -63,7 +142,11 @@ class DataSpec:
     batch_size: int = 128
     normalize: str | None = None
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)
         if self.dataset is not None and self.dataset not in DATASETS:
             raise _bad("--dataset", self.dataset, f"one of {', '.join(DATASETS)}")
         if self.batch_size < 1:
@@ -95,7 +178,11 @@ class OptimSpec:
     warmup_epochs: float | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self, min_epochs: int = 1) -> None:
+        _check_types(self)
         if self.epochs < min_epochs:
             raise _bad("--epochs", self.epochs, f"{min_epochs} or more")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -129,7 +216,11 @@ class RuntimeSpec:
     channels_last: bool = field(default=True, metadata=RESUMABLE)
     sync_bn: bool = False
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)
         if self.compile_mode not in COMPILE_MODES:
             raise _bad("--compile-mode", self.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
         check_cuda_graph(self.cuda_graph, self.compile, self.compile_mode)
@@ -151,7 +242,17 @@ class LossSpec:
     feature_layers: tuple[str, ...] | None = None
     teacher_layers: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)
+        if self.kd not in LOGIT_LOSSES:
+            raise _bad("--kd", self.kd, f"one of {', '.join(LOGIT_LOSSES)}")
+        if self.feature_kd != "none" and self.feature_kd not in FEATURE_LOSSES:
+            raise _bad("--feature-kd", self.feature_kd, f"none or one of {', '.join(FEATURE_LOSSES)}")
+        if self.kd_reduction is not None and self.kd_reduction not in KD_REDUCTIONS:
+            raise _bad("--kd-reduction", self.kd_reduction, f"one of {', '.join(KD_REDUCTIONS)}")
         if self.feature_kd == "none" and (self.feature_layers or self.teacher_layers
                                           or self.feature_weight is not None):
             raise ConfigError("--feature-layers/--teacher-layers/--feature-weight need --feature-kd fitnet, at or "
@@ -189,7 +290,11 @@ class Fresh:
     grow: int | None = None
     grow_targets: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)
         if self.init is not None and self.init not in ("kaiming", "torch"):
             raise _bad("--init", self.init, "kaiming or torch")
         if self.grow is not None and not (isinstance(self.grow, int) and 1 <= self.grow <= 64):
@@ -207,7 +312,11 @@ class LoRAOptions:
     lora_targets: tuple[str, ...] | None = None
     lambda_epochs: float = 0.0
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)  # with the fields of the Inherit or Distil that holds them
         if self.lora_rank < 0:
             raise _bad("--lora-rank", self.lora_rank, "0 (no LoRA) or a rank >= 1")
         if self.lambda_epochs and not self.lora_rank:
@@ -251,7 +360,11 @@ class Trim:
     calibrate_batches: int = 50
     structure_from: str | None = None
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)
         if not (isinstance(self.reduce, (int, float)) and math.isfinite(self.reduce) and 1 < self.reduce <= 1000):
             raise _bad("--reduce", self.reduce, "a cost reduction factor in (1, 1000], such as 2")
         if self.by not in COSTS:
@@ -278,7 +391,17 @@ class Pyramid:
     loss: str = "two-stage"
     hint_epochs: int = 1
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> None:
+        _check_types(self)
+        levels = [name for name, level in LEVELS.items() if level.parent]  # the top, VGG19, is no level to train
+        if self.level not in levels:
+            raise _bad("Pyramid level", self.level, f"a full level name (--levels takes short ones), one of "
+                                                    f"{', '.join(levels)}")
+        if self.loss not in PYRAMID_LOSSES:
+            raise _bad("--loss", self.loss, f"one of {', '.join(PYRAMID_LOSSES)}")
         if self.hint_epochs < 0:
             raise _bad("--hint-epochs", self.hint_epochs, "0 or more epochs of stage 1")
         if self.loss == "scratch" and self.hint_epochs:
@@ -318,8 +441,21 @@ class RunSpec:
         """The recipe stage whose defaults this run takes."""
         return KINDS[self.kind][1]
 
+    def __post_init__(self) -> None:
+        _normalise(self)
+
     def validate(self) -> RunSpec:
         """One-line :class:`ConfigError` for a field no run can use; returns the spec."""
+        derivations = tuple(cls for cls, _ in KINDS.values())
+        if not isinstance(self.derive, derivations):
+            raise ConfigError(f"a run spec's derive (its first argument) must be one of "
+                              f"{', '.join(c.__name__ for c in derivations)}, not {type(self.derive).__name__}")
+        for name, cls in _PARTS.items():  # RunSpec(derive, OptimSpec(...)) passed the optimisation as the data
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"a run spec's {name} must be a {cls.__name__}, not "
+                                  f"{type(getattr(self, name)).__name__}: pass the parts after the derivation by "
+                                  f"name ({name}={cls.__name__}(...))")
+        _check_types(self, skip=("derive", *_PARTS))
         if self.recipe not in RECIPES:
             raise _bad("--recipe", self.recipe, f"one of {', '.join(RECIPES)}")
         self.optim.validate(min_epochs=0 if self.kind == "trim" else 1)  # a trim without fine-tuning is a run
@@ -329,7 +465,22 @@ class RunSpec:
         if not 0 <= lambda_epochs <= self.optim.epochs:
             raise ConfigError(f"--lambda-epochs {lambda_epochs:g} must lie in [0, --epochs {self.optim.epochs}] "
                               "so that lambda reaches 1 before fusion")
+        if self.kind == "fresh":
+            self._check_no_distillation()
         return self
+
+    def _check_no_distillation(self) -> None:
+        """A model trained from its initialisation learns from cross-entropy alone: a loss option that differs from
+        its default, and from the value its recipe sets (which the resolved ``spec.json`` holds), would be recorded
+        but do nothing, so it is refused."""
+        recipe = recipe_defaults(self.recipe, self.stage, general=self.general(), batch_size=self.data.batch_size)
+        for f in fields(LossSpec):
+            value = getattr(self.loss, f.name)
+            if value != f.default and value != recipe.get(f.name) and value != ():
+                raise ConfigError(f"{_option(self.loss, f.name)} {_shown(value)} is a distillation option, but a "
+                                  f"model trained from its initialisation ({type(self.derive).__name__}, "
+                                  "python -m train.stage1) learns from cross-entropy alone: drop it, or distil a "
+                                  "student (Inherit or Distil, python -m train.stage2)")
 
     def with_recipe(self) -> RunSpec:
         """Every field left ``None`` that the recipe sets, set (:mod:`train.recipes`): the one place of defaults."""
