@@ -477,7 +477,7 @@ class RunSpec:
         for f in fields(LossSpec):
             value = getattr(self.loss, f.name)
             if value != f.default and value != recipe.get(f.name) and value != ():
-                raise ConfigError(f"{_option(self.loss, f.name)} {_shown(value)} is a distillation option, but a "
+                raise ConfigError(f"{_option(self.loss, f.name)} {_show(value)} is a distillation option, but a "
                                   f"model trained from its initialisation ({type(self.derive).__name__}, "
                                   "python -m train.stage1) learns from cross-entropy alone: drop it, or distil a "
                                   "student (Inherit or Distil, python -m train.stage2)")
