@@ -21,7 +21,7 @@ from models.errors import CheckpointError, ConfigError, DataError, ReduceNetErro
 from .data import DATASETS, Data, ImageTree, build_data, data_root, resolve_source, scan_image_tree
 from .data.folders import default_image_size, warn_once
 from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES, DistillLoss, FeatureDistill, SemCKD
-from .engine import COMPILE_MODES, Dist, init_distributed, is_main_process
+from .engine import COMPILE_MODES, OPTIMIZERS, SCHEDULES, Dist, init_distributed, is_main_process
 from .provenance import native_bf16
 from .preprocess import NORMALIZATIONS, normalization
 from .recipes import RECIPES, help_default
@@ -72,7 +72,7 @@ def common_parser(prog: str, description: str, *, stage: str, epochs: int,
                    help="input normalisation stored with the model: the dataset's mean/std, none ([0, 1] pixels) "
                         f"or ImageNet's ({help_default('normalize', stage)}; stage2 --inherit: the teacher's)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help=f"SGD with momentum 0.9 (--nesterov), or Adam ({help_default('optimizer', stage)})")
     o.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     o.add_argument("--batch-size", type=int, default=data.batch_size, help="per process")
@@ -80,7 +80,7 @@ def common_parser(prog: str, description: str, *, stage: str, epochs: int,
     o.add_argument("--wd", type=float, default=None, help=f"weight decay ({help_default('wd', stage)})")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=optim.nesterov,
                    help="Nesterov momentum")
-    o.add_argument("--schedule", choices=("cosine", "cosine-epoch", "step"), default=None,
+    o.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="cosine to 0 per step, per epoch (torch's CosineAnnealingLR), or x--gamma at each of "
                         f"--milestones ({help_default('schedule', stage)})")
     o.add_argument("--milestones", type=float, nargs="+", default=list(optim.milestones),

@@ -36,7 +36,7 @@ from models.vgg import LEVELS
 
 from .data import DATASETS
 from .distill import FEATURE_LOSSES, KD_REDUCTIONS, LOGIT_LOSSES
-from .engine import COMPILE_MODES, TrainConfig, check_cuda_graph
+from .engine import COMPILE_MODES, OPTIMIZERS, SCHEDULES, TrainConfig, check_cuda_graph
 from .preprocess import NORMALIZATIONS
 from .recipes import RECIPES
 from .recipes import defaults as recipe_defaults
@@ -198,9 +198,9 @@ class OptimSpec:
             raise _bad("--gamma", self.gamma, "a positive factor such as 0.1")
         if not all(0 < m < 1 for m in self.milestones):
             raise _bad("--milestones", " ".join(map(str, self.milestones)), "fractions of training in (0, 1)")
-        if self.optimizer is not None and self.optimizer not in ("sgd", "adam"):
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise _bad("--optimizer", self.optimizer, "sgd or adam")
-        if self.schedule is not None and self.schedule not in ("cosine", "cosine-epoch", "step"):
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise _bad("--schedule", self.schedule, "cosine, cosine-epoch or step")
 
 
