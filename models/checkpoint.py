@@ -212,6 +212,13 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
     return p
 
 
+def can_save(model: nn.Module) -> bool:
+    """Whether :func:`save_checkpoint` can save ``model`` (or the model torch.compile wraps): it has a ``.config``
+    dict naming its model."""
+    config = getattr(getattr(model, "_orig_mod", model), "config", None)
+    return isinstance(config, dict) and "model" in config
+
+
 def checkpoint_file(path: str | Path) -> Path:
     """The ``.safetensors`` file a checkpoint named ``path`` is saved as: its ``.json``/``.pt``/``.pth`` suffix
     replaced, any other name with ``.safetensors`` added (``resnet20_v1.5`` keeps its ``.5``)."""
@@ -234,7 +241,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its tensors' names carry "_orig_mod."
     config = getattr(model, "config", None)
-    if not isinstance(config, dict) or "model" not in config:
+    if not can_save(model):
         raise CheckpointError("this model has no .config naming a registered model; build it with "
                               "models.create_model to save it")
     path = checkpoint_file(path)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models import complexity
+from models.checkpoint import can_save
 from models.errors import ConfigError, ReduceNetError, brief
 
 from .callbacks import Callback, run_dir_callbacks
@@ -570,10 +571,9 @@ class Trainer:
 def check_checkpointable(model: nn.Module, run_dir: RunDir | str | Path) -> None:
     """A one-line :class:`ConfigError` unless ``model`` has what :func:`models.save_checkpoint` needs to save it in
     ``run_dir`` after every epoch: a ``.config`` dict naming its model."""
-    model = getattr(model, "_orig_mod", model)
-    config = getattr(model, "config", None)
-    if isinstance(config, dict) and "model" in config:
+    if can_save(model):
         return
+    model = getattr(model, "_orig_mod", model)
     raise ConfigError(f"run_dir {run_dir} gets a checkpoint after every epoch, but the {type(model).__name__} being "
                       "trained has no .config naming its model, so it cannot be saved: build it with "
                       "models.create_model, set model.config = {'model': NAME, ...}, or pass no run_dir")
