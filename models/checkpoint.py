@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from .errors import CheckpointError, ConfigError, ReduceNetError, brief
 from .identity import card_of, check_preprocess, set_card
 from .registry import create_model, is_zoo, model_from_config
-from .weights import read_state_dict
+from .weights import read_state_dict, with_versions
 
 FORMAT = "reducenet-2"
 _OLD_FORMATS = ("reducenet-1",)
@@ -271,8 +271,7 @@ def _check_rebuilds(record: dict[str, Any], state: dict[str, torch.Tensor], path
     if not (is_zoo(name) or isinstance(name, str) and name.startswith(("torchvision:", "timm:"))):
         return  # registered elsewhere, perhaps: the process that loads it may know it
     check_config(record["config"], record["preprocess"], f"cannot save {path}")
-    with torch.device("meta"), skip_init():
-        built = model_from_config(record["config"])
+    built = build_on_meta(record["config"])
     expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
     extra = next((k for k in state if k not in expected), None)
     missing = next((k for k in expected if k not in state), None)
@@ -421,8 +420,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
             for k, v in structure.items())):
         raise CheckpointError(f"{where}: its structure patch is not a {{module path: layer spec}} object")
     try:
-        with torch.device("meta"), skip_init():
-            model = model_from_config(config)
+        model = build_on_meta(config)
     except ReduceNetError as e:
         raise CheckpointError(f"{where}: its config cannot be built ({e})") from None
     except Exception as e:  # a builder given a wrong type or size raises many kinds
@@ -432,10 +430,7 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
         raise CheckpointError(f"{where}: its config asks for {params:,} parameters ({params * 4 / 2**30:,.0f} GiB), "
                               f"more than {MAX_PARAMS:,}; the record is damaged or crafted")
     if structure:
-        size = (preprocess or {}).get("input_size") if isinstance(preprocess, dict) else None
-        side = size[-1] if isinstance(size, list) and size and isinstance(size[-1], int) else args.get("image_size")
-        side = side if isinstance(side, int) and 8 <= side <= 1024 else 32
-        x = torch.empty(1, 3, side, side, device="meta")
+        x = torch.empty(1, 3, *_test_size(model, args, preprocess), device="meta")
         try:
             with torch.no_grad():
                 model.eval()(x)
@@ -443,6 +438,56 @@ def check_config(config: dict[str, Any], preprocess: Any, where: Path | str) -> 
             pass
         except Exception as e:
             raise CheckpointError(f"{where}: its structure patch does not fit the model ({brief(e)})") from None
+
+
+def _test_size(model: nn.Module, args: dict[str, Any], preprocess: Any) -> tuple[int, int]:
+    """The H x W a patched model is test-run at: its preprocess's input size, else the size its config builds it
+    for (``image_size``, timm's ``img_size``), else its own default (timm's ``pretrained_cfg``: a LeViT takes
+    224 px only), else 32."""
+    default = getattr(model, "pretrained_cfg", None) or {}
+    for size in ((preprocess or {}).get("input_size") if isinstance(preprocess, dict) else None,
+                 args.get("image_size"), args.get("img_size"), default.get("input_size")):
+        hw = list(size[-2:]) if isinstance(size, (list, tuple)) else [size, size]
+        if all(isinstance(v, int) and 8 <= v <= 1024 for v in hw) and len(hw) == 2:
+            return hw[0], hw[1]
+    return 32, 32
+
+
+def build_on_meta(config: dict[str, Any]) -> nn.Module:
+    """The model of ``config`` with every parameter and buffer on the meta device (shapes, no memory): built under
+    ``torch.device("meta")``; or, for a builder that computes with tensors while it builds (torchvision's RegNet
+    reads its widths with ``.tolist()``, which a meta tensor cannot), built on the CPU with each parameter and
+    buffer moved to the meta device as it is registered (one layer's worth of memory at a time, never written)."""
+    try:
+        with torch.device("meta"), skip_init():
+            return model_from_config(config)
+    except NotImplementedError:
+        pass
+    with _registered_on_meta(), skip_init():
+        return model_from_config(config)
+
+
+@contextlib.contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Within, a module's parameters and buffers move to the meta device as they are registered (accelerate's
+    ``init_empty_weights``); it patches ``nn.Module`` for the whole process while it lasts, as :func:`skip_init`."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    def buffer_on_meta(module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        register_buffer(module, name, tensor, persistent)
+        if tensor is not None:
+            module._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter_on_meta, buffer_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
 @functools.lru_cache(maxsize=None)
@@ -499,7 +544,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if len(dtypes) == 1:  # keep the stored precision (e.g. a float64 checkpoint stays float64)
         model.to(dtypes.pop())
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_versions(state, model), strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{p} does not fit this model ({brief(e, 200, typed=False)})") from None
     return model

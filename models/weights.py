@@ -8,6 +8,7 @@ rest loads strictly.
 """
 from __future__ import annotations
 
+import collections
 import pickle
 import re
 import warnings
@@ -21,6 +22,16 @@ from torch import Tensor
 
 from .errors import CheckpointError, brief
 from .registry import classifier_of
+
+
+def with_versions(state: dict[str, Tensor], model: nn.Module, like: dict | None = None) -> dict[str, Tensor]:
+    """``state`` with the module versions ``load_state_dict`` passes to each module's loader: those ``like`` (or
+    ``state``) carries (a ``torch.save``d state_dict), else ``model``'s own (a safetensors file holds none, and
+    torchvision's MNASNet, for one, refuses weights without its version)."""
+    versions = getattr(like if like is not None else state, "_metadata", None)
+    out = collections.OrderedDict(state)
+    out._metadata = versions if versions is not None else model.state_dict()._metadata  # type: ignore[attr-defined]
+    return out
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -90,6 +101,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
                 else f"of shape {tuple(state[k].shape)}, not {tuple(own[k].shape)}")
         raise CheckpointError(f"{path} does not fit {model.config.get('model', type(model).__name__)}: {k} is {what}"
                               f" ({len(bad)} such tensors); pass weights of the same architecture")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own and k not in kept},
-                          strict=False)
+    model.load_state_dict(with_versions({k: v.to(own[k].dtype) for k, v in state.items() if k in own and k not in kept},
+                                        model, like=state), strict=False)
     return kept

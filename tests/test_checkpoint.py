@@ -650,3 +650,25 @@ def test_add_lora_twice_records_both_and_refuses_what_its_card_cannot_say(tmp_pa
         with pytest.raises(models.ConfigError) as e:
             models.add_lora(model, rank, ["layer3.*", "features.*"])
         assert words in one_line(e) and set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("name,size", [("torchvision:regnet_x_400mf", 32), ("torchvision:mnasnet0_5", 32),
+                                       ("timm:levit_128s", 224)])
+def test_models_whose_builders_compute_or_whose_weights_carry_versions_save_and_load(tmp_path, name, size):
+    """torchvision's RegNet computes its widths with tensors while it builds (the save's rebuild check ran on the
+    meta device, which cannot); MNASNet refuses weights without its module version (a safetensors file holds
+    none); a fused LeViT runs at 224 px only (the save's test run took 32 px)."""
+    from models.weights import load_pretrained
+    from reparam import fuse_model
+
+    torch.manual_seed(0)
+    model = models.create_model(name, num_classes=10).eval()
+    if name.startswith("timm:"):
+        model = fuse_model(model)  # a structure patch: the save test-runs it
+    x = torch.randn(2, 3, size, size)
+    back = models.load_checkpoint(models.save_checkpoint(model, tmp_path / "ckpt")).eval()
+    assert torch.equal(back(x), model(x))
+    if name.startswith("torchvision:"):  # --weights: a plain safetensors file of the model's weights
+        save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+        fresh = models.create_model(name, num_classes=10).eval()
+        assert load_pretrained(fresh, tmp_path / "w.safetensors") == [] and torch.equal(fresh(x), model(x))
