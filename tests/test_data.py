@@ -32,7 +32,7 @@ from train.data import (
     scan_image_tree,
 )
 
-from _shared import CIFAR10, SHARED, one_line
+from _shared import CIFAR10, ROOT, SHARED, one_line
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
@@ -961,3 +961,35 @@ def test_a_cache_that_cannot_be_written_is_one_warning_line(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("warning: cannot write cache ") and err.count("\n") == 1, err
     assert "set REDUCENET_CACHE to a writable folder" in err
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg.zip").is_file(), reason="needs cifar10-jpeg.zip")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the decode pool needs 2 CPUs")
+def test_ctrl_c_while_a_folder_decodes_prints_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group, the decode pool's workers too: they leave it to the main process
+    (each printed a traceback, and one interrupted while sending a result could hang the pool's terminate())."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import models
+
+    ckpt = models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "m", {"dataset": "cifar10"})
+    env = {**os.environ, "REDUCENET_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "train.evaluate", str(ckpt), "--device", "cpu", "--dataset",
+                             "imagefolder", "--data-dir", str(SHARED / "cifar10-jpeg.zip")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the pool's workers run
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert "Traceback" not in err, err[-2000:]

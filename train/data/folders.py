@@ -10,6 +10,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import signal
 import struct
 import sys
 import zipfile
@@ -440,6 +441,14 @@ def _decode_chunk(args: tuple[list[tuple[str, bytes]], int, float]) -> np.ndarra
     return out
 
 
+def _quiet_worker() -> None:
+    """A decode worker leaves Ctrl-C to the main process, which stops the pool; and dies at once on the SIGTERM that
+    stops it (the parent's handler, inherited through fork, would raise in it). A worker interrupted while it sends a
+    result can leave the pool's ``terminate()`` waiting forever, and each one printed its traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _decode_images(tree: ImageTree, names: Sequence[str], size: int, crop: float, desc: str) -> torch.Tensor:
     """Decodes ``names`` from ``tree`` into a uint8 ``[N, 3, size, size]`` tensor, in a process pool."""
     out = torch.empty((len(names), 3, size, size), dtype=torch.uint8)
@@ -451,7 +460,7 @@ def _decode_images(tree: ImageTree, names: Sequence[str], size: int, crop: float
                 yield [(n, tree.read(n, handle)) for n in names[i : i + chunk]], size, crop
 
         workers = min(len(os.sched_getaffinity(0)), 8) if len(names) > 4 * chunk else 1
-        pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+        pool = multiprocessing.get_context().Pool(workers, initializer=_quiet_worker) if workers > 1 else None
         try:
             results = pool.imap(_decode_chunk, tasks()) if pool else map(_decode_chunk, tasks())
             with Progress(len(names), desc, unit="img") as bar:
