@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.errors import CheckpointError, ReparamError, brief
+from models.identity import set_preprocess
 
 from .fusion import flatten, fuse_model, max_abs_diff
 
@@ -108,6 +109,10 @@ def _export(model: nn.Module, out_dir: Path, input_size: tuple[int, int, int], o
             pt2: bool, atol: float, metadata: dict | None) -> ExportReport:
     model = copy.deepcopy(model).float().cpu().eval()
     fused = fuse_model(model)
+    recorded = getattr(fused, "preprocess", None)
+    if recorded and recorded.get("input_size") and list(recorded["input_size"]) != list(input_size):
+        # the programs take this size only: the record says so, and evaluate and compare feed them that size
+        set_preprocess(fused, {**recorded, "input_size": list(input_size)})
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         try:

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-torchscript", action="store_true", help="skip the TorchScript file")
     p.add_argument("--no-pt2", action="store_true", help="skip the torch.export file (model.pt2)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input height/width of the check (default: the checkpoint's input size, else 32)")
+                   help="input height/width the programs (.pt2, .ts, .onnx) take, and model.json records "
+                        "(default: the checkpoint's input size, else 32)")
     args = p.parse_args(argv)
     if args.image_size is not None and args.image_size < 1:
         raise ReparamError(f"--image-size {args.image_size} is not valid: pass the model's input size in pixels")

@@ -317,6 +317,23 @@ def test_fuse_cli_exports_at_the_checkpoints_own_height_and_width(tmp_path):
     x = torch.randn(2, 3, 24, 40)
     with torch.no_grad():
         assert (program(x) - model(x)).abs().max().item() <= 1e-4
+    assert models.load_checkpoint(tmp_path / "deploy").preprocess["input_size"] == [3, 24, 40]
+
+
+def test_fuse_cli_records_the_size_it_exports_at(tmp_path):
+    """--image-size 32 for a model trained at 40 px: the programs take 32 px only, and model.json said 40, so
+    evaluate fed them 40 px and failed with onnxruntime's traceback."""
+    model = models.create_model("reduce20", expansion=0).eval()
+    models.save_checkpoint(model, tmp_path / "m", preprocess={"mean": [0.5] * 3, "std": [0.25] * 3,
+                                                              "input_size": [3, 40, 40]})
+    p = run_fuse(str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "deploy"), "--no-onnx", "--no-torchscript",
+                 "--image-size", "32")
+    assert p.returncode == 0, p.stderr
+    record = models.load_checkpoint(tmp_path / "deploy")
+    assert record.preprocess == {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]}
+    program = torch.export.load(str(tmp_path / "deploy" / "model.pt2")).module()
+    with torch.no_grad():
+        program(torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.e2e
