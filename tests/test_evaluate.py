@@ -258,3 +258,19 @@ def test_a_class_without_test_images_is_said_so_not_nan(monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "run", lambda args: report)
     evaluate.main(["runs/x"])
     assert capsys.readouterr().out.splitlines()[-1] == "per class: cat 100.0%, dog 0.0%, fox no test images"
+
+
+def test_a_model_trained_at_another_size_is_evaluated_at_its_own_size_on_cifar(tmp_path, capsys):
+    """A model trained on 40 px images, evaluated on CIFAR-10: its checkpoint ran silently at 32 px, and its
+    programs, which take 40 px only, failed with onnxruntime's or torch.export's traceback."""
+    model = models.create_model("reduce20", expansion=0).eval()
+    models.save_checkpoint(model, tmp_path / "m", {"dataset": "cifar10"},
+                           preprocess={"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 40, 40]})
+    export_deploy(models.load_checkpoint(tmp_path / "m"), tmp_path / "deploy", onnx=False, torchscript=False)
+    accs = []
+    for path in (tmp_path / "m.safetensors", tmp_path / "deploy" / "model.pt2"):
+        report = evaluate.run(evaluate.build_parser().parse_args([str(path), "--data-dir", str(CIFAR10),
+                                                                  "--subset", "200"]))
+        assert "test images at 40 px" in capsys.readouterr().out
+        accs.append(report["test_acc"])
+    assert accs[0] == accs[1]

@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> dict:
     meta = model.checkpoint_metadata
     dataset = args.dataset or meta.get("dataset", "cifar10")
     data_dir = recorded_data_dir(args.data_dir, meta, str(args.checkpoint))
+    # the size the model takes, whatever the dataset (a model trained on 40 px images, evaluated on CIFAR-10)
     size = (model.preprocess or {}).get("input_size", [3, None, None])[-1]
-    spec = DataSpec(dataset=dataset, data_dir=data_dir, image_size=size if dataset == "imagefolder" else None,
+    spec = DataSpec(dataset=dataset, data_dir=data_dir, image_size=size,
                     loader=args.loader, workers=args.workers, batch_size=1,  # no training batch is drawn
                     subset=args.subset)
     spec.validate()
