@@ -170,4 +170,25 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
     except Exception as e:  # each reader raises its own kinds for a damaged file
         raise CheckpointError(f"{p} is not a readable {form} file ({brief(e)})") from None
     card = ModelCard.from_config(record["config"], record.get("preprocess"), record.get("metadata"))
-    return set_card(model, card).eval()
+    model = set_card(model, card).eval()
+    _check_fits_record(model, p)
+    return model
+
+
+def _check_fits_record(model: nn.Module, path: Path) -> None:
+    """One forward pass of a blank image at the record's input size: a program that does not take it, or that
+    gives another number of classes than the record says, is of another export than the ``model.json`` beside it
+    (evaluate failed with the reader's traceback, compare reported the record's model)."""
+    size = (model.preprocess or {}).get("input_size") or [3, *[model.config.get("image_size") or 32] * 2]
+    device = next(model.parameters(), torch.empty(0)).device
+    redo = "they are of different exports: export the model again with python -m reparam.fuse"
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *size, device=device))
+    except Exception as e:  # each reader raises its own kinds
+        raise CheckpointError(f"{path} does not take the {size[-2]}x{size[-1]} px input its record "
+                              f"({path.with_suffix('.json').name}) says ({brief(e, 120)}); {redo}") from None
+    classes = model.config.get("num_classes")
+    if isinstance(classes, int) and out.shape[-1] != classes:
+        raise CheckpointError(f"{path} gives {out.shape[-1]} outputs but its record "
+                              f"({path.with_suffix('.json').name}) says {classes} classes; {redo}")

@@ -274,3 +274,29 @@ def test_a_model_trained_at_another_size_is_evaluated_at_its_own_size_on_cifar(t
         assert "test images at 40 px" in capsys.readouterr().out
         accs.append(report["test_acc"])
     assert accs[0] == accs[1]
+
+
+def test_a_program_beside_another_export_s_record_is_refused_in_one_line(tmp_path):
+    """A 3-class program beside a 10-class model.json: evaluate failed with IndexError and compare reported the
+    record's model; a program exported at 32 px beside a record of 40 px failed in the reader."""
+    from models.deployed import load_any
+
+    preprocess = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]}
+    for name, classes in (("three", 3), ("ten", 10)):
+        model = models.create_model("reduce20", expansion=0, num_classes=classes).eval()
+        models.save_checkpoint(model, tmp_path / name, preprocess=preprocess)
+        export_deploy(models.load_checkpoint(tmp_path / name), tmp_path / name / "deploy", onnx=False)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for form in ("model.pt2", "model.ts"):
+        (mixed / form).write_bytes((tmp_path / "three" / "deploy" / form).read_bytes())
+        assert load_any(tmp_path / "three" / "deploy" / form).num_classes == 3
+    (mixed / "model.json").write_text((tmp_path / "ten" / "deploy" / "model.json").read_text())
+    for form in ("model.pt2", "model.ts"):
+        with pytest.raises(models.CheckpointError, match=r"gives 3 outputs but its record \(model.json\) says 10"):
+            load_any(mixed / form)
+    record = json.loads((tmp_path / "three" / "deploy" / "model.json").read_text())
+    record["preprocess"]["input_size"] = [3, 40, 40]
+    (mixed / "model.json").write_text(json.dumps(record))
+    with pytest.raises(models.CheckpointError, match=r"does not take the 40x40 px input"):
+        load_any(mixed / "model.pt2")
