@@ -204,6 +204,12 @@ def resolve(path: str | Path, default_name: str = "last") -> Path:
                               "the original ReduceNet's: python -m models.convert")
     elif not p.exists() and checkpoint_file(p).is_file():  # the name it was saved under (save_checkpoint(m, "t"))
         p = checkpoint_file(p)
+    programs = [n for n in ("model.onnx", "model.pt2", "model.ts") if given.is_dir() and (given / n).is_file()]
+    if not p.is_file() and programs:
+        raise CheckpointError(f"no checkpoint at {given}: the deploy folder holds {', '.join(programs)} but no "
+                              f"model.safetensors; evaluate and compare take a program itself ({given / programs[0]}), "
+                              "and training and fusion need the checkpoint (export it again with python -m "
+                              "reparam.fuse)")
     if not p.is_file():
         why = ("does not exist" if not given.exists() else
                f"holds no {p.name}" if given.is_dir() else f"has no weights beside it ({p.name})")

@@ -134,7 +134,7 @@ def load_any(path: str | Path, map_location: str | torch.device = "cpu") -> nn.M
     """
     p = user_path(path) if isinstance(path, (str, Path)) else path
     form = form_of(p) if isinstance(p, Path) else "unknown"
-    if form == "checkpoint" or not isinstance(p, Path):
+    if form == "checkpoint" or not isinstance(p, Path) or p.suffix in (".pth", ".pt"):  # a .pth: resolve's advice
         return load_checkpoint(path, map_location=map_location).eval()
     if not p.exists():
         raise CheckpointError(f"{p} does not exist: pass a checkpoint, a run directory or a deploy file "

@@ -300,3 +300,20 @@ def test_a_program_beside_another_export_s_record_is_refused_in_one_line(tmp_pat
     (mixed / "model.json").write_text(json.dumps(record))
     with pytest.raises(models.CheckpointError, match=r"does not take the 40x40 px input"):
         load_any(mixed / "model.pt2")
+
+
+def test_a_pytorch_file_or_a_folder_of_programs_gets_advice(tmp_path, capsys):
+    """The original's .pth said only "not a form this reads"; a deploy folder holding programs but no checkpoint
+    said it "holds no last.safetensors; pass ... a deploy folder", which the user had passed."""
+    from models.deployed import load_any
+
+    torch.save(models.create_model("reduce20", expansion=0).state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(models.CheckpointError, match="python -m models.convert"):
+        load_any(tmp_path / "weights.pth")
+    model = models.create_model("reduce20", expansion=0).eval()
+    export_deploy(model, tmp_path / "deploy", onnx=False, torchscript=False)
+    (tmp_path / "deploy" / "model.safetensors").unlink()
+    with pytest.raises(models.CheckpointError, match=r"holds model.pt2 but no model.safetensors; evaluate and compare "
+                                                     r"take a program itself \(.*deploy/model.pt2\)"):
+        load_any(tmp_path / "deploy")
+    assert load_any(tmp_path / "deploy" / "model.pt2").num_classes == 10
