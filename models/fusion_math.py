@@ -1,7 +1,7 @@
 """Fusion maths: pure functions on tensors, one transform each (used by every layer's ``reparameterize()``).
 
 In the style of DiverseBranchBlock's ``dbb_transforms.py``: every function takes and returns plain tensors
-(``kernel`` is a conv weight ``[out, in/groups, k, k]``, ``bias`` a ``[out]`` vector) and knows nothing about
+(``kernel`` is a conv weight ``[out, in/groups, kh, kw]``, ``bias`` a ``[out]`` vector) and knows nothing about
 modules. Blocks compose them in their ``reparameterize()``.
 """
 from __future__ import annotations
@@ -52,21 +52,25 @@ def merge_kxk_1x1(
     return kernel, bias
 
 
-def pad_kernel(kernel: Tensor, size: int) -> Tensor:
-    """Zero-pad a ``[out, in, k, k]`` kernel symmetrically to ``size x size`` (e.g. 1x1 to 3x3)."""
-    k = kernel.shape[-1]
-    if (size - k) % 2 or size < k:
-        raise ValueError(f"cannot centre a {k}x{k} kernel in {size}x{size}")
-    p = (size - k) // 2
-    return F.pad(kernel, [p, p, p, p])
+def pad_kernel(kernel: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Zero-pad a ``[out, in, kh, kw]`` kernel symmetrically to ``size`` (``size x size``, or ``(h, w)``), e.g. 1x1
+    to 3x3 or 1x7 to 7x7: the padded kernel, applied with ``(size - k) / 2`` more padding per side, computes the
+    same."""
+    want = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    have = tuple(kernel.shape[-2:])
+    if any((w - k) % 2 or w < k for k, w in zip(have, want)):
+        raise ValueError(f"cannot centre a {have[0]}x{have[1]} kernel in {want[0]}x{want[1]}")
+    ph, pw = ((w - k) // 2 for k, w in zip(have, want))
+    return F.pad(kernel, [pw, pw, ph, ph])
 
 
 def sum_kernels(*pairs: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor]:
     """Sum parallel branches ``(kernel, bias)`` that see the same input with the same stride.
 
-    Smaller kernels are padded to the largest one, so a 1x1 branch can join a 3x3 branch.
+    Kernels may differ in height and width (a 1x7 beside a 7x7, a 1x1 beside a 3x3); each is centred in the
+    largest height and width, which is exact when every branch pads by ``k // 2`` in each dimension.
     """
-    size = max(k.shape[-1] for k, _ in pairs)
+    size = (max(k.shape[-2] for k, _ in pairs), max(k.shape[-1] for k, _ in pairs))
     kernel = sum(pad_kernel(k, size) for k, _ in pairs)
     bias = sum(torch.zeros(k.shape[0], dtype=k.dtype, device=k.device) if b is None else b for k, b in pairs)
     return kernel, bias

@@ -41,15 +41,28 @@ class LambdaReLU(nn.Module):
         return f"lam={self.lam.item():.4g}"
 
 
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    """``(h, w)`` of a conv argument given as one int or a pair."""
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
 class LoRABranch(nn.Module):
     """Linear low-rank side branch: ``Conv kxk(in -> r, stride) -> LambdaReLU -> Conv1x1(r -> out)``.
 
-    ``up`` starts at zero, so adding the branch leaves the network's function unchanged.
+    ``down`` takes the geometry of the conv it sits beside (kernel size, stride, padding, dilation, padding mode),
+    so that its output aligns with that conv's and its composed kernel has that conv's shape; the default padding
+    is ``k // 2`` in each dimension. ``up`` starts at zero, so adding the branch leaves the network's function
+    unchanged.
     """
 
-    def __init__(self, in_chs: int, out_chs: int, rank: int, kernel_size: int = 3, stride: int = 1) -> None:
+    def __init__(self, in_chs: int, out_chs: int, rank: int, kernel_size: int | tuple[int, int] = 3,
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str | None = None,
+                 dilation: int | tuple[int, int] = 1, padding_mode: str = "zeros") -> None:
         super().__init__()
-        self.down = nn.Conv2d(in_chs, rank, kernel_size, stride, kernel_size // 2, bias=False)
+        if padding is None:
+            padding = tuple(k // 2 for k in _pair(kernel_size))
+        self.down = nn.Conv2d(in_chs, rank, kernel_size, stride, padding, dilation, bias=False,
+                              padding_mode=padding_mode)
         self.act = LambdaReLU()
         self.up = nn.Conv2d(rank, out_chs, 1, bias=False)
         nn.init.zeros_(self.up.weight)
@@ -58,7 +71,7 @@ class LoRABranch(nn.Module):
         return self.up(self.act(self.down(x)))
 
     def fused_kernel(self) -> tuple[Tensor, Tensor]:
-        """The equivalent single conv ``(kernel [out, in, k, k], bias [out])``; needs ``lam == 1``."""
+        """The equivalent single conv ``(kernel [out, in, kh, kw], bias [out])``; needs ``lam == 1``."""
         lam = self.act.lam.item()
         if lam != 1.0:
             raise ReparamError(f"LambdaReLU has lam={lam!r}, not exactly 1, so it is not linear; finish the lambda "
@@ -67,21 +80,33 @@ class LoRABranch(nn.Module):
 
 
 class LoRAConv2d(nn.Module):
-    """A conv plus a :class:`LoRABranch` on the same input: ``conv(x) + lora(x)``."""
+    """A conv plus a :class:`LoRABranch` on the same input: ``conv(x) + lora(x)``.
+
+    The branch copies the conv's kernel size, stride, padding and padding mode, so ``conv(x) + lora(x)`` is one conv
+    of the conv's geometry (:meth:`fused_kernel`). Refused (:class:`ConfigError`): a grouped or dilated conv, and
+    a subclass of ``nn.Conv2d`` (timm's ``Conv2dSame``, ``StdConv2d``), whose forward pads by the input's size or
+    changes its weight, which a branch beside it and a fused conv cannot follow.
+    """
 
     def __init__(self, conv: nn.Conv2d, rank: int) -> None:
         super().__init__()
         if conv.groups != 1 or conv.dilation != (1, 1):
-            raise ConfigError(f"LoRA needs a dense, undilated conv, got groups={conv.groups}; "
-                              "leave depthwise convs out of lora_targets")
+            raise ConfigError(f"LoRA needs a dense, undilated conv, got groups={conv.groups}, dilation="
+                              f"{tuple(conv.dilation)}; leave grouped (depthwise) and dilated convs out of the targets")
+        if type(conv) is not nn.Conv2d:
+            raise ConfigError(f"LoRA needs a plain torch.nn.Conv2d, got {type(conv).__name__}, whose forward does more "
+                              "than conv2d(x, weight) (padding by the input's size, a standardised weight), which no "
+                              "fused conv reproduces; leave it out of lora_targets")
         self.conv = conv
-        self.lora = LoRABranch(conv.in_channels, conv.out_channels, rank, conv.kernel_size[0], conv.stride[0])
+        self.lora = LoRABranch(conv.in_channels, conv.out_channels, rank, conv.kernel_size, conv.stride,
+                               conv.padding, conv.dilation, conv.padding_mode)
         self.lora.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x) + self.lora(x)
 
     def fused_kernel(self) -> tuple[Tensor, Tensor]:
+        """``(kernel, bias)`` of the one conv (the wrapped conv's geometry) that computes ``conv(x) + lora(x)``."""
         return T.sum_kernels((self.conv.weight, self.conv.bias), self.lora.fused_kernel())
 
 
@@ -233,9 +258,9 @@ def check_family_args(num_classes: int, expansion: int, lora_rank: int, lora_tar
 
 def lora_rank_limit(conv: nn.Conv2d) -> int:
     """The largest rank a :class:`LoRABranch` on ``conv`` can use: its ``down`` (kxk, in -> r) and ``up`` (1x1, r ->
-    out) convs fuse into a kernel of rank at most ``min(out, in * k * k)``, so more channels add parameters only."""
-    k = conv.kernel_size[0]
-    return min(conv.out_channels, conv.in_channels * k * k)
+    out) convs fuse into a kernel of rank at most ``min(out, in * kh * kw)``, so more channels add parameters only."""
+    kh, kw = conv.kernel_size
+    return min(conv.out_channels, conv.in_channels * kh * kw)
 
 
 def check_lora_rank(rank: int, convs: dict[str, nn.Conv2d], option: str = "lora_rank") -> None:
@@ -246,10 +271,10 @@ def check_lora_rank(rank: int, convs: dict[str, nn.Conv2d], option: str = "lora_
     name, conv = max(convs.items(), key=lambda item: lora_rank_limit(item[1]))
     limit = lora_rank_limit(conv)
     if rank > limit:
-        k = conv.kernel_size[0]
+        kh, kw = conv.kernel_size
         raise ConfigError(f"{option} {rank} is larger than any targeted conv can use: the largest useful rank is "
                           f"{limit} (min(out channels, in channels x k x k) = min({conv.out_channels}, "
-                          f"{conv.in_channels} x {k} x {k}) for {name}); pass {option} {limit} or less")
+                          f"{conv.in_channels} x {kh} x {kw}) for {name}); pass {option} {limit} or less")
 
 
 def add_lora(model: nn.Module, rank: int, targets: Sequence[str]) -> list[str]:

@@ -11,8 +11,9 @@ import torch.fx
 import torch.nn as nn
 
 from models import fusion_math as T
-from models.errors import ConfigError, ReparamError
+from models.errors import ConfigError, ReparamError, brief
 from models.graph import conv_bn_pairs
+from models.grow import GrownConv2d
 from models.identity import card_of, keep_card, set_card
 from models.layers import FoldedNormAct, LambdaReLU, LoRABranch, LoRAConv2d
 from models.registry import is_zoo, model_from_config
@@ -24,29 +25,81 @@ except ImportError:  # pragma: no cover
     BatchNormAct2d = None
 
 
+#: The packages of this project: their blocks' ``reparameterize()`` knows its conv wrappers (a zoo ``ConvBN`` fuses
+#: the :class:`LoRAConv2d` inside it); a block from anywhere else (timm's RepVGG, MobileOne, FastViT) is third-party.
+_OUR_PACKAGES = frozenset({"models", "reparam", "train"})
+
+
+def _is_ours(module: nn.Module) -> bool:
+    """Whether ``module``'s class is defined in this project (not in timm, torchvision or a user's code)."""
+    return type(module).__module__.partition(".")[0] in _OUR_PACKAGES
+
+
 def _reparameterize(module: nn.Module, prefix: str = "") -> None:
-    """timm's ``reparameterize_model`` walk, naming the module that refuses."""
+    """timm's ``reparameterize_model`` walk, naming the module that refuses.
+
+    A LoRA branch beside a plain conv is folded into it (:func:`_fused_lora`). A third-party block with its own
+    ``reparameterize()`` reads its convs' weights directly, so the LoRA convs inside it are fused first, bottom-up
+    (:func:`_fuse_own_convs`), and it sees plain convs; our own blocks fuse theirs themselves, top-down as before.
+    """
     for name, child in list(module.named_children()):
         path = f"{prefix}{name}"
         if isinstance(child, LoRAConv2d):  # a LoRA branch beside a plain conv (a torchvision/timm student)
-            try:
-                kernel, bias = child.fused_kernel()
-            except ReparamError as e:
-                raise ReparamError(f"cannot fuse {path}: {e}") from None
-            base = child.conv
-            conv = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
-                             base.dilation, bias=True).to(device=kernel.device, dtype=kernel.dtype)
-            with torch.no_grad():
-                conv.weight.copy_(kernel)
-                conv.bias.copy_(bias)
-            setattr(module, name, conv)
+            setattr(module, name, _fused_lora(child, path))
             continue
         if hasattr(child, "reparameterize"):
-            try:
-                child.reparameterize()
-            except ReparamError as e:
-                raise ReparamError(f"cannot fuse {path}: {e}") from None
+            if not _is_ours(child):
+                _fuse_own_convs(child, path + ".")
+            _call_reparameterize(child, path)
         _reparameterize(child, path + ".")
+
+
+def _fuse_own_convs(module: nn.Module, prefix: str) -> None:
+    """Fuse every :class:`LoRAConv2d` below ``module`` into a plain conv, in place, children first; a grown conv's
+    branch (b) (:class:`~models.grow.GrownConv2d`) is refused, naming it (no third-party block could read it)."""
+    for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
+        if isinstance(child, LoRAConv2d):
+            setattr(module, name, _fused_lora(child, path))
+        elif isinstance(child, GrownConv2d):
+            _call_reparameterize(child, path)  # raises its one-line refusal
+        else:
+            _fuse_own_convs(child, path + ".")
+
+
+@torch.no_grad()
+def _fused_lora(lora: LoRAConv2d, path: str) -> nn.Conv2d:
+    """The plain conv that computes ``lora``: its conv's geometry and padding mode, holding the fused kernel; it has a
+    bias where its conv has one or the fused bias is not zero (LoRA adds none, and a third-party block's
+    reparameterize() may read the weight alone)."""
+    try:
+        kernel, bias = lora.fused_kernel()
+    except ReparamError as e:
+        raise ReparamError(f"cannot fuse {path}: {e}") from None
+    base = lora.conv
+    conv = nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding, base.dilation,
+                     base.groups, bias=base.bias is not None or bool(bias.any()), padding_mode=base.padding_mode)
+    conv.to(device=kernel.device, dtype=kernel.dtype).weight.copy_(kernel)
+    if conv.bias is not None:
+        conv.bias.copy_(bias)
+    return conv
+
+
+def _call_reparameterize(block: nn.Module, path: str) -> None:
+    """``block.reparameterize()``, its failure one :class:`ReparamError` line naming ``path``. A third-party block's
+    error of any kind (timm's MobileOne after trimming: ``ZeroDivisionError``, ``AttributeError``, a shape mismatch)
+    is turned into one; an unexpected error in our own blocks is a bug, and stays a traceback."""
+    try:
+        block.reparameterize()
+    except ReparamError as e:
+        raise ReparamError(f"cannot fuse {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 (third-party code raises anything; one line says which block and why)
+        if _is_ours(block):
+            raise
+        raise ReparamError(f"cannot fuse {path} ({type(block).__name__}): its own reparameterize() failed "
+                           f"({brief(e)}); this happens when trimming or another change left the block's recorded "
+                           "channels or layers stale: fuse and export the untrimmed model, or deploy this one unfused "
+                           "(models.save_checkpoint, torch.export)") from None
 
 
 @torch.no_grad()
@@ -110,8 +163,8 @@ def fuse_model(model: nn.Module) -> nn.Module:
     ``structure``, so the result saves and rebuilds like any model.
 
     Raises:
-        ReparamError: a module cannot be fused (a teacher's non-linear branch, a LambdaReLU with lam < 1);
-            the message names it.
+        ReparamError: a module cannot be fused (a teacher's non-linear branch, a LambdaReLU with lam < 1, a
+            third-party block whose own ``reparameterize()`` fails); the message names it.
     """
     if not isinstance(model, nn.Module):
         raise ReparamError(f"fuse_model needs a torch.nn.Module, got {type(model).__name__}")
