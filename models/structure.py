@@ -11,6 +11,8 @@ Three kinds take what they need from the layer the config builds at that path: `
 branch a ``reparameterize()`` deleted, as timm's RepVGG blocks do), ``{"type": "FoldedNormAct"}`` (timm's
 ``BatchNormAct2d`` with its BatchNorm folded: its dropout and activation are kept) and a subclass of a torch layer,
 resized by pruning (``{"type": "BatchNorm2d", "num_features": 12, ..., "class": "timm.layers...BatchNormAct2d"}``).
+A fourth kind keeps the module the config builds and only resizes parameters it holds itself, which pruning cuts
+with the channels they scale (ConvNeXt's layer scale): ``{"type": "Resized", "gamma": [40]}`` (name: shape).
 
 :func:`structure_diff` finds them by comparing a model with a fresh build of its config;
 :func:`apply_structure` replaces those modules in a fresh build, which then loads the weights strictly.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError
@@ -47,6 +50,9 @@ def _json(v: Any) -> Any:
 
 
 REMOVED = {"type": "Removed"}
+RESIZED = "Resized"
+#: The most dimensions a resized parameter's recorded shape may have (a checkpoint's record allows lists of 8).
+_MAX_DIMS = 8
 
 
 def _class_name(kind: type) -> str:
@@ -104,7 +110,8 @@ def _in_class_of(built: nn.Module, fresh: nn.Module) -> nn.Module:
 
 
 def structure_diff(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{path: spec}`` of every layer of ``model`` that differs from (or is missing in) ``base``.
+    """``{path: spec}`` of every layer of ``model`` that differs from (or is missing in) ``base``, and of every other
+    module (the model itself included) whose own parameters were resized (:func:`resized_spec`).
 
     Raises:
         CheckpointError: a module of another kind changed, which no patch can express.
@@ -112,14 +119,15 @@ def structure_diff(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any
     base_modules = dict(base.named_modules())
     patch = {}
     for path, module in model.named_modules():
-        if not path:
-            continue
         spec, other = module_spec(module), base_modules.get(path)
-        if spec is None:
+        if spec is None or not path:  # the model itself is never replaced, only its own parameters resized
             if other is None or type(other) is not type(module):
                 raise CheckpointError(f"{path} ({type(module).__name__}) differs from the model its config builds, "
                                       "and only Conv2d, Linear, BatchNorm, GroupNorm, LayerNorm and Identity layers "
                                       "can be recorded; save its state_dict with safetensors instead")
+            resized = resized_spec(path, module, other)
+            if resized:
+                patch[path] = resized
             continue
         if other is None or module_spec(other) != spec:
             patch[path] = spec
@@ -131,14 +139,38 @@ def structure_diff(model: nn.Module, base: nn.Module) -> dict[str, dict[str, Any
     return patch
 
 
+def resized_spec(path: str, module: nn.Module, base: nn.Module) -> dict[str, Any] | None:
+    """The ``Resized`` spec of the parameters that ``module`` holds itself (not its layers') whose shapes differ
+    from those of ``base`` (the same kind of module, as its config builds it): ``{"type": "Resized", name: shape}``,
+    or None when none differs. A parameter only one of them holds is left to the strict load that follows.
+
+    Raises:
+        CheckpointError: a resized parameter that a patch cannot name or record.
+    """
+    built = dict(base.named_parameters(recurse=False))
+    changed = {}
+    for name, param in module.named_parameters(recurse=False):
+        if name not in built or param.shape == built[name].shape:
+            continue
+        if name == "type" or param.dim() > _MAX_DIMS:
+            raise CheckpointError(f"{path + '.' if path else ''}{name} was resized, and a structure patch cannot "
+                                  f"record a parameter named 'type' or of more than {_MAX_DIMS} dimensions; save "
+                                  "its state_dict with safetensors instead")
+        changed[name] = list(param.shape)
+    return {"type": RESIZED, **changed} if changed else None
+
+
 def _inside(path: str, patch: dict[str, Any]) -> bool:
-    """Whether ``path`` is, or lies inside, a layer that ``patch`` replaces."""
-    return any(path == p or path.startswith(p + ".") for p in patch)
+    """Whether ``path`` is, or lies inside, a layer that ``patch`` replaces (a ``Resized`` one is kept)."""
+    return any((path == p or path.startswith(p + ".")) and spec.get("type") != RESIZED for p, spec in patch.items())
 
 
 def apply_structure(model: nn.Module, patch: dict[str, dict[str, Any]]) -> nn.Module:
     """Replace the layers named in ``patch`` by fresh ones of their recorded shapes, in place."""
     for path, spec in patch.items():
+        if isinstance(spec, dict) and spec.get("type") == RESIZED:
+            resize_parameters(model, path, spec)
+            continue
         parent_path, _, name = path.rpartition(".")
         try:
             parent = model.get_submodule(parent_path) if parent_path else model
@@ -157,3 +189,24 @@ def apply_structure(model: nn.Module, patch: dict[str, dict[str, Any]]) -> nn.Mo
         except (TypeError, ValueError) as e:  # ValueError: groups that do not divide the channels, ...
             raise CheckpointError(f"structure patch of {path} cannot be built ({e})") from None
     return model
+
+
+def resize_parameters(model: nn.Module, path: str, spec: dict[str, Any]) -> None:
+    """Give the parameters that the module at ``path`` holds itself the shapes ``spec`` (a ``Resized`` spec)
+    records, in place, on their device and dtype; their values are loaded afterwards."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise CheckpointError(f"structure patch names {path}, which this model does not have") from None
+    for name, shape in spec.items():
+        if name == "type":
+            continue
+        where = f"{path}.{name}" if path else name
+        old = module._parameters.get(name)
+        if old is None:
+            raise CheckpointError(f"structure patch resizes {where}, which this model does not have")
+        if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise CheckpointError(f"structure patch gives {where} the shape {shape!r}; a shape is a list of sizes")
+        fresh = torch.empty(shape, dtype=old.dtype, device=old.device)
+        setattr(module, name, nn.Parameter(fresh, requires_grad=old.requires_grad))

@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 
 from .complexity import count_macs, count_params
-from .errors import ConfigError, ReduceNetError, brief
+from .errors import CheckpointError, ConfigError, ReduceNetError, brief
 from .identity import card_of, set_card
-from .registry import classifier_of, model_from_config
-from .structure import structure_diff
+from .registry import model_from_config
+from .structure import apply_structure, structure_diff
 
 IMPORTANCES = ("l2", "l1", "lamp", "bn", "random")
 COSTS = ("macs", "params", "latency")
@@ -78,19 +78,123 @@ def prune(model: nn.Module, ratio: float, input_size: tuple[int, ...], importanc
     tp = _torch_pruning()
     try:
         pruner = tp.pruner.BasePruner(pruned, example, importance=_importance(importance), pruning_ratio=ratio,
-                                      ignored_layers=[classifier_of(pruned)], round_to=round_to)
+                                      ignored_layers=[classifier(pruned)], round_to=round_to)
         pruner.step()
         with torch.no_grad():
             pruned(example)  # the pruned graph must still compute
     except ReduceNetError:
         raise
     except Exception as e:  # Torch-Pruning and the forward raise many kinds; all mean "cannot prune this"
-        odd = next((f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-                    if not isinstance(m, _KNOWN) and any(True for _ in m.parameters(recurse=False))), None)
-        where = f"; the layer it cannot handle is probably {odd}" if odd else ""
         raise TrimError(f"Torch-Pruning cannot prune {model.config.get('model', type(model).__name__)} "
-                        f"({brief(e)}){where}") from None
+                        f"({brief(e)}){_culprit(model, example)}") from None
     return pruned
+
+
+def classifier(model: nn.Module) -> nn.Linear | nn.Conv2d:
+    """The layer a trim keeps whole: the model's last ``nn.Linear``, else its classifier as a 1x1 conv (timm's DLA
+    and DPN, torchvision's SqueezeNet): timm's ``get_classifier()``, or the last 1x1 conv with one output per class.
+
+    Raises:
+        TrimError: the model has neither.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1]
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1):
+        return head
+    classes = model.config.get("num_classes", getattr(model, "num_classes", None))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.out_channels == classes]
+    if convs:
+        return convs[-1]
+    raise TrimError(f"{model.config.get('model', type(model).__name__)} has no nn.Linear classifier nor a 1x1 conv "
+                    f"with its {classes} classes as outputs; trim keeps the classifier whole and needs one of them")
+
+
+def _culprit(model: nn.Module, example: torch.Tensor) -> str:
+    """The clause of a failed prune's message naming what Torch-Pruning probably cannot handle: a module that
+    splits its channels by fixed sizes (a channel shuffle, attention heads, DPN's slices), or one holding parameters
+    of its own outside the layers Torch-Pruning knows, then what to do instead."""
+    guesses = [g for g in (_channel_reshaper(model, example), _odd_parameters(model)) if g]
+    where = f"; the layer it cannot handle is probably {' or '.join(guesses)}" if guesses else ""
+    return f"{where}; trim another model, or distil this one into a smaller one (train.stage2 --teacher RUN -m MODEL)"
+
+
+def _odd_parameters(model: nn.Module) -> str | None:
+    """The first module holding parameters of its own that is not a layer Torch-Pruning knows, named (the model
+    itself, as a ViT's class token and position embedding, by its class and those parameters), or None."""
+    for path, module in model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if own and not isinstance(module, _KNOWN):
+            if path:
+                return f"{path} ({type(module).__name__})"
+            return f"the model itself ({type(module).__name__}: its own parameters {', '.join(own)})"
+    return None
+
+
+def _channel_reshaper(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The innermost module whose forward first splits its channels by fixed sizes, named with how; None when none
+    does. Torch-Pruning's graph cannot follow either way, as it prunes the channels and keeps the sizes: a reshape
+    into groups (``x.view(n, g, c // g, h, w)`` in a channel shuffle, ``qkv.reshape(n, t, 3, heads, d)`` in
+    attention) or a slice at a fixed channel (``x[:, :k]`` in DPN's dual paths)."""
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415 (needed only to explain a failure)
+
+    probe = copy.deepcopy(model).eval()
+    names = {m: n for n, m in probe.named_modules()}
+    running: list[nn.Module] = []
+    found: list[str] = []
+
+    class Splits(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            how = _channel_split(func, args, out) if running and not found else None
+            if how:
+                module = running[-1]
+                found.append(f"{names[module] or 'the model itself'} ({type(module).__name__}: it {how}, which "
+                             "Torch-Pruning cannot follow)")
+            return out
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:  # a hook returning a value would replace the output
+        running.pop()
+
+    hooks = [h for m in probe.modules()
+             for h in (m.register_forward_pre_hook(lambda m, a: running.append(m)), m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad(), Splits():
+            probe(example)
+    except Exception:  # noqa: BLE001 (a best guess for a message: a model that does not run has no answer)
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[0] if found else None
+
+
+_RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten)
+
+
+def _channel_split(func: Callable, args: tuple, out: Any) -> str | None:
+    """How the call ``func(*args)``, which returned ``out``, splits the channels by fixed sizes, or None."""
+    if not (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)):
+        return None
+    if func in _RESHAPES and _splits_channels(tuple(args[0].shape), tuple(out.shape)):
+        return "reshapes its channels into groups"
+    index = args[1] if func is torch.Tensor.__getitem__ and len(args) > 1 else None
+    if (args[0].dim() == 4 and isinstance(index, tuple) and len(index) > 1 and isinstance(index[0], slice)
+            and index[0] == slice(None) and isinstance(index[1], slice) and out.shape[1] < args[0].shape[1]):
+        return "slices its channels at a fixed channel"
+    return None
+
+
+def _splits_channels(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    """Whether a reshape from ``before`` to ``after`` splits the channels into several dimensions: those of an
+    ``(n, c, h, w)`` feature map, or the last of ``(n, tokens, c)``, the others kept."""
+    if len(after) <= len(before) or len(before) not in (3, 4):
+        return False
+    if len(before) == 4:
+        return after[:1] == before[:1] and after[-2:] == before[-2:]
+    return after[:2] == before[:2]
 
 
 def trim(model: nn.Module, reduce: float, by: str = "macs", input_size: tuple[int, ...] = (1, 3, 32, 32),
@@ -171,9 +275,35 @@ def trim_at(model: nn.Module, ratio: float, input_size: tuple[int, ...] = (1, 3,
 
 
 def _with_structure(trimmed: nn.Module, model: nn.Module) -> nn.Module:
+    """``trimmed`` with the card of ``model`` and the structure patch that rebuilds it from ``model``'s config.
+
+    Raises:
+        TrimError: the patch would not rebuild it (pruning resized a tensor no patch records), so it could not be
+            saved: refused now, before any fine-tuning.
+    """
     config = model.config
     base = model_from_config({k: v for k, v in config.items() if k != "structure"})
-    return set_card(trimmed, replace(card_of(model), structure=structure_diff(trimmed, base) or None))
+    try:
+        patch = structure_diff(trimmed, base)
+    except CheckpointError as e:
+        raise TrimError(f"the trimmed {config['model']} could not be saved: {e}") from None
+    _check_rebuilds(trimmed, apply_structure(base, patch), config["model"])
+    return set_card(trimmed, replace(card_of(model), structure=patch or None))
+
+
+def _check_rebuilds(trimmed: nn.Module, rebuilt: nn.Module, name: str) -> None:
+    """Refuse, naming the first tensor, a trimmed model whose structure patch rebuilds tensors of other shapes."""
+    shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    state = trimmed.state_dict()
+    for key, tensor in state.items():
+        if shapes.get(key) != tuple(tensor.shape):
+            raise TrimError(f"pruning resized {key} of {name} to {tuple(tensor.shape)}, which its structure patch "
+                            f"cannot record (it rebuilds {shapes.get(key, 'no such tensor')}), so the trimmed model "
+                            "could not be saved; trim another model")
+    extra = next((k for k in shapes if k not in state), None)
+    if extra is not None:
+        raise TrimError(f"the structure patch of the trimmed {name} rebuilds {extra}, which pruning removed, so the "
+                        "trimmed model could not be saved; trim another model")
 
 
 def trim_record(result: TrimResult) -> dict[str, Any]:
