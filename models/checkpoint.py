@@ -245,12 +245,36 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
         metadata: free-form JSON-serialisable facts (dataset, epoch, ...).
         preprocess: ``{"mean", "std", "input_size"}`` of the model's inputs; default ``model.preprocess``.
     """
+    path = checkpoint_file(path)
+    model, record = _record_of(model, path, metadata, preprocess)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _check_rebuilds(record, state, path)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"reducenet": json.dumps(record)}))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def check_saves(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    """Refuse now, writing nothing, what :func:`save_checkpoint` would refuse to save as ``path``: for a trainer
+    that saves after every epoch, so that a model no checkpoint can hold is refused before the first step, not
+    after an epoch of training.
+
+    Raises:
+        CheckpointError: as :func:`save_checkpoint`.
+    """
+    path = checkpoint_file(path)
+    model, record = _record_of(model, path, metadata, None)
+    _check_rebuilds(record, model.state_dict(), path)
+
+
+def _record_of(model: nn.Module, path: Path, metadata: dict[str, Any] | None,
+               preprocess: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The model :func:`save_checkpoint` saves (torch.compile's wrapper taken off) and the record it writes."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its tensors' names carry "_orig_mod."
     config = getattr(model, "config", None)
     if not can_save(model):
         raise CheckpointError("this model has no .config naming a registered model; build it with "
                               "models.create_model to save it")
-    path = checkpoint_file(path)
     preprocess = preprocess if preprocess is not None else getattr(model, "preprocess", None)
     metadata = metadata if metadata is not None else getattr(model, "checkpoint_metadata", None)
     try:
@@ -260,12 +284,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, Any]
         raise CheckpointError(f"cannot save {path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot save {path}: its metadata is not JSON data ({e})") from None
-    record = {"format": FORMAT, "config": config, "preprocess": preprocess, "metadata": metadata or {}}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _check_rebuilds(record, state, path)
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"reducenet": json.dumps(record)}))
-    atomic_write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-    return path
+    return model, {"format": FORMAT, "config": config, "preprocess": preprocess, "metadata": metadata or {}}
 
 
 def _check_rebuilds(record: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> None:

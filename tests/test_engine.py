@@ -513,3 +513,18 @@ def test_a_plain_folder_holding_a_run_is_refused_unless_resumed_or_replaced_thro
     (other / "notes.txt").write_text("mine")
     Trainer(Classify(tiny_model()), tiny_data(), cfg, other, log=lambda line: None).fit()
     assert (other / "notes.txt").read_text() == "mine" and (other / "last.safetensors").is_file()
+
+
+def test_a_model_no_checkpoint_can_hold_is_refused_before_the_first_step(tmp_path):
+    """A zoo model changed by hand (its config does not say so): the first checkpoint, after an epoch of training,
+    refused it; now the Trainer does, before any step, writing nothing."""
+    import models
+
+    model = models.create_model("reduce20", expansion=0)
+    model.fc = nn.Linear(model.fc.in_features, 3)  # what the config does not record
+    task = CountSteps(model)
+    with pytest.raises(models.CheckpointError) as e:
+        Trainer(task, tiny_data(), TrainConfig(epochs=1, lr=0.05), tmp_path / "run", log=lambda line: None)
+    msg = one_line(e)
+    assert "last.safetensors" in msg and "fc.weight is (3, 64), not (10, 64)" in msg, msg
+    assert task.steps == 0 and not (tmp_path / "run").exists()

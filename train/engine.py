@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from models import complexity
-from models.checkpoint import can_save
+from models.checkpoint import can_save, check_saves
 from models.errors import ConfigError, ReduceNetError, brief
 
 from .callbacks import Callback, run_dir_callbacks
@@ -304,6 +304,8 @@ class Trainer:
                  log: Callable[[str], None] = print) -> None:
         if run_dir is not None:
             check_checkpointable(task.student, run_dir)
+            folder = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
+            check_saves(task.student, folder / "last.safetensors", metadata)  # not after an epoch of training
         self.run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
         # a plain folder is checked for a run of its own when fit() starts, unless that run is resumed
         self._check_folder = run_dir is not None and not isinstance(run_dir, RunDir)
