@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .checkpoint import load_checkpoint, user_path
 from .errors import CheckpointError, brief
-from .identity import ModelCard, set_card
+from .identity import ModelCard, input_size, set_card
 
 #: The file forms :func:`load_any` reads, by suffix.
 FORMS = {".safetensors": "checkpoint", ".json": "checkpoint", ".pt2": "torch.export", ".ts": "TorchScript",
@@ -179,7 +179,7 @@ def _check_fits_record(model: nn.Module, path: Path) -> None:
     """One forward pass of a blank image at the record's input size: a program that does not take it, or that
     gives another number of classes than the record says, is of another export than the ``model.json`` beside it
     (evaluate failed with the reader's traceback, compare reported the record's model)."""
-    size = (model.preprocess or {}).get("input_size") or [3, *[model.config.get("image_size") or 32] * 2]
+    size = input_size(model)
     device = next(model.parameters(), torch.empty(0)).device
     redo = "they are of different exports: export the model again with python -m reparam.fuse"
     try:

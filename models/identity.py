@@ -126,6 +126,14 @@ def keep_card(source: nn.Module, target: nn.Module) -> nn.Module:
     return set_card(target, card) if card is not None else target
 
 
+def input_size(model: nn.Module) -> tuple[int, ...]:
+    """``(C, H, W)`` of ``model``'s inputs: its recorded preprocessing's, else the size its config builds it for
+    (``image_size``), else CIFAR's ``(3, 32, 32)``."""
+    recorded = (getattr(model, "preprocess", None) or {}).get("input_size")
+    built = (getattr(model, "config", None) or {}).get("image_size")
+    return tuple(recorded) if recorded else (3, built, built) if isinstance(built, int) else (3, 32, 32)
+
+
 def check_preprocess(preprocess: Any) -> None:
     """One line for a preprocessing record that would make every input NaN or infinite (std 0, non-numbers)."""
     if preprocess is None:

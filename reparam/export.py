@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.errors import CheckpointError, ReparamError, brief
-from models.identity import set_preprocess
+from models.identity import input_size as model_input_size, set_preprocess
 
 from .fusion import flatten, fuse_model, max_abs_diff
 
@@ -83,9 +83,7 @@ def export_deploy(
     if not isinstance(model, nn.Module):
         raise ReparamError(f"export_deploy needs a torch.nn.Module, got {type(model).__name__}")
     if input_size is None:  # the recorded preprocessing's, else the size the model was built for, else CIFAR's
-        recorded = (getattr(model, "preprocess", None) or {}).get("input_size")
-        built = (getattr(model, "config", None) or {}).get("image_size")
-        input_size = tuple(recorded) if recorded else (3, built, built) if isinstance(built, int) else (3, 32, 32)
+        input_size = model_input_size(model)
     if len(input_size) != 3 or not all(isinstance(n, int) and n > 0 for n in input_size):
         raise ReparamError(f"input_size must be (channels, height, width), positive whole numbers; got {input_size!r}")
     try:
