@@ -82,17 +82,17 @@ class LoRABranch(nn.Module):
 class LoRAConv2d(nn.Module):
     """A conv plus a :class:`LoRABranch` on the same input: ``conv(x) + lora(x)``.
 
-    The branch copies the conv's kernel size, stride, padding and padding mode, so ``conv(x) + lora(x)`` is one conv
-    of the conv's geometry (:meth:`fused_kernel`). Refused (:class:`ConfigError`): a grouped or dilated conv, and
+    The branch copies the conv's kernel size, stride, padding, dilation and padding mode, so ``conv(x) + lora(x)`` is
+    one conv of the conv's geometry (:meth:`fused_kernel`). Refused (:class:`ConfigError`): a grouped conv, and
     a subclass of ``nn.Conv2d`` (timm's ``Conv2dSame``, ``StdConv2d``), whose forward pads by the input's size or
     changes its weight, which a branch beside it and a fused conv cannot follow.
     """
 
     def __init__(self, conv: nn.Conv2d, rank: int) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.dilation != (1, 1):
-            raise ConfigError(f"LoRA needs a dense, undilated conv, got groups={conv.groups}, dilation="
-                              f"{tuple(conv.dilation)}; leave grouped (depthwise) and dilated convs out of the targets")
+        if conv.groups != 1:
+            raise ConfigError(f"LoRA needs a dense conv, got groups={conv.groups}; leave grouped (depthwise) convs out "
+                              "of the targets")
         if type(conv) is not nn.Conv2d:
             raise ConfigError(f"LoRA needs a plain torch.nn.Conv2d, got {type(conv).__name__}, whose forward does more "
                               "than conv2d(x, weight) (padding by the input's size, a standardised weight), which no "

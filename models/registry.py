@@ -190,7 +190,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if name.partition(":")[0] in EXTERNAL and ":" in name:
         num_classes = kwargs.pop("num_classes", None)
         model = _external(name, num_classes, kwargs)
-        classes = num_classes if num_classes is not None else classifier_of(model).out_features
+        classes = num_classes if num_classes is not None else num_classes_of(model)
         return set_card(model, ModelCard(name, {"num_classes": classes, **kwargs}))
     check_model_name(name)
     try:
@@ -202,12 +202,35 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"{name} {detail}; see its docstring for the arguments it takes") from None
 
 
-def classifier_of(model: nn.Module) -> nn.Linear:
-    """The classifier: the last ``nn.Linear`` of the model (``fc``, ``classifier[-1]``, ``head``, ...)."""
+def classifier_of(model: nn.Module) -> nn.Linear | nn.Conv2d:
+    """The classifier: the model's last ``nn.Linear`` (``fc``, ``classifier[-1]``, ``head``, ...), else its
+    classifier as a 1x1 conv (timm's DLA and DPN, torchvision's SqueezeNet): timm's ``get_classifier()``, or the last
+    1x1 conv with one output per class (the model's ``num_classes``).
+
+    Raises:
+        ConfigError: the model has neither.
+    """
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier; its class count cannot be read")
-    return linears[-1]
+    if linears:
+        return linears[-1]
+    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
+    if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1):
+        return head
+    card = card_of(model)
+    classes = card.args.get("num_classes") if card is not None else getattr(model, "num_classes", None)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+             and m.out_channels == classes]
+    if convs:
+        return convs[-1]
+    name = card.name if card is not None else type(model).__name__
+    raise ConfigError(f"{name} has no nn.Linear classifier nor a 1x1 conv with one output per class "
+                      f"({classes} classes)")
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """The number of classes the model's classifier (:func:`classifier_of`) outputs."""
+    head = classifier_of(model)
+    return head.out_features if isinstance(head, nn.Linear) else head.out_channels
 
 
 def model_from_config(config: dict[str, Any], **overrides: Any) -> nn.Module:

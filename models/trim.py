@@ -21,7 +21,7 @@ import torch.nn as nn
 from .complexity import count_macs, count_params
 from .errors import CheckpointError, ConfigError, ReduceNetError, brief
 from .identity import card_of, set_card
-from .registry import model_from_config
+from .registry import classifier_of, model_from_config
 from .structure import apply_structure, structure_diff
 
 IMPORTANCES = ("l2", "l1", "lamp", "bn", "random")
@@ -91,25 +91,16 @@ def prune(model: nn.Module, ratio: float, input_size: tuple[int, ...], importanc
 
 
 def classifier(model: nn.Module) -> nn.Linear | nn.Conv2d:
-    """The layer a trim keeps whole: the model's last ``nn.Linear``, else its classifier as a 1x1 conv (timm's DLA
-    and DPN, torchvision's SqueezeNet): timm's ``get_classifier()``, or the last 1x1 conv with one output per class.
+    """The layer a trim keeps whole: the model's classifier (:func:`models.registry.classifier_of`), an
+    ``nn.Linear`` or a 1x1 conv.
 
     Raises:
         TrimError: the model has neither.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1]
-    head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
-    if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1):
-        return head
-    classes = model.config.get("num_classes", getattr(model, "num_classes", None))
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-             and m.out_channels == classes]
-    if convs:
-        return convs[-1]
-    raise TrimError(f"{model.config.get('model', type(model).__name__)} has no nn.Linear classifier nor a 1x1 conv "
-                    f"with its {classes} classes as outputs; trim keeps the classifier whole and needs one of them")
+    try:
+        return classifier_of(model)
+    except ConfigError as e:
+        raise TrimError(f"{e}; trim keeps the classifier whole and needs one of them") from None
 
 
 def _culprit(model: nn.Module, example: torch.Tensor) -> str:

@@ -134,6 +134,20 @@ def test_weights_load_and_the_head_is_replaced(tmp_path, capsys):
     assert "does not fit" in one_line(e)
 
 
+@pytest.mark.parametrize("name, head", [("torchvision:squeezenet1_1", "classifier.1"), ("timm:dla34", "fc")])
+def test_a_1x1_conv_classifier_gives_the_class_count_and_is_the_head_weights_replace(tmp_path, name, head):
+    """SqueezeNet's and DLA's classifier is a 1x1 conv: the class count is read from it, and --weights trained for
+    1000 classes load into a 10-class model but for that conv."""
+    assert models.create_model(name).config["num_classes"] == 1000
+    source = models.create_model(name, num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = models.create_model(name, num_classes=10)
+    assert load_pretrained(model, tmp_path / "w.pth") == [f"{head}.weight", f"{head}.bias"]
+    assert model.get_submodule(head).out_channels == 10
+    kept = next(k for k in source.state_dict() if k.endswith("weight") and not k.startswith(head))
+    assert torch.equal(model.state_dict()[kept], source.state_dict()[kept])
+
+
 def test_structure_patch_rebuilds_a_changed_model(single_thread):
     model = models.create_model("torchvision:resnet18", num_classes=10)
     model.layer1[0].conv1 = nn.Conv2d(64, 40, 3, 1, 1, bias=False)  # what pruning does

@@ -201,5 +201,5 @@ def test_a_depthwise_conv_named_for_lora_is_refused_by_name_and_nothing_changes(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError) as e:
         add_lora_to_convs(model, 2, ["features.0.0", "features.2.conv.1.0"])
-    assert one_line(e).startswith("LoRA on features.2.conv.1.0: LoRA needs a dense, undilated conv, got groups=96")
+    assert one_line(e).startswith("LoRA on features.2.conv.1.0: LoRA needs a dense conv, got groups=96")
     assert model.state_dict().keys() == before.keys() and "lora" not in (model.config or {})

@@ -124,15 +124,22 @@ def test_inception_v3_convs_take_lora_and_fuse_exactly():
     assert [tuple(fused.get_submodule(t).weight.shape[-2:]) for t in targets] == [(3, 3), (1, 7)]
 
 
-@pytest.mark.parametrize("conv, words", [
-    (nn.Conv2d(4, 6, 3, padding=2, dilation=2), "undilated"),
-    (nn.Conv2d(4, 8, 3, padding=1, groups=4), "groups=4"),
-])
-def test_a_conv_a_branch_cannot_join_is_refused_by_name(conv, words):
-    model = nn.Sequential(conv, nn.BatchNorm2d(conv.out_channels))
+def test_dilated_convs_take_lora_and_fuse_exactly():
+    """torchvision's ResNet-50 with dilation instead of stride in its last stages (replace_stride_with_dilation):
+    the default targets include the dilated 3x3s, whose branches dilate as they do."""
+    model = models.create_model("torchvision:resnet50", num_classes=10, replace_stride_with_dilation=[False, True, True])
+    add_lora_to_convs(model.double(), 2)
+    assert model.layer4[1].conv2.lora.down.dilation == (4, 4)
+    randomize_model(model, calibrate=False).eval()
+    fused = assert_fuses_exactly(model, rn(1, 3, 48, 48, seed=4))
+    assert fused.layer4[1].conv2.dilation == (4, 4)
+
+
+def test_a_grouped_conv_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8))
     with pytest.raises(ConfigError) as e:
         add_lora_to_convs(model, 2, modules=["0"])
-    assert one_line(e).startswith("LoRA on 0: ") and words in one_line(e)
+    assert one_line(e).startswith("LoRA on 0: LoRA needs a dense conv, got groups=4")
     assert isinstance(model[0], nn.Conv2d)
 
 
