@@ -591,10 +591,10 @@ def test_test_split_missing_classes_warns(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("loader", ["auto", "stream"])
 def test_a_class_without_test_images_is_warned_once_by_the_training_data_path(tmp_path, capsys, monkeypatch, loader):
-    """``train.cli.load_data`` scans the tree to pick the loader, then loads it (scanning again in memory): one
+    """``train.assemble.load_data`` scans the tree to pick the loader, then loads it (scanning again in memory): one
     warning line all the same."""
     monkeypatch.setattr(data.folders, "_WARNED", set())  # what earlier tests printed (a tmp_path's name recurs)
-    from train.cli import load_data
+    from train.assemble import load_data
     from train.engine import Dist
     from train.spec import DataSpec
 

@@ -417,16 +417,16 @@ def test_a_first_epoch_at_chance_with_a_test_loss_far_above_the_train_loss_says_
 def test_a_run_dir_whose_other_rank_failed_takes_back_its_lock_and_says_so_in_one_line(tmp_path, monkeypatch):
     """Under torchrun rank 0 opens the run directory, then waits for the others: when one of them failed (the
     barrier's connection closes), the folder is left as it was and the error is one line, not gloo's traceback."""
-    import train.cli as cli
+    import train.assemble as assemble
     from models.errors import ReduceNetError
     from train.engine import Dist
 
     def barrier():
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
 
-    monkeypatch.setattr(cli.dist, "barrier", barrier)
+    monkeypatch.setattr(assemble.dist, "barrier", barrier)
     with pytest.raises(ReduceNetError, match="another process of this torchrun job stopped") as e:
-        cli.make_run_dir(tmp_path / "run", Dist(0, 2, 0), {"args": {}})
+        assemble.make_run_dir(tmp_path / "run", Dist(0, 2, 0), {"args": {}})
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 

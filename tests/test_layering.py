@@ -87,6 +87,22 @@ def test_no_module_imports_itself_through_others():
     assert find_cycle(import_graph(ROOT, LAYERS)) is None
 
 
+def defines_main(path: Path) -> bool:
+    return any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(path.read_text()).body)
+
+
+def test_only_the_commands_import_the_option_parser():
+    """train.cli parses argv; what the options build (data, run directory, teacher, losses) is train.assemble's, so
+    the pipeline and everything under it never see argparse."""
+    graph = import_graph(ROOT, LAYERS)
+    importers = sorted(m for m, targets in graph.items() if "train.cli" in targets)
+    assert "train.stage1" in importers and "train.evaluate" in importers  # the graph is really read
+    path = {m: ROOT.joinpath(*m.split(".")).with_suffix(".py") for m in importers}
+    path = {m: p if p.exists() else p.with_suffix("") / "__init__.py" for m, p in path.items()}
+    assert [m for m in importers if not defines_main(path[m])] == []
+    assert "train.cli" not in graph["train.pipeline"] and "argparse" not in (ROOT / "train/assemble.py").read_text()
+
+
 def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path):
     """The old layout: models.layers imported reparam.transforms while reparam's __init__ imported its fusion,
     which imported models inside a function."""

@@ -1049,7 +1049,7 @@ def test_compile_without_a_compiler_is_one_line(tmp_path, capsys, monkeypatch):
 def test_the_dkd_warm_up_is_an_option_that_reaches_the_loss():
     """DKD's warm-up was fixed at mdistiller's 20 epochs (made for 240): on a 10-epoch budget half the run trained
     at reduced weight. --kd-warmup sets it, 0 for none, and the spec records it."""
-    from train.cli import logit_loss
+    from train.assemble import logit_loss
 
     spec, _ = stage2.parse(["--inherit", "t", "--kd", "dkd", "--kd-warmup", "3", "--out", "o"])
     assert spec.loss.kd_warmup == 3 and logit_loss(spec.with_recipe().loss).warmup_epochs == 3

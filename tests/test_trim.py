@@ -286,7 +286,7 @@ try:
     print("config", json.dumps({"rank": info.rank, "config": student.config, "record": record}), flush=True)
 except ReduceNetError as e:
     print(f"error: rank {info.rank}: {e}", flush=True)
-torch.distributed.destroy_process_group()  # as train.cli's finish() and cli_errors do
+torch.distributed.destroy_process_group()  # as train.assemble's finish() and cli_errors do
 '''
 
 

@@ -10,7 +10,7 @@ from reparam import compare_on, fuse_model
 from reparam.export import export_deploy
 
 from .callbacks import Callback
-from .cli import size_line
+from .assemble import size_line
 from .engine import Trainer
 
 

@@ -79,7 +79,7 @@ class TrainConfig:
     (:class:`ConfigError`) when the config is made.
 
     ``seed`` is a record, not a setting: the trainer seeds nothing. A run's seed is set before its model and data are
-    built (the pipeline calls ``torch.manual_seed(seed)`` in :func:`train.cli.setup` and builds the loaders with the
+    built (the pipeline calls ``torch.manual_seed(seed)`` in :func:`train.assemble.setup` and builds the loaders with the
     same seed, which fixes each epoch's order and augmentation); ``TrainConfig.seed`` is only written to the summary.
     A caller of :class:`Trainer` seeds its model and passes the seed to :func:`train.data.build_data` itself.
     """

@@ -26,7 +26,8 @@ from models import load_any
 from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 
-from .cli import DescribedHelpFormatter, check_classes, load_data, recorded_data_dir
+from .assemble import check_classes, load_data, recorded_data_dir
+from .cli import DescribedHelpFormatter
 from .data import DATASETS
 from .engine import Dist, check_finite, evaluate, init_distributed
 from .provenance import hardware, native_bf16

@@ -44,8 +44,8 @@ from models.trim import TrimResult, trim, trim_at, trim_record
 from models.vgg import LEVELS, SCHEMES, hint_points, level_name, level_of, svgg_from
 from models.weights import load_pretrained
 
-from .cli import (check_teacher, data_identity, data_metadata, feature_loss, finish, load_data, load_teacher_checkpoint,
-                  logit_loss, make_run_dir, setup, size_line, teachers_data)
+from .assemble import (check_teacher, data_identity, data_metadata, feature_loss, finish, load_data,
+                       load_teacher_checkpoint, logit_loss, make_run_dir, setup, size_line, teachers_data)
 from .deploy import FuseCheckExport
 from .engine import Trainer, evaluate, is_main_process
 from .preprocess import Renormalize, normalization
