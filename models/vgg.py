@@ -68,7 +68,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 

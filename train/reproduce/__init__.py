@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> Path | None:
         if twice is not None:  # one row per value: a value given twice would count the same run twice
             raise ConfigError(f"{option} {' '.join(map(str, values))} names {what} {twice} twice; "
                               f"pass each {what} once")
-    for option, value, tables in (("--image-size", args.image_size, IMAGE_SIZED),
-                                  ("--widths", args.widths, ("cifar10-reducenet",))):
-        if value is not None and args.table not in tables:  # it was accepted, recorded in the header, and ignored
-            raise ConfigError(f"{option} applies to {' and '.join(tables)}, not {args.table}: leave it out")
+    for option, value, names in (("--image-size", args.image_size, IMAGE_SIZED),
+                                 ("--widths", args.widths, ("cifar10-reducenet",))):
+        if value is not None and args.table not in names:  # it was accepted, recorded in the header, and ignored
+            raise ConfigError(f"{option} applies to {' and '.join(names)}, not {args.table}: leave it out")
     check_models(args.table, args.models)
     if args.table != "deploy-speed":  # which trains nothing
         _check_folder("--runs", Path(args.runs))
