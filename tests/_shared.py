@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("REDUCENET_SHARED_DATA") or ROOT.parent / "shared" / "data")
 CIFAR10 = SHARED / "cifar-10-subset"
 CIFAR100 = SHARED / "cifar-100-subset"
+#: Skips a test that reads the exact CIFAR-10 subset where it is absent, saying so.
+needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
 
 
 def one_line(excinfo) -> str:

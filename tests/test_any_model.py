@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import models
-from _shared import CIFAR10, one_line, randomize_model, training_stopped_at
+from _shared import CIFAR10, needs_data, one_line, randomize_model, training_stopped_at
 from models.errors import CheckpointError, ConfigError, UnknownModelError
 from models.layers import LoRAConv2d
 from models.structure import apply_structure, structure_diff
@@ -26,7 +26,6 @@ from train.tasks import layer_channels, stage_outputs
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 ARGS = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--epochs", "1", "--device", "cpu"]
-needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
 
 
 def run(main, argv):

@@ -342,7 +342,8 @@ def test_any_classifier_or_image_folder_gets_a_warm_up_and_a_learning_rate_for_i
                     and not __import__("os").environ.get("REDUCENET_SHARED_DATA"), reason="needs cifar10-jpeg.zip")
 def test_the_readme_walkthrough_for_your_own_image_folder_runs_as_written(tmp_path):
     """The README's "Your own image folder" block, run by bash as it stands with its variables set small: every
-    step ends well and says what it does (train -> trim with a baseline -> distil -> evaluate ONNX -> compare)."""
+    step ends well and says what it does (train -> trim with a baseline -> distil with a baseline -> evaluate ONNX ->
+    compare)."""
     import os
     import subprocess
     import sys
@@ -366,7 +367,8 @@ def test_the_readme_walkthrough_for_your_own_image_folder_runs_as_written(tmp_pa
     out = proc.stdout
     assert out.count("model: torchvision:") >= 3 and "data: my_images (image folder)" in out  # each run says so
     assert "trim: from the untrimmed teacher: params" in out and "trimmed, before fine-tuning" in out
-    assert "with cross-entropy only" in out
+    assert out.count("with cross-entropy only, after 1 epoch each; curves:") == 2  # trim's and stage2's --baseline
+    assert (tmp_path / "runs/mine-trim2/baseline.png").is_file() and (tmp_path / "runs/mine-small/baseline.png").is_file()
     assert "model.onnx: torchvision:resnet18" in out and "top-1" in out
     assert "torch.export" in out and "runs/mine-small" in out  # the comparison's rows
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import models
-from _shared import (CIFAR10, ROOT, SHARED, free_port, one_line, randomize_model, subprocess_env,
+from _shared import (CIFAR10, ROOT, SHARED, free_port, needs_data, one_line, randomize_model, subprocess_env,
                      training_stopped_at)
 from models.convert import from_reducenet_original
 from models.weights import read_state_dict
@@ -26,7 +26,6 @@ from train import trim as trim_cli
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("isolated_cache")]  # every test trains or runs a CLI
 
 ORIGINAL = SHARED / "reducenet-original" / "reduce20_cifar10_e1_w1_student.pth"
-needs_data = pytest.mark.skipif(not (CIFAR10 / "cifar-10-batches-py").is_dir(), reason=f"{CIFAR10} is absent")
 
 
 @pytest.mark.parametrize("name, kwargs", [
@@ -244,6 +243,7 @@ def test_baseline_fine_tunes_the_same_trimmed_network_with_cross_entropy_only(tm
     assert base["model"]["structure"] and json.loads((tmp_path / "trim-baseline" / "args.json").read_text())[
         "spec"]["loss"]["kd"] == "none"
     assert "trimmed, before fine-tuning" in said and "with cross-entropy only, after 1 epoch each" in said
+    assert (tmp_path / "trim" / "baseline.png").read_bytes()[:4] == b"\x89PNG"  # both curves, in the trim's folder
 
 
 def test_baseline_whose_folder_holds_another_run_is_refused_before_the_trim_trains(tmp_path, capsys):

@@ -236,6 +236,22 @@ def _build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: in
     return student
 
 
+def _student_run_name(teacher_model: str, spec: RunSpec) -> str:
+    """The default run directory's name (under ``runs/``) of the stage-2 ``spec`` (resolved) of a teacher of
+    ``teacher_model``: named after the student's model."""
+    derive: Inherit | Distil = spec.derive
+    name = (teacher_model if isinstance(derive, Inherit) else derive.model).replace(":", "-")
+    return f"{name}-student-r{derive.lora_rank}-{spec.loss.kd}-s{spec.optim.seed}"
+
+
+def student_out(spec: RunSpec) -> Path:
+    """The run directory of the stage-2 ``spec``: its ``--out``, else ``runs/<name>`` (its teacher's record is
+    read)."""
+    spec = spec.with_recipe()
+    name = "" if spec.out else _student_run_name(read_record(resolve(spec.derive.teacher))["config"]["model"], spec)
+    return Path(_with_out(spec, name).out)
+
+
 def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive = spec.derive
     inherit = isinstance(derive, Inherit)
@@ -259,8 +275,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, input_size)
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
                    teacher_input=Renormalize(student.preprocess, teacher.preprocess))
-    name = (teacher.config["model"] if inherit else derive.model).replace(":", "-")
-    spec = _with_out(spec, f"{name}-student-r{derive.lora_rank}-{spec.loss.kd}-s{spec.optim.seed}")
+    spec = _with_out(spec, _student_run_name(teacher.config["model"], spec))
     # only now, so that bad options, data or a mismatched teacher leave the run directory untouched
     with _run_dir(spec, info, resume, overwrite, cli, data, {"teacher": teacher_path}) as run_dir:
         metadata = {"stage": 2, "role": "student", **data_metadata(data, spec.data.data_dir),

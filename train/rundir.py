@@ -35,7 +35,7 @@ from models.errors import ReduceNetError
 
 #: Files and folders a run writes; ``--overwrite`` removes these and nothing else.
 RUN_FILES = ("args.json", "spec.json", "last.safetensors", "last.json", "best.safetensors", "best.json",
-             "train_state.pt", "metrics.csv", "summary.json", "tb", "deploy", "done")
+             "train_state.pt", "metrics.csv", "summary.json", "tb", "deploy", "done", "baseline.png")
 #: Options that may differ on ``--resume``: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "device", "amp", "compile", "compile_mode", "channels_last",
                      "no_export", "data_dir", "workers", "lr")

@@ -15,7 +15,8 @@ removed, settle before large steps move the inherited weights. ``--recipe reduce
 lr 0.1, cosine per epoch, no warm-up, KD with ``nn.KLDivLoss()``'s mean reduction (train/recipes.py).
 
 The student's inputs are prepared as its teacher's were (``--inherit``) or by ``--normalize`` (``--teacher``);
-a teacher whose preprocessing differs gets its own inputs from the same batch.
+a teacher whose preprocessing differs gets its own inputs from the same batch. ``--baseline`` also trains the same
+student with cross-entropy only, in ``OUT-baseline``, and draws both runs' curves (:mod:`train.baseline`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import argparse
 from models.errors import ConfigError, cli_errors
 
 from .cli import add_distillation_options, common_parser, parse_options
-from .pipeline import run
+from .baseline import run_with_baseline
+from .pipeline import run, student_out
 from .spec import Distil, Inherit, RunSpec, from_options
 
 
@@ -46,6 +48,9 @@ def build_parser():
                    help="globs over conv names that get LoRA (default: every 3x3 conv inside the blocks)")
     s.add_argument("--lambda-epochs", type=float, default=0.0,
                    help="anneal LambdaReLU in the LoRA branches from 0 to 1 over these first epochs")
+    s.add_argument("--baseline", action="store_true",
+                   help="also train the same student with cross-entropy only (--kd none) for the same epochs, in "
+                        "OUT-baseline; print both accuracies and draw both curves in OUT/baseline.png")
     add_distillation_options(p)
     return p
 
@@ -69,7 +74,10 @@ def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
     spec, args = parse(argv)
-    return run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.stage2", "argv": argv})
+    cli = {"module": "train.stage2", "argv": argv}
+    if not args.baseline:
+        return run(spec, resume=args.resume, overwrite=args.overwrite, cli=cli)
+    return run_with_baseline(spec, student_out(spec), resume=args.resume, overwrite=args.overwrite, cli=cli)
 
 
 if __name__ == "__main__":

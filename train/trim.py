@@ -16,17 +16,15 @@ fine-tune uses lr 0.01 for 100 epochs with step decay).
 from __future__ import annotations
 
 import argparse
-
 from dataclasses import replace
-from pathlib import Path
 
-from models.errors import ConfigError, cli_errors
+from models.errors import cli_errors
 from models.trim import COSTS, IMPORTANCES
 
+from .baseline import run_with_baseline
 from .cli import add_distillation_options, common_parser, parse_options
 from .pipeline import run, trim_out
-from .rundir import RunDir
-from .spec import LossSpec, RunSpec, Trim, from_options
+from .spec import RunSpec, Trim, from_options
 
 
 def build_parser():
@@ -46,7 +44,7 @@ def build_parser():
                    help="take the trimmed structure of this trim run instead of searching one")
     t.add_argument("--baseline", action="store_true",
                    help="also fine-tune the same trimmed network with cross-entropy only (--kd none) for the same "
-                        "epochs, in OUT-baseline, and print both accuracies")
+                        "epochs, in OUT-baseline; print both accuracies and draw both curves in OUT/baseline.png")
     add_distillation_options(p)
     return p
 
@@ -63,40 +61,14 @@ def parse(argv: list[str] | None) -> tuple[RunSpec, argparse.Namespace]:
     return from_options(vars(args), derive), args
 
 
-def _baseline_out(out: str | Path) -> Path:
-    """The folder of ``--baseline``'s run beside the trim run in ``out``: ``OUT-baseline``."""
-    return Path(f"{out}-baseline")
-
-
-def _check_baseline(spec: RunSpec, args: argparse.Namespace) -> None:
-    """Refuse ``--baseline`` before the trim trains: with ``--kd none`` (nothing to compare), or when its folder
-    ``OUT-baseline`` could not take the baseline's run (it holds another run, no --resume or --overwrite)."""
-    if spec.loss.kd == "none" and spec.loss.feature_kd == "none":
-        raise ConfigError("--baseline fine-tunes with cross-entropy only, which this run already does (--kd none)")
-    base = _baseline_out(trim_out(spec))
-    if not (args.resume and (base / "train_state.pt").is_file()):
-        RunDir(base, overwrite=args.overwrite).open().close()  # its checks alone: the folder is left as it was
-
-
 @cli_errors
 def main(argv: list[str] | None = None) -> dict:
     spec, args = parse(argv)
-    if args.baseline:
-        _check_baseline(spec, args)
-    summary = run(spec, resume=args.resume, overwrite=args.overwrite, cli={"module": "train.trim", "argv": argv})
+    cli = {"module": "train.trim", "argv": argv}
     if not args.baseline:
-        return summary
-    out = summary["run_dir"]
-    baseline = replace(spec, out=str(_baseline_out(out)), loss=LossSpec(kd="none"),
-                       derive=replace(spec.derive, structure_from=str(out)))
-    print(f"trim: the baseline: the same trimmed network, fine-tuned with cross-entropy only, in {baseline.out}")
-    base = run(baseline, resume=args.resume and Path(baseline.out, "train_state.pt").is_file(),
-               overwrite=args.overwrite, cli={"module": "train.trim", "argv": argv})
-    print(f"trim: {summary['last_test_acc']:.2f}% distilled ({spec.loss.kd}"
-          f"{', ' + spec.loss.feature_kd if spec.loss.feature_kd != 'none' else ''}) against "
-          f"{base['last_test_acc']:.2f}% with cross-entropy only, after {spec.optim.epochs} "
-          f"epoch{'s' * (spec.optim.epochs != 1)} each")
-    return {**summary, "baseline": base}
+        return run(spec, resume=args.resume, overwrite=args.overwrite, cli=cli)
+    return run_with_baseline(spec, trim_out(spec), resume=args.resume, overwrite=args.overwrite, cli=cli,
+                             derive_for=lambda out: replace(spec.derive, structure_from=str(out)))
 
 
 if __name__ == "__main__":
