@@ -15,7 +15,7 @@ from models.errors import ConfigError, ReparamError, brief
 from models.graph import conv_bn_pairs
 from models.grow import GrownConv2d
 from models.identity import card_of, keep_card, set_card
-from models.layers import FoldedNormAct, LambdaReLU, LoRABranch, LoRAConv2d
+from models.layers import FoldedNormAct, LambdaReLU, LoRABranch, LoRAConv2d, set_lambda
 from models.registry import is_zoo, model_from_config
 from models.structure import apply_structure, structure_diff
 
@@ -123,7 +123,8 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     try:
         pairs = conv_bn_pairs(model)
     except ConfigError as e:
-        raise ReparamError(f"{e}; export it unfused, or give its blocks a reparameterize()") from None
+        raise ReparamError(f"{e}: deploy it unfused (its checkpoint, or torch.export of the model), or give its "
+                           "blocks a reparameterize()") from None
     modules = dict(model.named_modules())
     folded = []
     for conv_path, bn_path in pairs:
@@ -197,6 +198,19 @@ def fuse_model(model: nn.Module) -> nn.Module:
                            "unfused model (models.save_checkpoint, torch.export)") from None
     set_card(deploy, replace(card_of(deploy), structure=patch or None, preprocess=getattr(model, "preprocess", None)))
     return deploy.eval()
+
+
+def check_fusable(model: nn.Module) -> None:
+    """Refuse now what :func:`fuse_model` would refuse once ``model`` has trained: a model ``torch.fx`` cannot trace,
+    a block whose own ``reparameterize()`` fails, a layer that would survive fusion. Its LambdaReLUs are taken as
+    linear (lam 1), as stage 2's schedule ends; ``model`` itself is left as it is (a copy is fused).
+
+    Raises:
+        ReparamError: as :func:`fuse_model`; the message names the module.
+    """
+    probe = copy.deepcopy(model)
+    set_lambda(probe, 1.0)
+    fuse_model(probe)
 
 
 def _first_problem(error: RuntimeError) -> str:

@@ -212,6 +212,20 @@ def test_stage1_and_stage2_on_external_models(tmp_path):
 
 @needs_data
 @pytest.mark.e2e
+def test_a_student_that_cannot_be_fused_is_refused_before_it_trains(tmp_path, capsys):
+    """timm's EfficientViT is not fx-traceable: it trained a whole run and then failed at the fusion that ends it."""
+    teacher = models.save_checkpoint(models.create_model("reduce20", expansion=0), tmp_path / "t")
+    with pytest.raises(SystemExit) as e:
+        stage2.main(["--teacher", str(teacher), "-m", "timm:efficientvit_b0", *ARGS, "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: the student (timm:efficientvit_b0) cannot be fused, which ends the run, so it is "
+                          "refused before training: cannot trace EfficientVit with torch.fx") and "distil into" in err
+    assert not (tmp_path / "s").exists()
+
+
+@needs_data
+@pytest.mark.e2e
 def test_feature_adapters_train_save_and_resume_exactly(tmp_path):
     """FitNets regressors are part of the task: trained, in train_state.pt, and restored by --resume."""
     teacher = tmp_path / "teacher"

@@ -61,12 +61,13 @@ def test_epoch_sums_add_up_on_the_device_and_keep_the_first_bad_step():
     y = torch.tensor([0, 0, 0])  # two right
     sums.add(torch.tensor(1.5), logits, y, {"term": torch.tensor(0.5)})
     sums.add(torch.tensor(float("inf")), logits, y, {"term": torch.tensor(1.0)}, teacher_logits=logits)
-    sums.add(torch.tensor(float("nan")), logits * float("nan"), y, {"term": torch.tensor(1.0)})
+    sums.add(torch.tensor(float("nan")), logits * float("nan"), y, {"term": torch.tensor(float("nan"))})
     done = sums.read()
     assert done["seen"] == 9 and done["correct"] == 2 + 2 + 3  # argmax takes NaN as the largest: class 0
-    assert done["terms"] == {"term": pytest.approx(3 * 0.5 + 3 + 3)}
+    assert done["terms"] == {"term": pytest.approx(float("nan"), nan_ok=True)}
     assert math.isinf(done["loss"]) or math.isnan(done["loss"])
-    assert done["bad"] == {"step": 1, "loss": math.inf, "logits_finite": True, "teacher_finite": True}
+    assert done["bad"] == {"step": 1, "loss": math.inf, "logits_finite": True, "teacher_finite": True,
+                           "terms_finite": {"term": True}}  # the first bad step's, not the later NaN's
 
 
 def test_epoch_sums_name_a_non_finite_teacher():
@@ -75,7 +76,32 @@ def test_epoch_sums_name_a_non_finite_teacher():
     sums.add(torch.tensor(0.1), logits, y, {})
     sums.add(torch.tensor(float("nan")), logits, y, {}, teacher_logits=torch.full((2, 3), float("nan")))
     assert sums.read()["bad"] == {"step": 1, "loss": pytest.approx(float("nan"), nan_ok=True),
-                                  "logits_finite": True, "teacher_finite": False}
+                                  "logits_finite": True, "teacher_finite": False, "terms_finite": {}}
+
+
+class FeatureOverflowAt(Classify):
+    """Logs a feature and a logit term, as Distill does with a feature loss; at step ``at`` the feature term, and
+    with it the loss, is inf while the logits stay finite."""
+
+    def __init__(self, model: nn.Module, at: int) -> None:
+        super().__init__(model)
+        self.at, self.calls = at, 0
+
+    def forward(self, x, y):
+        out = super().forward(x, y)
+        self.calls += 1
+        feat = out["loss"] * (float("inf") if self.calls - 1 == self.at else 0.0)
+        return {**out, "loss": out["loss"] + feat, "loss_logits": out["loss"].detach(), "loss_features": feat.detach()}
+
+
+def test_a_loss_term_that_overflows_is_named_with_the_options_that_scale_it(tmp_path):
+    """SemCKD diverging while the logits stay finite was blamed on --kd-T and --kd-alpha, which the run never set."""
+    trainer = Trainer(FeatureOverflowAt(tiny_model(), at=2), tiny_data(), TrainConfig(epochs=1, lr=0.05), tmp_path,
+                      log=lambda line: None)
+    with pytest.raises(TrainingDiverged) as e:
+        trainer.fit()
+    assert ("epoch 1, step 3 while the model's outputs are finite: its loss_features term overflowed; choose "
+            "moderate values of --feature-weight, --lr (no epoch had finished") in one_line(e)
 
 
 @pytest.mark.parametrize("sync_every", [1, 4, 1000])

@@ -373,6 +373,15 @@ def test_the_readme_walkthrough_for_your_own_image_folder_runs_as_written(tmp_pa
     assert "torch.export" in out and "runs/mine-small" in out  # the comparison's rows
 
 
+def test_the_losses_are_named_in_the_printed_lines_with_the_feature_loss():
+    """A --feature-kd fitnet run was printed as "student (kd)", and --kd none --feature-kd at as "student (none)"."""
+    from train.spec import LossSpec
+
+    assert [LossSpec(**kw).label for kw in ({}, {"kd": "dkd", "feature_kd": "semckd"},
+                                            {"kd": "none", "feature_kd": "at"}, {"kd": "none"})] == [
+        "kd", "dkd + semckd", "at", "cross-entropy only"]
+
+
 def test_a_spec_record_leaves_out_the_machine_s_worker_count():
     """Two machines with other core counts ask for the same run; a mark written with the whole JSON form (before
     records) compares equal after as_record."""

@@ -527,3 +527,27 @@ def test_folding_batchnorms_in_training_mode_is_refused_and_changes_nothing():
         expected = model.eval()(x)
         assert len(reparam.fold_batchnorms(model)) == 20
         assert torch.allclose(model(x), expected, atol=1e-4)
+
+
+class _Branchy(nn.Module):
+    """A conv-BN model whose forward branches on its input's values, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+
+def test_check_fusable_refuses_what_fuse_model_would_and_takes_lambda_as_its_schedule_ends():
+    from models.grow import add_lora_to_convs
+    with pytest.raises(ReparamError) as e:
+        reparam.check_fusable(_Branchy())
+    assert one_line(e).startswith("cannot trace _Branchy with torch.fx") and "deploy it unfused" in one_line(e)
+    student = add_lora_to_convs(models.create_model("torchvision:resnet18", num_classes=10), 2)
+    assert models.set_lambda(student, 0.0)  # where --lambda-epochs starts: not linear, so not fusable as it is
+    reparam.check_fusable(student)  # the check takes them at 1, as the schedule ends, and leaves the model as it is
+    assert all(float(m.lam) == 0.0 for m in student.modules() if isinstance(m, LambdaReLU))
+    with pytest.raises(ReparamError):
+        reparam.fuse_model(student)

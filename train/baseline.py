@@ -56,7 +56,7 @@ def run_with_baseline(spec: RunSpec, out: Path, *, resume: bool, overwrite: bool
     base = run(baseline, resume=resume and Path(baseline.out, "train_state.pt").is_file(), overwrite=overwrite,
                cli=cli)
     if main:
-        losses = spec.loss.kd + (f", {spec.loss.feature_kd}" if spec.loss.feature_kd != "none" else "")
+        losses = spec.loss.label
         epochs = f"{spec.optim.epochs} epoch{'s' * (spec.optim.epochs != 1)}"
         plot = plot_curves({f"distilled ({losses})": run_dir, "cross-entropy only": base["run_dir"]},
                            run_dir / PLOT, title=f"{run_dir.name}: distilled against its baseline, {epochs} each")

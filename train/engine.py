@@ -67,6 +67,12 @@ def check_cuda_graph(cuda_graph: bool, compile_: bool, compile_mode: str, world_
                       "one of them (with --cuda-graph, --compile-mode default compiles inside the graph)")
 
 
+#: The options that scale each logged loss term, named when that term is the one that overflowed
+#: (:meth:`Trainer._check`); any other term, or a loss without terms, names :data:`LOSS_OPTIONS`.
+TERM_OPTIONS = {"loss_features": ("--feature-weight", "--lr"), "loss_logits": ("--kd-T", "--kd-alpha")}
+LOSS_OPTIONS = ("--kd-T", "--kd-alpha", "--lr")
+
+
 class TrainingDiverged(ReduceNetError):
     """The loss became NaN or infinite."""
 
@@ -132,7 +138,7 @@ class EpochSums:
 
     Per step (:meth:`add`): the loss and correct predictions weighted by the batch size, the task's logged terms,
     and the first step whose loss was not finite, with what the diagnosis of that step needs (its loss, and
-    whether the model's and the teacher's outputs were finite). Nothing is read back to the host until
+    whether the model's and the teacher's outputs and each logged term were finite). Nothing is read back to the host until
     :meth:`read`, which the loop calls at a slow, fixed interval and at the end of the epoch.
 
     Every sum, the images seen among them, is updated in place (:meth:`add`) and :meth:`reset` zeroes them in
@@ -144,6 +150,7 @@ class EpochSums:
         self.loss, self.correct = zero(dtype=torch.float64), zero(dtype=torch.int64)
         self.steps, self.seen = zero(dtype=torch.int64), zero(dtype=torch.int64)
         self.terms: dict[str, torch.Tensor] = {}
+        self.terms_finite: dict[str, torch.Tensor] = {}  # each term at the first non-finite step
         # the first non-finite step: its index (-1: none yet), loss, and whether logits / teacher logits were finite
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_loss = zero(dtype=torch.float32)
@@ -155,6 +162,8 @@ class EpochSums:
             t.zero_()
         self.bad_step.fill_(-1)
         self.bad_flags.fill_(True)
+        for t in self.terms_finite.values():
+            t.fill_(True)
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, terms: dict[str, torch.Tensor],
@@ -164,11 +173,14 @@ class EpochSums:
         loss = loss.detach()
         self.loss.add_(loss.double() * n)
         self.correct.add_((logits.detach().argmax(1) == y).sum())
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
         for k, v in terms.items():
             if k not in self.terms:  # a new term starts at 0 (in a captured step, it was seen in the eager one)
                 self.terms[k] = torch.zeros((), dtype=torch.float64, device=self.loss.device)
-            self.terms[k].add_(v.detach().to(self.loss.device, torch.float64) * n)
-        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+                self.terms_finite[k] = torch.ones((), dtype=torch.bool, device=self.loss.device)
+            v = v.detach().to(self.loss.device, torch.float64)
+            self.terms[k].add_(v * n)
+            self.terms_finite[k].copy_(torch.where(first, torch.isfinite(v), self.terms_finite[k]))
         self.bad_loss.copy_(torch.where(first, loss.float(), self.bad_loss))
         flags = torch.stack([torch.isfinite(logits.detach()).all(),
                              torch.isfinite(teacher_logits).all() if teacher_logits is not None
@@ -181,16 +193,17 @@ class EpochSums:
     def read(self) -> dict[str, Any]:
         """The sums on the host, in one transfer: ``loss``, ``correct``, ``terms`` (sums weighted by batch size),
         ``seen``, and ``bad`` (None, or the first non-finite step's ``step``, ``loss``, ``logits_finite``,
-        ``teacher_finite``)."""
+        ``teacher_finite`` and ``terms_finite``, ``{term: bool}``)."""
         keys = sorted(self.terms)
         packed = torch.stack([self.loss, self.correct.double(), self.seen.double(), self.bad_step.double(),
-                              self.bad_loss.double(), *self.bad_flags.double(),
-                              *(self.terms[k] for k in keys)]).tolist()
+                              self.bad_loss.double(), *self.bad_flags.double(), *(self.terms[k] for k in keys),
+                              *(self.terms_finite[k].double() for k in keys)]).tolist()
         loss, correct, seen, bad_step, bad_loss, logits_ok, teacher_ok = packed[:7]
+        sums, finite = packed[7:7 + len(keys)], packed[7 + len(keys):]
         bad = None if bad_step < 0 else {"step": int(bad_step), "loss": bad_loss, "logits_finite": bool(logits_ok),
-                                         "teacher_finite": bool(teacher_ok)}
-        return {"loss": loss, "correct": correct, "seen": int(seen), "bad": bad,
-                "terms": dict(zip(keys, packed[7:]))}
+                                         "teacher_finite": bool(teacher_ok),
+                                         "terms_finite": {k: bool(f) for k, f in zip(keys, finite)}}
+        return {"loss": loss, "correct": correct, "seen": int(seen), "bad": bad, "terms": dict(zip(keys, sums))}
 
 
 @dataclass
@@ -493,8 +506,11 @@ class Trainer:
             raise TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
                                    f"or was not trained on these inputs; check the teacher you passed ({kept})")
         if bad["logits_finite"]:
-            raise TrainingDiverged(f"{where} while the model's outputs are finite: the loss options overflow "
-                                   f"(e.g. --kd-T, --kd-alpha); choose moderate values ({kept})")
+            terms = [k for k, ok in bad["terms_finite"].items() if not ok]
+            which = f"its {' and '.join(terms)} term{'s' * (len(terms) > 1)}" if terms else "the loss"
+            options = ", ".join(dict.fromkeys(o for k in terms or ["loss"] for o in TERM_OPTIONS.get(k, LOSS_OPTIONS)))
+            raise TrainingDiverged(f"{where} while the model's outputs are finite: {which} overflowed; choose "
+                                   f"moderate values of {options} ({kept})")
         again = "--resume with a lower --lr (or --no-amp)" if self.epoch else "the command with a lower --lr"
         raise TrainingDiverged(f"{where}: the model diverged; {kept}: run {again}")
 

@@ -37,12 +37,13 @@ from models.checkpoint import (atomic_write_text, file_sha256, load_checkpoint a
                                user_path)
 from models.grow import add_lora_to_convs, grow, is_grown, ungrow
 from models.surgery import add_zoo_lora
-from models.errors import CheckpointError, ConfigError, brief
+from models.errors import CheckpointError, ConfigError, ReparamError, brief
 from models.identity import set_preprocess
 from models.registry import accepts, is_reducible, model_from_config
 from models.trim import TrimResult, trim, trim_at, trim_record
 from models.vgg import LEVELS, SCHEMES, hint_points, level_name, level_of, svgg_from
 from models.weights import load_pretrained
+from reparam import check_fusable
 
 from .assemble import (check_teacher, data_identity, data_metadata, feature_loss, finish, load_data,
                        load_teacher_checkpoint, logit_loss, make_run_dir, setup, size_line, teachers_data)
@@ -236,6 +237,15 @@ def _build_student(derive: Inherit | Distil, teacher: nn.Module, num_classes: in
     return student
 
 
+def _check_fusable(model: nn.Module, role: str) -> None:
+    """Refuse, before anything trains, a model that the run's end could not fuse (:func:`reparam.check_fusable`)."""
+    try:
+        check_fusable(model)
+    except ReparamError as e:
+        raise ConfigError(f"{role} ({model.config['model']}) cannot be fused, which ends the run, so it is refused "
+                          f"before training: {e}; or distil into another model") from None
+
+
 def _student_run_name(teacher_model: str, spec: RunSpec) -> str:
     """The default run directory's name (under ``runs/``) of the stage-2 ``spec`` (resolved) of a teacher of
     ``teacher_model``: named after the student's model."""
@@ -268,6 +278,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     spec, info, device, data = _device_and_data(spec)
     check_teacher(teacher, data, "--inherit" if inherit else "--teacher")
     student = build_student(derive, teacher, data.info.num_classes, data.info.image_size)
+    _check_fusable(student, "the student")
     if not inherit:
         set_preprocess(student, normalization(spec.data.normalize, data.info))
     data.normalize(student.preprocess)
@@ -286,7 +297,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         callbacks = [LambdaSchedule(student, derive.lambda_epochs)] if derive.lambda_epochs else []
         lora = f"LoRA r{derive.lora_rank}, " if derive.lora_rank else ""
         callbacks.append(FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export,
-                                         metadata, f"student ({lora}{spec.loss.kd})"))
+                                         metadata, f"student ({lora}{spec.loss.label})"))
         summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,
                                callbacks=callbacks), resume)
     finish(info)
@@ -412,6 +423,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         say(f"trim: {source.config['model']} ({before['params']:,} params, {before['macs'] / 1e6:,.1f} M MACs at "
             f"{size[-1]} px) to 1/{derive.reduce:g} of its {derive.by}, {derive.importance} importance")
         student, trimmed = _search_trim(source, derive, size, device, info, say)
+    _check_fusable(student, "the trimmed network")
     data.normalize(student.preprocess)
     student.to(device)
     if derive.calibrate_batches and not resumed:  # a resumed run's statistics come from its train_state
@@ -430,7 +442,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
                    "params": trimmed["params_after"], "macs": trimmed["macs_after"]}
                   if "test_acc_before_finetune" in trimmed else None)
         export = FuseCheckExport(teacher, nn.Sequential(task.teacher_input, task.teacher), spec.export, metadata,
-                                 f"trimmed {trimmed.get('reduce_reached', 0):.2f}x by {derive.by}, {spec.loss.kd}",
+                                 f"trimmed {trimmed.get('reduce_reached', 0):.2f}x by {derive.by}, {spec.loss.label}",
                                  before=before)
         # 0 epochs: the trimmed network as it is, recorded as epoch 0
         summary = _fit(Trainer(task, data, cfg, run_dir, dist_info=info, device=device, metadata=metadata,

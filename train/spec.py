@@ -245,6 +245,11 @@ class LossSpec:
     def __post_init__(self) -> None:
         _normalise(self)
 
+    @property
+    def label(self) -> str:
+        """The losses as the printed lines name them: ``kd``, ``dkd + semckd``, ``at``, or ``cross-entropy only``."""
+        return " + ".join(t for t in (self.kd, self.feature_kd) if t != "none") or "cross-entropy only"
+
     def validate(self) -> None:
         _check_types(self)
         if self.kd not in LOGIT_LOSSES:
