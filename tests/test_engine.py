@@ -456,6 +456,31 @@ def test_a_run_dir_whose_other_rank_failed_takes_back_its_lock_and_says_so_in_on
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 
+def test_a_peer_that_stops_during_training_is_one_line_naming_what_is_kept(tmp_path, monkeypatch):
+    """A rank killed mid-epoch: the others' gradient all-reduce fails, and rank 0 printed gloo's traceback."""
+    from models.errors import ReduceNetError
+    from train.engine import Dist
+
+    trainer = Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=3, lr=0.05), tmp_path,
+                      log=lambda line: None)
+    original = Trainer.train_epoch
+
+    def train_epoch(self, epoch):
+        if epoch == 1:
+            self.dist = Dist(0, 2, 0)  # as under torchrun, once its peer has gone
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    with pytest.raises(ReduceNetError) as e:
+        trainer.fit()
+    assert one_line(e).startswith("rank 0: another process of this torchrun job stopped during epoch 2 (")
+    assert f"the last good checkpoint (epoch 1) in {tmp_path} is kept" in one_line(e) and "--resume" in one_line(e)
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, epoch: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error, alone or under torchrun, is left as it is
+        Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1), tmp_path / "b", log=lambda line: None).fit()
+
+
 class CountSteps(Classify):
     """Classification that counts its forward passes (training steps)."""
 

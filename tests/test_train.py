@@ -728,6 +728,8 @@ def test_one_run_directory_one_process(tmp_path, capsys):
         assert "in use by a running job" in line and f"pid {proc.pid}" in line, line
         line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--epochs", "3", "--out", str(out), "--resume"])
         assert "in use" in line
+        line = expect_error(capsys, stage1.main, [*TINY_ARGS, "--epochs", "3", "--out", str(out)])
+        assert "in use" in line and "--resume" not in line, line  # was: "pass --resume", which then said "in use"
         assert (out / "args.json").read_text() == record  # the intruder replaced nothing
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)

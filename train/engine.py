@@ -73,6 +73,14 @@ TERM_OPTIONS = {"loss_features": ("--feature-weight", "--lr"), "loss_logits": ("
 LOSS_OPTIONS = ("--kd-T", "--kd-alpha", "--lr")
 
 
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` is a collective's (DDP's gradient all-reduce, a barrier) that lost a process of the job:
+    gloo's "Connection closed/reset by peer", NCCL's errors, torch's ``DistBackendError``."""
+    backend_error = getattr(dist, "DistBackendError", None)
+    return (backend_error is not None and isinstance(error, backend_error)) or (
+        isinstance(error, RuntimeError) and any(w in str(error) for w in ("by peer", "gloo", "NCCL", "nccl")))
+
+
 class TrainingDiverged(ReduceNetError):
     """The loss became NaN or infinite."""
 
@@ -85,8 +93,9 @@ class TrainConfig:
     (:class:`ConfigError`) when the config is made.
 
     ``seed`` is a record, not a setting: the trainer seeds nothing. A run's seed is set before its model and data are
-    built (the pipeline calls ``torch.manual_seed(seed)`` in :func:`train.assemble.setup` and builds the loaders with the
-    same seed, which fixes each epoch's order and augmentation); ``TrainConfig.seed`` is only written to the summary.
+    built (the pipeline calls ``torch.manual_seed(seed)`` in :func:`train.assemble.setup` and builds the loaders with
+    the same seed, which fixes each epoch's order and augmentation); ``TrainConfig.seed`` is only written to the
+    summary.
     A caller of :class:`Trainer` seeds its model and passes the seed to :func:`train.data.build_data` itself.
     """
 
@@ -138,8 +147,8 @@ class EpochSums:
 
     Per step (:meth:`add`): the loss and correct predictions weighted by the batch size, the task's logged terms,
     and the first step whose loss was not finite, with what the diagnosis of that step needs (its loss, and
-    whether the model's and the teacher's outputs and each logged term were finite). Nothing is read back to the host until
-    :meth:`read`, which the loop calls at a slow, fixed interval and at the end of the epoch.
+    whether the model's and the teacher's outputs and each logged term were finite). Nothing is read back to the
+    host until :meth:`read`, which the loop calls at a slow, fixed interval and at the end of the epoch.
 
     Every sum, the images seen among them, is updated in place (:meth:`add`) and :meth:`reset` zeroes them in
     place, so a step captured as a CUDA graph (:mod:`train.graphs`) adds to the same tensors at every replay.
@@ -493,6 +502,12 @@ class Trainer:
                 "images_per_s": total_seen / elapsed, "lr": self.current_lr(), **step_logs,
                 **{k: v / total_seen for k, v in zip(keys, totals[3:])}}
 
+    def _kept(self) -> str:
+        """What a run that stops now leaves, as its error says it."""
+        if self.epoch and self.run_dir:
+            return f"the last good checkpoint (epoch {self.epoch}) in {self.run_dir} is kept"
+        return "no epoch had finished, so nothing was written"
+
     def _check(self, done: dict[str, Any], epoch: int) -> dict[str, Any]:
         """``done`` (an :meth:`EpochSums.read`), or the one-line error for its first non-finite loss, naming the
         likely cause and what is kept."""
@@ -500,8 +515,7 @@ class Trainer:
         if bad is None:
             return done
         where = f"loss became {bad['loss']} at epoch {epoch + 1}, step {bad['step'] + 1}"
-        kept = (f"the last good checkpoint (epoch {self.epoch}) in {self.run_dir} is kept"
-                if self.epoch and self.run_dir else "no epoch had finished, so nothing was written")
+        kept = self._kept()
         if not bad["teacher_finite"]:
             raise TrainingDiverged(f"{where}: the teacher's outputs are not finite, so its checkpoint is damaged "
                                    f"or was not trained on these inputs; check the teacher you passed ({kept})")
@@ -540,12 +554,16 @@ class Trainer:
             t0 = time.perf_counter()
             try:
                 row = self.train_epoch(epoch)
-            except Exception as e:  # torch.compile compiles at the first step: a missing C++ compiler shows here
-                if self.cfg.compile and _compiler_failure(e):
+                self._finish_epoch(row, epoch + 1, t0)
+            except Exception as e:
+                if self.cfg.compile and _compiler_failure(e):  # torch.compile compiles at the first step
                     raise ConfigError(f"--compile failed to compile the step ({brief(e)}); install a C++ compiler "
                                       "(and Triton on a GPU) or drop --compile") from None
+                if self.dist.world_size > 1 and peer_stopped(e):  # gloo/NCCL: a collective lost its peer
+                    raise ReduceNetError(f"rank {self.dist.rank}: another process of this torchrun job stopped during "
+                                         f"epoch {epoch + 1} ({brief(e)}); {self._kept()}: once its error is fixed, "
+                                         "run the job again with --resume") from None
                 raise
-            self._finish_epoch(row, epoch + 1, t0)
         summary = self.summary(time.perf_counter() - wall)
         for callback in self.callbacks:
             callback.on_fit_end(self, summary)

@@ -130,6 +130,33 @@ def in_use(run: str | Path) -> bool:
         os.close(fd)  # closing releases a lock taken here
 
 
+def source_run_note(checkpoint: str | Path, role: str) -> str | None:
+    """Check the run directory that holds ``checkpoint``, a checkpoint a run is about to learn from (``role``: "the
+    teacher", say). A run still training is refused: its checkpoint changes every epoch, and the learner's
+    ``--resume`` would then find another teacher. A run that stopped before it finished (no ``summary.json``) gives
+    a note to print, naming the epoch its checkpoint holds; a finished run, or a checkpoint outside a run directory
+    (a deploy folder, a copied file), gives None.
+
+    Raises:
+        RunDirError: the run is in use by a running job.
+    """
+    run = Path(checkpoint).parent
+    if not (run / "args.json").is_file():
+        return None
+    if in_use(run):
+        owner = (run / LOCK).read_text().strip() or "another process"
+        raise RunDirError(f"{role} {run} is still training ({owner}); wait for it to finish, or copy its "
+                          f"{Path(checkpoint).name} and its .json elsewhere to learn from it as it is now")
+    if (run / "summary.json").is_file():
+        return None
+    try:
+        epoch = json.loads(Path(checkpoint).with_suffix(".json").read_text())["metadata"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        epoch = "?"
+    return (f"note: {role}'s run {run} did not finish: {role} is its checkpoint of epoch {epoch} (--resume that run "
+            "to finish it first)")
+
+
 class RunDir:
     """A run directory.
 
@@ -159,6 +186,11 @@ class RunDir:
         """Whether the folder holds anything but a lock and the temporary files of a killed run's writes."""
         return self.path.is_dir() and any(p.name != LOCK and not _stale(p) for p in self.path.iterdir())
 
+    def _in_use(self) -> RunDirError:
+        owner = (self.path / LOCK).read_text().strip() or "another process"
+        return RunDirError(f"{self.path} is in use by a running job ({owner}); wait for it to finish or choose another "
+                           "--out")
+
     def open(self) -> RunDir:
         """Check the folder, take its lock and, with ``--resume``, check the options; writes nothing else."""
         if self.path.exists() and not self.path.is_dir():
@@ -166,6 +198,8 @@ class RunDir:
         if self.path.is_symlink() and not self.path.exists():
             raise RunDirError(f"--out {self.path} is a link to {os.readlink(self.path)}, which does not exist; make "
                               "that folder, or pass another --out")
+        if in_use(self.path):  # first: what the folder holds is changing, and no option would make it usable now
+            raise self._in_use()
         resumable = (self.path / "train_state.pt").is_file()
         started = (self.path / "args.json").is_file()  # a run began here (killed before its first epoch ended?)
         if self.resume and not resumable:
@@ -197,9 +231,7 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            owner = (self.path / LOCK).read_text().strip() or "another process"
-            raise RunDirError(f"{self.path} is in use by a running job ({owner}); wait for it to finish or "
-                              "choose another --out") from None
+            raise self._in_use() from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
         self._lock_fd = fd
