@@ -481,6 +481,53 @@ def test_a_peer_that_stops_during_training_is_one_line_naming_what_is_kept(tmp_p
         Trainer(Classify(tiny_model()), tiny_data(), TrainConfig(epochs=1), tmp_path / "b", log=lambda line: None).fit()
 
 
+def test_a_rank_waiting_for_rank_0_that_failed_says_so_in_one_line(monkeypatch):
+    """Rank 1 waits while rank 0 loads the data first; rank 0's one-line data error left rank 1 with gloo's
+    traceback (about 30 lines) instead of one line."""
+    import train.assemble as assemble
+    from models.errors import ReduceNetError
+    from train.engine import Dist
+
+    def barrier():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+
+    monkeypatch.setattr(assemble.dist, "barrier", barrier)
+    loaded = []
+    with pytest.raises(ReduceNetError) as e:
+        assemble.rank0_first(Dist(1, 2, 1), loaded.append, "data")
+    assert one_line(e).startswith("rank 1: another process of this torchrun job stopped before the run started")
+    assert loaded == []
+
+
+def test_a_teacher_still_training_is_refused_and_an_unfinished_one_is_named(tmp_path, capsys):
+    """A run still training was taught from (its checkpoint changes every epoch; the student's --resume then
+    refused the changed teacher); one that stopped part-way was taught from without a word."""
+    import fcntl
+    import os
+
+    import models
+    from train.assemble import load_teacher_checkpoint
+    from train.rundir import RunDirError
+
+    run = tmp_path / "teacher"
+    models.save_checkpoint(models.create_model("reduce20", expansion=0), run / "last",
+                           metadata={"epoch": 3})
+    (run / "args.json").write_text("{}")
+    fd = os.open(run / "run.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(RunDirError) as e:
+            load_teacher_checkpoint(run)
+        assert f"the run {run} is still training; wait for it to finish, or copy its last.safetensors" in one_line(e)
+    finally:
+        os.close(fd)
+    load_teacher_checkpoint(run)
+    assert f"the run {run} did not finish; this is its checkpoint of epoch 3" in capsys.readouterr().err
+    (run / "summary.json").write_text("{}")
+    load_teacher_checkpoint(run)
+    assert capsys.readouterr().err == ""
+
+
 class CountSteps(Classify):
     """Classification that counts its forward passes (training steps)."""
 

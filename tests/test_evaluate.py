@@ -317,3 +317,19 @@ def test_a_pytorch_file_or_a_folder_of_programs_gets_advice(tmp_path, capsys):
                                                      r"take a program itself \(.*deploy/model.pt2\)"):
         load_any(tmp_path / "deploy")
     assert load_any(tmp_path / "deploy" / "model.pt2").num_classes == 10
+
+
+def test_a_run_that_did_not_finish_is_evaluated_with_a_note_saying_so(converted, tmp_path):
+    """Evaluating a run while it trains (or after it stopped part-way) printed that epoch's accuracy as if final."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(converted["student"].with_suffix(suffix), run / f"last{suffix}")
+    (run / "args.json").write_text("{}")
+    proc = run_main(evaluate.main, [str(run), "--data-dir", str(CIFAR10), "--subset", "200"])
+    assert proc.returncode == 0 and proc.stderr.startswith(f"note: the run {run} did not finish: this is its checkpoint")
+    (run / "summary.json").write_text("{}")
+    proc = run_main(evaluate.main, [str(run), "--data-dir", str(CIFAR10), "--subset", "200"])
+    assert proc.returncode == 0 and "note:" not in proc.stderr, proc.stderr

@@ -25,7 +25,7 @@ from .distill import DistillLoss, FeatureDistill, SemCKD
 from .engine import Dist, init_distributed, is_main_process
 from .preprocess import normalization
 from .provenance import native_bf16
-from .rundir import RunDir
+from .rundir import RunDir, RunDirError, unfinished_run
 from .spec import DataSpec, LossSpec, RuntimeSpec
 from .tasks import layer_channels, stage_outputs
 
@@ -46,13 +46,27 @@ def setup(runtime: RuntimeSpec, seed: int) -> tuple[Dist, torch.device, RuntimeS
     return info, device, runtime
 
 
+def wait_for_peers(info: Dist) -> None:
+    """Wait until every process of the torchrun job is here (a barrier), before the run starts.
+
+    Raises:
+        ReduceNetError: another process stopped first (the barrier's connection closed): one line, in place of
+            gloo's or NCCL's traceback; that process's own error says why.
+    """
+    try:
+        dist.barrier()
+    except RuntimeError as e:  # gloo/NCCL: the peer's connection closed
+        raise ReduceNetError(f"rank {info.rank}: another process of this torchrun job stopped before the run "
+                             f"started (its error says why): {brief(e)}") from None
+
+
 def rank0_first(info: Dist, fn, *a, **kw):
     """Run ``fn`` on rank 0 first (it may write caches or folders), then on the other ranks."""
     if info.world_size > 1 and not info.is_main:
-        dist.barrier()
+        wait_for_peers(info)
     result = fn(*a, **kw)
     if info.world_size > 1 and info.is_main:
-        dist.barrier()
+        wait_for_peers(info)
     return result
 
 
@@ -119,12 +133,9 @@ def make_run_dir(out: str | Path, info: Dist, record: dict[str, Any], resume: bo
         run.open()
     if info.world_size > 1:
         try:
-            dist.barrier()
-        except BaseException as e:  # another rank failed: the lock file and the folders made are taken back
+            wait_for_peers(info)
+        except BaseException:  # another rank failed: the lock file and the folders made are taken back
             run.close()
-            if isinstance(e, RuntimeError):  # gloo/NCCL: the peer's connection closed
-                raise ReduceNetError(f"rank {info.rank}: another process of this torchrun job stopped before "
-                                     f"the run started (its error says why): {brief(e)}") from None
             raise
     return run
 
@@ -152,14 +163,33 @@ def logit_loss(loss: LossSpec) -> DistillLoss:
 
 def feature_loss(loss: LossSpec, batch_size: int, student: nn.Module, teacher: nn.Module,
                  input_size: list[int]) -> tuple[nn.Module | None, list[str], list[str]]:
-    """The feature loss of ``loss`` and its student and teacher layers, or ``(None, [], [])``."""
+    """The feature loss of ``loss`` and its student and teacher layers, or ``(None, [], [])``.
+
+    Layers not given are the models' stage outputs (:func:`~train.tasks.stage_outputs`), the teacher's as many as
+    the student's; messages name the side and the option to pass.
+    """
     if loss.feature_kd == "none":
         return None, [], []
-    s_layers = list(loss.feature_layers or stage_outputs(student, input_size))
-    t_layers = list(loss.teacher_layers or stage_outputs(teacher, input_size, count=len(s_layers)))
+
+    def default_layers(model: nn.Module, role: str, option: str, count: int) -> list[str]:
+        try:
+            return stage_outputs(model, input_size, count)
+        except ConfigError:
+            raise ConfigError(f"the {role} ({type(model).__name__}) shows no feature maps at its top level to take "
+                              f"default feature layers from: pass {option}") from None
+
+    s_layers = list(loss.feature_layers or default_layers(student, "student", "--feature-layers", 3))
+    t_layers = list(loss.teacher_layers or default_layers(teacher, "teacher", "--teacher-layers", len(s_layers)))
     if len(s_layers) != len(t_layers) and loss.feature_kd != "semckd":  # SemCKD pairs every layer with every layer
-        raise ConfigError(f"--feature-layers names {len(s_layers)} student layers but the teacher has "
-                          f"{len(t_layers)}: pass --teacher-layers, one per student layer")
+        students = (f"--feature-layers names {len(s_layers)} student layers" if loss.feature_layers else
+                    f"the student has {len(s_layers)} default layers ({', '.join(s_layers)})")
+        teachers = (f"--teacher-layers names {len(t_layers)}" if loss.teacher_layers else
+                    f"the teacher shows only {len(t_layers)} stage output{'s' * (len(t_layers) > 1)} "
+                    f"({', '.join(t_layers)})")
+        fix = ("pass one teacher layer per student layer" if loss.teacher_layers else
+               "pass --teacher-layers, one per student layer")
+        more = "" if loss.feature_layers else ", or --feature-layers with as many"
+        raise ConfigError(f"{students} but {teachers}: {fix}{more}")
     channels = []
     for model, layers, option in ((student, s_layers, "--feature-layers"), (teacher, t_layers, "--teacher-layers")):
         try:
@@ -181,6 +211,13 @@ def load_teacher_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]
     """A trained model to learn from, in float32 (a float16/float64 checkpoint trains in float32), its
     checkpoint metadata and path."""
     p = resolve(path)
+    unfinished = unfinished_run(p)
+    if unfinished and unfinished[0] == "training":  # its checkpoint changes every epoch, and a resume would refuse
+        raise RunDirError(f"{path}: the run {unfinished[1]} is still training; wait for it to finish, or copy its "
+                          f"{p.name} and {p.with_suffix('.json').name} elsewhere to learn from them as they are now")
+    if unfinished and is_main_process():
+        warn_once(f"{path}: the run {unfinished[1]} did not finish; this is its checkpoint of epoch {unfinished[2]} "
+                  "(--resume that run to finish it first)")
     teacher = load_checkpoint(p).float()
     return teacher, teacher.checkpoint_metadata, p
 

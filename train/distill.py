@@ -340,8 +340,14 @@ def _pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _attention_map(f: Tensor) -> Tensor:
-    """Zagoruyko & Komodakis (2017) attention map: L2-normalised channel mean of ``f**2``, flattened."""
-    return F.normalize(f.pow(2).mean(dim=1).flatten(1), dim=1)
+    """Zagoruyko & Komodakis (2017) attention map: L2-normalised channel mean of ``f**2``, flattened, in float32
+    (or float64) whatever ``f``'s dtype (a bf16 map under autocast)."""
+    return F.normalize(_float(f).pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def _float(t: Tensor) -> Tensor:
+    """``t`` in float32 where it is in a lower precision (bf16/fp16 under autocast); float64 is kept."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class FeatureDistill(nn.Module):
@@ -354,7 +360,7 @@ class FeatureDistill(nn.Module):
       spatial attention maps ``mean_c(f**2)``; parameter-free.
 
     Maps of different spatial size are adaptive-average-pooled to the smaller size. Teacher features are
-    detached.
+    detached. The losses are computed in float32 from maps of any precision (bf16 under autocast).
 
     Args:
         student_channels: Channels of each student map.
@@ -425,7 +431,7 @@ class FeatureDistill(nn.Module):
         return self.weight * total
 
     def _fitnet(self, i: int, fs: Tensor, ft: Tensor) -> Tensor:
-        return F.mse_loss(self.proj[i](fs), ft)
+        return F.mse_loss(_float(self.proj[i](fs)), _float(ft))
 
     def _at(self, i: int, fs: Tensor, ft: Tensor) -> Tensor:
         return (_attention_map(fs) - _attention_map(ft)).pow(2).mean()
@@ -463,8 +469,9 @@ class SemCKD(nn.Module):
     ``j``'s channels (Conv1x1-BN-ReLU-Conv3x3-BN-ReLU-Conv1x1, after pooling the larger map to the smaller size),
     and the loss is ``sum_ij att_bij * mean((proj_ij(s_i) - t_j)^2)_b / (B * n_student)``, times ``weight``.
 
-    The embeddings take the ``B x B`` matrices, so the batch size is fixed (the training loader drops the last
-    partial batch, as SemCKD's does). All embeddings and projections train with the student.
+    The attention weights and the loss are computed in float32 (the embeddings and projections run in the autocast
+    dtype, as any layer). The embeddings take the ``B x B`` matrices, so the batch size is fixed (the training loader
+    drops the last partial batch, as SemCKD's does). All embeddings and projections train with the student.
 
     Args:
         student_channels: channels of each student map.
@@ -501,7 +508,7 @@ class SemCKD(nn.Module):
 
         query = torch.stack([q(similarity(f)) for q, f in zip(self.query, student_feats)], 1)  # [B, S, k]
         key = torch.stack([k(similarity(f)) for k, f in zip(self.key, teacher_feats)], 2)  # [B, k, T]
-        return F.softmax(torch.bmm(query, key), dim=-1)
+        return F.softmax(_float(torch.bmm(query, key)), dim=-1)
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         student_feats, teacher_feats = list(student_feats), [t.detach() for t in teacher_feats]
@@ -513,7 +520,7 @@ class SemCKD(nn.Module):
         for i, fs in enumerate(student_feats):
             for j, ft in enumerate(teacher_feats):
                 fs_ij, ft_ij = _pool_to_common_size(fs, ft)
-                per_pair[:, i, j] = (self.proj[i][j](fs_ij) - ft_ij).pow(2).flatten(1).mean(1)
+                per_pair[:, i, j] = (_float(self.proj[i][j](fs_ij)) - _float(ft_ij)).pow(2).flatten(1).mean(1)
         return self.weight * (att * per_pair).sum() / (b * len(student_feats))
 
     def extra_repr(self) -> str:

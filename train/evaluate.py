@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from models import load_any
+from models.checkpoint import resolve
 from models.deployed import form_of
 from models.errors import ConfigError, cli_errors
 
@@ -31,6 +32,7 @@ from .cli import DescribedHelpFormatter
 from .data import DATASETS
 from .engine import Dist, check_finite, evaluate, init_distributed
 from .provenance import hardware, native_bf16
+from .rundir import unfinished_run
 from .preprocess import normalization
 from .spec import DataSpec
 
@@ -67,6 +69,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.amp and not native_bf16(device):
         raise ConfigError(f"--amp: {device} has no native bf16; drop --amp")
     model = load_any(args.checkpoint, map_location=device)
+    unfinished = unfinished_run(resolve(args.checkpoint)) if form_of(args.checkpoint) == "checkpoint" else None
+    if unfinished:  # evaluated all the same: watching a run's checkpoints is what evaluate is for, too
+        state, run_dir, epoch = unfinished
+        print(f"note: the run {run_dir} {'is still training' if state == 'training' else 'did not finish'}: this is "
+              f"its checkpoint of epoch {epoch}", file=sys.stderr, flush=True)
     meta = model.checkpoint_metadata
     dataset = args.dataset or meta.get("dataset", "cifar10")
     data_dir = recorded_data_dir(args.data_dir, meta, str(args.checkpoint))

@@ -285,7 +285,7 @@ def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
     input_size = [3, data.info.image_size, data.info.image_size]
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, input_size)
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
-                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
+                   teacher_input=Renormalize(student.preprocess, teacher.preprocess), input_size=input_size)
     spec = _with_out(spec, _student_run_name(teacher.config["model"], spec))
     # only now, so that bad options, data or a mismatched teacher leave the run directory untouched
     with _run_dir(spec, info, resume, overwrite, cli, data, {"teacher": teacher_path}) as run_dir:
@@ -430,7 +430,7 @@ def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, 
         recalibrate_batchnorms(student, data.train, derive.calibrate_batches)
     features, s_layers, t_layers = feature_loss(spec.loss, spec.data.batch_size, student, teacher, list(size[1:]))
     task = Distill(student, teacher, loss_fn, features, s_layers, t_layers,
-                   teacher_input=Renormalize(student.preprocess, teacher.preprocess))
+                   teacher_input=Renormalize(student.preprocess, teacher.preprocess), input_size=list(size[1:]))
     with _run_dir(spec, info, resume, overwrite, cli, data, {"teacher": teacher_path}) as run_dir:
         if "pruning_ratio" in trimmed and "test_acc_before_finetune" not in trimmed:  # a new trim: measured once
             trimmed.update(_trim_report(teacher, student, size, device, data, info, derive, say))

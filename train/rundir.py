@@ -130,31 +130,22 @@ def in_use(run: str | Path) -> bool:
         os.close(fd)  # closing releases a lock taken here
 
 
-def source_run_note(checkpoint: str | Path, role: str) -> str | None:
-    """Check the run directory that holds ``checkpoint``, a checkpoint a run is about to learn from (``role``: "the
-    teacher", say). A run still training is refused: its checkpoint changes every epoch, and the learner's
-    ``--resume`` would then find another teacher. A run that stopped before it finished (no ``summary.json``) gives
-    a note to print, naming the epoch its checkpoint holds; a finished run, or a checkpoint outside a run directory
-    (a deploy folder, a copied file), gives None.
-
-    Raises:
-        RunDirError: the run is in use by a running job.
-    """
+def unfinished_run(checkpoint: str | Path) -> tuple[str, Path, Any] | None:
+    """Whether the run directory holding ``checkpoint`` is unfinished: ``("training", run, epoch)`` while a running
+    job holds it (its checkpoints change every epoch), ``("stopped", run, epoch)`` for a run that stopped before it
+    finished (no ``summary.json``), with the epoch the checkpoint holds ("?" where its record lacks it); None for a
+    finished run or a checkpoint outside a run directory (a deploy folder, a copied file)."""
     run = Path(checkpoint).parent
     if not (run / "args.json").is_file():
         return None
-    if in_use(run):
-        owner = (run / LOCK).read_text().strip() or "another process"
-        raise RunDirError(f"{role} {run} is still training ({owner}); wait for it to finish, or copy its "
-                          f"{Path(checkpoint).name} and its .json elsewhere to learn from it as it is now")
-    if (run / "summary.json").is_file():
+    training = in_use(run)
+    if not training and (run / "summary.json").is_file():
         return None
     try:
         epoch = json.loads(Path(checkpoint).with_suffix(".json").read_text())["metadata"]["epoch"]
     except (OSError, ValueError, KeyError, TypeError):
         epoch = "?"
-    return (f"note: {role}'s run {run} did not finish: {role} is its checkpoint of epoch {epoch} (--resume that run "
-            "to finish it first)")
+    return ("training" if training else "stopped"), run, epoch
 
 
 class RunDir:
