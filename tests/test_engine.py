@@ -79,16 +79,12 @@ def test_epoch_sums_name_a_non_finite_teacher():
                                   "logits_finite": True, "teacher_finite": False, "terms_finite": {}}
 
 
-class FeatureOverflowAt(Classify):
+class FeatureOverflowAt(NaNAt):
     """Logs a feature and a logit term, as Distill does with a feature loss; at step ``at`` the feature term, and
     with it the loss, is inf while the logits stay finite."""
 
-    def __init__(self, model: nn.Module, at: int) -> None:
-        super().__init__(model)
-        self.at, self.calls = at, 0
-
     def forward(self, x, y):
-        out = super().forward(x, y)
+        out = Classify.forward(self, x, y)
         self.calls += 1
         feat = out["loss"] * (float("inf") if self.calls - 1 == self.at else 0.0)
         return {**out, "loss": out["loss"] + feat, "loss_logits": out["loss"].detach(), "loss_features": feat.detach()}
