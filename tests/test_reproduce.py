@@ -230,6 +230,7 @@ def test_jobs_stop_the_rows_whose_teacher_failed_and_keep_the_rest(tmp_path):
             if self.row is teacher:
                 return 1
             (self.row.run / "summary.json").write_text("{}")
+            (self.row.run / "last.safetensors").write_bytes(b"")  # a finished run has its checkpoint
             mark_done(self.row.run, self.row.spec.record())
             return 0
 
@@ -654,6 +655,7 @@ def test_a_finished_row_is_found_whatever_the_spelling_of_its_paths(tmp_path, mo
         calls.append((spec, resume, overwrite))
         Path(spec.out).mkdir(parents=True, exist_ok=True)
         (Path(spec.out) / "summary.json").write_text("{}")
+        (Path(spec.out) / "last.safetensors").write_bytes(b"")
         return {}
 
     monkeypatch.setattr(runner, "run", fake_run)
@@ -809,6 +811,7 @@ def test_a_row_finished_before_specs_still_counts_as_finished(tmp_path):
     for row, argv in old:
         row.run.mkdir(parents=True)
         (row.run / "summary.json").write_text("{}")
+        (row.run / "last.safetensors").write_bytes(b"")
         mark_done(row.run, argv)
     assert reproduce.finished(teacher) and reproduce.finished(kd)
     scratch.run.mkdir(parents=True)
@@ -852,6 +855,7 @@ def test_jobs_leave_a_row_that_another_process_trains_and_say_so(tmp_path):
         def poll(self):
             self.row.run.mkdir(parents=True, exist_ok=True)
             (self.row.run / "summary.json").write_text("{}")
+            (self.row.run / "last.safetensors").write_bytes(b"")
             mark_done(self.row.run, self.row.spec.record())
             return 0
 
@@ -942,6 +946,7 @@ def test_a_row_whose_teacher_row_has_not_finished_and_is_not_selected_is_refused
         assert "another process is training it now: run this when it has finished" in refused(argv, capsys,
                                                                                                 monkeypatch)
     (teacher.run / "summary.json").write_text("{}")
+    (teacher.run / "last.safetensors").write_bytes(b"")
     mark_done(teacher.run, teacher.spec.record())  # a finished teacher row: its student may train alone
     reproduce.tables._check_inherited([kd], [teacher, scratch, kd])
 

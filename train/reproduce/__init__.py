@@ -22,8 +22,11 @@ Tables:
 
 Every training row is a run spec (:mod:`train.reproduce.specs`), trained by :func:`train.pipeline.run` in
 ``--runs/TABLE/ROW``; a row whose run finished as its spec asks is skipped, a half-finished one resumes, and one
-made by another spec is replaced, so an interrupted table continues where it stopped. The table is written to
-``--results/TABLE.md`` and ``.csv`` (one CSV line per run, the markdown averaged over seeds) with plots.
+made by another spec is replaced (one that finished, only with ``--replace``), so an interrupted table continues
+where it stopped. A spec that differs only in what ``--resume`` honours (``--device``, ``--compile``, another
+``--data-dir`` holding the same images, ...) asks for the same run, and so does the same table in another
+``--runs`` folder (copied, moved, or split across machines). The table is written to ``--results/TABLE.md`` and
+``.csv`` (one CSV line per run, the markdown averaged over seeds) with plots.
 """
 from __future__ import annotations
 

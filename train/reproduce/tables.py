@@ -25,7 +25,7 @@ from ..spec import Fresh
 from ..timing import measure, paired_ratio, time_rounds
 from .parallel import train_parallel
 from .report import against_baselines, aggregate, plot_curves, train_seconds, write_table
-from .runner import duration, finished, finished_otherwise, plan_row, train_row
+from .runner import duration, finished, finished_otherwise, plan_row, read_summary, train_row
 from .specs import BUDGETS, PAPER, Row, inherits_from, original_rows, pyramid_rows
 
 #: The tables whose rows take ``--image-size``.
@@ -219,6 +219,10 @@ def _picked(rows: list[Row], args: argparse.Namespace) -> list[Row] | None:
     if not picked:
         raise ConfigError(f"--rows {' '.join(args.rows)} matches no row of this table: its rows are "
                           f"{', '.join(r.run.name for r in rows)}")
+    unmatched = [p for p in args.rows if not any(fnmatch(r.run.name, p) for r in rows)]
+    if unmatched:  # a typo beside a pattern that matches would leave its rows out silently
+        raise ConfigError(f"--rows {unmatched[0]} matches no row of this table (a typo?): its rows are "
+                          f"{', '.join(r.run.name for r in rows)}; fix or drop that pattern")
     return picked
 
 
@@ -280,6 +284,19 @@ def _data_problem(rows: list[Row]) -> str | None:
     return None
 
 
+def _too_few_images(rows: list[Row]) -> str | None:
+    """Why ``rows`` would stop at their first batch, or None: a ``--subset`` below the batch a row trains at (the
+    recipe's: train.reproduce has no ``--batch-size``), whose one epoch would hold no whole batch."""
+    short = [(r, s) for r in rows for s in getattr(r.spec, "levels", (r.spec,))
+             if s.data.subset is not None and s.data.subset < s.data.batch_size]
+    if not short:
+        return None
+    (row, spec), batch = short[0], max(s.data.batch_size for _, s in short)
+    return (f"{row.run.name} trains at batch {spec.data.batch_size}, but the data gives {spec.data.subset} training "
+            f"images per process (--subset {spec.data.subset}): train.reproduce keeps the recipe's batch, so give it "
+            f"at least {batch} (a larger --subset)")
+
+
 def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], None]) -> bool:
     """Train the table's rows; with ``--rows`` only those, and False (the table is not written from a part)."""
     picked = _picked(rows, args)
@@ -290,10 +307,17 @@ def _train_rows(rows: list[Row], args: argparse.Namespace, log: Callable[[str], 
         for r, state in zip(chosen, states):
             log(f"  {r.run.name:<40} {state}")
         log(_time_left(chosen, list(left), args.jobs))
-        problem = _data_problem([r for r, state in zip(chosen, states) if state != "finished"])
+        waiting = [r for r, state in zip(chosen, states) if state != "finished"]
+        problem = _data_problem(waiting)
         if problem:
             log(f"warning: the rows not finished would stop at their data: {problem}")
+        problem = _too_few_images(waiting)
+        if problem:
+            log(f"warning: the rows not finished would stop at their first batch: {problem}")
         return False
+    problem = _too_few_images([r for r in chosen if not finished(r)])
+    if problem:  # every such row would fail, one after another, with the same error
+        raise DataError(problem)
     _check_inherited(chosen, rows)
     replaced = [r for r in chosen if finished_otherwise(r)]
     if replaced and not getattr(args, "replace", False):  # hours of training, deleted by a forgotten --budget
@@ -374,7 +398,10 @@ def pyramid_table(args: argparse.Namespace, log: Callable[[str], None]) -> Path 
     for scheme, lvs in levels.items():
         for r in chains[scheme]:
             for lv in lvs:
-                s = json.loads((r.run / lv / "summary.json").read_text())
+                s = read_summary(r.run / lv)
+                if s is None:
+                    raise DataError(f"{r.run / lv / 'summary.json'} is missing or damaged; run the same command "
+                                    "again, which resumes the level to write it anew")
                 r.result.setdefault("commits", [])
                 r.result["commits"] += [c for c in s.get("commits", []) if c not in r.result["commits"]]
                 lines.append({"group": f"{scheme}: {lv.split('_')[0]}", "row": r.name.split(": ")[1],
