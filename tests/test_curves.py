@@ -19,7 +19,7 @@ METRICS = "epoch,lr,train_loss,train_acc,test_loss,test_acc,images_per_s,epoch_s
 
 def fake_run(path, accs, losses):
     path.mkdir()
-    (path / "metrics.csv").write_text(METRICS + "".join(f"{i + 1},0.1,{loss},50,1.0,{acc},100,1\n"
+    (path / "metrics.csv").write_text(METRICS + "".join(f"{i + 1},0.1,9.0,50,{loss},{acc},100,1\n"
                                                        for i, (acc, loss) in enumerate(zip(accs, losses))))
     return path
 
@@ -27,17 +27,26 @@ def fake_run(path, accs, losses):
 def test_curves_are_read_per_epoch_and_drawn_with_each_runs_last_accuracy(tmp_path):
     a = fake_run(tmp_path / "a", [10, 30, 45.5], [2.3, 1.5, 1.1])
     b = fake_run(tmp_path / "b", [10, 20], [2.3, 1.9])
-    assert curves.read_curves(a) == {"epoch": [1, 2, 3], "test_acc": [10, 30, 45.5], "train_loss": [2.3, 1.5, 1.1]}
+    assert curves.read_curves(a) == {"epoch": [1, 2, 3], "test_acc": [10, 30, 45.5], "test_loss": [2.3, 1.5, 1.1]}
     fig = curves.draw_curves({"distilled": a, "baseline": b})
     drawn = {(ax.get_ylabel(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
              for ax in fig.axes for line in ax.get_lines()}
     assert drawn == {("test accuracy (%)", "distilled: 45.50% at epoch 3"): ([1, 2, 3], [10, 30, 45.5]),
                      ("test accuracy (%)", "baseline: 20.00% at epoch 2"): ([1, 2], [10, 20]),
-                     ("training loss", "distilled"): ([1, 2, 3], [2.3, 1.5, 1.1]),
-                     ("training loss", "baseline"): ([1, 2], [2.3, 1.9])}
+                     ("test loss (cross-entropy)", "distilled"): ([1, 2, 3], [2.3, 1.5, 1.1]),
+                     ("test loss (cross-entropy)", "baseline"): ([1, 2], [2.3, 1.9])}
+    assert [list(ax.get_xticks()) for ax in fig.axes] == [[1, 2, 3]] * 2  # the epochs, not fractions around them
     out = curves.plot_curves({"distilled": a, "baseline": b}, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["c.png"]  # no temporary file left
+
+
+def test_no_two_of_many_runs_are_drawn_alike(tmp_path):
+    """Past matplotlib's ten colours, runs 1 and 11 looked the same."""
+    runs = {f"r{i}": fake_run(tmp_path / f"r{i}", [10, 20], [2.0, 1.0]) for i in range(12)}
+    lines = curves.draw_curves(runs).axes[0].get_lines()
+    styles = [(line.get_color(), line.get_linestyle()) for line in lines]
+    assert len(set(styles)) == 12
 
 
 def test_a_folder_that_is_no_run_or_a_bad_format_is_one_line_and_nothing_is_written(tmp_path, capsys):
@@ -71,7 +80,8 @@ def test_overwrite_removes_a_runs_baseline_plot():
 
 @pytest.mark.e2e
 @needs_data
-def test_stage2_baseline_trains_the_same_inherited_student_with_cross_entropy_only_and_draws_both(tmp_path, capsys):
+def test_stage2_baseline_trains_the_same_inherited_student_with_cross_entropy_only_and_draws_both(tmp_path, capsys,
+                                                                                                     monkeypatch):
     from train import stage1, stage2
 
     data = ["--data-dir", str(CIFAR10), "--subset", "64", "--batch-size", "32", "--device", "cpu"]
@@ -82,12 +92,15 @@ def test_stage2_baseline_trains_the_same_inherited_student_with_cross_entropy_on
     (tmp_path / "s-baseline" / "args.json").write_text("{}")
     argv = ["--inherit", str(tmp_path / "t"), "--epochs", "2", "--lora-rank", "2", "--no-export", "--baseline",
             *data[2:], "--out", str(tmp_path / "s")]
-    for extra, words in (([], "s-baseline"), (["--kd", "none"], "cross-entropy only")):
+    for extra, env, words in (([], "1", "s-baseline"), (["--kd", "none"], "1", "cross-entropy only"),
+                              (["--epochs", "0"], "1", "compares nothing"), ([], "2", "a torchrun job cannot")):
+        monkeypatch.setenv("WORLD_SIZE", env)  # "2": as torchrun's processes see it (the two ranks raced and hung)
         with pytest.raises(SystemExit):
             stage2.main([*argv, *extra])  # refused before the distilled student trains
         err = capsys.readouterr().err
         assert err.startswith("error:") and words in err and err.count("\n") == 1, err
         assert not (tmp_path / "s").exists()
+    monkeypatch.delenv("WORLD_SIZE")
     (tmp_path / "s-baseline" / "args.json").unlink()
     with contextlib.redirect_stdout(out):
         summary = stage2.main(argv)
@@ -95,6 +108,8 @@ def test_stage2_baseline_trains_the_same_inherited_student_with_cross_entropy_on
     assert [r["loss"]["kd"] for r in records] == ["kd", "none"]
     assert records[0]["derive"] == records[1]["derive"]  # the same student: inherited, LoRA r2
     assert summary["baseline"]["run_dir"] == str(tmp_path / "s-baseline")
+    command = json.loads((tmp_path / "s-baseline" / "args.json").read_text())["command"]  # repeats the baseline
+    assert command == f"python -m train.stage2 --config {tmp_path / 's-baseline' / 'spec.json'}", command
     assert curves.read_curves(tmp_path / "s")["epoch"] == curves.read_curves(tmp_path / "s-baseline")["epoch"] == [1, 2]
     assert (tmp_path / "s" / PLOT).read_bytes()[:4] == b"\x89PNG"
     assert (f"{summary['last_test_acc']:.2f}% distilled (kd) against {summary['baseline']['last_test_acc']:.2f}% with "

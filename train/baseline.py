@@ -29,11 +29,17 @@ def baseline_out(out: str | Path) -> Path:
 
 
 def check_baseline(spec: RunSpec, out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse ``--baseline`` before the run trains: with ``--kd none`` and no feature loss (the run is its own
-    baseline), or when ``OUT-baseline`` could not take the baseline's run (it holds another run, and neither
-    ``--resume`` nor ``--overwrite`` was given)."""
+    """Refuse ``--baseline`` before the run trains: under torchrun, with ``--kd none`` and no feature loss (the run
+    is its own baseline), with ``--epochs 0``, or when ``OUT-baseline`` could not take the baseline's run (it holds
+    another run, and neither ``--resume`` nor ``--overwrite`` was given)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's process group does not survive two runs in a row
+        raise ConfigError("--baseline trains two runs one after the other, which a torchrun job cannot: run this "
+                          "command without --baseline, then the baseline as its own (the same options with --kd none, "
+                          "no feature loss, --out OUT-baseline)")
     if spec.loss.kd == "none" and spec.loss.feature_kd == "none":
         raise ConfigError("--baseline trains with cross-entropy only, which this run already does (--kd none)")
+    if spec.optim.epochs == 0:
+        raise ConfigError("--baseline with --epochs 0 trains neither run, so it compares nothing: pass --epochs N")
     base = baseline_out(out)
     if not (resume and (base / "train_state.pt").is_file()):
         RunDir(base, overwrite=overwrite).open().close()  # its checks alone: the folder is left as it was
@@ -53,8 +59,8 @@ def run_with_baseline(spec: RunSpec, out: Path, *, resume: bool, overwrite: bool
     command = cli["module"].rpartition(".")[2]
     if main:
         print(f"{command}: the baseline: the same student, trained with cross-entropy only, in {baseline.out}")
-    base = run(baseline, resume=resume and Path(baseline.out, "train_state.pt").is_file(), overwrite=overwrite,
-               cli=cli)
+    # recorded as run from Python: the command that repeats it is --config OUT-baseline/spec.json, not this one
+    base = run(baseline, resume=resume and Path(baseline.out, "train_state.pt").is_file(), overwrite=overwrite)
     if main:
         losses = spec.loss.label
         epochs = f"{spec.optim.epochs} epoch{'s' * (spec.optim.epochs != 1)}"

@@ -1,10 +1,11 @@
 """``python -m train.curves RUN RUN ... --out curves.png``: learning curves of runs, side by side.
 
 Draws each run directory's ``metrics.csv`` (one line per finished epoch, so a run still training is drawn up to its
-last epoch): test accuracy and training loss per epoch, one colour per run, labelled by ``--labels`` or the run's
-folder name, with each run's last test accuracy in its label. The picture is written atomically (PNG, or any format
-matplotlib knows by the file's extension). ``train.stage2 --baseline`` and ``train.trim --baseline`` draw the
-distilled student against its cross-entropy-only baseline this way.
+last epoch): test accuracy and test loss (cross-entropy, the same quantity for a distilled run) per epoch, one
+colour per run, labelled by ``--labels`` or the run's folder name, with each run's last test accuracy in its label.
+The picture is written atomically (PNG, or any format matplotlib knows by the file's extension). ``train.stage2
+--baseline`` and ``train.trim --baseline`` draw the distilled student against its cross-entropy-only baseline this
+way.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from pathlib import Path
 from models.checkpoint import atomic_write, user_path
 from models.errors import ConfigError, DataError, cli_errors
 
-#: Columns of ``metrics.csv`` drawn, with their axis labels.
-PANELS = {"test_acc": "test accuracy (%)", "train_loss": "training loss"}
+#: Columns of ``metrics.csv`` drawn, with their axis labels: the same quantities for every run (a distilled run's
+#: training loss holds its distillation terms, so it is not drawn beside another run's cross-entropy).
+PANELS = {"test_acc": "test accuracy (%)", "test_loss": "test loss (cross-entropy)"}
+#: Line styles of the runs after the first ten colours (matplotlib's C0-C9), so that no two runs look alike.
+STYLES = ("-", "--", ":", "-.")
 
 
 def read_curves(run: str | Path) -> dict[str, list[float]]:
@@ -61,12 +65,17 @@ def draw_curves(runs: dict[str, str | Path], title: str | None = None):
         for i, (label, c) in enumerate(curves.items()):
             last = c["test_acc"][-1]
             ax.plot(c["epoch"], c[column], marker="." if len(c["epoch"]) < 50 else None, color=f"C{i % 10}",
+                    linestyle=STYLES[i // 10 % len(STYLES)],
                     label=f"{label}: {last:.2f}% at epoch {c['epoch'][-1]:g}" if column == "test_acc" else label)
         finite = [v for c in curves.values() for v in c[column] if math.isfinite(v)]
-        if column == "train_loss" and finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        if column == "test_loss" and finite and min(finite) > 0 and max(finite) / min(finite) > 20:
             ax.set_yscale("log")
         ax.set(xlabel="epoch", ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs = sorted({e for c in curves.values() for e in c["epoch"]})
+        if len(epochs) <= 12:  # the epochs themselves (a locator shows fractions around one or two points)
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
