@@ -15,7 +15,7 @@ from typing import Any, Callable
 from models.errors import ConfigError
 
 from .curves import plot_curves
-from .pipeline import run
+from .pipeline import run, taught_out
 from .rundir import RunDir
 from .spec import LossSpec, RunSpec
 
@@ -45,27 +45,24 @@ def check_baseline(spec: RunSpec, out: Path, resume: bool, overwrite: bool) -> N
         RunDir(base, overwrite=overwrite).open().close()  # its checks alone: the folder is left as it was
 
 
-def run_with_baseline(spec: RunSpec, out: Path, *, resume: bool, overwrite: bool, cli: dict[str, Any],
+def run_with_baseline(spec: RunSpec, *, resume: bool, overwrite: bool, cli: dict[str, Any],
                       derive_for: Callable[[Path], Any] | None = None) -> dict[str, Any]:
-    """Run ``spec`` (its run directory: ``out``), then its baseline (see the module's docstring); the run's summary
+    """Run ``spec`` (a stage 2 or a trim), then its baseline (see the module's docstring); the run's summary
     with the baseline's under ``"baseline"``. ``derive_for(run_dir)``: the baseline's derivation, given the
     finished run's folder (a trim's baseline takes the trimmed structure from it); default the run's own."""
-    check_baseline(spec, out, resume, overwrite)
+    check_baseline(spec, taught_out(spec), resume, overwrite)
     summary = run(spec, resume=resume, overwrite=overwrite, cli=cli)
     run_dir = Path(summary["run_dir"])
     derive = derive_for(run_dir) if derive_for else spec.derive
     baseline = replace(spec, out=str(baseline_out(run_dir)), loss=LossSpec(kd="none"), derive=derive)
-    main = os.environ.get("RANK", "0") == "0"  # the run's process group has ended: torchrun's rank
-    command = cli["module"].rpartition(".")[2]
-    if main:
-        print(f"{command}: the baseline: the same student, trained with cross-entropy only, in {baseline.out}")
+    command = cli["module"].rpartition(".")[2]  # one process (check_baseline refuses torchrun): it prints
+    print(f"{command}: the baseline: the same student, trained with cross-entropy only, in {baseline.out}")
     # recorded as run from Python: the command that repeats it is --config OUT-baseline/spec.json, not this one
     base = run(baseline, resume=resume and Path(baseline.out, "train_state.pt").is_file(), overwrite=overwrite)
-    if main:
-        losses = spec.loss.label
-        epochs = f"{spec.optim.epochs} epoch{'s' * (spec.optim.epochs != 1)}"
-        plot = plot_curves({f"distilled ({losses})": run_dir, "cross-entropy only": base["run_dir"]},
-                           run_dir / PLOT, title=f"{run_dir.name}: distilled against its baseline, {epochs} each")
-        print(f"{command}: {summary['last_test_acc']:.2f}% distilled ({losses}) against {base['last_test_acc']:.2f}% "
-              f"with cross-entropy only, after {epochs} each; curves: {plot}")
+    losses = spec.loss.label
+    epochs = f"{spec.optim.epochs} epoch{'s' * (spec.optim.epochs != 1)}"
+    plot = plot_curves({f"distilled ({losses})": run_dir, "cross-entropy only": base["run_dir"]},
+                       run_dir / PLOT, title=f"{run_dir.name}: distilled against its baseline, {epochs} each")
+    print(f"{command}: {summary['last_test_acc']:.2f}% distilled ({losses}) against {base['last_test_acc']:.2f}% "
+          f"with cross-entropy only, after {epochs} each; curves: {plot}")
     return {**summary, "baseline": base}

@@ -254,14 +254,6 @@ def _student_run_name(teacher_model: str, spec: RunSpec) -> str:
     return f"{name}-student-r{derive.lora_rank}-{spec.loss.kd}-s{spec.optim.seed}"
 
 
-def student_out(spec: RunSpec) -> Path:
-    """The run directory of the stage-2 ``spec``: its ``--out``, else ``runs/<name>`` (its teacher's record is
-    read)."""
-    spec = spec.with_recipe()
-    name = "" if spec.out else _student_run_name(read_record(resolve(spec.derive.teacher))["config"]["model"], spec)
-    return Path(_with_out(spec, name).out)
-
-
 def _train_student(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:
     derive = spec.derive
     inherit = isinstance(derive, Inherit)
@@ -366,11 +358,14 @@ def _trim_run_name(model: str, spec: RunSpec) -> str:
     return f"{model.replace(':', '-')}-trim{derive.reduce:g}-{derive.by}-{spec.loss.kd}-s{spec.optim.seed}"
 
 
-def trim_out(spec: RunSpec) -> Path:
-    """The run directory of the trim ``spec``: its ``--out``, else ``runs/<name>`` (its teacher's record is read)."""
+def taught_out(spec: RunSpec) -> Path:
+    """The run directory of a stage-2 or trim ``spec``, before it runs: its ``--out``, else ``runs/<name>``, the
+    name the run gives itself (its teacher's record is read)."""
     spec = spec.with_recipe()
-    name = "" if spec.out else _trim_run_name(read_record(resolve(spec.derive.teacher))["config"]["model"], spec)
-    return Path(_with_out(spec, name).out)
+    if spec.out:
+        return Path(_with_out(spec, "").out)
+    name_of = _trim_run_name if isinstance(spec.derive, Trim) else _student_run_name
+    return Path(_with_out(spec, name_of(read_record(resolve(spec.derive.teacher))["config"]["model"], spec)).out)
 
 
 def _train_trimmed(spec: RunSpec, resume: bool, overwrite: bool, cli: dict[str, Any]) -> dict:

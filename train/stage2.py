@@ -26,7 +26,7 @@ from models.errors import ConfigError, cli_errors
 
 from .cli import add_distillation_options, common_parser, parse_options
 from .baseline import run_with_baseline
-from .pipeline import run, student_out
+from .pipeline import run
 from .spec import Distil, Inherit, RunSpec, from_options
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli = {"module": "train.stage2", "argv": argv}
     if not args.baseline:
         return run(spec, resume=args.resume, overwrite=args.overwrite, cli=cli)
-    return run_with_baseline(spec, student_out(spec), resume=args.resume, overwrite=args.overwrite, cli=cli)
+    return run_with_baseline(spec, resume=args.resume, overwrite=args.overwrite, cli=cli)
 
 
 if __name__ == "__main__":

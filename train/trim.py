@@ -23,7 +23,7 @@ from models.trim import COSTS, IMPORTANCES
 
 from .baseline import run_with_baseline
 from .cli import add_distillation_options, common_parser, parse_options
-from .pipeline import run, trim_out
+from .pipeline import run
 from .spec import RunSpec, Trim, from_options
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli = {"module": "train.trim", "argv": argv}
     if not args.baseline:
         return run(spec, resume=args.resume, overwrite=args.overwrite, cli=cli)
-    return run_with_baseline(spec, trim_out(spec), resume=args.resume, overwrite=args.overwrite, cli=cli,
+    return run_with_baseline(spec, resume=args.resume, overwrite=args.overwrite, cli=cli,
                              derive_for=lambda out: replace(spec.derive, structure_from=str(out)))
 
 
